@@ -1,0 +1,113 @@
+"""Model sizes and default generation shapes of the built-in presets.
+
+A preset names the architecture of all three models plus the shape that both
+`tm-run generate` and `tm-export onnx` use when no shape flag is given.
+Dimensions that a checkpoint determines are read from the checkpoint
+(`checkpoints.infer_*_config`); a preset only supplies what tensors cannot
+tell (the DiT's head count) and the defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    in_dim: int = 36  # 16 noisy latent + 4 mask + 16 condition latent
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    text_len: int = 512
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    height: int = 480
+    width: int = 832
+    num_frames: int = 109
+    frame_intervals: tuple[int, ...] = (4, 2, 1)
+    steps_per_stage: tuple[int, ...] = (50, 32, 32)
+    shift_per_stage: tuple[float, ...] = (5.0, 3.0, 3.0)
+    guidance_scale: float = 8.0
+    use_apg: bool = True
+    save_fps: int = 24
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dit: DiTConfig
+    vae: VAEConfig
+    t5: T5Config
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    # The tiny preset builds its own weights and tokenizer; the others need files.
+    builtin_weights: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    "tempomaster-14b": Preset(
+        name="tempomaster-14b",
+        dit=DiTConfig(),
+        vae=VAEConfig(),
+        t5=T5Config(),
+    ),
+    "wan-1.3b": Preset(
+        name="wan-1.3b",
+        dit=DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+        vae=VAEConfig(),
+        t5=T5Config(),
+    ),
+    "tiny": Preset(
+        name="tiny",
+        dit=DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
+        vae=VAEConfig(dim=8),
+        t5=T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2),
+        defaults=GenerationDefaults(
+            height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)
+        ),
+        builtin_weights=True,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preset {name!r}; accepted: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+__all__ = ["DiTConfig", "VAEConfig", "T5Config", "GenerationDefaults", "Preset", "PRESETS", "get_preset", "replace"]
