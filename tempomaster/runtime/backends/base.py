@@ -1,0 +1,53 @@
+"""The seam between the sampling loop and whatever runs the networks.
+
+Every backend serves the same three groups of calls on torch tensors that live
+on its device; the pipeline never knows which runtime answered.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline must know about the networks to shape their inputs."""
+
+    text_len: int
+    text_dim: int
+    head_dim: int
+    patch_size: tuple[int, int, int]
+    z_dim: int
+    dit_dtype: torch.dtype
+
+
+class Backend(ABC):
+    name: str = "abstract"
+    device: torch.device = torch.device("cpu")
+    info: ModelInfo
+
+    @abstractmethod
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask int64 [B, 512] -> embeddings [B, 512, text_dim], zero past each prompt."""
+
+    @abstractmethod
+    def velocity(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """One DiT call: [B, 16, f, h, w] velocity for the whole batch."""
+
+    @abstractmethod
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 1+4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1+k, H/8, W/8]."""
+
+    @abstractmethod
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latents [B, 16, F, h, w] -> video [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1]."""

@@ -1,0 +1,45 @@
+"""The torch backend: the reference models of `tempomaster.models`, in eager mode."""
+from __future__ import annotations
+
+import torch
+
+from ...models.checkpoints import ModelSet
+from .base import Backend, ModelInfo
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, models: ModelSet, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # umT5 overflows in fp16; it runs in bf16 or fp32 only.
+        t5_dtype = torch.float32 if dtype == torch.float16 else dtype
+        self.dit = models.dit.to(self.device, dtype).eval()
+        self.vae = models.vae.to(self.device, dtype).eval()
+        self.t5 = models.t5.to(self.device, t5_dtype).eval()
+        cfg = self.dit.cfg
+        self.info = ModelInfo(
+            text_len=models.preset.t5.text_len,
+            text_dim=cfg.text_dim,
+            head_dim=cfg.head_dim,
+            patch_size=tuple(cfg.patch_size),
+            z_dim=cfg.out_dim,
+            dit_dtype=dtype,
+        )
+
+    @torch.inference_mode()
+    def encode_text(self, ids, mask):
+        return self.t5(ids.to(self.device), mask.to(self.device))
+
+    @torch.inference_mode()
+    def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        return self.dit(x, y, timestep, context, rope_cos, rope_sin)
+
+    @torch.inference_mode()
+    def vae_encode(self, video):
+        return self.vae.encode(video.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        return self.vae.decode(latents.to(self.device, self.dtype))
