@@ -187,7 +187,7 @@ def test_stage0_reference_frames_and_rounding():
     assert lm[:, 0].tolist() == [1, 1, 1, 1]
     assert lm[:, 25].tolist() == [0, 0, 0, 1]
     assert lm.sum() == 5
-    with pytest.raises(ValueError, match="--ref-image"):
+    with pytest.raises(ValueError, match="--image"):
         plan_stages(100, [4], {101})
 
 
@@ -264,19 +264,19 @@ def test_valid_intervals(good):
 
 @pytest.mark.parametrize("bad", [[], [1, 2], [4, 4, 1], [4, 3], [3, 2, 1], [4, 0], [4, 2.0], [-2, -4]])
 def test_invalid_intervals(bad):
-    with pytest.raises(ValueError, match="--frame-intervals"):
+    with pytest.raises(ValueError, match="--intervals"):
         validate_frame_intervals(bad)
 
 
 def test_stage_lists():
     validate_stage_lists([4, 2, 1], [50, 32, 32], [5, 3, 3.5])
-    with pytest.raises(ValueError, match="--steps-per-stage"):
+    with pytest.raises(ValueError, match="--steps"):
         validate_stage_lists([4, 2, 1], [50, 32], [5, 3, 3])
-    with pytest.raises(ValueError, match="--shift-per-stage"):
+    with pytest.raises(ValueError, match="--shifts"):
         validate_stage_lists([4, 1], [50, 32], [5, 3, 3])
-    with pytest.raises(ValueError, match="--steps-per-stage"):
+    with pytest.raises(ValueError, match="--steps"):
         validate_stage_lists([4, 1], [50, 0], [5, 3])
-    with pytest.raises(ValueError, match="--shift-per-stage"):
+    with pytest.raises(ValueError, match="--shifts"):
         validate_stage_lists([4, 1], [50, 30], [5, 0])
 
 
@@ -288,11 +288,11 @@ def test_size_num_frames_refs():
         validate_size(480, 0)
     with pytest.raises(ValueError, match="--num-frames"):
         plan_stages(0, [4, 2, 1])
-    with pytest.raises(ValueError, match="--ref-image"):
+    with pytest.raises(ValueError, match="--image"):
         validate_ref_frames({-1}, 109)
     assert validate_ref_frames({0: "a", 108: "b"}, 109) == {0, 108}
     validate_run_config(109, 480, 832, [4, 2, 1], [50, 32, 32], [5, 3, 3], {0, 108})
     # Past 109 but within the rounded clip (110 -> 113) is fine.
     validate_run_config(110, 480, 832, [4, 1], [50, 32], [5, 3], {112})
-    with pytest.raises(ValueError, match="--ref-image"):
+    with pytest.raises(ValueError, match="--image"):
         validate_run_config(110, 480, 832, [4, 1], [50, 32], [5, 3], {113})

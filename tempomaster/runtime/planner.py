@@ -51,14 +51,14 @@ __all__ = [
 VAE_TEMPORAL_FACTOR = 4  # pixel frames per latent frame (after the first)
 SIZE_MULTIPLE = 16  # VAE 8x spatial compression times the DiT's 2x2 patch
 
-# Names of the user-facing options, used in validation messages.
+# The tm-run options (tempomaster/cli.py) named in validation messages.
 FLAG_NUM_FRAMES = "--num-frames"
-FLAG_INTERVALS = "--frame-intervals"
-FLAG_STEPS = "--steps-per-stage"
-FLAG_SHIFTS = "--shift-per-stage"
+FLAG_INTERVALS = "--intervals"
+FLAG_STEPS = "--steps"
+FLAG_SHIFTS = "--shifts"
 FLAG_HEIGHT = "--height"
 FLAG_WIDTH = "--width"
-FLAG_REF = "--ref-image"
+FLAG_REF = "--image"
 
 
 # ---------------------------------------------------------------- plan types
