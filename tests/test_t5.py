@@ -72,19 +72,22 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def pair():
+    """Our encoder with fresh weights, and transformers' output on `_inputs()`
+    with the same weights (padded positions zeroed the same way)."""
     ours = _tiny_encoder(seed=0)
     oracle = _oracle(TINY)
     oracle.load_state_dict(wan_t5_to_transformers(ours.state_dict()), strict=True)
-    return ours, oracle
+    ids, mask = _inputs()
+    with torch.no_grad():
+        ref = oracle(input_ids=ids, attention_mask=mask).last_hidden_state
+    return ours, ref * mask.unsqueeze(-1)
 
 
 def test_matches_transformers_umt5(pair):
-    ours, oracle = pair
+    ours, ref = pair
     ids, mask = _inputs()
     with torch.no_grad():
         got = ours(ids, mask)
-        ref = oracle(input_ids=ids, attention_mask=mask).last_hidden_state
-    ref = ref * mask.unsqueeze(-1)
     assert got.shape == (3, 200, TINY.dim) and got.dtype == torch.float32
     assert _rel_err(got, ref) < 1e-4
     # and per row, so the short row is not hidden by the long ones
@@ -113,7 +116,7 @@ def test_padding_does_not_leak():
     "norm.weight",
 ])
 def test_perturbed_weight_breaks_match(pair, key):
-    ours, oracle = pair
+    ours, ref = pair
     ids, mask = _inputs()
     sd = {k: v.clone() for k, v in ours.state_dict().items()}
     sd[key].view(-1)[5] += 1.0
@@ -121,7 +124,6 @@ def test_perturbed_weight_breaks_match(pair, key):
     broken.load_state_dict(sd)
     with torch.no_grad():
         got = broken(ids, mask)
-        ref = oracle(input_ids=ids, attention_mask=mask).last_hidden_state * mask.unsqueeze(-1)
     assert _rel_err(got, ref) > 1e-3
 
 
@@ -257,3 +259,16 @@ def test_dynamic_batch_and_length():
         with torch.no_grad():
             out = model(ids, mask)
         assert out.shape == (b, l, TINY.dim) and torch.isfinite(out).all()
+
+
+def test_torch_export_dynamic_shapes():
+    """The forward traces with symbolic batch and length (no data-dependent
+    control flow), as `torch.onnx.export(..., dynamo=True)` will need."""
+    model = _tiny_encoder(seed=0)
+    ids, mask = _inputs(batch=2, length=16)
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
+    dyn = {"ids": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}}
+    exported = torch.export.export(model, (ids, mask), dynamic_shapes=dyn).module()
+    ids2, mask2 = _inputs(batch=3, length=40)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids2, mask2), model(ids2, mask2), rtol=1e-5, atol=1e-5)

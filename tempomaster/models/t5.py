@@ -33,9 +33,10 @@ State dict keys are exactly those of `models_t5_umt5-xxl-enc-bf16.pth`:
 Precision policy: the encoder runs in fp32 or bf16 only. umT5-XXL activations
 exceed the fp16 range (the reference clamps them to +-65504, which changes the
 result), so fp16 is refused rather than silently clamped: `check_t5_dtype`
-raises for any other dtype, and it guards the constructor's `dtype`,
-`UMT5Encoder.to(...)`, `.half()` / `.type(...)` and `forward` (for weights
-assigned with `load_state_dict(assign=True)`).
+raises for any other dtype. It guards the constructor's `dtype`,
+`UMT5Encoder.to(...)`, `.half()` and `.type(...)` (which raise before touching
+any weight), and `forward`, which catches every other route to fp16/fp64
+weights (`load_state_dict(assign=True)`, a parent module's `.half()`).
 
 The forward has no data-dependent Python control flow, so it can be exported
 with `torch.onnx.export(..., dynamo=True)` with dynamic batch and length.
