@@ -1,0 +1,537 @@
+"""Wan2.1 VAE: checkpoint layout, oracle vs diffusers' AutoencoderKLWan,
+explicit-cache streaming, tiling, bf16.
+
+The oracle runs the real width (dim 96) at 32x32 with fresh random weights.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempomaster.models.presets import VAEConfig
+from tempomaster.models.vae import (
+    LATENTS_MEAN,
+    LATENTS_STD,
+    TileSpec,
+    WanVAE,
+    _tiled,
+    wan_vae_to_diffusers,
+)
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-4
+
+# The VAE block of checkpoint_keys.md (Wan2.1_VAE.pth), kept here so the test
+# does not depend on the docs folder; test_expected_keys_match_doc checks it
+# against the doc when that is present.
+WAN21_VAE_KEYS = """
+encoder.conv1.weight [96, 3, 3, 3, 3]
+encoder.conv1.bias [96]
+encoder.downsamples.0.residual.0.gamma [96, 1, 1, 1]
+encoder.downsamples.0.residual.2.weight [96, 96, 3, 3, 3]
+encoder.downsamples.0.residual.2.bias [96]
+encoder.downsamples.0.residual.3.gamma [96, 1, 1, 1]
+encoder.downsamples.0.residual.6.weight [96, 96, 3, 3, 3]
+encoder.downsamples.0.residual.6.bias [96]
+encoder.downsamples.1.residual.0.gamma [96, 1, 1, 1]
+encoder.downsamples.1.residual.2.weight [96, 96, 3, 3, 3]
+encoder.downsamples.1.residual.2.bias [96]
+encoder.downsamples.1.residual.3.gamma [96, 1, 1, 1]
+encoder.downsamples.1.residual.6.weight [96, 96, 3, 3, 3]
+encoder.downsamples.1.residual.6.bias [96]
+encoder.downsamples.2.resample.1.weight [96, 96, 3, 3]
+encoder.downsamples.2.resample.1.bias [96]
+encoder.downsamples.3.residual.0.gamma [96, 1, 1, 1]
+encoder.downsamples.3.residual.2.weight [192, 96, 3, 3, 3]
+encoder.downsamples.3.residual.2.bias [192]
+encoder.downsamples.3.residual.3.gamma [192, 1, 1, 1]
+encoder.downsamples.3.residual.6.weight [192, 192, 3, 3, 3]
+encoder.downsamples.3.residual.6.bias [192]
+encoder.downsamples.3.shortcut.weight [192, 96, 1, 1, 1]
+encoder.downsamples.3.shortcut.bias [192]
+encoder.downsamples.4.residual.0.gamma [192, 1, 1, 1]
+encoder.downsamples.4.residual.2.weight [192, 192, 3, 3, 3]
+encoder.downsamples.4.residual.2.bias [192]
+encoder.downsamples.4.residual.3.gamma [192, 1, 1, 1]
+encoder.downsamples.4.residual.6.weight [192, 192, 3, 3, 3]
+encoder.downsamples.4.residual.6.bias [192]
+encoder.downsamples.5.resample.1.weight [192, 192, 3, 3]
+encoder.downsamples.5.resample.1.bias [192]
+encoder.downsamples.5.time_conv.weight [192, 192, 3, 1, 1]
+encoder.downsamples.5.time_conv.bias [192]
+encoder.downsamples.6.residual.0.gamma [192, 1, 1, 1]
+encoder.downsamples.6.residual.2.weight [384, 192, 3, 3, 3]
+encoder.downsamples.6.residual.2.bias [384]
+encoder.downsamples.6.residual.3.gamma [384, 1, 1, 1]
+encoder.downsamples.6.residual.6.weight [384, 384, 3, 3, 3]
+encoder.downsamples.6.residual.6.bias [384]
+encoder.downsamples.6.shortcut.weight [384, 192, 1, 1, 1]
+encoder.downsamples.6.shortcut.bias [384]
+encoder.downsamples.7.residual.0.gamma [384, 1, 1, 1]
+encoder.downsamples.7.residual.2.weight [384, 384, 3, 3, 3]
+encoder.downsamples.7.residual.2.bias [384]
+encoder.downsamples.7.residual.3.gamma [384, 1, 1, 1]
+encoder.downsamples.7.residual.6.weight [384, 384, 3, 3, 3]
+encoder.downsamples.7.residual.6.bias [384]
+encoder.downsamples.8.resample.1.weight [384, 384, 3, 3]
+encoder.downsamples.8.resample.1.bias [384]
+encoder.downsamples.8.time_conv.weight [384, 384, 3, 1, 1]
+encoder.downsamples.8.time_conv.bias [384]
+encoder.downsamples.9.residual.0.gamma [384, 1, 1, 1]
+encoder.downsamples.9.residual.2.weight [384, 384, 3, 3, 3]
+encoder.downsamples.9.residual.2.bias [384]
+encoder.downsamples.9.residual.3.gamma [384, 1, 1, 1]
+encoder.downsamples.9.residual.6.weight [384, 384, 3, 3, 3]
+encoder.downsamples.9.residual.6.bias [384]
+encoder.downsamples.10.residual.0.gamma [384, 1, 1, 1]
+encoder.downsamples.10.residual.2.weight [384, 384, 3, 3, 3]
+encoder.downsamples.10.residual.2.bias [384]
+encoder.downsamples.10.residual.3.gamma [384, 1, 1, 1]
+encoder.downsamples.10.residual.6.weight [384, 384, 3, 3, 3]
+encoder.downsamples.10.residual.6.bias [384]
+encoder.middle.0.residual.0.gamma [384, 1, 1, 1]
+encoder.middle.0.residual.2.weight [384, 384, 3, 3, 3]
+encoder.middle.0.residual.2.bias [384]
+encoder.middle.0.residual.3.gamma [384, 1, 1, 1]
+encoder.middle.0.residual.6.weight [384, 384, 3, 3, 3]
+encoder.middle.0.residual.6.bias [384]
+encoder.middle.1.norm.gamma [384, 1, 1]
+encoder.middle.1.to_qkv.weight [1152, 384, 1, 1]
+encoder.middle.1.to_qkv.bias [1152]
+encoder.middle.1.proj.weight [384, 384, 1, 1]
+encoder.middle.1.proj.bias [384]
+encoder.middle.2.residual.0.gamma [384, 1, 1, 1]
+encoder.middle.2.residual.2.weight [384, 384, 3, 3, 3]
+encoder.middle.2.residual.2.bias [384]
+encoder.middle.2.residual.3.gamma [384, 1, 1, 1]
+encoder.middle.2.residual.6.weight [384, 384, 3, 3, 3]
+encoder.middle.2.residual.6.bias [384]
+encoder.head.0.gamma [384, 1, 1, 1]
+encoder.head.2.weight [32, 384, 3, 3, 3]
+encoder.head.2.bias [32]
+conv1.weight [32, 32, 1, 1, 1]
+conv1.bias [32]
+conv2.weight [16, 16, 1, 1, 1]
+conv2.bias [16]
+decoder.conv1.weight [384, 16, 3, 3, 3]
+decoder.conv1.bias [384]
+decoder.middle.0.residual.0.gamma [384, 1, 1, 1]
+decoder.middle.0.residual.2.weight [384, 384, 3, 3, 3]
+decoder.middle.0.residual.2.bias [384]
+decoder.middle.0.residual.3.gamma [384, 1, 1, 1]
+decoder.middle.0.residual.6.weight [384, 384, 3, 3, 3]
+decoder.middle.0.residual.6.bias [384]
+decoder.middle.1.norm.gamma [384, 1, 1]
+decoder.middle.1.to_qkv.weight [1152, 384, 1, 1]
+decoder.middle.1.to_qkv.bias [1152]
+decoder.middle.1.proj.weight [384, 384, 1, 1]
+decoder.middle.1.proj.bias [384]
+decoder.middle.2.residual.0.gamma [384, 1, 1, 1]
+decoder.middle.2.residual.2.weight [384, 384, 3, 3, 3]
+decoder.middle.2.residual.2.bias [384]
+decoder.middle.2.residual.3.gamma [384, 1, 1, 1]
+decoder.middle.2.residual.6.weight [384, 384, 3, 3, 3]
+decoder.middle.2.residual.6.bias [384]
+decoder.upsamples.0.residual.0.gamma [384, 1, 1, 1]
+decoder.upsamples.0.residual.2.weight [384, 384, 3, 3, 3]
+decoder.upsamples.0.residual.2.bias [384]
+decoder.upsamples.0.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.0.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.0.residual.6.bias [384]
+decoder.upsamples.1.residual.0.gamma [384, 1, 1, 1]
+decoder.upsamples.1.residual.2.weight [384, 384, 3, 3, 3]
+decoder.upsamples.1.residual.2.bias [384]
+decoder.upsamples.1.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.1.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.1.residual.6.bias [384]
+decoder.upsamples.2.residual.0.gamma [384, 1, 1, 1]
+decoder.upsamples.2.residual.2.weight [384, 384, 3, 3, 3]
+decoder.upsamples.2.residual.2.bias [384]
+decoder.upsamples.2.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.2.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.2.residual.6.bias [384]
+decoder.upsamples.3.resample.1.weight [192, 384, 3, 3]
+decoder.upsamples.3.resample.1.bias [192]
+decoder.upsamples.3.time_conv.weight [768, 384, 3, 1, 1]
+decoder.upsamples.3.time_conv.bias [768]
+decoder.upsamples.4.residual.0.gamma [192, 1, 1, 1]
+decoder.upsamples.4.residual.2.weight [384, 192, 3, 3, 3]
+decoder.upsamples.4.residual.2.bias [384]
+decoder.upsamples.4.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.4.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.4.residual.6.bias [384]
+decoder.upsamples.4.shortcut.weight [384, 192, 1, 1, 1]
+decoder.upsamples.4.shortcut.bias [384]
+decoder.upsamples.5.residual.0.gamma [384, 1, 1, 1]
+decoder.upsamples.5.residual.2.weight [384, 384, 3, 3, 3]
+decoder.upsamples.5.residual.2.bias [384]
+decoder.upsamples.5.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.5.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.5.residual.6.bias [384]
+decoder.upsamples.6.residual.0.gamma [384, 1, 1, 1]
+decoder.upsamples.6.residual.2.weight [384, 384, 3, 3, 3]
+decoder.upsamples.6.residual.2.bias [384]
+decoder.upsamples.6.residual.3.gamma [384, 1, 1, 1]
+decoder.upsamples.6.residual.6.weight [384, 384, 3, 3, 3]
+decoder.upsamples.6.residual.6.bias [384]
+decoder.upsamples.7.resample.1.weight [192, 384, 3, 3]
+decoder.upsamples.7.resample.1.bias [192]
+decoder.upsamples.7.time_conv.weight [768, 384, 3, 1, 1]
+decoder.upsamples.7.time_conv.bias [768]
+decoder.upsamples.8.residual.0.gamma [192, 1, 1, 1]
+decoder.upsamples.8.residual.2.weight [192, 192, 3, 3, 3]
+decoder.upsamples.8.residual.2.bias [192]
+decoder.upsamples.8.residual.3.gamma [192, 1, 1, 1]
+decoder.upsamples.8.residual.6.weight [192, 192, 3, 3, 3]
+decoder.upsamples.8.residual.6.bias [192]
+decoder.upsamples.9.residual.0.gamma [192, 1, 1, 1]
+decoder.upsamples.9.residual.2.weight [192, 192, 3, 3, 3]
+decoder.upsamples.9.residual.2.bias [192]
+decoder.upsamples.9.residual.3.gamma [192, 1, 1, 1]
+decoder.upsamples.9.residual.6.weight [192, 192, 3, 3, 3]
+decoder.upsamples.9.residual.6.bias [192]
+decoder.upsamples.10.residual.0.gamma [192, 1, 1, 1]
+decoder.upsamples.10.residual.2.weight [192, 192, 3, 3, 3]
+decoder.upsamples.10.residual.2.bias [192]
+decoder.upsamples.10.residual.3.gamma [192, 1, 1, 1]
+decoder.upsamples.10.residual.6.weight [192, 192, 3, 3, 3]
+decoder.upsamples.10.residual.6.bias [192]
+decoder.upsamples.11.resample.1.weight [96, 192, 3, 3]
+decoder.upsamples.11.resample.1.bias [96]
+decoder.upsamples.12.residual.0.gamma [96, 1, 1, 1]
+decoder.upsamples.12.residual.2.weight [96, 96, 3, 3, 3]
+decoder.upsamples.12.residual.2.bias [96]
+decoder.upsamples.12.residual.3.gamma [96, 1, 1, 1]
+decoder.upsamples.12.residual.6.weight [96, 96, 3, 3, 3]
+decoder.upsamples.12.residual.6.bias [96]
+decoder.upsamples.13.residual.0.gamma [96, 1, 1, 1]
+decoder.upsamples.13.residual.2.weight [96, 96, 3, 3, 3]
+decoder.upsamples.13.residual.2.bias [96]
+decoder.upsamples.13.residual.3.gamma [96, 1, 1, 1]
+decoder.upsamples.13.residual.6.weight [96, 96, 3, 3, 3]
+decoder.upsamples.13.residual.6.bias [96]
+decoder.upsamples.14.residual.0.gamma [96, 1, 1, 1]
+decoder.upsamples.14.residual.2.weight [96, 96, 3, 3, 3]
+decoder.upsamples.14.residual.2.bias [96]
+decoder.upsamples.14.residual.3.gamma [96, 1, 1, 1]
+decoder.upsamples.14.residual.6.weight [96, 96, 3, 3, 3]
+decoder.upsamples.14.residual.6.bias [96]
+decoder.head.0.gamma [96, 1, 1, 1]
+decoder.head.2.weight [3, 96, 3, 3, 3]
+decoder.head.2.bias [3]
+"""
+
+
+def _expected_keys() -> dict[str, tuple[int, ...]]:
+    out = {}
+    for line in WAN21_VAE_KEYS.strip().splitlines():
+        name, shape = line.split(" ", 1)
+        out[name] = tuple(int(s) for s in shape.strip("[] ").split(","))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Fresh seeded weights: N(0, scale^2) for every weight and bias, gammas
+    around 1; the decoder's output conv smaller so little is clamped."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                s = scale * (0.2 if name.startswith("decoder.head.2") else 1.0)
+                p.copy_(s * torch.randn(p.shape, generator=g))
+
+
+def _stats() -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(LATENTS_MEAN).view(1, -1, 1, 1, 1), torch.tensor(LATENTS_STD).view(1, -1, 1, 1, 1))
+
+
+# ---------------------------------------------------------------------------
+# fixtures: one dim-96 model pair, computed once
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # built on meta and filled directly: skips the (slow) default init
+    with torch.device("meta"):
+        ours = WanVAE(VAEConfig())
+        ref = diffusers.AutoencoderKLWan(base_dim=96, z_dim=16)
+    ours.to_empty(device="cpu").eval()
+    ours.latents_mean.copy_(torch.tensor(LATENTS_MEAN))  # to_empty leaves buffers empty too
+    ours.latents_std.copy_(torch.tensor(LATENTS_STD))
+    _randomize(ours, seed=1)
+    mapped = {k: v.clone() for k, v in wan_vae_to_diffusers(ours.state_dict()).items()}
+    ref.load_state_dict(mapped, strict=True, assign=True)
+    ref.eval()
+    ref.disable_tiling()
+    ref.disable_slicing()
+    assert not any(t.is_meta for t in [*ref.parameters(), *ref.buffers()])
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def video():
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1  # 9 frames -> 3 latent frames
+
+
+@pytest.fixture(scope="module")
+def latents():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(1, 16, 3, 4, 4, generator=g)  # normalised; -> 9 frames 32x32
+
+
+@pytest.fixture(scope="module")
+def ref_outputs(pair, video, latents):
+    """diffusers' encode (raw mean, normalised here) and decode (of the de-normalised latents)."""
+    _, ref = pair
+    mean, std = _stats()
+    with torch.no_grad():
+        mu = ref.encode(video).latent_dist.mode()
+        frames = ref.decode(latents * std + mean).sample
+    return (mu - mean) / std, frames
+
+
+@pytest.fixture(scope="module")
+def our_outputs(pair, video, latents):
+    ours, _ = pair
+    return ours.encode(video), ours.decode(latents)
+
+
+# ---------------------------------------------------------------------------
+# checkpoint layout
+# ---------------------------------------------------------------------------
+
+
+def test_state_dict_matches_release_checkpoint():
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig())
+    sd = model.state_dict()
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    expected = _expected_keys()
+    assert sorted(set(expected) - set(got)) == []  # missing
+    assert sorted(set(got) - set(expected)) == []  # unexpected
+    assert {k: v for k, v in got.items() if expected[k] != v} == {}
+    assert len(sd) == 194
+    n = sum(v.numel() for v in sd.values())
+    assert round(n / 1e6, 1) == 126.9
+    # mean/std are buffers, but not checkpoint keys
+    assert "latents_mean" in dict(model.named_buffers()) and "latents_mean" not in sd
+
+
+def test_expected_keys_match_doc():
+    doc = Path(os.environ.get("TM_DOCS", "/work/shared/docs")) / "checkpoint_keys.md"
+    if not doc.exists():
+        pytest.skip("checkpoint_keys.md not available")
+    block = doc.read_text().split("## VAE", 1)[1].split("```")[1]
+    assert block.strip() == WAN21_VAE_KEYS.strip()
+
+
+def test_key_mapping_covers_diffusers():
+    with torch.device("meta"):
+        ours = WanVAE(VAEConfig())
+        ref = diffusers.AutoencoderKLWan()
+    mapped = wan_vae_to_diffusers(ours.state_dict())
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == want
+
+
+# ---------------------------------------------------------------------------
+# oracle
+# ---------------------------------------------------------------------------
+
+
+def test_encode_matches_diffusers(our_outputs, ref_outputs, video):
+    z, z_ref = our_outputs[0], ref_outputs[0]
+    assert z.shape == (1, 16, 3, 4, 4)
+    assert z_ref.std() > 0.1  # non-trivial
+    assert _rel(z, z_ref) < TOL
+
+
+def test_decode_matches_diffusers(our_outputs, ref_outputs):
+    x, x_ref = our_outputs[1], ref_outputs[1]
+    assert x.shape == (1, 3, 9, 32, 32)
+    assert (x_ref.abs() < 1).float().mean() > 0.9  # mostly not clamped
+    assert x_ref.std() > 0.05
+    assert _rel(x, x_ref) < TOL
+
+
+def test_perturbed_weight_breaks_oracle(pair, video, latents, ref_outputs):
+    ours, _ = pair
+    cases = [
+        ("encoder.downsamples.3.residual.2.weight", lambda: ours.encode(video), ref_outputs[0]),
+        ("decoder.upsamples.8.residual.6.weight", lambda: ours.decode(latents), ref_outputs[1]),
+    ]
+    for name, run, want in cases:
+        p = dict(ours.named_parameters())[name]
+        idx = (0, 0, 1, 1, 1)
+        old = p.data[idx].clone()
+        try:
+            p.data[idx] += 0.5
+            assert _rel(run(), want) > TOL, name
+        finally:
+            p.data[idx] = old
+
+
+# ---------------------------------------------------------------------------
+# streaming with explicit cache tensors
+# ---------------------------------------------------------------------------
+
+
+def test_decoder_step_streaming(pair, latents, our_outputs, ref_outputs):
+    ours, _ = pair
+    b, _, f, h, w = latents.shape
+    shapes = [s for _, s in ours.decoder_cache_shapes(b, h, w)]
+    caches = [torch.zeros(s) for s in shapes]
+    frames = []
+    with torch.no_grad():
+        for i in range(f):
+            out, caches = ours.decoder_step(latents[:, :, i:i + 1], caches, first=(i == 0))
+            assert out.shape == (b, 3, 1 if i == 0 else 4, 8 * h, 8 * w)
+            assert [tuple(c.shape) for c in caches] == shapes  # fixed shapes
+            frames.append(out)
+    x = torch.cat(frames, 2).clamp(-1, 1)
+    assert torch.equal(x, our_outputs[1])
+    assert _rel(x, ref_outputs[1]) < TOL
+
+
+def test_encoder_step_streaming(pair, video, our_outputs, ref_outputs):
+    ours, _ = pair
+    b, _, t, H, W = video.shape
+    shapes = [s for _, s in ours.encoder_cache_shapes(b, H, W)]
+    assert len(shapes) == 24
+    with torch.no_grad():
+        # Wan's chunking: 1 frame, then groups of 4
+        caches = [torch.zeros(s) for s in shapes]
+        out = []
+        for i, (s, e) in enumerate([(0, 1), (1, 5), (5, 9)]):
+            mu, caches = ours.encoder_step(video[:, :, s:e], caches, first=(i == 0))
+            assert [tuple(c.shape) for c in caches] == shapes
+            out.append(mu)
+        z = torch.cat(out, 2)
+        # larger chunks are the same computation (all time mixing is causal conv)
+        caches = [torch.zeros(s) for s in shapes]
+        z0, caches = ours.encoder_step(video[:, :, :1], caches, first=True)
+        z1, caches = ours.encoder_step(video[:, :, 1:], caches, first=False)
+        z_big = torch.cat([z0, z1], 2)
+    assert torch.equal(z, our_outputs[0])
+    assert _rel(z, ref_outputs[0]) < TOL
+    assert _rel(z_big, z) < TOL
+
+
+def test_cache_object_and_names(pair):
+    ours, _ = pair
+    cache = ours.new_decoder_cache(2, 3, 5)
+    names = [n for n, _ in ours.decoder_cache_shapes(2, 3, 5)]
+    assert len(cache.tensors) == len(names) == 32 and cache.first
+    assert names[0] == "decoder.conv1" and names[-1] == "decoder.head.2"
+    assert "decoder.upsamples.3.time_conv" in names
+    assert all(float(t.abs().sum()) == 0 for t in cache.tensors)
+    enc = dict(ours.encoder_cache_shapes(1, 64, 32))
+    assert enc["encoder.conv1"] == (1, 3, 2, 64, 32)
+    assert enc["encoder.downsamples.5.time_conv"] == (1, 192, 1, 16, 8)
+    assert enc["encoder.head.2"] == (1, 384, 2, 8, 4)
+    with pytest.raises(ValueError):
+        ours.encoder_step(torch.zeros(1, 3, 4, 32, 32), ours.new_encoder_cache(1, 32, 32).tensors, first=True)
+
+
+# ---------------------------------------------------------------------------
+# tiling (small width: a bigger picture at CPU speed)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = WanVAE(VAEConfig(dim=8)).eval()
+    _randomize(model, seed=4)
+    return model
+
+
+def _max_jump(x: torch.Tensor) -> float:
+    dx = (x[..., 1:] - x[..., :-1]).abs().amax()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().amax()
+    return float(torch.maximum(dx, dy))
+
+
+def test_tiling_large_tile_is_exact(small):
+    g = torch.Generator().manual_seed(5)
+    lat = torch.randn(1, 16, 2, 6, 10, generator=g)
+    assert torch.equal(small.decode(lat, tile=TileSpec(tile=10, overlap=4)), small.decode(lat))
+    video = torch.rand(1, 3, 5, 48, 80, generator=g) * 2 - 1
+    assert torch.equal(small.encode(video, tile=TileSpec(tile=16, overlap=2)), small.encode(video))
+
+
+def test_tiled_decode_close_and_seamless(small):
+    g = torch.Generator().manual_seed(6)
+    lat = torch.randn(1, 16, 2, 12, 12, generator=g)
+    full = small.decode(lat)
+    tiled = small.decode(lat, tile=TileSpec(tile=8, overlap=4))  # 2x2 tiles
+    assert tiled.shape == full.shape == (1, 3, 5, 96, 96)
+    # random weights spread context far (the mid attention is global per
+    # frame), so only a loose bound
+    assert _rel(tiled, full) < 0.6
+    # no seam: nowhere a jump between neighbouring pixels beyond what the
+    # untiled picture itself has
+    assert _max_jump(tiled) <= 1.1 * _max_jump(full)
+
+
+def test_tiled_encode_close(small):
+    g = torch.Generator().manual_seed(7)
+    video = torch.rand(1, 3, 5, 96, 96, generator=g) * 2 - 1
+    video = torch.nn.functional.avg_pool3d(video, (1, 9, 9), 1, (0, 4, 4), count_include_pad=False) * 3
+    full = small.encode(video)
+    tiled = small.encode(video, tile=TileSpec(tile=8, overlap=4))
+    assert tiled.shape == full.shape == (1, 16, 2, 12, 12)
+    assert _rel(tiled, full) < 0.2
+    assert _max_jump(tiled) <= 1.1 * _max_jump(full)
+
+
+def test_tile_blend_is_linear():
+    """Blending machinery on a stand-in 'decoder' whose tiles disagree by a
+    constant offset: the overlap turns the step into a linear ramp."""
+    calls = []
+
+    def fn(x):  # x [1,1,1,h,w] latent tile -> 8x upsampled tile + per-tile offset
+        calls.append(x.shape)
+        y = x.repeat_interleave(8, -2).repeat_interleave(8, -1)
+        return y + float(len(calls))
+
+    x = torch.zeros(1, 1, 1, 4, 12)
+    out = _tiled(fn, x, TileSpec(tile=8, overlap=4), 1, 8)
+    assert len(calls) == 2 and out.shape == (1, 1, 1, 32, 96)
+    row = out[0, 0, 0, 0]
+    assert torch.allclose(row[:32], torch.tensor(1.0)) and torch.allclose(row[-32:], torch.tensor(2.0))
+    steps = row[32:64].diff()
+    assert torch.allclose(steps, torch.full_like(steps, 1 / 32), atol=1e-5)  # linear 1 -> 2 over 32 px
+    assert float(row.diff().abs().max()) <= 1 / 32 + 1e-5
+
+
+# ---------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------
+
+
+def test_bf16_close_to_fp32(small):
+    g = torch.Generator().manual_seed(8)
+    video = torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1
+    lat = torch.randn(1, 16, 2, 4, 4, generator=g)
+    z32, x32 = small.encode(video), small.decode(lat)
+    half = WanVAE(VAEConfig(dim=8)).eval()
+    half.load_state_dict(small.state_dict())
+    half.to(torch.bfloat16)
+    z16, x16 = half.encode(video), half.decode(lat)
+    assert z16.dtype == x16.dtype == torch.bfloat16
+    assert half.latents_mean.dtype == torch.bfloat16  # buffers follow .to(); the arithmetic is fp32
+    assert _rel(z16.float(), z32) < 0.05
+    assert _rel(x16.float(), x32) < 0.05
