@@ -1,0 +1,75 @@
+"""The generation shape a build serves, and what it implies for each graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.presets import Preset
+
+VAE_SPATIAL = 8
+VAE_TEMPORAL = 4
+
+
+@dataclass(frozen=True)
+class ExportShape:
+    """height x width pixels, num_frames (stage 0, rounded up to 4k+1), frame intervals."""
+
+    height: int
+    width: int
+    num_frames: int
+    intervals: tuple[int, ...]
+
+    @classmethod
+    def from_preset(cls, preset: Preset, height=None, width=None, num_frames=None, intervals=None) -> "ExportShape":
+        d = preset.defaults
+        return cls(
+            height=int(height if height is not None else d.height),
+            width=int(width if width is not None else d.width),
+            num_frames=int(num_frames if num_frames is not None else d.num_frames),
+            intervals=tuple(int(i) for i in (intervals if intervals is not None else d.frame_intervals)),
+        )
+
+    def validate(self) -> None:
+        from ..runtime.planner import validate_frame_intervals, validate_num_frames, validate_size
+
+        validate_size(self.height, self.width)
+        validate_num_frames(self.num_frames)
+        validate_frame_intervals(self.intervals)
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // VAE_SPATIAL
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // VAE_SPATIAL
+
+    def stages(self):
+        from ..runtime.planner import plan_stages
+
+        return plan_stages(self.num_frames, self.intervals)
+
+    def stage_summary(self) -> list[dict]:
+        """Per stage: interval, chunks (the DiT batch before cond/uncond), pixel and latent frames per chunk."""
+        return [
+            {"interval": s.interval, "chunks": s.num_chunks, "chunk_frames": s.chunk_frames,
+             "latent_frames": s.latent_frames}
+            for s in self.stages()
+        ]
+
+    def dit_latent_frames(self) -> list[int]:
+        """The distinct latent-frame counts the DiT must take (one for the release's configs)."""
+        return sorted({s["latent_frames"] for s in self.stage_summary()})
+
+    def as_dict(self) -> dict:
+        stages = self.stage_summary()
+        return {
+            "height": self.height,
+            "width": self.width,
+            "num_frames": self.num_frames,
+            "intervals": list(self.intervals),
+            "latent_height": self.latent_height,
+            "latent_width": self.latent_width,
+            "stages": stages,
+            "dit_latent_frames": sorted({s["latent_frames"] for s in stages}),
+            "max_chunks": max(s["chunks"] for s in stages),
+        }
