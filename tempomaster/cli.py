@@ -107,29 +107,10 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def load_model_set(args, dtype):
-    """The models named by --preset / --checkpoints / --config (tiny by default)."""
-    from .models.checkpoints import CheckpointPaths, load_models
-    from .models.presets import get_preset
-    from .models.tiny import build_tiny_models
-
-    preset = get_preset(args.preset) if args.preset else None
-    config_has_models = False
-    if args.config is not None and not args.checkpoints:
-        from .models.checkpoints import read_json
-
-        config_has_models = "model_configs" in read_json(args.config)
-    if args.checkpoints:
-        return load_models(CheckpointPaths.from_dir(args.checkpoints), preset, dtype)
-    if config_has_models:
-        return load_models(CheckpointPaths.from_release_config(args.config), preset, dtype)
-    if preset is None or preset.builtin_weights:
-        return build_tiny_models(dtype=dtype)
-    raise UsageError(f"--preset {preset.name}: has no built-in weights; give --checkpoints DIR or --config inference_configs.json")
-
-
 def _inspect(args) -> int:
-    models = load_model_set(args, _dtype(args.dtype))
+    from .models.sources import load_model_set
+
+    models = load_model_set(args.preset, args.checkpoints, args.config, _dtype(args.dtype))
     for name in ("dit", "vae", "t5"):
         module = getattr(models, name)
         n = sum(p.numel() for p in module.parameters())
@@ -168,7 +149,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from .runtime.generate_cli import run_generate
+    from .runtime.jobs import run_generate
 
     return run_generate(args)
 

@@ -1,0 +1,281 @@
+"""Next-frame-rate generation end to end (SPEC 3) on any backend.
+
+The loop is the same whatever runs the networks: text once per video, stage 0
+from seeded noise conditioned on the reference images, each later stage
+conditioned on the previous stage's decoded frames, every chunk of a stage in
+one DiT call together with its unconditional twin (a batch of 2n).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from ..models.dit import batched_rope_table
+from .backends.base import Backend
+from .guidance import APGState, guided_velocity
+from .planner import (
+    StagePlan,
+    gather_chunk_frames,
+    plan_stages,
+    reference_output_size,
+    round_num_frames,
+    trim_stage_frames,
+    validate_run_config,
+)
+from .schedule import StageSchedule, euler_step, model_timestep
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "jittery, shaky, fliker, unstable, static, ultra slow motion, distorted, blurry details, "
+    "many people in the background worst quality, low quality, ugly, poorly drawn legs, "
+    "poorly drawn face, three arms, deformed, mutilated, disfigured, malformed limbs, "
+    "fused fingers, three legs"
+)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    ref_images: Mapping[int, Image.Image] = field(default_factory=dict)  # stage-0 frame -> image
+    height: int = 480
+    width: int = 832
+    num_frames: int = 109
+    frame_intervals: Sequence[int] = (4, 2, 1)
+    steps_per_stage: Sequence[int] = (50, 32, 32)
+    shift_per_stage: Sequence[float] = (5.0, 3.0, 3.0)
+    guidance_scale: float = 8.0
+    use_apg: bool = True
+    seed: int = 0
+    save_fps: float = 24.0
+    # The reference rounds the timestep to the model dtype before embedding it.
+    cast_timestep: bool = False
+
+    def validate(self) -> None:
+        validate_run_config(
+            self.num_frames, self.height, self.width, self.frame_intervals,
+            self.steps_per_stage, self.shift_per_stage, self.ref_images.keys(),
+        )
+
+    def output_size(self) -> tuple[int, int]:
+        """SPEC 3.1: with a reference image, keep the area and take its aspect ratio."""
+        if not self.ref_images:
+            return self.height, self.width
+        first = self.ref_images[min(self.ref_images)]
+        return reference_output_size(self.height, self.width, first.height, first.width)
+
+
+@dataclass
+class StageOutput:
+    index: int
+    interval: int
+    fps: float
+    num_frames: int
+    frames: torch.Tensor | None  # [3, T, H, W] float32 in [-1, 1]; None once dropped
+    seconds: float
+    dit_calls: int
+
+
+@dataclass
+class GenerationResult:
+    stages: list[StageOutput]
+    height: int
+    width: int
+    dit_calls: int
+    reference_dit_calls: int  # what the reference makes for the same settings
+    seconds: float
+    backend_seconds: float  # time inside backend calls; the rest is the runtime's own
+
+    @property
+    def video(self) -> StageOutput:
+        return self.stages[-1]
+
+
+class _BackendClock:
+    """Accumulates wall time spent inside backend calls."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------
+
+def cover_resize_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Resize so the image covers (height, width), crop the centre -> [3, H, W] in [-1, 1]."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    image = image.resize((new_w, new_h), Image.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def stage0_condition_video(stage: StagePlan, images: Mapping[int, torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """[1, 3, L, H, W]: zeros with each reference image in its frame."""
+    video = torch.zeros(1, 3, stage.chunk_frames, height, width)
+    for frame, image in images.items():
+        video[0, :, frame] = image
+    return video
+
+
+def condition_latents(backend: Backend, videos: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+    """y = [mask (4) | VAE latents (16)] per chunk: [n, 20, f, h, w]."""
+    with clock.timing():
+        latents = backend.vae_encode(videos).float()
+    n, _, f, h, w = latents.shape
+    mask = stage.latent_masks().to(latents.device)[:, :, :, None, None].expand(n, 4, f, h, w)
+    return torch.cat([mask, latents], dim=1)
+
+
+def encode_prompts(backend: Backend, tokenizer, prompt: str, negative: str | None, clock: _BackendClock):
+    """[1, 512, D] for the prompt and, if guidance is on, the negative prompt (one call)."""
+    texts = [prompt] if negative is None else [prompt, negative]
+    ids, mask = tokenizer(texts)
+    with clock.timing():
+        emb = backend.encode_text(ids, mask).float()
+    return emb[:1], (emb[1:2] if negative is not None else None)
+
+
+def stage_noise(shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """SPEC 3.6: one float32 randn of the whole stage from a fresh CPU generator, cast to the model dtype."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    # Rounded to the model dtype as the release does, then carried in float32.
+    return noise.to(dtype).float()
+
+
+def denoise_stage(
+    backend: Backend,
+    stage: StagePlan,
+    y: torch.Tensor,
+    context: torch.Tensor,
+    negative_context: torch.Tensor | None,
+    request: GenerationRequest,
+    schedule: StageSchedule,
+    clock: _BackendClock,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Flow-matching loop of one stage; returns the clean latents and the DiT calls made."""
+    info = backend.info
+    n, _, f, h, w = y.shape
+    x = stage_noise((n, info.z_dim, f, h, w), request.seed, info.dit_dtype).to(y.device)
+    _, ph, pw = info.patch_size
+    cos, sin = batched_rope_table(stage.rope_table().tolist(), h // ph, w // pw, info.head_dim)
+    guided = request.guidance_scale != 1.0
+    ctx = context.expand(n, -1, -1)
+    if guided:
+        # cond and uncond in one call: a batch of 2n.
+        y_in = torch.cat([y, y])
+        ctx = torch.cat([ctx, negative_context.expand(n, -1, -1)])
+        cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+    else:
+        y_in = y
+    cos, sin, ctx, y_in = (t.to(y.device) for t in (cos, sin, ctx, y_in))
+    apg = APGState()
+    calls = 0
+    for i in range(schedule.num_steps):
+        t = model_timestep(schedule.timestep(i), info.dit_dtype, request.cast_timestep)
+        x_in = torch.cat([x, x]) if guided else x
+        with clock.timing():
+            v = backend.velocity(x_in, y_in, t, ctx, cos, sin).float()
+        calls += 1
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = guided_velocity(x, v_cond, v_uncond, t, request.guidance_scale, request.use_apg, apg)
+        x = euler_step(x, v, schedule.sigma(i), schedule.sigma_next(i))
+        if on_step is not None:
+            on_step()
+    return x, calls
+
+
+def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+    """Decode chunk by chunk, concatenate in time, drop the padding: [3, T*r, H, W]."""
+    pieces = []
+    for c in range(latents.shape[0]):
+        with clock.timing():
+            pieces.append(backend.vae_decode(latents[c : c + 1]).float().clamp(-1, 1)[0])
+    return trim_stage_frames(torch.cat(pieces, dim=1), stage)
+
+
+def count_reference_dit_calls(request: GenerationRequest) -> int:
+    """The release runs cond and uncond as two DiT calls per step."""
+    return sum(request.steps_per_stage) * 2
+
+
+# ----------------------------------------------------------------------------
+# The whole video
+# ----------------------------------------------------------------------------
+
+def generate(
+    backend: Backend,
+    tokenizer,
+    request: GenerationRequest,
+    progress: bool = True,
+    keep_stages: bool = True,
+) -> GenerationResult:
+    from tqdm.auto import tqdm
+
+    request.validate()
+    start = time.perf_counter()
+    clock = _BackendClock()
+    height, width = request.output_size()
+    stages = plan_stages(request.num_frames, request.frame_intervals, request.ref_images.keys())
+    guided = request.guidance_scale != 1.0
+
+    context, negative_context = encode_prompts(
+        backend, tokenizer, request.prompt, request.negative_prompt if guided else None, clock
+    )
+    images = {k: cover_resize_center_crop(img, height, width) for k, img in request.ref_images.items()}
+
+    outputs: list[StageOutput] = []
+    previous: torch.Tensor | None = None
+    final_interval = request.frame_intervals[-1]
+    total_calls = 0
+    for stage, steps, shift in zip(stages, request.steps_per_stage, request.shift_per_stage):
+        stage_start = time.perf_counter()
+        if stage.index == 0:
+            videos = stage0_condition_video(stage, images, height, width)
+        else:
+            videos = gather_chunk_frames(previous, stage)  # [n, 3, L, H, W]
+        y = condition_latents(backend, videos, stage, clock)
+        schedule = StageSchedule.create(steps, shift)
+        fps = request.save_fps * final_interval / stage.interval
+        with tqdm(
+            total=steps, desc=f"stage {stage.index} ({fps:g} fps, {stage.num_chunks} chunk(s))",
+            disable=not progress, leave=False,
+        ) as bar:
+            latents, calls = denoise_stage(
+                backend, stage, y, context, negative_context, request, schedule, clock, on_step=bar.update
+            )
+        previous = decode_stage(backend, latents, stage, clock)
+        total_calls += calls
+        outputs.append(
+            StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start, calls)
+        )
+        if not keep_stages and len(outputs) > 1:
+            outputs[-2].frames = None
+    return GenerationResult(
+        stages=outputs,
+        height=height,
+        width=width,
+        dit_calls=total_calls,
+        reference_dit_calls=count_reference_dit_calls(request),
+        seconds=time.perf_counter() - start,
+        backend_seconds=clock.seconds,
+    )
