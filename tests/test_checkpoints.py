@@ -87,3 +87,54 @@ def test_declared_config_disagreeing_names_both_values(dit_file):
     declared = {"dim": 5120, "num_heads": 2}
     with pytest.raises(CheckpointError, match=r"says DiT dim=5120 but the checkpoint has dim=32"):
         load_dit(dit_file, num_heads=2, declared=declared)
+
+
+def test_tiny_set_on_disk_loads_and_equals_the_builtin(tiny_checkpoints, tiny_models):
+    models = load_models(CheckpointPaths.from_dir(tiny_checkpoints))
+    assert models.preset.name == "tiny"
+    for name in ("dit", "vae", "t5"):
+        ours, builtin = getattr(models, name).state_dict(), getattr(tiny_models, name).state_dict()
+        assert ours.keys() == builtin.keys()
+        for key in ours:
+            assert torch.equal(ours[key], builtin[key]), (name, key)
+    ids, mask = models.tokenizer(["a red ball"])
+    assert ids.shape == (1, 512) and int(mask.sum()) > 1
+
+
+def test_release_config_is_read_as_it_is(tiny_checkpoints):
+    paths = CheckpointPaths.from_release_config(tiny_checkpoints / "inference_configs.json")
+    assert paths.dit == tiny_checkpoints / "wan_video_dit_bf16.bin"
+    assert paths.tokenizer == tiny_checkpoints / "encoders" / "google" / "umt5-xxl"
+    models = load_models(paths)
+    assert models.dit.cfg.num_heads == 2
+
+
+def test_config_disagreeing_with_checkpoint_is_an_error(tiny_checkpoints, tmp_path):
+    config = json.loads((tiny_checkpoints / "inference_configs.json").read_text())
+    config["model_configs"]["wan_video_dit_config"]["num_layers"] = 40
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="num_layers=40 but the checkpoint has num_layers=2"):
+        load_models(CheckpointPaths.from_release_config(path))
+
+
+def test_named_preset_disagreeing_with_checkpoint_is_an_error(tiny_checkpoints):
+    with pytest.raises(CheckpointError, match="preset 'wan-1.3b' says DiT"):
+        load_models(CheckpointPaths.from_dir(tiny_checkpoints), get_preset("wan-1.3b"))
+
+
+def test_preset_parameter_counts_on_meta():
+    from tempomaster.models.t5 import UMT5Encoder
+    from tempomaster.models.vae import WanVAE
+
+    counts = {}
+    for name in ("tiny", "wan-1.3b", "tempomaster-14b"):
+        preset = get_preset(name)
+        with torch.device("meta"):
+            counts[name] = [sum(p.numel() for p in m.parameters()) for m in (WanDiT(preset.dit), WanVAE(preset.vae), UMT5Encoder(preset.t5))]
+    dit14, vae14, t5_14 = counts["tempomaster-14b"]
+    assert 14.0e9 < dit14 < 14.5e9
+    assert abs(vae14 - 126.9e6) < 0.1e6
+    assert 5.6e9 < t5_14 < 5.8e9
+    assert 1.2e9 < counts["wan-1.3b"][0] < 1.5e9
+    assert sum(counts["tiny"]) < 2e6

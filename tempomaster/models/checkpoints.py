@@ -137,8 +137,6 @@ def infer_dit_config(state, num_heads: int, path="<state dict>", eps: float = 1e
     head = _need(state, "head.head.weight", path)  # [out_dim * pt*ph*pw, dim]
     patch_size = tuple(int(s) for s in patch.shape[2:])
     dim = int(patch.shape[0])
-    if dim % num_heads:
-        raise CheckpointError(f"{path}: DiT dim {dim} (from the checkpoint) is not divisible by num_heads {num_heads}")
     return DiTConfig(
         dim=dim,
         in_dim=int(patch.shape[1]),
@@ -268,6 +266,8 @@ def load_dit(
     cfg = infer_dit_config(state, num_heads, path, eps=float((declared or {}).get("eps", 1e-6)))
     if declared:
         check_dit_config_against(cfg, declared, source, path)
+    if cfg.dim % num_heads:
+        raise CheckpointError(f"{path}: DiT dim {cfg.dim} (from the checkpoint) is not divisible by num_heads {num_heads}")
     return load_into(lambda: WanDiT(cfg), state, path, f"DiT ({_describe(cfg)})", dtype)
 
 
