@@ -125,7 +125,7 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         cache = io.take()
         x = torch.cat([cache.to(x.dtype), x], dim=2)  # [B, C, cache_frames + T, H, W]
-        io.put(x[:, :, -self.cache_frames:])
+        io.put(x[:, :, -self.cache_frames:].clone())  # clone: do not keep the whole concat alive
         return super().forward(x)
 
 
@@ -193,8 +193,8 @@ class Resample(nn.Module):
         if self.mode == "downsample3d":
             if io.first:
                 # first chunk: no time_conv, only remember its last frame
-                cache = io.take()
-                io.put(torch.cat([cache.to(x.dtype), x], dim=2)[:, :, -1:])
+                io.take()
+                io.put(x[:, :, -1:].clone())  # = cat([cache, x])[-1:], x has >= 1 frame
             else:
                 x = self.time_conv.step(x, io)
         return x
@@ -389,7 +389,7 @@ def _tiled(fn, x: torch.Tensor, tile: TileSpec, in_scale: int, out_scale: int) -
             sy, sx = slice(y0 * out_scale, (y0 + th) * out_scale), slice(x0 * out_scale, (x0 + tw) * out_scale)
             out[..., sy, sx] += res * w
             weight[sy, sx] += w
-    return (out / weight).to(x.dtype if x.is_floating_point() else out.dtype)
+    return (out / weight).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -506,7 +506,7 @@ class WanVAE(nn.Module):
         """Normalised latents [B,z,1,h,w] -> video frames [B,3,1 if first
         else 4,8h,8w] (not clamped) and the new cache tensors."""
         io = _CacheIO(cache_tensors, first)
-        z = self.conv2.step(self.denormalize(latents.to(self.dtype)), io)
+        z = self.conv2.step(self.denormalize(latents).to(self.dtype), io)  # [B, z, 1, h, w]
         x = self.decoder.step(z, io)
         return x, io.done()
 
