@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # TensorRT: the volume of any one tensor must stay below 2^31 elements.
 TRT_MAX_ELEMENTS = 2**31 - 1
@@ -80,6 +82,9 @@ class GraphSpec:
     # value each non-batch symbol takes when sizing the largest activation
     symbol_sizes: Mapping[str, int] = field(default_factory=dict)
     batch_symbol: str = "batch"
+    # When the module takes lists of tensors: (argument name, count) in order,
+    # count 0 for a plain tensor; input_names are the flattened inputs.
+    arg_groups: Sequence[tuple[str, int]] | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -148,7 +153,44 @@ def _torch_dynamic_shapes(spec: GraphSpec) -> dict | None:
         for axis, (symbol, factor) in spec.derived_axes.get(name, {}).items():
             axes[axis] = dim(symbol) * factor
         shapes[name] = axes or None
-    return shapes
+    if spec.arg_groups is None:
+        return shapes
+    grouped: dict[str, Any] = {}
+    flat = iter(spec.input_names)
+    for arg, count in spec.arg_groups:
+        if count == 0:
+            grouped[arg] = shapes[next(flat)]
+        else:
+            grouped[arg] = [shapes[next(flat)] for _ in range(count)]
+    return grouped
+
+
+@contextlib.contextmanager
+def sdpa_4d():
+    """During export, give 3-D scaled_dot_product_attention calls a head axis.
+
+    The exporter's opset-23 `Attention` translation (and TensorRT's parser)
+    take 4-D Q/K/V only; the VAE's single-head attention calls SDPA on
+    [B, L, C]. Same arithmetic, one more unit axis.
+    """
+    original = F.scaled_dot_product_attention
+
+    def patched(q, k, v, *args, **kwargs):
+        if q.dim() == 3 and k.dim() == 3 and v.dim() == 3:
+            mask = kwargs.get("attn_mask", args[0] if args else None)
+            if mask is not None and mask.dim() == 3:
+                if args:
+                    args = (mask.unsqueeze(1), *args[1:])
+                else:
+                    kwargs["attn_mask"] = mask.unsqueeze(1)
+            return original(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), *args, **kwargs).squeeze(1)
+        return original(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = patched
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _quiet_export(module, args, spec: GraphSpec, opset: int):
@@ -160,11 +202,10 @@ def _quiet_export(module, args, spec: GraphSpec, opset: int):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         # the exporter prints its progress; keep the build's output readable
-        import contextlib
         import io
 
         sink = io.StringIO()
-        with contextlib.redirect_stdout(sink), torch.no_grad():
+        with contextlib.redirect_stdout(sink), torch.no_grad(), sdpa_4d():
             program = torch.onnx.export(
                 module,
                 args,

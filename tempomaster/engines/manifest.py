@@ -1,0 +1,287 @@
+"""A build's manifest.json: read it, verify it, compare it with a request.
+
+`tm-export` writes BUILD/manifest.json; `tm-run` (any backend) reads only
+the manifest and the files it names, and refuses a build whose files or
+shapes do not match what was asked. This module is what the runtime
+imports for that: it needs json and hashlib (and `onnx`, lazily, to read a
+graph's inputs), never the export machinery.
+
+Format (format_version 1):
+
+    {
+      "format": "tempomaster-build", "format_version": 1,
+      "created": ISO time,
+      "preset": "tiny", "precision": "fp16", "opset": 23,
+      "models": {"dit": {...DiTConfig}, "vae": {...}, "t5": {...}},
+      "shape": {"height", "width", "num_frames", "intervals", "latent_height",
+                "latent_width", "stages": [{"interval","chunks","chunk_frames",
+                "latent_frames"}], "dit_latent_frames": [...], "max_chunks"},
+      "graphs": {NAME: {"file": "onnx/NAME.onnx", "external_data": "onnx/NAME.onnx.data" | null,
+                        "precision", "inputs": [{"name","dtype","shape"}], "outputs": [...],
+                        "max_batch", "largest_activation", "ops", "weight_bytes", "meta"}},
+      "files": {RELPATH: {"sha256", "bytes"}},
+      "op_audit": {"tensorrt_version", "source", "ok", "graphs": {NAME: {"ok","unsupported"}}},
+      "versions": {"tempomaster","torch","onnx","onnxruntime","onnxscript","python"}
+    }
+
+Shapes list ints and symbol names ("batch", "frames", "24*frames").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "tempomaster-build"
+FORMAT_VERSION = 1
+
+# onnxruntime's type strings -> manifest dtype names
+ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+_ONNX_ELEM = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+class ManifestError(RuntimeError):
+    """The build cannot serve the request; the message says what differs."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    data: dict
+    root: Path
+
+    @property
+    def preset(self) -> str:
+        return self.data["preset"]
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    @property
+    def shape(self) -> dict:
+        return self.data["shape"]
+
+    @property
+    def graphs(self) -> dict:
+        return self.data["graphs"]
+
+    def graph(self, name: str) -> dict:
+        try:
+            return self.graphs[name]
+        except KeyError:
+            raise ManifestError(f"{self.root}: the build has no graph {name!r} (it has {', '.join(sorted(self.graphs))})") from None
+
+    def path(self, name: str) -> Path:
+        return self.root / self.graph(name)["file"]
+
+    def max_batch(self, name: str) -> int:
+        return int(self.graph(name)["max_batch"])
+
+
+def load_manifest(build_dir: str | os.PathLike) -> Manifest:
+    root = Path(build_dir)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{root}: no {MANIFEST_FILE}; not a tm-export build directory")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: unreadable: {err}") from err
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format_version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+    missing = [k for k in ("preset", "precision", "shape", "graphs", "files") if k not in data]
+    if missing:
+        raise ManifestError(f"{path}: missing {', '.join(missing)}")
+    return Manifest(data, root)
+
+
+def verify_files(manifest: Manifest, names: Iterable[str] | None = None) -> None:
+    """Every file the manifest lists (or those of the graphs in `names`) exists with its sha256."""
+    files = manifest.data["files"]
+    if names is not None:
+        wanted = set()
+        for n in names:
+            g = manifest.graph(n)
+            wanted.add(g["file"])
+            if g.get("external_data"):
+                wanted.add(g["external_data"])
+        files = {k: v for k, v in files.items() if k in wanted}
+    problems = []
+    for rel, info in sorted(files.items()):
+        p = manifest.root / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if "bytes" in info and size != info["bytes"]:
+            problems.append(f"{rel}: {size} bytes, manifest says {info['bytes']} (modified)")
+            continue
+        digest = sha256_file(p)
+        if digest != info["sha256"]:
+            problems.append(f"{rel}: sha256 {digest[:16]}..., manifest says {info['sha256'][:16]}... (modified)")
+    if problems:
+        raise ManifestError(f"{manifest.root}: files do not match the manifest:\n  " + "\n  ".join(problems))
+
+
+def required_dit_latent_frames(num_frames: int, intervals: Sequence[int]) -> list[int]:
+    from ..runtime.planner import plan_stages  # pure planning code, no models
+
+    return sorted({s.latent_frames for s in plan_stages(num_frames, intervals)})
+
+
+def check_request(
+    manifest: Manifest,
+    *,
+    preset: str | None = None,
+    precision: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    intervals: Sequence[int] | None = None,
+) -> None:
+    """Raise ManifestError listing every way the build differs from the request (None = any)."""
+    diffs = []
+    if preset is not None and preset != manifest.preset:
+        diffs.append(f"preset: build {manifest.preset!r}, asked {preset!r}")
+    if precision is not None and precision != manifest.precision:
+        diffs.append(f"precision: build {manifest.precision!r}, asked {precision!r}")
+    shape = manifest.shape
+    if height is not None and int(height) != shape["height"]:
+        diffs.append(f"height: build {shape['height']}, asked {height}")
+    if width is not None and int(width) != shape["width"]:
+        diffs.append(f"width: build {shape['width']}, asked {width}")
+    if num_frames is not None or intervals is not None:
+        nf = num_frames if num_frames is not None else shape["num_frames"]
+        iv = list(intervals) if intervals is not None else shape["intervals"]
+        need = required_dit_latent_frames(nf, iv)
+        dit = manifest.graphs.get("dit")
+        if dit is not None:
+            have = dit.get("meta", {}).get("latent_frames", shape.get("dit_latent_frames", []))
+            if dit.get("meta", {}).get("dynamic_frames"):
+                bad = [f for f in need if not min(have) <= f <= max(have)]
+                have_txt = f"{min(have)}..{max(have)}"
+            else:
+                bad = [f for f in need if f not in have]
+                have_txt = ", ".join(map(str, have))
+            if bad:
+                diffs.append(
+                    f"DiT latent frames: {nf} frames with intervals {iv} need {need}, "
+                    f"the build's DiT takes {have_txt} (exported for {shape['num_frames']} frames, intervals {shape['intervals']})"
+                )
+    if diffs:
+        raise ManifestError(f"{manifest.root}: the build does not match the request:\n  " + "\n  ".join(diffs))
+
+
+def _norm_dim(d):
+    if d is None or d == "" or (isinstance(d, int) and d < 0):
+        return None
+    return d
+
+
+def check_graph_io(
+    manifest: Manifest,
+    name: str,
+    inputs: Sequence[tuple[str, str, Sequence]],
+    outputs: Sequence[tuple[str, str, Sequence]],
+) -> None:
+    """Compare a graph's actual (name, dtype, shape) inputs and outputs with the manifest."""
+    g = manifest.graph(name)
+    problems = []
+    for kind, want_list, got_list in (("input", g["inputs"], inputs), ("output", g["outputs"], outputs)):
+        want = {t["name"]: t for t in want_list}
+        got = {n: (dt, list(sh) if sh is not None else None) for n, dt, sh in got_list}
+        for n in want:
+            if n not in got:
+                problems.append(f"{kind} {n!r}: in the manifest, not in the graph")
+        for n in got:
+            if n not in want:
+                problems.append(f"{kind} {n!r}: in the graph, not in the manifest")
+        for n, t in want.items():
+            if n not in got:
+                continue
+            dt, shape = got[n]
+            if dt != t["dtype"]:
+                problems.append(f"{kind} {n!r}: dtype {dt}, manifest says {t['dtype']}")
+            if shape is not None:
+                ws = [_norm_dim(d) for d in t["shape"]]
+                gs = [_norm_dim(d) for d in shape]
+                if len(ws) != len(gs) or any(
+                    a is not None and b is not None and (isinstance(a, int) or isinstance(b, int)) and a != b
+                    for a, b in zip(ws, gs)
+                ):
+                    problems.append(f"{kind} {n!r}: shape {shape}, manifest says {t['shape']}")
+        got_order = [n for n, _, _ in got_list]
+        want_order = [t["name"] for t in want_list]
+        if set(got_order) == set(want_order) and got_order != want_order:
+            problems.append(f"{kind} order {got_order}, manifest says {want_order}")
+    if problems:
+        raise ManifestError(f"{manifest.path(name)}: graph {name!r} does not match the manifest:\n  " + "\n  ".join(problems))
+
+
+def onnx_graph_io(path: str | os.PathLike) -> tuple[list, list]:
+    """(name, dtype, shape) of an ONNX file's inputs and outputs, weights not loaded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def info(v):
+        tt = v.type.tensor_type
+        dims = []
+        for d in tt.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+        return v.name, _ONNX_ELEM.get(tt.elem_type, f"onnx:{tt.elem_type}"), dims
+
+    return [info(v) for v in proto.graph.input], [info(v) for v in proto.graph.output]
+
+
+def ort_session_io(session) -> tuple[list, list]:
+    """(name, dtype, shape) of an onnxruntime InferenceSession's inputs and outputs."""
+
+    def info(a):
+        return a.name, ORT_DTYPES.get(a.type, a.type), list(a.shape)
+
+    return [info(a) for a in session.get_inputs()], [info(a) for a in session.get_outputs()]
+
+
+def verify_build(
+    build_dir: str | os.PathLike,
+    request: Mapping | None = None,
+    graphs: Iterable[str] | None = None,
+    check_hashes: bool = True,
+    check_io: bool = True,
+) -> Manifest:
+    """Everything at once: load, hashes, graph inputs/outputs, request. Returns the manifest."""
+    m = load_manifest(build_dir)
+    names = list(graphs) if graphs is not None else sorted(m.graphs)
+    for n in names:
+        m.graph(n)
+    if request:
+        check_request(m, **dict(request))
+    if check_hashes:
+        verify_files(m, names)
+    if check_io:
+        for n in names:
+            ins, outs = onnx_graph_io(m.path(n))
+            check_graph_io(m, n, ins, outs)
+    return m

@@ -1,0 +1,324 @@
+"""`tm-export onnx`: every graph of a model set into one build directory.
+
+    BUILD/manifest.json
+    BUILD/onnx/dit.onnx              (+ dit.onnx.data past 2 GB)
+    BUILD/onnx/vae_encoder_first.onnx, vae_encoder.onnx
+    BUILD/onnx/vae_decoder_first.onnx, vae_decoder.onnx
+    BUILD/onnx/t5.onnx
+
+The build is assembled in a temporary directory beside BUILD and swapped in
+only once every graph has exported, passed the checker and the op audit, and
+been hashed: a failed export leaves any previous BUILD as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from .onnx_utils import TORCH_DTYPES, ExportError, GraphRecord, export_graph, file_sha256
+from .shapes import ExportShape
+
+ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def tool_versions() -> dict:
+    import onnx
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
+    for mod in ("onnxruntime", "onnxscript", "onnx_ir"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            out[mod] = None
+    try:
+        from importlib.metadata import version
+
+        out["tempomaster"] = version("tempomaster-trt")
+    except Exception:  # pragma: no cover
+        out["tempomaster"] = None
+    return out
+
+
+def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, wanted: set[str], copy: bool):
+    """Yield (name, spec factory) lazily, so only one cast copy lives at a time."""
+    from .dit import dit_spec
+    from .t5 import t5_spec
+    from .vae import vae_specs
+
+    text_len = models.t5.cfg.text_len if models.t5 is not None else 512
+    if "dit" in wanted:
+        yield "dit", lambda: [dit_spec(models.dit, precision, shape, text_len=text_len, copy=copy)]
+    vae_wanted = [g for g in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder") if g in wanted]
+    if vae_wanted:
+        yield "vae", lambda: [s for s in vae_specs(models.vae, precision, shape, copy=copy) if s.name in wanted]
+    if "t5" in wanted:
+        yield "t5", lambda: [t5_spec(models.t5, t5_precision, copy=copy)]
+
+
+def _prepare_target(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+            raise FileExistsError(
+                f"{out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; give a new or build directory"
+            )
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{int(time.time())}")
+        os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_onnx(
+    models,
+    precision: str,
+    shape: ExportShape,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int = 23,
+    t5_precision: str | None = None,
+    graphs: Iterable[str] | None = None,
+    preset_name: str | None = None,
+    progress: bool = True,
+    copy: bool = True,
+    audit: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Export the graphs of `models` (a ModelSet) at `precision` for `shape` into `out_dir`.
+
+    t5_precision: the T5 graph's precision; default fp32 for an fp32 build
+    and bf16 otherwise (umT5 overflows fp16). graphs: a subset of ALL_GRAPHS
+    (default all). copy: cast copies of the models (False casts them in
+    place, which saves memory when the caller no longer needs them).
+    Returns the manifest (also written to out_dir/manifest.json).
+    """
+    from .op_audit import audit_files, load_table
+    from .t5 import T5_PRECISION_FOR
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    t5_precision = t5_precision or T5_PRECISION_FOR[precision]
+    if t5_precision not in ("fp32", "bf16"):
+        raise ValueError(f"the T5 graph must be fp32 or bf16 (umT5 overflows fp16), got {t5_precision!r}")
+    wanted = set(graphs) if graphs is not None else set(ALL_GRAPHS)
+    unknown = wanted - set(ALL_GRAPHS)
+    if unknown:
+        raise ValueError(f"unknown graphs {sorted(unknown)}; known: {', '.join(ALL_GRAPHS)}")
+    shape.validate()
+    out_dir = Path(out_dir).absolute()
+    _prepare_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would become the build's mode
+    onnx_dir = staging / "onnx"
+    onnx_dir.mkdir()
+    t0 = time.perf_counter()
+    records: list[GraphRecord] = []
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(wanted), desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr)
+        for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy):
+            for spec in make():
+                bar.set_postfix_str(spec.name)
+                rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
+                del spec
+                records.append(rec)
+                bar.update(1)
+        bar.close()
+        order = {n: i for i, n in enumerate(ALL_GRAPHS)}
+        records.sort(key=lambda r: order[r.name])
+        audit_results = audit_files([onnx_dir / r.file for r in records], raise_on_error=audit) if audit else []
+        files = {}
+        for path in sorted(onnx_dir.iterdir()):
+            rel = f"onnx/{path.name}"
+            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        src = load_table()["source"]
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "preset": preset_name or getattr(getattr(models, "preset", None), "name", None),
+            "precision": precision,
+            "opset": opset,
+            "models": {
+                k: _cfg_dict(getattr(models, k, None)) for k in ("dit", "vae", "t5") if getattr(models, k, None) is not None
+            },
+            "shape": shape.as_dict(),
+            "graphs": {},
+            "files": files,
+            "op_audit": {
+                "tensorrt_version": src["tensorrt_version"],
+                "source": f"{src['repository']} {src['file']}",
+                "ok": all(r.ok for r in audit_results),
+                "graphs": {r.graph: {"ok": r.ok, "unsupported": r.unsupported} for r in audit_results},
+            },
+            "versions": tool_versions(),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
+        if extra:
+            manifest.update(extra)
+        for r in records:
+            d = r.as_dict()
+            d["file"] = f"onnx/{r.file}"
+            d["external_data"] = f"onnx/{r.external_data}" if r.external_data else None
+            manifest["graphs"][r.name] = d
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _cfg_dict(module) -> dict | None:
+    cfg = getattr(module, "cfg", None)
+    if cfg is None:
+        return None
+    try:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    except TypeError:
+        return None
+
+
+# ----------------------------------------------------------------------------
+# Random-weight model sets (presets without checkpoints, for sizing exports)
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim <= 1 and ("norm" in name or name.endswith("gamma")):
+            p.fill_(1.0)
+        elif p.ndim <= 1:
+            p.zero_()
+        else:
+            fan_in = max(1, p[0].numel())
+            # fill in slices: no fp32 temporary of a whole bf16 matrix
+            for i in range(0, p.shape[0], 1024):
+                blk = p[i:i + 1024]
+                blk.copy_(torch.randn(blk.shape, generator=g) * (fan_in ** -0.5))
+
+
+def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: int = 0):
+    """The preset's three models with seeded random weights, built on the meta
+    device and materialised directly in the target dtype (a wan-1.3b/umT5-XXL
+    set never exists in fp32)."""
+    from ..models.checkpoints import ModelSet
+    from ..models.dit import WanDiT
+    from ..models.t5 import UMT5Encoder
+    from ..models.vae import WanVAE
+
+    with torch.device("meta"):
+        dit = WanDiT(preset.dit)
+        t5 = UMT5Encoder(preset.t5)
+    dit = dit.to(dtype=dtype).to_empty(device="cpu")
+    t5 = t5.to(dtype=t5_dtype).to_empty(device="cpu")
+    _randomise(dit, seed)
+    _randomise(t5, seed + 1)
+    vae = WanVAE(preset.vae).to(dtype)  # small; its buffers (latent statistics) need real values
+    return ModelSet(preset=preset, dit=dit.eval(), vae=vae.eval(), t5=t5.eval(), tokenizer=None)
+
+
+# ----------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------
+
+def _load_for_export(args, precision: str, t5_precision: str):
+    from ..cli import UsageError
+    from ..models.checkpoints import CheckpointError, CheckpointPaths, load_models
+    from ..models.presets import get_preset
+    from ..models.sources import load_model_set, release_config_has_models
+
+    dtype = TORCH_DTYPES[precision]
+    t5_dtype = TORCH_DTYPES[t5_precision]
+    if getattr(args, "random_weights", False):
+        if args.checkpoints or release_config_has_models(args.config):
+            raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
+        return random_model_set(get_preset(args.preset or "tiny"), dtype, t5_dtype)
+    preset = get_preset(args.preset) if args.preset else None
+    if args.checkpoints or release_config_has_models(args.config):
+        paths = CheckpointPaths.from_dir(args.checkpoints) if args.checkpoints else CheckpointPaths.from_release_config(args.config)
+        # the release's DiT and umT5 files are bf16: load straight into the
+        # build's dtypes, never an fp32 copy of a 14B model.
+        return load_models(paths, preset, dtype, t5_dtype=t5_dtype)
+    if preset is not None and not preset.builtin_weights:
+        raise CheckpointError(
+            f"--preset {preset.name}: has no built-in weights; give --checkpoints DIR or --config inference_configs.json, "
+            "or --random-weights to export random weights of that size"
+        )
+    # built-in (tiny) weights: small, built in fp32 and cast per graph
+    return load_model_set(args.preset, None, None, torch.float32)
+
+
+def export_onnx_from_args(args) -> int:
+    from ..cli import UsageError
+
+    precision = args.precision
+    t5_precision = getattr(args, "t5_precision", None)
+    from .t5 import T5_PRECISION_FOR
+
+    t5_precision = t5_precision or T5_PRECISION_FOR[precision]
+    graphs = getattr(args, "graphs", None)
+    if graphs:
+        graphs = [g.strip() for g in (graphs.split(",") if isinstance(graphs, str) else graphs) if g.strip()]
+        bad = [g for g in graphs if g not in ALL_GRAPHS]
+        if bad:
+            raise UsageError(f"--graphs: unknown {', '.join(bad)}; accepted: {', '.join(ALL_GRAPHS)}")
+    t0 = time.perf_counter()
+    models = _load_for_export(args, precision, t5_precision)
+    shape = ExportShape.from_preset(models.preset, args.height, args.width, args.num_frames, args.intervals)
+    try:
+        shape.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    load_s = time.perf_counter() - t0
+    try:
+        manifest = export_onnx(
+            models, precision, shape, args.out, opset=args.opset, t5_precision=t5_precision,
+            graphs=graphs, copy=False, extra={"random_weights": bool(getattr(args, "random_weights", False))},
+        )
+    except ExportError as err:
+        print(f"tm-export: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        from .op_audit import OpAuditError
+
+        if isinstance(err, OpAuditError):
+            print(f"tm-export: error: {err}", file=sys.stderr)
+            return 1
+        raise
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"{args.out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB, "
+          f"precision {precision} (t5 {t5_precision}), loaded in {load_s:.1f}s, exported in {manifest['export_seconds']:.1f}s")
+    for name, g in manifest["graphs"].items():
+        ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:6])
+        print(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
+    print(f"  op audit (TensorRT {manifest['op_audit']['tensorrt_version']} parser): {'ok' if manifest['op_audit']['ok'] else 'FAILED'}")
+    return 0
