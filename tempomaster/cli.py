@@ -79,6 +79,9 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--intervals", type=_int_list("--intervals"))
     p.add_argument("--out", type=Path, required=True, help="build directory")
     p.add_argument("--opset", type=int, default=23)
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
+    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
+    p.add_argument("--graphs", help="comma-separated subset: dit,vae_encoder_first,vae_encoder,vae_decoder_first,vae_decoder,t5")
 
     args = parser.parse_args(argv)
     from .models.checkpoints import CheckpointError
