@@ -83,6 +83,9 @@ class PromptTokenizer:
             raise OSError(f"tokenizer in {str(path)!r} has no pad token")
         return cls(tok, seq_len=seq_len, source=str(path))
 
+    def __repr__(self) -> str:
+        return f"PromptTokenizer(vocab={self.vocab_size}, seq_len={self.seq_len}, source={self.source or 'built-in'})"
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id

@@ -233,7 +233,7 @@ def run_generate(args) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         backend, tokenizer = make_backend(args, dtype)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
+    except (CheckpointError, ValueError, OSError) as err:
         print(f"tm-run generate: error: {err}", file=sys.stderr)
         return 2
 
