@@ -250,6 +250,12 @@ def _step_all(layers, x: torch.Tensor, io: _CacheIO) -> torch.Tensor:
 
 
 class Encoder3d(nn.Module):
+    """[B,3,T,H,W] -> [B,z_dim,T',H/8,W/8] (z_dim = 2*16 here: mu | logvar).
+
+    Channels 96 -> 96 -> 192 -> 384 -> 384 (dim 96); spatial /2 after each of
+    the first three stages, time /2 after the ones marked in
+    temporal_downsample (chunk of 4 frames -> 1, first frame -> 1)."""
+
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_downsample, dropout=0.0):
         super().__init__()
         dims = [dim * u for u in (1, *dim_mult)]
@@ -284,6 +290,9 @@ class Encoder3d(nn.Module):
 
 
 class Decoder3d(nn.Module):
+    """[B,z,F,h,w] -> [B,3,T,8h,8w]; one latent frame -> 1 frame (first
+    chunk) or 4 frames (later chunks). Channels 384 -> 384 -> 192 -> 96."""
+
     def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temporal_upsample, dropout=0.0):
         super().__init__()
         dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]  # e.g. 384 384 384 192 96
@@ -379,7 +388,8 @@ def _tiled(fn, x: torch.Tensor, tile: TileSpec, in_scale: int, out_scale: int) -
         for ix, x0 in enumerate(xs):
             th, tw = min(tile.tile, H), min(tile.tile, W)
             part = x[..., y0 * in_scale:(y0 + th) * in_scale, x0 * in_scale:(x0 + tw) * in_scale]
-            res = fn(part).float()
+            res = fn(part)
+            dtype, res = res.dtype, res.float()
             if out is None:
                 out = res.new_zeros(*res.shape[:-2], H * out_scale, W * out_scale)
                 weight = res.new_zeros(H * out_scale, W * out_scale)
@@ -389,7 +399,7 @@ def _tiled(fn, x: torch.Tensor, tile: TileSpec, in_scale: int, out_scale: int) -
             sy, sx = slice(y0 * out_scale, (y0 + th) * out_scale), slice(x0 * out_scale, (x0 + tw) * out_scale)
             out[..., sy, sx] += res * w
             weight[sy, sx] += w
-    return (out / weight).to(x.dtype)
+    return (out / weight).to(dtype)
 
 
 # ---------------------------------------------------------------------------
