@@ -57,7 +57,7 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
     from .t5 import t5_spec
     from .vae import vae_specs
 
-    text_len = models.t5.cfg.text_len if models.t5 is not None else 512
+    text_len = models.t5.cfg.text_len if models.t5 is not None else models.preset.t5.text_len
     if "dit" in wanted:
         yield "dit", lambda: [dit_spec(models.dit, precision, shape, text_len=text_len, copy=copy)]
     vae_wanted = [g for g in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder") if g in wanted]
@@ -226,31 +226,41 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 blk.copy_(torch.randn(blk.shape, generator=g) * (fan_in ** -0.5))
 
 
-def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: int = 0):
-    """The preset's three models with seeded random weights, built on the meta
+def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: int = 0,
+                     graphs: Iterable[str] | None = None):
+    """The preset's models with seeded random weights, built on the meta
     device and materialised directly in the target dtype (a wan-1.3b/umT5-XXL
-    set never exists in fp32)."""
+    set never exists in fp32 unless asked). Only the models `graphs` need are
+    built (the others are None)."""
     from ..models.checkpoints import ModelSet
     from ..models.dit import WanDiT
     from ..models.t5 import UMT5Encoder
     from ..models.vae import WanVAE
 
-    with torch.device("meta"):
-        dit = WanDiT(preset.dit)
-        t5 = UMT5Encoder(preset.t5)
-    dit = dit.to(dtype=dtype).to_empty(device="cpu")
-    t5 = t5.to(dtype=t5_dtype).to_empty(device="cpu")
-    _randomise(dit, seed)
-    _randomise(t5, seed + 1)
-    vae = WanVAE(preset.vae).to(dtype)  # small; its buffers (latent statistics) need real values
-    return ModelSet(preset=preset, dit=dit.eval(), vae=vae.eval(), t5=t5.eval(), tokenizer=None)
+    wanted = set(graphs) if graphs is not None else set(ALL_GRAPHS)
+    dit = t5 = vae = None
+    if "dit" in wanted:
+        with torch.device("meta"):
+            dit = WanDiT(preset.dit)
+        dit = dit.to(dtype=dtype).to_empty(device="cpu")
+        _randomise(dit, seed)
+        dit.eval()
+    if "t5" in wanted:
+        with torch.device("meta"):
+            t5 = UMT5Encoder(preset.t5)
+        t5 = t5.to(dtype=t5_dtype).to_empty(device="cpu")
+        _randomise(t5, seed + 1)
+        t5.eval()
+    if wanted & {"vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"}:
+        vae = WanVAE(preset.vae).to(dtype).eval()  # small; its buffers (latent statistics) need real values
+    return ModelSet(preset=preset, dit=dit, vae=vae, t5=t5, tokenizer=None)
 
 
 # ----------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------
 
-def _load_for_export(args, precision: str, t5_precision: str):
+def _load_for_export(args, precision: str, t5_precision: str, graphs=None):
     from ..cli import UsageError
     from ..models.checkpoints import CheckpointError, CheckpointPaths, load_models
     from ..models.presets import get_preset
@@ -261,7 +271,7 @@ def _load_for_export(args, precision: str, t5_precision: str):
     if getattr(args, "random_weights", False):
         if args.checkpoints or release_config_has_models(args.config):
             raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
-        return random_model_set(get_preset(args.preset or "tiny"), dtype, t5_dtype)
+        return random_model_set(get_preset(args.preset or "tiny"), dtype, t5_dtype, graphs=graphs)
     preset = get_preset(args.preset) if args.preset else None
     if args.checkpoints or release_config_has_models(args.config):
         paths = CheckpointPaths.from_dir(args.checkpoints) if args.checkpoints else CheckpointPaths.from_release_config(args.config)
@@ -292,7 +302,7 @@ def export_onnx_from_args(args) -> int:
         if bad:
             raise UsageError(f"--graphs: unknown {', '.join(bad)}; accepted: {', '.join(ALL_GRAPHS)}")
     t0 = time.perf_counter()
-    models = _load_for_export(args, precision, t5_precision)
+    models = _load_for_export(args, precision, t5_precision, graphs)
     shape = ExportShape.from_preset(models.preset, args.height, args.width, args.num_frames, args.intervals)
     try:
         shape.validate()
