@@ -12,6 +12,7 @@ been hashed: a failed export leaves any previous BUILD as it was.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -148,6 +149,7 @@ def export_onnx(
                 bar.set_postfix_str(spec.name)
                 rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
                 del spec
+                gc.collect()
                 records.append(rec)
                 bar.update(1)
         bar.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import re
@@ -301,6 +302,7 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
         ops = dict(sorted(Counter(_all_op_types(proto.graph)).items()))
         max_batch, largest = largest_batch(proto, spec.batch_symbol, spec.symbol_sizes)
         del proto
+        gc.collect()
         for n in (onnx_name, data_name):
             if (tmp / n).exists():
                 os.replace(tmp / n, out_dir / n)

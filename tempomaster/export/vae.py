@@ -62,8 +62,10 @@ class VAEDecoderStep(torch.nn.Module):
 
 
 def _cache_list(shapes, batch: int, dtype) -> list[torch.Tensor]:
-    # Non-zero example caches: the export must not specialise on zeros.
-    return [torch.randn((batch,) + tuple(s[1:])).to(dtype) for _, s in shapes]
+    # Example caches only carry shapes (torch.export traces with fake
+    # tensors): broadcast views of one scalar, so that a full-resolution
+    # cache set (GBs at 480x832) is never allocated.
+    return [torch.zeros((), dtype=dtype).expand((batch,) + tuple(s[1:])) for _, s in shapes]
 
 
 def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True) -> list[GraphSpec]:
