@@ -209,8 +209,24 @@ def make_backend(args, dtype):
 
 
 def _preset_defaults(args):
+    from dataclasses import replace as _replace
+
     from ..models.presets import get_preset
 
+    if args.engines is not None:
+        # The build's own shape is the default: it is the one its graphs take.
+        from ..engines.manifest import ManifestError, load_manifest
+
+        try:
+            manifest = load_manifest(args.engines)
+        except ManifestError as err:
+            raise JobError(f"--engines: {err}") from None
+        shape = manifest.shape
+        return _replace(
+            get_preset(manifest.preset).defaults,
+            height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
+            frame_intervals=tuple(shape["intervals"]),
+        )
     if args.preset:
         return get_preset(args.preset).defaults
     if args.checkpoints is None and args.config is None and args.engines is None:
@@ -230,10 +246,16 @@ def run_generate(args) -> int:
         print(f"tm-run generate: error: {err}", file=sys.stderr)
         return 2
 
+    from ..engines.manifest import ManifestError
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         backend, tokenizer = make_backend(args, dtype)
-    except (CheckpointError, ValueError, OSError) as err:
+        if hasattr(backend, "check_request"):
+            for job in jobs:
+                h, w = job.request.output_size()
+                backend.check_request(h, w, job.request.num_frames, job.request.frame_intervals)
+    except (CheckpointError, ManifestError, ValueError, OSError) as err:
         print(f"tm-run generate: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,246 @@
+"""The onnxruntime backend: a build's exported graphs behind the same seam.
+
+Sessions are created lazily, on first use of each graph. Inputs and outputs
+are bound to torch tensors' memory through IOBinding (no copies on either
+side), the VAE's causal caches ping-pong between two sets of preallocated
+tensors, and a batch larger than a graph's recorded safe batch is split into
+several calls.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
+from .base import Backend, ModelInfo
+
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+# ONNX TensorProto element types, which IOBinding accepts for every dtype (bf16 included).
+_ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6}
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _providers() -> tuple[list[str], torch.device]:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda", torch.cuda.current_device())
+    return ["CPUExecutionProvider"], torch.device("cpu")
+
+
+class GraphRunner:
+    """One ONNX graph: a lazily created session and calls bound to torch tensors."""
+
+    def __init__(self, manifest: Manifest, name: str, providers: list[str], device: torch.device):
+        self.name = name
+        self.spec = manifest.graph(name)
+        self.path = manifest.path(name)
+        self.max_batch = int(self.spec["max_batch"])
+        self.inputs = {i["name"]: i for i in self.spec["inputs"]}
+        self.outputs = {o["name"]: o for o in self.spec["outputs"]}
+        self._providers = providers
+        self._device = device
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._session = ort.InferenceSession(str(self.path), options, providers=self._providers)
+            self._check_session_io()
+        return self._session
+
+    def _check_session_io(self) -> None:
+        """The graph file must have exactly the inputs and outputs the manifest promises."""
+        have_in = [i.name for i in self._session.get_inputs()]
+        have_out = [o.name for o in self._session.get_outputs()]
+        for kind, have, want in (("inputs", have_in, list(self.inputs)), ("outputs", have_out, list(self.outputs))):
+            if sorted(have) != sorted(want):
+                missing = sorted(set(want) - set(have))
+                extra = sorted(set(have) - set(want))
+                raise ManifestError(
+                    f"{self.path}: graph {kind} differ from the manifest: missing {missing or 'none'}, unexpected {extra or 'none'}"
+                )
+
+    def dtype(self, name: str) -> torch.dtype:
+        spec = self.inputs.get(name) or self.outputs[name]
+        return _TORCH_DTYPES[spec["dtype"]]
+
+    def shape(self, name: str, batch: int) -> tuple[int, ...]:
+        spec = self.inputs.get(name) or self.outputs[name]
+        dims = []
+        for d in spec["shape"]:
+            if d == "batch":
+                dims.append(batch)
+            elif isinstance(d, int):
+                dims.append(d)
+            else:
+                raise ManifestError(f"{self.path}: dimension {d!r} of {name} cannot be resolved")
+        return tuple(dims)
+
+    def check_input(self, name: str, tensor: torch.Tensor) -> None:
+        want = self.shape(name, tensor.shape[0])
+        if tuple(tensor.shape) != want:
+            raise ManifestError(
+                f"{self.path}: input {name} has shape {tuple(want)} in this build, got {tuple(tensor.shape)}: "
+                "the build was exported for another shape; export one for this request (tm-export onnx)"
+            )
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Run once with every input and output bound to the given tensors' memory."""
+        binding = self.session.io_binding()
+        device_type = "cuda" if self._device.type == "cuda" else "cpu"
+        device_id = self._device.index or 0
+        for name, tensor in feeds.items():
+            binding.bind_input(name, device_type, device_id, _ONNX_ELEM[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for name, tensor in outputs.items():
+            binding.bind_output(name, device_type, device_id, _ONNX_ELEM[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        self.session.run_with_iobinding(binding)
+
+    def prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Cast to the graph's dtype on the session's device, contiguous (a no-op when it already is)."""
+        return tensor.to(self._device, self.dtype(name)).contiguous()
+
+    def empty(self, name: str, batch: int) -> torch.Tensor:
+        return torch.empty(self.shape(name, batch), dtype=self.dtype(name), device=self._device)
+
+
+def _batches(total: int, limit: int) -> list[slice]:
+    limit = max(1, limit)
+    return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        providers, self.device = _providers()
+        self.providers = providers
+        self.graphs = {name: GraphRunner(manifest, name, providers, self.device) for name in manifest.graphs}
+        models = manifest.data["models"]
+        dit = models["dit"]
+        self.info = ModelInfo(
+            text_len=int(models["t5"]["text_len"]),
+            text_dim=int(dit["text_dim"]),
+            head_dim=int(dit["dim"]) // int(dit["num_heads"]),
+            patch_size=tuple(dit["patch_size"]),
+            z_dim=int(dit["out_dim"]),
+            dit_dtype=_PRECISION_DTYPES[manifest.precision],
+        )
+
+    @classmethod
+    def from_build(cls, build_dir: str | Path, verify: bool = True) -> "OnnxRuntimeBackend":
+        """Open a tm-export build; every file's sha256 is checked against the manifest first."""
+        manifest = load_manifest(build_dir)
+        needed = ["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"]
+        missing = [n for n in needed if n not in manifest.graphs]
+        if missing:
+            raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
+        if verify:
+            verify_files(manifest)
+        return cls(manifest)
+
+    def check_request(self, height: int, width: int, num_frames: int, intervals: Sequence[int]) -> None:
+        from ...engines.manifest import check_request
+
+        check_request(self.manifest, height=height, width=width, num_frames=num_frames, intervals=intervals)
+
+    def tokenizer(self, checkpoints: Path | None = None, config: Path | None = None):
+        """The build's tokenizer: its own copy if it has one, the built-in tiny one, or the checkpoints'."""
+        from ...models.tokenizer import PromptTokenizer, tiny_tokenizer
+
+        seq_len = self.info.text_len
+        own = self.manifest.root / "tokenizer"
+        if own.is_dir():
+            return PromptTokenizer.from_dir(own, seq_len=seq_len)
+        if self.manifest.preset == "tiny" and checkpoints is None and config is None:
+            return tiny_tokenizer(seq_len=seq_len)
+        if checkpoints is not None or config is not None:
+            from ...models.checkpoints import CheckpointPaths
+
+            paths = CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
+            return PromptTokenizer.from_dir(paths.tokenizer, seq_len=seq_len)
+        raise ManifestError(
+            f"{self.manifest.root}: the build has no tokenizer/ folder; give --checkpoints DIR or --config to find the tokenizer"
+        )
+
+    # -- the three calls ---------------------------------------------------------
+
+    def encode_text(self, ids, mask):
+        g = self.graphs["t5"]
+        ids, mask = g.prepare("ids", ids), g.prepare("mask", mask)
+        out = g.empty("embeddings", ids.shape[0])
+        for s in _batches(ids.shape[0], g.max_batch):
+            g.run({"ids": ids[s], "mask": mask[s]}, {"embeddings": out[s]})
+        return out
+
+    def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        g = self.graphs["dit"]
+        feeds = {
+            "x": g.prepare("x", x),
+            "y": g.prepare("y", y),
+            "context": g.prepare("context", context),
+            "rope_cos": g.prepare("rope_cos", rope_cos),
+            "rope_sin": g.prepare("rope_sin", rope_sin),
+        }
+        for name in ("x", "y", "context", "rope_cos", "rope_sin"):
+            g.check_input(name, feeds[name])
+        t = g.prepare("timestep", timestep.reshape(-1)[:1])
+        out = g.empty("velocity", x.shape[0])
+        for s in _batches(x.shape[0], g.max_batch):
+            # Slices along dim 0 of contiguous tensors stay contiguous: bound in place.
+            g.run({**{k: v[s] for k, v in feeds.items()}, "timestep": t}, {"velocity": out[s]})
+        return out
+
+    def _stream(self, first: GraphRunner, rest: GraphRunner, data_name: str, out_name: str, pieces: list[torch.Tensor]):
+        """Run the causal step graphs over `pieces` (time slices), carrying every cache tensor."""
+        caches = first.spec["meta"]["caches"]
+        batch = pieces[0].shape[0]
+        current = [torch.zeros(first.shape(c["input"], batch), dtype=first.dtype(c["input"]), device=self.device) for c in caches]
+        spare = [torch.empty_like(t) for t in current]
+        results = []
+        for k, piece in enumerate(pieces):
+            g = first if k == 0 else rest
+            out = g.empty(out_name, batch)
+            feeds = {data_name: g.prepare(data_name, piece)}
+            g.check_input(data_name, feeds[data_name])
+            feeds.update({c["input"]: t for c, t in zip(caches, current)})
+            outputs = {out_name: out, **{c["output"]: t for c, t in zip(caches, spare)}}
+            g.run(feeds, outputs)
+            current, spare = spare, current
+            results.append(out)
+        return torch.cat(results, dim=2)
+
+    def vae_encode(self, video):
+        first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
+        step = int(rest.spec["meta"]["in_frames"])
+        frames = video.shape[2]
+        if (frames - 1) % step:
+            raise ValueError(f"VAE encode needs 1 + {step}k frames, got {frames}")
+        outs = []
+        for s in _batches(video.shape[0], min(first.max_batch, rest.max_batch)):
+            v = video[s]
+            pieces = [v[:, :, :1]] + [v[:, :, i : i + step] for i in range(1, frames, step)]
+            outs.append(self._stream(first, rest, "frames", "latents", pieces))
+        return torch.cat(outs).float()
+
+    def vae_decode(self, latents):
+        first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
+        outs = []
+        for s in _batches(latents.shape[0], min(first.max_batch, rest.max_batch)):
+            z = latents[s]
+            pieces = [z[:, :, i : i + 1] for i in range(z.shape[2])]
+            outs.append(self._stream(first, rest, "latents", "frames", pieces))
+        return torch.cat(outs).float().clamp(-1, 1)
