@@ -325,6 +325,11 @@ def _preset_by_width(dim: int, path) -> Preset:
     )
 
 
+def preset_for_dit_file(path) -> Preset:
+    state = read_state_dict(path)
+    return _preset_by_width(int(_need(state, "patch_embedding.weight", path).shape[0]), path)
+
+
 def load_models(
     paths: CheckpointPaths,
     preset: Preset | None = None,

@@ -229,7 +229,15 @@ def _preset_defaults(args):
         )
     if args.preset:
         return get_preset(args.preset).defaults
-    if args.checkpoints is None and args.config is None and args.engines is None:
+    if args.checkpoints is not None:
+        # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
+        from ..models.checkpoints import CheckpointError, CheckpointPaths, preset_for_dit_file
+
+        try:
+            return preset_for_dit_file(CheckpointPaths.from_dir(args.checkpoints).dit).defaults
+        except CheckpointError as err:
+            raise JobError(f"--checkpoints: {err}") from None
+    if args.config is None:
         return get_preset("tiny").defaults
     return get_preset("tempomaster-14b").defaults
 
