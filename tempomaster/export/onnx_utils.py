@@ -166,34 +166,6 @@ def _torch_dynamic_shapes(spec: GraphSpec) -> dict | None:
     return grouped
 
 
-@contextlib.contextmanager
-def sdpa_4d():
-    """During export, give 3-D scaled_dot_product_attention calls a head axis.
-
-    The exporter's opset-23 `Attention` translation (and TensorRT's parser)
-    take 4-D Q/K/V only; the VAE's single-head attention calls SDPA on
-    [B, L, C]. Same arithmetic, one more unit axis.
-    """
-    original = F.scaled_dot_product_attention
-
-    def patched(q, k, v, *args, **kwargs):
-        if q.dim() == 3 and k.dim() == 3 and v.dim() == 3:
-            mask = kwargs.get("attn_mask", args[0] if args else None)
-            if mask is not None and mask.dim() == 3:
-                if args:
-                    args = (mask.unsqueeze(1), *args[1:])
-                else:
-                    kwargs["attn_mask"] = mask.unsqueeze(1)
-            return original(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), *args, **kwargs).squeeze(1)
-        return original(q, k, v, *args, **kwargs)
-
-    F.scaled_dot_product_attention = patched
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 def _quiet_export(module, args, spec: GraphSpec, opset: int):
     import logging
     import warnings
@@ -206,7 +178,7 @@ def _quiet_export(module, args, spec: GraphSpec, opset: int):
         import io
 
         sink = io.StringIO()
-        with contextlib.redirect_stdout(sink), torch.no_grad(), sdpa_4d():
+        with contextlib.redirect_stdout(sink), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 args,

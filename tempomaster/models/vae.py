@@ -235,10 +235,11 @@ class AttentionBlock(nn.Module):
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         qkv = self.to_qkv(self.norm(x))  # [BT, 3C, H, W]
-        qkv = qkv.reshape(b * t, 3 * c, h * w).transpose(1, 2)  # [BT, HW, 3C]
+        # One head, spelled out as a head axis: ONNX Attention and TensorRT take 4-D q/k/v.
+        qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)  # [BT, 1, HW, 3C]
         q, k, v = qkv.chunk(3, dim=-1)
-        x = F.scaled_dot_product_attention(q, k, v)  # [BT, HW, C]
-        x = x.transpose(1, 2).reshape(b * t, c, h, w)
+        x = F.scaled_dot_product_attention(q, k, v)  # [BT, 1, HW, C]
+        x = x.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         x = self.proj(x)
         return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4) + identity
 
