@@ -15,25 +15,15 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
-def _int_list(flag: str):
-    def parse(text: str) -> tuple[int, ...]:
+def _number_list(flag: str, kind=int, example: str = "4,2,1"):
+    """argparse type for comma-separated values, e.g. --steps 50,32,32."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
         try:
-            values = tuple(int(v) for v in text.split(",") if v.strip())
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers such as 4,2,1, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"{flag}: expected at least one value")
-        return values
-
-    return parse
-
-
-def _float_list(flag: str):
-    def parse(text: str) -> tuple[float, ...]:
-        try:
-            values = tuple(float(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated numbers such as 5,3,3, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated {noun} such as {example}, got {text!r}") from None
         if not values:
             raise argparse.ArgumentTypeError(f"{flag}: expected at least one value")
         return values
@@ -76,7 +66,7 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--intervals", type=_int_list("--intervals"))
+    p.add_argument("--intervals", type=_number_list("--intervals"))
     p.add_argument("--out", type=Path, required=True, help="build directory")
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
@@ -136,9 +126,9 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--num-frames", type=int, help="stage-0 frames (rounded up to 4k+1)")
-    p.add_argument("--intervals", type=_int_list("--intervals"), help="frame intervals per stage, e.g. 4,2,1")
-    p.add_argument("--steps", type=_int_list("--steps"), help="denoising steps per stage, e.g. 50,32,32")
-    p.add_argument("--shifts", type=_float_list("--shifts"), help="flow-match shift per stage, e.g. 5,3,3")
+    p.add_argument("--intervals", type=_number_list("--intervals"), help="frame intervals per stage, e.g. 4,2,1")
+    p.add_argument("--steps", type=_number_list("--steps", int, "50,32,32"), help="denoising steps per stage, e.g. 50,32,32")
+    p.add_argument("--shifts", type=_number_list("--shifts", float, "5,3,3"), help="flow-match shift per stage, e.g. 5,3,3")
     p.add_argument("--guidance", type=float, help="guidance scale (1 = no guidance, one DiT call per step)")
     p.add_argument("--no-apg", action="store_true", help="plain CFG instead of APG")
     p.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,8 @@ from typing import Iterable
 import torch
 
 from ..engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
-from .onnx_utils import TORCH_DTYPES, ExportError, GraphRecord, export_graph, file_sha256
+from ..engines.manifest import sha256_file
+from .onnx_utils import TORCH_DTYPES, ExportError, GraphRecord, export_graph
 from .shapes import ExportShape
 
 ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
@@ -159,7 +160,7 @@ def export_onnx(
         files = {}
         for path in sorted(onnx_dir.iterdir()):
             rel = f"onnx/{path.name}"
-            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         src = load_table()["source"]
         manifest = {
             "format": FORMAT,

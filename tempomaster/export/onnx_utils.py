@@ -404,19 +404,6 @@ def largest_batch(proto, batch_symbol: str = "batch", symbol_sizes: Mapping[str,
     return int(best_batch), largest
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def cast_module(module: torch.nn.Module, dtype: torch.dtype, copy: bool = True) -> torch.nn.Module:
     """`module` with its floating-point parameters in `dtype`.
 

@@ -126,7 +126,9 @@ def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm over the whole width on q and k."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -137,37 +139,28 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        # [B, L, dim] -> [B, L, heads, head_dim]
+        return t.view(t.shape[0], t.shape[1], self.num_heads, -1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [B, L, heads, head_dim] each -> [B, L, dim] through o
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class SelfAttention(_Attention):
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        b, l, dim = x.shape
-        n = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, l, n, dim // n)
-        k = self.norm_k(self.k(x)).view(b, l, n, dim // n)
-        v = self.v(x).view(b, l, n, dim // n)
-        q = apply_rope(q, rope_cos, rope_sin)
-        k = apply_rope(k, rope_cos, rope_sin)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).reshape(b, l, dim))
+        q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
+        k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
+        return self._attend(q, k, self._heads(self.v(x)))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(_Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, l, dim = x.shape
-        n = self.num_heads
-        q = self.norm_q(self.q(x)).view(b, l, n, dim // n)
-        k = self.norm_k(self.k(context)).view(b, -1, n, dim // n)
-        v = self.v(context).view(b, -1, n, dim // n)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).reshape(b, l, dim))
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(context)))
+        return self._attend(q, k, self._heads(self.v(context)))
 
 
 class DiTBlock(nn.Module):
