@@ -1,0 +1,72 @@
+"""Smoke tests of benchmarks/bench_backends.py at a tiny shape (one timed run per op)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backends.py"
+OPS = ("dit", "vae_decode", "vae_encode", "text", "generate")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_backends", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_results(path: Path, shape: dict) -> dict:
+    data = json.loads(path.read_text())
+    assert set(OPS) <= set(data["ops"])
+    for op in OPS:
+        entry = data["ops"][op]
+        for backend in ("torch", "onnxruntime"):
+            assert entry[backend]["median_ms"] > 0, (op, backend)
+            assert all(t > 0 for t in entry[backend]["runs_ms"])
+        assert entry["ratio_torch_over_ort"] > 0
+        assert entry["rel_error"] < data["tolerance"], op
+    assert 0 <= data["ops"]["generate"]["torch"]["outside_share"] < 1
+    assert 0 <= data["ops"]["generate"]["onnxruntime"]["outside_share"] < 1
+    for key, value in shape.items():
+        assert data["shape"][key] == value
+    m = data["machine"]
+    assert m["cpu_count"] >= 1 and m["torch"] and m["onnxruntime"] and m["torch_threads"] >= 1
+    assert data["agree"]
+    return data
+
+
+def test_bench_reuses_a_build(tiny_build, tmp_path, capsys):
+    """--build: the session's tiny export (32x48, 9 frames, intervals 4,2,1) is timed as it is."""
+    import torch
+
+    bench = _load_script()
+    out = tmp_path / "results.json"
+    threads = torch.get_num_threads()
+    rc = bench.main(["--build", str(tiny_build), "--steps", "1,1,1", "--repeats", "1", "--warmup", "0",
+                     "--generate-repeats", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
+    data = _check_results(out, {"height": 32, "width": 48, "num_frames": 9, "intervals": [4, 2, 1]})
+    assert data["build"]["export_seconds"] is None
+    assert data["settings"]["threads"] == 1
+    assert data["machine"]["torch_threads"] == 1 and data["machine"]["ort_intra_op_threads"] == 1
+    assert data["ops"]["generate"]["torch"]["dit_calls"] == 3
+    # the largest stage (4 chunks) with its unconditional twins: a DiT batch of 8
+    assert data["ops"]["dit"]["inputs"]["x"][0] == 8
+    printed = capsys.readouterr().out
+    for op in OPS:
+        assert op in printed
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary name was renamed away
+
+
+@pytest.mark.slow
+def test_bench_exports_its_own_build(tmp_path):
+    """Without --build the script exports the preset first (a minute or more on a CPU)."""
+    bench = _load_script()
+    out = tmp_path / "results.json"
+    rc = bench.main(["--height", "32", "--width", "48", "--num-frames", "5", "--intervals", "2,1", "--steps", "1,1",
+                     "--repeats", "1", "--warmup", "0", "--generate-repeats", "1", "--out", str(out)])
+    assert rc == 0
+    data = _check_results(out, {"height": 32, "width": 48, "num_frames": 5, "intervals": [2, 1]})
+    assert data["build"]["export_seconds"] > 0
