@@ -128,28 +128,10 @@ def make_backends(models, build_dir: Path, threads: int | None = None) -> dict:
     from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from tempomaster.runtime.backends.torch import TorchBackend
 
-    backends = {"torch": TorchBackend(models), "onnxruntime": OnnxRuntimeBackend.from_build(build_dir)}
     if threads is not None:
         torch.set_num_threads(threads)
-        open_sessions(backends["onnxruntime"], threads)
-    return backends
-
-
-def open_sessions(backend, threads: int) -> None:
-    """Create the onnxruntime sessions now, with `threads` intra-op threads.
-
-    The backend creates its sessions lazily with onnxruntime's default thread
-    pool; filling each graph runner's session slot first is the only way to
-    choose the thread count without changing the backend.
-    """
-    import onnxruntime as ort
-
-    for runner in backend.graphs.values():
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        runner._session = ort.InferenceSession(str(runner.path), options, providers=backend.providers)
-        runner._check_session_io()
+    ort_backend = OnnxRuntimeBackend.from_build(build_dir, threads=threads or 0)
+    return {"torch": TorchBackend(models), "onnxruntime": ort_backend}
 
 
 def largest_stage(shape):

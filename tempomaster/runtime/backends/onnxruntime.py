@@ -39,8 +39,9 @@ def _providers() -> tuple[list[str], torch.device]:
 class GraphRunner:
     """One ONNX graph: a lazily created session and calls bound to torch tensors."""
 
-    def __init__(self, manifest: Manifest, name: str, providers: list[str], device: torch.device):
+    def __init__(self, manifest: Manifest, name: str, providers: list[str], device: torch.device, threads: int = 0):
         self.name = name
+        self.threads = threads  # intra-op threads; 0 = onnxruntime's default
         self.spec = manifest.graph(name)
         self.path = manifest.path(name)
         self.max_batch = int(self.spec["max_batch"])
@@ -57,6 +58,7 @@ class GraphRunner:
 
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = self.threads
             self._session = ort.InferenceSession(str(self.path), options, providers=self._providers)
             self._check_session_io()
         return self._session
@@ -124,11 +126,11 @@ def _batches(total: int, limit: int) -> list[slice]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, threads: int = 0):
         self.manifest = manifest
         providers, self.device = _providers()
         self.providers = providers
-        self.graphs = {name: GraphRunner(manifest, name, providers, self.device) for name in manifest.graphs}
+        self.graphs = {name: GraphRunner(manifest, name, providers, self.device, threads) for name in manifest.graphs}
         models = manifest.data["models"]
         dit = models["dit"]
         self.info = ModelInfo(
@@ -141,7 +143,7 @@ class OnnxRuntimeBackend(Backend):
         )
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, verify: bool = True) -> "OnnxRuntimeBackend":
+    def from_build(cls, build_dir: str | Path, verify: bool = True, threads: int = 0) -> "OnnxRuntimeBackend":
         """Open a tm-export build; every file's sha256 is checked against the manifest first."""
         manifest = load_manifest(build_dir)
         needed = ["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"]
@@ -150,7 +152,7 @@ class OnnxRuntimeBackend(Backend):
             raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
         if verify:
             verify_files(manifest)
-        return cls(manifest)
+        return cls(manifest, threads)
 
     def check_request(self, height: int, width: int, num_frames: int, intervals: Sequence[int]) -> None:
         from ...engines.manifest import check_request
