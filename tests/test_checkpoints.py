@@ -97,6 +97,9 @@ def test_tiny_set_on_disk_loads_and_equals_the_builtin(tiny_checkpoints, tiny_mo
         assert ours.keys() == builtin.keys()
         for key in ours:
             assert torch.equal(ours[key], builtin[key]), (name, key)
+    # the latent statistics are constants, rebuilt after a meta-device load
+    assert torch.equal(models.vae.latents_std, tiny_models.vae.latents_std)
+    assert not models.vae.latents_mean.is_meta and models.vae.latents_mean.abs().sum() > 0
     ids, mask = models.tokenizer(["a red ball"])
     assert ids.shape == (1, 512) and int(mask.sum()) > 1
 

@@ -100,20 +100,13 @@ def load_into(model_factory, state: Mapping[str, torch.Tensor], path, what: str,
     check_state_dict(model.state_dict(), state, path, what)
     cast = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(cast, strict=True, assign=True)
-    # Non-persistent buffers (e.g. VAE latent statistics) are still on meta: rebuild them.
-    _materialise_buffers(model, model_factory)
+    # Non-persistent buffers (the VAE's latent statistics) are constants the model rebuilds.
+    if any(b.is_meta for b in model.buffers()):
+        init = getattr(model, "init_constant_buffers", None)
+        if init is None:
+            raise CheckpointError(f"{path}: {what} has buffers that are not in the checkpoint and cannot be rebuilt")
+        init(device="cpu")
     return model.eval()
-
-
-def _materialise_buffers(model: torch.nn.Module, model_factory) -> None:
-    meta = [n for n, b in model.named_buffers() if b.is_meta]
-    if not meta:
-        return
-    reference = dict(model_factory().named_buffers())
-    for name in meta:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        owner._buffers[attr] = reference[name].clone()
 
 
 # ----------------------------------------------------------------------------

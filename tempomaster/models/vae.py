@@ -426,10 +426,18 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder3d(cfg.dim, cfg.z_dim, dim_mult, cfg.num_res_blocks, cfg.temporal_downsample[::-1])
-        if cfg.z_dim == len(LATENTS_MEAN):
-            mean, std = torch.tensor(LATENTS_MEAN), torch.tensor(LATENTS_STD)
+        self.init_constant_buffers()
+
+    def init_constant_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create the latent statistics, which are constants, not checkpoint keys.
+
+        A loader that builds the model on the meta device calls this after
+        assigning the weights.
+        """
+        if self.cfg.z_dim == len(LATENTS_MEAN):
+            mean, std = torch.tensor(LATENTS_MEAN, device=device), torch.tensor(LATENTS_STD, device=device)
         else:  # no published statistics for other widths
-            mean, std = torch.zeros(cfg.z_dim), torch.ones(cfg.z_dim)
+            mean, std = torch.zeros(self.cfg.z_dim, device=device), torch.ones(self.cfg.z_dim, device=device)
         self.register_buffer("latents_mean", mean, persistent=False)
         self.register_buffer("latents_std", std, persistent=False)
 
