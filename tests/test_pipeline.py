@@ -100,3 +100,12 @@ def test_cover_resize_center_crop_keeps_the_centre():
     assert out.shape == (3, 16, 16)
     # cover: height 20 -> 16 (scale 0.8), width 48, crop centre 16 columns: all white
     assert out[:, :, 2:14].min() > 0.9
+
+
+def test_stage_fps_follow_spec_when_the_last_interval_is_not_one(backend, tiny_models):
+    # intervals [4, 2]: stage 0 at 24/4 = 6 fps, the output at save_fps = 24
+    request = GenerationRequest(prompt="x", height=32, width=48, num_frames=5, frame_intervals=(4, 2),
+                                steps_per_stage=(1, 1), shift_per_stage=(5.0, 3.0))
+    result = generate(backend, tiny_models.tokenizer, request, progress=False)
+    assert [s.fps for s in result.stages] == [6.0, 24.0]
+    assert [s.num_frames for s in result.stages] == [5, 10]

@@ -246,7 +246,6 @@ def generate(
 
     outputs: list[StageOutput] = []
     previous: torch.Tensor | None = None
-    final_interval = request.frame_intervals[-1]
     total_calls = 0
     for stage, steps, shift in zip(stages, request.steps_per_stage, request.shift_per_stage):
         stage_start = time.perf_counter()
@@ -256,7 +255,9 @@ def generate(
             videos = gather_chunk_frames(previous, stage)  # [n, 3, L, H, W]
         y = condition_latents(backend, videos, stage, clock)
         schedule = StageSchedule.create(steps, shift)
-        fps = request.save_fps * final_interval / stage.interval
+        # SPEC 3.5: the output at save_fps; an intermediate stage at save_fps / interval (6, 12 fps at 24).
+        last = stage.index == len(stages) - 1
+        fps = request.save_fps if last else request.save_fps / stage.interval
         with tqdm(
             total=steps, desc=f"stage {stage.index} ({fps:g} fps, {stage.num_chunks} chunk(s))",
             disable=not progress, leave=False,
