@@ -21,7 +21,9 @@ def test_generate_on_onnxruntime_matches_torch(tiny_build, tiny_models):
     ort_backend = OnnxRuntimeBackend.from_build(tiny_build)
     torch_backend = TorchBackend(tiny_models)
     request = GenerationRequest(prompt="a red ball on the beach", seed=7, **SHAPE)
-    ours = generate(ort_backend, ort_backend.tokenizer(), request, progress=False)
+    tokenizer = ort_backend.tokenizer()
+    assert tokenizer.source == str(tiny_build / "tokenizer")  # the build carries its own, hashed
+    ours = generate(ort_backend, tokenizer, request, progress=False)
     ref = generate(torch_backend, tiny_models.tokenizer, request, progress=False)
     for a, b in zip(ours.stages, ref.stages):
         assert a.frames.shape == b.frames.shape

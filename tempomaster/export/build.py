@@ -157,9 +157,13 @@ def export_onnx(
         order = {n: i for i, n in enumerate(ALL_GRAPHS)}
         records.sort(key=lambda r: order[r.name])
         audit_results = audit_files([onnx_dir / r.file for r in records], raise_on_error=audit) if audit else []
+        tokenizer = getattr(models, "tokenizer", None)
+        if tokenizer is not None:
+            # The build carries its tokenizer, so `tm-run --engines` needs nothing else.
+            _save_tokenizer(tokenizer, staging / "tokenizer")
         files = {}
-        for path in sorted(onnx_dir.iterdir()):
-            rel = f"onnx/{path.name}"
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            rel = path.relative_to(staging).as_posix()
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         src = load_table()["source"]
         manifest = {
@@ -197,6 +201,19 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _save_tokenizer(tokenizer, dest: Path) -> None:
+    """Copy the tokenizer directory it was loaded from, or save the in-memory one."""
+    from ..models.tokenizer import TINY_TOKENIZER_SOURCE, build_tiny_tokenizer
+
+    source = getattr(tokenizer, "source", None)
+    if source == TINY_TOKENIZER_SOURCE:
+        build_tiny_tokenizer(dest)  # the same bytes as `tm-export init-tiny` writes
+    elif source and Path(source).is_dir():
+        shutil.copytree(source, dest)
+    else:
+        tokenizer.tokenizer.save_pretrained(str(dest))
 
 
 def _cfg_dict(module) -> dict | None:

@@ -38,6 +38,9 @@ SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
 TINY_VOCAB_SIZE = 384  # == PRESETS["tiny"].t5.vocab_size (upper bound on ids)
 
 
+TINY_TOKENIZER_SOURCE = "<tiny built-in>"
+
+
 def clean_prompt(text: str) -> str:
     """ftfy fix, HTML unescape twice, whitespace collapsed and stripped.
 
@@ -259,4 +262,4 @@ def build_tiny_tokenizer(out_dir: str | Path) -> Path:
 
 def tiny_tokenizer(seq_len: int = 512) -> PromptTokenizer:
     """The tiny preset's tokenizer, built in memory (no files)."""
-    return PromptTokenizer(_tiny_fast_tokenizer(), seq_len=seq_len, source="<tiny built-in>")
+    return PromptTokenizer(_tiny_fast_tokenizer(), seq_len=seq_len, source=TINY_TOKENIZER_SOURCE)

@@ -263,7 +263,7 @@ def run_generate(args) -> int:
             for job in jobs:
                 h, w = job.request.output_size()
                 backend.check_request(h, w, job.request.num_frames, job.request.frame_intervals)
-    except (CheckpointError, ManifestError, ValueError, OSError) as err:
+    except (CheckpointError, ManifestError, ValueError, OSError, ImportError) as err:
         print(f"tm-run generate: error: {err}", file=sys.stderr)
         return 2
 

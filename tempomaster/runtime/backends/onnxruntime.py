@@ -29,7 +29,12 @@ _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch
 
 
 def _providers() -> tuple[list[str], torch.device]:
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(
+            "the onnxruntime backend needs onnxruntime: pip install 'tempomaster-trt[ort]' (CPU) or '[trt]' (GPU)"
+        ) from None
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda", torch.cuda.current_device())
