@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from tempomaster.models.dit import batched_rope_table
+from tempomaster.rope import batched_rope_table
 from tempomaster.runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, generate
 from tempomaster.runtime.schedule import StageSchedule, model_timestep
 

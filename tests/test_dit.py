@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tempomaster.models.dit import WanDiT, apply_rope, rope_split, rope_table, batched_rope_table
+from tempomaster.models.dit import WanDiT, apply_rope
+from tempomaster.rope import batched_rope_table, rope_split, rope_table
 from tempomaster.models.presets import DiTConfig, get_preset
 
 diffusers = pytest.importorskip("diffusers")

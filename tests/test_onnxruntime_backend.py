@@ -39,7 +39,7 @@ def test_batch_beyond_the_safe_batch_is_split(tiny_build, tiny_models):
     b, f, h, w = 5, 3, 4, 6
     x, y = torch.randn(b, 16, f, h, w), torch.randn(b, 20, f, h, w)
     ctx = torch.randn(b, 512, backend.info.text_dim)
-    from tempomaster.models.dit import batched_rope_table
+    from tempomaster.rope import batched_rope_table
 
     cos, sin = batched_rope_table([[4 * i + j for j in range(f)] for i in range(b)], h // 2, w // 2, backend.info.head_dim)
     t = torch.tensor([640.0])

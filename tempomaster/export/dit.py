@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.dit import batched_rope_table
+from ..rope import batched_rope_table
 from .onnx_utils import TORCH_DTYPES, GraphSpec, cast_module
 from .shapes import ExportShape
 

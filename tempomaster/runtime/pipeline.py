@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from ..models.dit import batched_rope_table
+from ..rope import batched_rope_table
 from .backends.base import Backend
 from .guidance import APGState, guided_velocity
 from .planner import (
