@@ -49,7 +49,7 @@ def parse_image_flags(values: list[str]) -> dict[int, Path]:
     return images
 
 
-def _release_settings(config: dict, source: Path) -> dict:
+def _release_settings(config: dict) -> dict:
     """GenerationRequest fields from the release's `inference_configs` block."""
     block = config.get("inference_configs", {})
     parallel = block.get("parallel_configs", {})
@@ -100,7 +100,7 @@ def build_jobs(args, defaults) -> list[Job]:
             config = read_json(args.config)
         except CheckpointError as err:
             raise JobError(f"--config: {err}") from None
-        settings.update(_release_settings(config, args.config))
+        settings.update(_release_settings(config))
         for name, case in (config.get("inference_cases") or {}).items():
             refs = {}
             for frame, path in (case.get("ref_images") or {}).items():

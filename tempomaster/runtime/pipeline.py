@@ -186,7 +186,9 @@ def denoise_stage(
         cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
     else:
         y_in = y
-    cos, sin, ctx, y_in = (t.to(y.device) for t in (cos, sin, ctx, y_in))
+    # Constant for the whole stage: moved and cast to the DiT's dtype once, not per step.
+    y_in, ctx = y_in.to(y.device, info.dit_dtype), ctx.to(y.device, info.dit_dtype)
+    cos, sin = cos.to(y.device), sin.to(y.device)
     apg = APGState()
     calls = 0
     for i in range(schedule.num_steps):
@@ -246,7 +248,6 @@ def generate(
 
     outputs: list[StageOutput] = []
     previous: torch.Tensor | None = None
-    total_calls = 0
     for stage, steps, shift in zip(stages, request.steps_per_stage, request.shift_per_stage):
         stage_start = time.perf_counter()
         if stage.index == 0:
@@ -266,7 +267,6 @@ def generate(
                 backend, stage, y, context, negative_context, request, schedule, clock, on_step=bar.update
             )
         previous = decode_stage(backend, latents, stage, clock)
-        total_calls += calls
         outputs.append(
             StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start, calls)
         )
@@ -276,7 +276,7 @@ def generate(
         stages=outputs,
         height=height,
         width=width,
-        dit_calls=total_calls,
+        dit_calls=sum(out.dit_calls for out in outputs),
         reference_dit_calls=count_reference_dit_calls(request),
         seconds=time.perf_counter() - start,
         backend_seconds=clock.seconds,
