@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,8 @@ def test_init_tiny_then_inspect_from_the_cli(tmp_path):
         assert (out / rel).is_file(), rel
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert size < 20 * 2**20
-    res = subprocess.run([sys.executable, "-m", "tempomaster.cli_export", "inspect", "--checkpoints", str(out)],
+    tm_export = Path(sys.executable).parent / "tm-export"  # the installed console script
+    res = subprocess.run([str(tm_export), "inspect", "--checkpoints", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "dit" in res.stdout and "vae" in res.stdout and "t5" in res.stdout
