@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 
-class UsageError(Exception):
-    """A bad flag value: reported on one line, exit code 2, nothing computed."""
+from .errors import UsageError  # noqa: E402
 
 
 def _fail(prog: str, message: str) -> int:

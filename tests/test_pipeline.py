@@ -8,7 +8,7 @@ from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import (
     GenerationRequest, cover_resize_center_crop, denoise_stage, generate, _BackendClock,
 )
-from tempomaster.runtime.planner import plan_stages
+from tempomaster.planner import plan_stages
 from tempomaster.runtime.schedule import StageSchedule
 
 FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0))

@@ -8,7 +8,7 @@ Expected known frames are written as {local position: previous-stage frame}.
 import pytest
 import torch
 
-from tempomaster.runtime.planner import (
+from tempomaster.planner import (
     chunk_length,
     gather_chunk_frames,
     latent_mask_from_pixel_mask,

@@ -48,8 +48,7 @@ ORT_DTYPES = {
 _ONNX_ELEM = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
 
 
-class ManifestError(RuntimeError):
-    """The build cannot serve the request; the message says what differs."""
+from ..errors import ManifestError  # noqa: E402
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -145,7 +144,7 @@ def verify_files(manifest: Manifest, names: Iterable[str] | None = None) -> None
 
 
 def required_dit_latent_frames(num_frames: int, intervals: Sequence[int]) -> list[int]:
-    from ..runtime.planner import plan_stages  # pure planning code, no models
+    from ..planner import plan_stages  # pure planning code, no models
 
     return sorted({s.latent_frames for s in plan_stages(num_frames, intervals)})
 

@@ -281,7 +281,7 @@ def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: in
 # ----------------------------------------------------------------------------
 
 def _load_for_export(args, precision: str, t5_precision: str, graphs=None):
-    from ..cli import UsageError
+    from ..errors import UsageError
     from ..models.checkpoints import CheckpointError, CheckpointPaths, load_models
     from ..models.presets import get_preset
     from ..models.sources import load_model_set, release_config_has_models
@@ -308,7 +308,7 @@ def _load_for_export(args, precision: str, t5_precision: str, graphs=None):
 
 
 def export_onnx_from_args(args) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     precision = args.precision
     t5_precision = getattr(args, "t5_precision", None)

@@ -53,8 +53,7 @@ ONNX_DTYPE_NAMES = {
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ExportError(RuntimeError):
-    """An export step failed; the message names the graph and the step."""
+from ..errors import ExportError  # noqa: E402
 
 
 @dataclass

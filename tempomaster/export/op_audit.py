@@ -19,8 +19,7 @@ from typing import Iterable
 TABLE_FILE = Path(__file__).with_name("trt_parser_ops.json")
 
 
-class OpAuditError(RuntimeError):
-    pass
+from ..errors import OpAuditError  # noqa: E402
 
 
 @lru_cache(maxsize=None)

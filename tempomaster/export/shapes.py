@@ -29,7 +29,7 @@ class ExportShape:
         )
 
     def validate(self) -> None:
-        from ..runtime.planner import validate_frame_intervals, validate_num_frames, validate_size
+        from ..planner import validate_frame_intervals, validate_num_frames, validate_size
 
         validate_size(self.height, self.width)
         validate_num_frames(self.num_frames)
@@ -44,7 +44,7 @@ class ExportShape:
         return self.width // VAE_SPATIAL
 
     def stages(self):
-        from ..runtime.planner import plan_stages
+        from ..planner import plan_stages
 
         return plan_stages(self.num_frames, self.intervals)
 

@@ -26,8 +26,7 @@ VAE_FILE = "encoders/Wan2.1_VAE.pth"
 TOKENIZER_DIR = "encoders/google/umt5-xxl"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read or does not fit its model."""
+from ..errors import CheckpointError  # noqa: E402  (re-exported: the loaders raise it)
 
 
 # ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from PIL import Image
 from ..rope import batched_rope_table
 from .backends.base import Backend
 from .guidance import APGState, guided_velocity
-from .planner import (
+from ..planner import (
     StagePlan,
     gather_chunk_frames,
     plan_stages,
