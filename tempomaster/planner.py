@@ -38,6 +38,7 @@ __all__ = [
     "rope_positions",
     "plan_stages",
     "gather_chunk_frames",
+    "chunk_condition_video",
     "trim_stage_frames",
     "reference_output_size",
     "validate_num_frames",
@@ -134,9 +135,19 @@ class StagePlan:
     chunks: tuple[ChunkPlan, ...]
 
     @property
+    def active_chunks(self) -> tuple[ChunkPlan, ...]:
+        """The chunks holding at least one frame of the stage, a prefix of ``chunks``.
+
+        A chunk of nothing but padding (e.g. [2,1] at 5 frames: 10 frames in 4
+        chunks of 5) decodes to frames that are trimmed anyway, and no
+        attention crosses chunks, so it never goes through the DiT or the VAE.
+        """
+        return tuple(c for c in self.chunks if c.num_valid > 0)
+
+    @property
     def padded_frames(self) -> int:
-        """Frames the chunks decode to together (n * L)."""
-        return self.num_chunks * self.chunk_frames
+        """Frames the active chunks decode to together (n_active * L)."""
+        return len(self.active_chunks) * self.chunk_frames
 
     @property
     def trim_frames(self) -> int:
@@ -151,13 +162,15 @@ class StagePlan:
         """float32 ``[n, L]``: every chunk's pixel mask stacked."""
         return torch.stack([c.pixel_mask for c in self.chunks])
 
-    def latent_masks(self) -> torch.Tensor:
-        """float32 ``[n, 4, f]``: every chunk's latent mask stacked."""
-        return torch.stack([c.latent_mask for c in self.chunks])
+    def latent_masks(self, active_only: bool = False) -> torch.Tensor:
+        """float32 ``[n, 4, f]``: every chunk's (or every active chunk's) latent mask stacked."""
+        chunks = self.active_chunks if active_only else self.chunks
+        return torch.stack([c.latent_mask for c in chunks])
 
-    def rope_table(self) -> torch.Tensor:
-        """int64 ``[n, f]``: every chunk's temporal RoPE positions."""
-        return torch.tensor([c.rope_positions for c in self.chunks], dtype=torch.int64)
+    def rope_table(self, active_only: bool = False) -> torch.Tensor:
+        """int64 ``[n, f]``: every chunk's (or every active chunk's) temporal RoPE positions."""
+        chunks = self.active_chunks if active_only else self.chunks
+        return torch.tensor([c.rope_positions for c in chunks], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- small pieces
@@ -322,8 +335,24 @@ def gather_chunk_frames(frames: torch.Tensor, stage: StagePlan) -> torch.Tensor:
     return out
 
 
+def chunk_condition_video(frames: torch.Tensor, stage: StagePlan, chunk: ChunkPlan) -> torch.Tensor:
+    """One chunk's condition video from the previous stage's frames ``[..., T, H, W]``: ``[..., L, H, W]``.
+
+    Zeros with the chunk's known frames copied in; built one chunk at a time
+    so a long video never holds every chunk's pixels at once.
+    """
+    if stage.index == 0:
+        raise ValueError("stage 0 conditions on reference images, not on previous frames")
+    if frames.shape[-3] != stage.input_frames:
+        raise ValueError(f"stage {stage.index} expects {stage.input_frames} input frames, got {frames.shape[-3]}")
+    out = frames.new_zeros((*frames.shape[:-3], stage.chunk_frames, *frames.shape[-2:]))
+    for pos, src in chunk.known_frames:
+        out[..., pos, :, :] = frames[..., src, :, :]
+    return out
+
+
 def trim_stage_frames(frames: torch.Tensor, stage: StagePlan) -> torch.Tensor:
-    """Cut the concatenated decoded chunks (time at dim -3, n*L frames) to ``stage.total_frames``.
+    """Cut the concatenated decoded active chunks (time at dim -3) to ``stage.total_frames``.
 
     The reference keeps the last chunk's padding frames; we drop them.
     """

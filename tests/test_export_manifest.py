@@ -7,6 +7,7 @@ import pytest
 
 from export_helpers import build, copy_build, micro_models, micro_shape
 
+from tempomaster.errors import UsageError
 from tempomaster.engines.manifest import (
     ManifestError,
     check_graph_io,
@@ -117,7 +118,7 @@ def test_failed_export_leaves_previous_build(tmp_path, monkeypatch):
     # a directory that is not a build is never replaced
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="refusing"):
+    with pytest.raises(UsageError, match="refusing"):
         build_mod.export_onnx(micro_models(), "fp32", micro_shape(), tmp_path / "keep", graphs=["t5"], progress=False)
 
 

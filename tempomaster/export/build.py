@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 
 from ..engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from ..errors import UsageError
 from ..engines.manifest import sha256_file
 from .onnx_utils import TORCH_DTYPES, ExportError, GraphRecord, export_graph
 from .shapes import ExportShape
@@ -72,10 +73,10 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
 def _prepare_target(out_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a directory")
+            raise UsageError(f"--out: {out_dir} exists and is not a directory")
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-            raise FileExistsError(
-                f"{out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; give a new or build directory"
+            raise UsageError(
+                f"--out: {out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; give a new or build directory"
             )
 
 
@@ -277,78 +278,105 @@ def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: in
 
 
 # ----------------------------------------------------------------------------
-# CLI
+# `tm-export onnx`
 # ----------------------------------------------------------------------------
 
-def _load_for_export(args, precision: str, t5_precision: str, graphs=None):
-    from ..errors import UsageError
-    from ..models.checkpoints import CheckpointError, CheckpointPaths, load_models
+def load_models_for_export(
+    *,
+    preset: str | None,
+    checkpoints: Path | None,
+    config: Path | None,
+    precision: str,
+    t5_precision: str,
+    random_weights: bool = False,
+    graphs: Iterable[str] | None = None,
+):
+    """The ModelSet an export reads: checkpoints or the release config, random weights, or the built-in tiny set."""
+    from ..errors import CheckpointError
+    from ..models.checkpoints import CheckpointPaths, load_models
     from ..models.presets import get_preset
     from ..models.sources import load_model_set, release_config_has_models
 
     dtype = TORCH_DTYPES[precision]
     t5_dtype = TORCH_DTYPES[t5_precision]
-    if getattr(args, "random_weights", False):
-        if args.checkpoints or release_config_has_models(args.config):
+    if random_weights:
+        if checkpoints or release_config_has_models(config):
             raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
-        return random_model_set(get_preset(args.preset or "tiny"), dtype, t5_dtype, graphs=graphs)
-    preset = get_preset(args.preset) if args.preset else None
-    if args.checkpoints or release_config_has_models(args.config):
-        paths = CheckpointPaths.from_dir(args.checkpoints) if args.checkpoints else CheckpointPaths.from_release_config(args.config)
+        return random_model_set(get_preset(preset or "tiny"), dtype, t5_dtype, graphs=graphs)
+    preset_obj = get_preset(preset) if preset else None
+    if checkpoints or release_config_has_models(config):
+        paths = CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
         # the release's DiT and umT5 files are bf16: load straight into the
         # build's dtypes, never an fp32 copy of a 14B model.
-        return load_models(paths, preset, dtype, t5_dtype=t5_dtype)
-    if preset is not None and not preset.builtin_weights:
+        return load_models(paths, preset_obj, dtype, t5_dtype=t5_dtype)
+    if preset_obj is not None and not preset_obj.builtin_weights:
         raise CheckpointError(
-            f"--preset {preset.name}: has no built-in weights; give --checkpoints DIR or --config inference_configs.json, "
+            f"--preset {preset_obj.name}: has no built-in weights; give --checkpoints DIR or --config inference_configs.json, "
             "or --random-weights to export random weights of that size"
         )
     # built-in (tiny) weights: small, built in fp32 and cast per graph
-    return load_model_set(args.preset, None, None, torch.float32)
+    return load_model_set(preset, None, None, torch.float32)
 
 
-def export_onnx_from_args(args) -> int:
-    from ..errors import UsageError
+def parse_graph_names(graphs: Iterable[str] | None) -> list[str] | None:
+    """--graphs as a list of known graph names (None = all)."""
+    if graphs is None:
+        return None
+    names = [g.strip() for g in graphs if g.strip()]
+    bad = [g for g in names if g not in ALL_GRAPHS]
+    if bad or not names:
+        raise UsageError(f"--graphs: unknown {', '.join(bad) or 'empty list'}; accepted: {', '.join(ALL_GRAPHS)}")
+    return names
 
-    precision = args.precision
-    t5_precision = getattr(args, "t5_precision", None)
+
+def export_build(
+    out: Path,
+    *,
+    precision: str = "fp32",
+    preset: str | None = None,
+    checkpoints: Path | None = None,
+    config: Path | None = None,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    intervals: Iterable[int] | None = None,
+    opset: int = 23,
+    random_weights: bool = False,
+    t5_precision: str | None = None,
+    graphs: Iterable[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """`tm-export onnx`: load the models, export every graph into the build `out`. Returns the manifest."""
     from .t5 import T5_PRECISION_FOR
 
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
-    graphs = getattr(args, "graphs", None)
-    if graphs:
-        graphs = [g.strip() for g in (graphs.split(",") if isinstance(graphs, str) else graphs) if g.strip()]
-        bad = [g for g in graphs if g not in ALL_GRAPHS]
-        if bad:
-            raise UsageError(f"--graphs: unknown {', '.join(bad)}; accepted: {', '.join(ALL_GRAPHS)}")
-    t0 = time.perf_counter()
-    models = _load_for_export(args, precision, t5_precision, graphs)
-    shape = ExportShape.from_preset(models.preset, args.height, args.width, args.num_frames, args.intervals)
+    graphs = parse_graph_names(graphs)
+    models = load_models_for_export(
+        preset=preset, checkpoints=checkpoints, config=config, precision=precision,
+        t5_precision=t5_precision, random_weights=random_weights, graphs=graphs,
+    )
+    shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
     try:
         shape.validate()
     except ValueError as err:
         raise UsageError(str(err)) from None
-    load_s = time.perf_counter() - t0
-    try:
-        manifest = export_onnx(
-            models, precision, shape, args.out, opset=args.opset, t5_precision=t5_precision,
-            graphs=graphs, copy=False, extra={"random_weights": bool(getattr(args, "random_weights", False))},
-        )
-    except ExportError as err:
-        print(f"tm-export: error: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:
-        from .op_audit import OpAuditError
+    return export_onnx(
+        models, precision, shape, out, opset=opset, t5_precision=t5_precision,
+        graphs=graphs, copy=False, progress=progress, extra={"random_weights": bool(random_weights)},
+    )
 
-        if isinstance(err, OpAuditError):
-            print(f"tm-export: error: {err}", file=sys.stderr)
-            return 1
-        raise
+
+def describe_build(manifest: dict, out: Path) -> str:
+    """A few lines on what a build holds, for the end of `tm-export onnx`."""
     total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"{args.out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB, "
-          f"precision {precision} (t5 {t5_precision}), loaded in {load_s:.1f}s, exported in {manifest['export_seconds']:.1f}s")
+    t5 = manifest["graphs"].get("t5", {}).get("precision")
+    lines = [
+        f"{out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB, precision {manifest['precision']}"
+        + (f" (t5 {t5})" if t5 else "") + f", exported in {manifest['export_seconds']:.1f}s"
+    ]
     for name, g in manifest["graphs"].items():
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:6])
-        print(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
-    print(f"  op audit (TensorRT {manifest['op_audit']['tensorrt_version']} parser): {'ok' if manifest['op_audit']['ok'] else 'FAILED'}")
-    return 0
+        lines.append(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
+    audit = manifest["op_audit"]
+    lines.append(f"  op audit (TensorRT {audit['tensorrt_version']} parser): {'ok' if audit['ok'] else 'FAILED'}")
+    return "\n".join(lines)

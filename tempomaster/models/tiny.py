@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from .presets import get_preset
 
@@ -97,7 +98,7 @@ def write_tiny_checkpoints(out_dir: str | os.PathLike, seed: int = TINY_SEED) ->
 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose a new --out")
+        raise UsageError(f"--out: {out_dir} exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     models = build_tiny_models(seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

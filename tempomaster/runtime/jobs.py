@@ -1,71 +1,121 @@
-"""`tm-run generate`: turn flags and the release's config into generation jobs and run them.
+"""`tm-run generate` as a library call: typed options and the release's config -> generation jobs -> videos.
 
 Everything that can be wrong with the request is checked before a model is
-loaded: one-line errors naming the flag, exit code 2, nothing computed.
+loaded (UsageError: one line naming the flag or key, exit code 2, nothing
+computed, nothing written).
 """
 from __future__ import annotations
 
+import math
 import os
-import sys
+import re
+import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from PIL import Image
+from ..errors import UsageError
 
-from .pipeline import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, GenerationResult, generate
+SEED_MAX = 2**64 - 1
+FPS_MAX = 1000.0
 
 
-class JobError(ValueError):
-    """A request that cannot run; the message names the flag or file."""
+@dataclass
+class GenerateOptions:
+    """What `tm-run generate` was asked; None means "from the config file, else the preset"."""
+
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    images: Sequence[str] = ()  # "FRAME:PATH", FRAME a stage-0 frame index (negative: from the end)
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    intervals: Sequence[int] | None = None
+    steps: Sequence[int] | None = None
+    shifts: Sequence[float] | None = None
+    guidance: float | None = None
+    use_apg: bool | None = None
+    save_fps: float | None = None
+    seed: int = 0
+    dtype: str | None = None  # fp32 | bf16; default bf16 on a GPU, fp32 on the CPU, the build's with engines
+    cast_timestep: bool = False
+    save_stages: bool = False
+    engines: Path | None = None
+    preset: str | None = None
+    checkpoints: Path | None = None
+    config: Path | None = None
+    out: Path = Path("out/video.mp4")
+    progress: bool = True
+    device: str | None = None  # default: cuda when available, else cpu
+    threads: int | None = None  # CPU threads for torch and onnxruntime; default: the cores this process may use
 
 
 @dataclass
 class Job:
     name: str  # case name, or "video"
-    request: GenerationRequest
+    request: "GenerationRequest"  # noqa: F821  (runtime.pipeline; imported lazily: it needs torch)
 
 
 # ----------------------------------------------------------------------------
-# Building the jobs
+# The release's config, read strictly
 # ----------------------------------------------------------------------------
 
-def _open_image(path: Path, flag: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise JobError(f"{flag}: cannot read image {path} ({err.__class__.__name__}: {err})") from None
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def parse_image_flags(values: list[str]) -> dict[int, Path]:
-    images: dict[int, Path] = {}
-    for value in values:
-        frame, sep, path = value.partition(":")
-        if not sep or not frame.strip().lstrip("-").isdigit() or not path:
-            raise JobError(f"--image: expected FRAME:PATH with an integer stage-0 frame index, e.g. 0:first.png; got {value!r}")
-        images[int(frame)] = Path(path)
-    return images
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _release_settings(config: dict) -> dict:
-    """GenerationRequest fields from the release's `inference_configs` block."""
+def _describe(v) -> str:
+    return f"{v!r} (a {type(v).__name__})" if not isinstance(v, str) else f"{v!r} (a string)"
+
+
+def _check_key(key: str, value, ok: bool, want: str):
+    if not ok:
+        raise UsageError(f"--config: inference_configs.{key} must be {want}, got {_describe(value)}")
+    return value
+
+
+def release_settings(config: dict) -> dict:
+    """GenerationRequest fields from the release's `inference_configs` block; wrong types are refused."""
+    if not isinstance(config, dict):
+        raise UsageError(f"--config: the file must hold a JSON object, got {type(config).__name__}")
     block = config.get("inference_configs", {})
+    if not isinstance(block, dict):
+        raise UsageError(f"--config: inference_configs must be an object, got {_describe(block)}")
     parallel = block.get("parallel_configs", {})
-    fields = {
-        "height": block.get("height"),
-        "width": block.get("width"),
-        "num_frames": block.get("num_frames"),
-        "guidance_scale": block.get("cfg_scale"),
-        "save_fps": block.get("save_fps"),
-        "negative_prompt": block.get("negative_prompt"),
-        "use_apg": block.get("use_apg"),
-        "frame_intervals": parallel.get("frame_intervals"),
-        "steps_per_stage": parallel.get("steps_per_stage"),
-        "shift_per_stage": parallel.get("shift_per_stage"),
+    if not isinstance(parallel, dict):
+        raise UsageError(f"--config: inference_configs.parallel_configs must be an object, got {_describe(parallel)}")
+    checks = {
+        # release key: (request field, test, what is accepted)
+        "height": ("height", _is_int, "an integer"),
+        "width": ("width", _is_int, "an integer"),
+        "num_frames": ("num_frames", _is_int, "an integer"),
+        "cfg_scale": ("guidance_scale", _is_number, "a finite number"),
+        "save_fps": ("save_fps", _is_number, "a finite number"),
+        "negative_prompt": ("negative_prompt", lambda v: isinstance(v, str), "a string"),
+        "use_apg": ("use_apg", lambda v: isinstance(v, bool), "true or false (a JSON boolean)"),
+        "tile": ("tile", lambda v: isinstance(v, bool), "true or false (a JSON boolean)"),
     }
-    return {k: v for k, v in fields.items() if v is not None}
+    fields = {}
+    for key, (name, test, want) in checks.items():
+        if block.get(key) is not None:
+            fields[name] = _check_key(key, block[key], test(block[key]), want)
+    lists = {
+        "frame_intervals": (_is_int, "a list of integers"),
+        "steps_per_stage": (_is_int, "a list of integers"),
+        "shift_per_stage": (_is_number, "a list of finite numbers"),
+    }
+    for key, (test, want) in lists.items():
+        value = parallel.get(key)
+        if value is not None:
+            ok = isinstance(value, list) and bool(value) and all(test(v) for v in value)
+            _check_key(f"parallel_configs.{key}", value, ok, want)
+            fields[key] = tuple(value)
+    return fields
 
 
 def _resolve_asset(path: str, config_path: Path) -> Path:
@@ -78,8 +128,96 @@ def _resolve_asset(path: str, config_path: Path) -> Path:
     return p
 
 
-def build_jobs(args, defaults) -> list[Job]:
+def _release_cases(config: dict, config_path: Path) -> list[tuple[str, str | None, dict[str, Path]]]:
+    cases = config.get("inference_cases") or {}
+    if not isinstance(cases, dict):
+        raise UsageError(f"--config: inference_cases must be an object of named cases, got {_describe(cases)}")
+    out = []
+    for name, case in cases.items():
+        if not isinstance(case, dict):
+            raise UsageError(f"--config: inference_cases.{name} must be an object, got {_describe(case)}")
+        prompt = case.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"--config: inference_cases.{name}.prompt must be a non-empty string, got {_describe(prompt)}")
+        refs = case.get("ref_images") or {}
+        if not isinstance(refs, dict) or not all(isinstance(p, str) for p in refs.values()):
+            raise UsageError(f"--config: inference_cases.{name}.ref_images must map frame indices to image paths")
+        out.append((name, prompt, {str(k): _resolve_asset(v, config_path) for k, v in refs.items()}))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Building the jobs
+# ----------------------------------------------------------------------------
+
+_FRAME_INDEX = re.compile(r"-?[0-9]+")  # ASCII digits only: int() also reads '²' or '٣'
+
+
+def parse_frame_index(text: str, where: str) -> int:
+    if not _FRAME_INDEX.fullmatch(text.strip()):
+        raise UsageError(f"{where}: frame index must be an integer such as 0 or -1, got {text!r}")
+    return int(text.strip())
+
+
+def parse_image_flags(values: Sequence[str]) -> dict[str, Path]:
+    """--image FRAME:PATH values -> {frame text: path} (frames checked once the clip length is known)."""
+    images: dict[str, Path] = {}
+    for value in values:
+        frame, sep, path = value.partition(":")
+        if not sep or not path:
+            raise UsageError(f"--image: expected FRAME:PATH with an integer stage-0 frame index, e.g. 0:first.png; got {value!r}")
+        parse_frame_index(frame, "--image")
+        images[frame.strip()] = Path(path)
+    return images
+
+
+def resolve_frame_indices(refs: dict[str, Path], num_frames: int, where: str) -> dict[int, Path]:
+    """Frame texts -> indices in [0, num_frames); negative indices count from the end, as Python's do."""
+    out: dict[int, Path] = {}
+    for text, path in refs.items():
+        index = parse_frame_index(text, where)
+        resolved = index + num_frames if index < 0 else index
+        if not 0 <= resolved < num_frames:
+            raise UsageError(
+                f"{where}: frame index {index} is outside the stage-0 clip of {num_frames} frames "
+                f"(accepted: {-num_frames}..{num_frames - 1})"
+            )
+        if resolved in out:
+            raise UsageError(f"{where}: frame {resolved} is given twice")
+        out[resolved] = path
+    return out
+
+
+def _open_image(path: Path, flag: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UsageError(f"{flag}: cannot read image {path} ({err.__class__.__name__}: {err})") from None
+
+
+def _check_scalars(settings: dict, seed: int) -> None:
+    if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (torch's generator seed range), got {seed!r}")
+    g = settings["guidance_scale"]
+    if not _is_number(g) or g <= 0:
+        raise UsageError(f"--guidance must be a finite number > 0 (1 = no guidance), got {g!r}")
+    fps = settings["save_fps"]
+    if not _is_number(fps) or not 0 < fps <= FPS_MAX:
+        raise UsageError(f"--save-fps must be a finite number in (0, {FPS_MAX:g}], got {fps!r}")
+    if not isinstance(settings["use_apg"], bool):
+        raise UsageError(f"use_apg must be true or false, got {_describe(settings['use_apg'])}")
+
+
+def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     """Flags override the config file, which overrides the preset's defaults."""
+    from ..models.checkpoints import CheckpointError, read_json
+    from ..planner import round_num_frames, validate_run_config
+    from .pipeline import DEFAULT_NEGATIVE_PROMPT, GenerationRequest
+
     settings = {
         "height": defaults.height,
         "width": defaults.width,
@@ -92,59 +230,63 @@ def build_jobs(args, defaults) -> list[Job]:
         "save_fps": defaults.save_fps,
         "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
     }
-    cases: list[tuple[str, str | None, dict[int, Path]]] = []
-    if args.config is not None:
-        from ..models.checkpoints import CheckpointError, read_json
-
+    cases: list[tuple[str, str | None, dict[str, Path]]] = []
+    if options.config is not None:
         try:
-            config = read_json(args.config)
+            config = read_json(options.config)
         except CheckpointError as err:
-            raise JobError(f"--config: {err}") from None
-        settings.update(_release_settings(config))
-        for name, case in (config.get("inference_cases") or {}).items():
-            refs = {}
-            for frame, path in (case.get("ref_images") or {}).items():
-                if not str(frame).lstrip("-").isdigit():
-                    raise JobError(f"--config: case {name!r} has a non-integer ref_images frame {frame!r}")
-                refs[int(frame)] = _resolve_asset(path, args.config)
-            cases.append((name, case.get("prompt"), refs))
-    flag_images = parse_image_flags(args.image)
-    if args.prompt is not None or not cases:
-        if args.prompt is None:
-            raise JobError("--prompt: required (or give --config with inference_cases)")
-        cases = [("video", args.prompt, flag_images)]
+            raise UsageError(f"--config: {err}") from None
+        release = release_settings(config)
+        release.pop("tile", None)  # read by the backend set-up, not part of a request
+        settings.update(release)
+        cases = _release_cases(config, options.config)
+    flag_images = parse_image_flags(options.images)
+    if options.prompt is not None or not cases:
+        if options.prompt is None:
+            raise UsageError("--prompt: required (or give --config with inference_cases)")
+        if not options.prompt.strip():
+            raise UsageError("--prompt: empty; give the text to generate from")
+        cases = [("video", options.prompt, flag_images)]
     elif flag_images:
         cases = [(n, p, flag_images) for n, p, _ in cases]
 
     overrides = {
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "frame_intervals": args.intervals,
-        "steps_per_stage": args.steps,
-        "shift_per_stage": args.shifts,
-        "guidance_scale": args.guidance,
-        "save_fps": args.save_fps,
-        "negative_prompt": args.negative_prompt,
+        "height": options.height,
+        "width": options.width,
+        "num_frames": options.num_frames,
+        "frame_intervals": options.intervals,
+        "steps_per_stage": options.steps,
+        "shift_per_stage": options.shifts,
+        "guidance_scale": options.guidance,
+        "save_fps": options.save_fps,
+        "negative_prompt": options.negative_prompt,
+        "use_apg": options.use_apg,
     }
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    if args.no_apg:
-        settings["use_apg"] = False
     for key in ("frame_intervals", "steps_per_stage", "shift_per_stage"):
         settings[key] = tuple(settings[key])
+    _check_scalars(settings, options.seed)
+    try:
+        validate_run_config(
+            settings["num_frames"], settings["height"], settings["width"], settings["frame_intervals"],
+            settings["steps_per_stage"], settings["shift_per_stage"],
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    clip_frames = round_num_frames(settings["num_frames"])
 
     jobs = []
     for name, prompt, refs in cases:
-        if not prompt:
-            raise JobError(f"--config: case {name!r} has no prompt")
-        images = {frame: _open_image(path, "--image") for frame, path in refs.items()}
+        where = "--image" if refs is flag_images else f"--config: inference_cases.{name}.ref_images"
+        frames = resolve_frame_indices(refs, clip_frames, where)
+        images = {frame: _open_image(path, where) for frame, path in frames.items()}
         request = GenerationRequest(
-            prompt=prompt, ref_images=images, seed=args.seed, cast_timestep=args.cast_timestep, **settings
+            prompt=prompt, ref_images=images, seed=options.seed, cast_timestep=options.cast_timestep, **settings
         )
         try:
             request.validate()
         except ValueError as err:
-            raise JobError(str(err)) from None
+            raise UsageError(str(err)) from None
         jobs.append(Job(name=name, request=request))
     return jobs
 
@@ -154,27 +296,44 @@ def build_jobs(args, defaults) -> list[Job]:
 # ----------------------------------------------------------------------------
 
 def output_targets(out: Path, job_name: str, several: bool, num_stages: int) -> tuple[Path, list[Path]]:
-    """(final video path, one path per stage) for `--out` as an .mp4 file or a directory."""
+    """(final video path, a path for each stage but the last) for `--out` as an .mp4 file or a directory.
+
+    The last stage is the video itself: `--save-stages` does not write it twice.
+    """
     if out.suffix.lower() == ".mp4":
         stem = f"{out.stem}_{job_name}" if several else out.stem
         final = out.with_name(stem + ".mp4")
-        return final, [out.with_name(f"{stem}_stage{s}.mp4") for s in range(num_stages)]
+        return final, [out.with_name(f"{stem}_stage{s}.mp4") for s in range(num_stages - 1)]
     final = out / job_name
-    return final, [out / f"{job_name}_stage{s}" for s in range(num_stages)]
+    return final, [out / f"{job_name}_stage{s}" for s in range(num_stages - 1)]
 
 
-def check_writable(out: Path) -> None:
-    folder = out.parent if out.suffix.lower() == ".mp4" else out
+def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
+    """Refuse an --out that cannot be written, before anything is computed; leaves nothing on disk."""
+    is_file = out.suffix.lower() == ".mp4"
+    if is_file and out.is_dir():
+        raise UsageError(f"--out: {out} is an existing directory; give an .mp4 path or a directory without .mp4")
+    if not is_file and out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory (accepted: an .mp4 path or a directory)")
+    for target in targets:
+        if is_file and target.is_dir():
+            raise UsageError(f"--out: {target} is an existing directory, where a video would be written")
+        if not is_file and target.exists() and not target.is_dir():
+            raise UsageError(f"--out: {target} exists and is not a directory, where PNG frames would be written")
+    folder = out.parent if is_file else out
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise JobError(f"--out: cannot write under {probe} (accepted: a writable .mp4 path or directory)")
-    if out.suffix.lower() != ".mp4" and out.exists() and not out.is_dir():
-        raise JobError(f"--out: {out} exists and is not a directory (accepted: an .mp4 path or a directory)")
+    if not probe.is_dir():
+        raise UsageError(f"--out: {probe} is not a directory, so {folder} cannot be created")
+    try:
+        # The only honest test is to try: root passes os.access everywhere, /proc refuses anyway.
+        os.rmdir(tempfile.mkdtemp(prefix=".tm-run-probe-", dir=probe))
+    except OSError as err:
+        raise UsageError(f"--out: cannot write under {probe} ({err.strerror or err})") from None
 
 
-def write_result(result: GenerationResult, final: Path, stage_paths: list[Path], save_stages: bool) -> list[Path]:
+def write_result(result, final: Path, stage_paths: list[Path], save_stages: bool) -> list[Path]:
     from .video import to_uint8_frames, write_mp4, write_png_frames
 
     def write(frames, path: Path, fps: float) -> Path:
@@ -184,111 +343,179 @@ def write_result(result: GenerationResult, final: Path, stage_paths: list[Path],
 
     written = [write(result.video.frames, final, result.video.fps)]
     if save_stages:
-        for stage, path in zip(result.stages, stage_paths):
+        for stage, path in zip(result.stages[:-1], stage_paths):
             written.append(write(stage.frames, path, stage.fps))
     return written
+
+
+# ----------------------------------------------------------------------------
+# Device, dtype and backend
+# ----------------------------------------------------------------------------
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device: {device!r} is not a device (accepted: cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: {device!r}: only cpu and cuda devices are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no CUDA device on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
+def resolve_dtype(options: GenerateOptions, device: str, build_precision: str | None) -> str:
+    """The model dtype: the build's with --engines (a disagreeing --dtype is refused), else bf16 on GPUs."""
+    if build_precision is not None:
+        if options.dtype is not None and options.dtype != build_precision:
+            raise UsageError(
+                f"--dtype {options.dtype}: the build {options.engines} is {build_precision}; its precision decides "
+                f"(drop --dtype, or export a {options.dtype} build)"
+            )
+        return build_precision
+    if options.dtype is not None:
+        return options.dtype
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int):
+    """The torch backend over the named models, or onnxruntime over a build's graphs."""
+    import torch
+
+    if options.engines is not None:
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend.from_build(options.engines, threads=threads)
+        return backend, backend.tokenizer(options.checkpoints, options.config)
+    from ..models.sources import load_model_set
+    from .backends.torch import TorchBackend
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    models = load_model_set(options.preset, options.checkpoints, options.config, torch_dtype)
+    return TorchBackend(models, torch_dtype, device=device), models.tokenizer
+
+
+def preset_defaults(options: GenerateOptions):
+    """(generation defaults, preset, build manifest or None) for the request's model source."""
+    from dataclasses import replace
+
+    from ..errors import CheckpointError, ManifestError
+    from ..models.presets import get_preset
+
+    if options.engines is not None:
+        # The build's own shape is the default: it is the one its graphs take.
+        from ..engines.manifest import load_manifest
+
+        try:
+            manifest = load_manifest(options.engines)
+        except ManifestError as err:
+            raise UsageError(f"--engines: {err}") from None
+        shape = manifest.shape
+        preset = get_preset(manifest.preset)
+        defaults = replace(
+            preset.defaults, height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
+            frame_intervals=tuple(shape["intervals"]),
+        )
+        return defaults, preset, manifest
+    if options.preset:
+        preset = get_preset(options.preset)
+    elif options.checkpoints is not None:
+        # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
+        from ..models.checkpoints import CheckpointPaths, preset_for_dit_file
+
+        try:
+            preset = preset_for_dit_file(CheckpointPaths.from_dir(options.checkpoints).dit)
+        except CheckpointError as err:
+            raise UsageError(f"--checkpoints: {err}") from None
+    elif options.config is None:
+        preset = get_preset("tiny")
+    else:
+        preset = get_preset("tempomaster-14b")
+    return preset.defaults, preset, None
 
 
 # ----------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------
 
-def make_backend(args, dtype):
-    """The torch backend over the named models, or onnxruntime over a build's graphs."""
-    from ..models.sources import load_model_set
-
-    if args.engines is not None:
-        from .backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend.from_build(args.engines)
-        return backend, backend.tokenizer(args.checkpoints, args.config)
-    from .backends.torch import TorchBackend
-
-    models = load_model_set(args.preset, args.checkpoints, args.config, dtype)
-    return TorchBackend(models, dtype), models.tokenizer
+@dataclass
+class GenerateReport:
+    lines: list[str]
+    written: list[Path]
 
 
-def _preset_defaults(args):
-    from dataclasses import replace as _replace
+def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
+    """Check everything, then load the models once and generate every job; `echo` gets each job's summary."""
+    defaults, preset, manifest = preset_defaults(options)
+    jobs = build_jobs(options, defaults)
+    several = len(jobs) > 1
+    targets = []
+    for job in jobs:
+        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
+        targets += [final, *(stage_paths if options.save_stages else [])]
+    check_writable(options.out, targets)
+    if options.threads is not None and options.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {options.threads}")
+    threads = options.threads or available_cores()
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options, device, manifest.precision if manifest is not None else None)
 
-    from ..models.presets import get_preset
+    from .memory import check_fits, estimate_peak_memory
 
-    if args.engines is not None:
-        # The build's own shape is the default: it is the one its graphs take.
-        from ..engines.manifest import ManifestError, load_manifest
+    for job in jobs:
+        estimate = estimate_peak_memory(preset, job.request, dtype=dtype, device=device, manifest=manifest)
+        check_fits(estimate, where=f"[{job.name}]")
 
-        try:
-            manifest = load_manifest(args.engines)
-        except ManifestError as err:
-            raise JobError(f"--engines: {err}") from None
-        shape = manifest.shape
-        return _replace(
-            get_preset(manifest.preset).defaults,
-            height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
-            frame_intervals=tuple(shape["intervals"]),
-        )
-    if args.preset:
-        return get_preset(args.preset).defaults
-    if args.checkpoints is not None:
-        # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
-        from ..models.checkpoints import CheckpointError, CheckpointPaths, preset_for_dit_file
-
-        try:
-            return preset_for_dit_file(CheckpointPaths.from_dir(args.checkpoints).dit).defaults
-        except CheckpointError as err:
-            raise JobError(f"--checkpoints: {err}") from None
-    if args.config is None:
-        return get_preset("tiny").defaults
-    return get_preset("tempomaster-14b").defaults
-
-
-def run_generate(args) -> int:
     import torch
 
-    from ..models.checkpoints import CheckpointError
+    torch.set_num_threads(threads)
+    backend, tokenizer = make_backend(options, dtype, device, threads)
+    if hasattr(backend, "check_request"):
+        for job in jobs:
+            h, w = job.request.output_size()
+            backend.check_request(h, w, job.request.num_frames, job.request.frame_intervals)
 
-    try:
-        jobs = build_jobs(args, _preset_defaults(args))
-        check_writable(args.out)
-    except JobError as err:
-        print(f"tm-run generate: error: {err}", file=sys.stderr)
-        return 2
+    from .pipeline import generate
 
-    from ..engines.manifest import ManifestError
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    try:
-        backend, tokenizer = make_backend(args, dtype)
-        if hasattr(backend, "check_request"):
-            for job in jobs:
-                h, w = job.request.output_size()
-                backend.check_request(h, w, job.request.num_frames, job.request.frame_intervals)
-    except (CheckpointError, ManifestError, ValueError, OSError, ImportError) as err:
-        print(f"tm-run generate: error: {err}", file=sys.stderr)
-        return 2
-
-    several = len(jobs) > 1
+    report = GenerateReport(lines=[], written=[])
     for job in jobs:
-        result = generate(backend, tokenizer, job.request, progress=not args.no_progress, keep_stages=args.save_stages)
-        final, stage_paths = output_targets(args.out, job.name, several, len(result.stages))
+        result = generate(backend, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages)
+        final, stage_paths = output_targets(options.out, job.name, several, len(result.stages))
         start = time.perf_counter()
-        written = write_result(result, final, stage_paths, args.save_stages)
-        write_seconds = time.perf_counter() - start
-        print(summarise(job, result, written, backend.name, write_seconds))
-    return 0
+        written = write_result(result, final, stage_paths, options.save_stages)
+        text = summarise(job, result, written, backend.name, time.perf_counter() - start)
+        echo(text)
+        report.lines.append(text)
+        report.written += written
+    return report
 
 
-def summarise(job: Job, result: GenerationResult, written: list[Path], backend_name: str, write_seconds: float) -> str:
+def summarise(job: Job, result, written: list[Path], backend_name: str, write_seconds: float) -> str:
     video = result.video
     lines = [
         f"[{job.name}] {video.num_frames} frames {result.width}x{result.height} at {video.fps:g} fps "
         f"-> {written[0]}",
     ]
-    for stage, path in zip(result.stages, written[1:] or [None] * len(result.stages)):
+    stage_files = list(written[1:]) + [written[0]] if len(written) > 1 else [None] * len(result.stages)
+    for stage, path in zip(result.stages, stage_files):
         where = f" -> {path}" if path is not None else ""
         lines.append(
             f"  stage {stage.index}: interval {stage.interval}, {stage.num_frames} frames at {stage.fps:g} fps, "
-            f"{stage.seconds:.2f} s, {stage.dit_calls} DiT calls{where}"
+            f"{stage.seconds:.2f} s, {stage.dit_calls} DiT calls (batch {stage.dit_batch}){where}"
         )
     overhead = result.seconds - result.backend_seconds
     lines.append(

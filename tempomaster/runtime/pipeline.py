@@ -12,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..rope import batched_rope_table
@@ -20,7 +22,7 @@ from .backends.base import Backend
 from .guidance import APGState, guided_velocity
 from ..planner import (
     StagePlan,
-    gather_chunk_frames,
+    chunk_condition_video,
     plan_stages,
     reference_output_size,
     round_num_frames,
@@ -78,6 +80,7 @@ class StageOutput:
     frames: torch.Tensor | None  # [3, T, H, W] float32 in [-1, 1]; None once dropped
     seconds: float
     dit_calls: int
+    dit_batch: int = 0  # sequences per DiT call (active chunks, x2 with guidance)
 
 
 @dataclass
@@ -115,15 +118,23 @@ class _BackendClock:
 # ----------------------------------------------------------------------------
 
 def cover_resize_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """Resize so the image covers (height, width), crop the centre -> [3, H, W] in [-1, 1]."""
-    image = image.convert("RGB")
-    scale = max(width / image.width, height / image.height)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((new_w, new_h), Image.LANCZOS)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
-    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+    """The release's reference-image preparation (SPEC 3 step 2) -> [3, H, W] float32 in [-1, 1].
+
+    The RGB image as float32 x*2/255 - 1, bilinear (align_corners False, no
+    antialiasing) to (int(h*s), int(w*s)) with s = max(H/h, W/w), then a
+    centre crop at round((h' - H)/2), round((w' - W)/2) (Python's round, as
+    the release). Where float error makes int(h*s) one short of the target
+    the release would crop a short frame and fail; the size is then held at
+    the target.
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # [h, w, 3]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None] * (2.0 / 255.0) - 1.0
+    h, w = rgb.shape[:2]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, int(h * scale)), max(width, int(w * scale))
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    top, left = round((new_h - height) / 2), round((new_w - width) / 2)
+    return x[0, :, top : top + height, left : left + width].contiguous()
 
 
 def stage0_condition_video(stage: StagePlan, images: Mapping[int, torch.Tensor], height: int, width: int) -> torch.Tensor:
@@ -134,12 +145,20 @@ def stage0_condition_video(stage: StagePlan, images: Mapping[int, torch.Tensor],
     return video
 
 
-def condition_latents(backend: Backend, videos: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
-    """y = [mask (4) | VAE latents (16)] per chunk: [n, 20, f, h, w]."""
-    with clock.timing():
-        latents = backend.vae_encode(videos).float()
+def condition_latents(backend: Backend, videos: Sequence[torch.Tensor], stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+    """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
+
+    `videos` yields one host-side [1, 3, L, H, W] condition video per active
+    chunk; each is moved, encoded and dropped before the next is built.
+    """
+    latents = []
+    for video in videos:
+        with clock.timing():
+            latents.append(backend.vae_encode(video.to(backend.device)).float())
+        del video
+    latents = torch.cat(latents)
     n, _, f, h, w = latents.shape
-    mask = stage.latent_masks().to(latents.device)[:, :, :, None, None].expand(n, 4, f, h, w)
+    mask = stage.latent_masks(active_only=True).to(latents.device)[:, :, :, None, None].expand(n, 4, f, h, w)
     return torch.cat([mask, latents], dim=1)
 
 
@@ -171,12 +190,17 @@ def denoise_stage(
     clock: _BackendClock,
     on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Flow-matching loop of one stage; returns the clean latents and the DiT calls made."""
+    """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made."""
     info = backend.info
+    device = backend.device
     n, _, f, h, w = y.shape
-    x = stage_noise((n, info.z_dim, f, h, w), request.seed, info.dit_dtype).to(y.device)
+    # SPEC 3.6: the whole stage's noise is drawn (padding-only chunks included, so
+    # the others get the release's values), on the CPU, then moved once.
+    noise = stage_noise(stage.latent_shape(h * 8, w * 8, info.z_dim), request.seed, info.dit_dtype)
+    x = noise[:n].to(device)
+    del noise
     _, ph, pw = info.patch_size
-    cos, sin = batched_rope_table(stage.rope_table().tolist(), h // ph, w // pw, info.head_dim)
+    cos, sin = batched_rope_table(stage.rope_table(active_only=True).tolist(), h // ph, w // pw, info.head_dim)
     guided = request.guidance_scale != 1.0
     ctx = context.expand(n, -1, -1)
     if guided:
@@ -187,19 +211,25 @@ def denoise_stage(
     else:
         y_in = y
     # Constant for the whole stage: moved and cast to the DiT's dtype once, not per step.
-    y_in, ctx = y_in.to(y.device, info.dit_dtype), ctx.to(y.device, info.dit_dtype)
-    cos, sin = cos.to(y.device), sin.to(y.device)
+    y_in, ctx = y_in.to(device, info.dit_dtype).contiguous(), ctx.to(device, info.dit_dtype).contiguous()
+    cos, sin = cos.to(device).contiguous(), sin.to(device).contiguous()
+    host_timesteps = torch.stack(
+        [model_timestep(schedule.timestep(i), info.dit_dtype, request.cast_timestep) for i in range(schedule.num_steps)]
+    )  # [steps, 1] float32
+    timesteps = host_timesteps.to(device)  # moved once; guidance reads the host copy (no device sync per step)
     apg = APGState()
     calls = 0
     for i in range(schedule.num_steps):
-        t = model_timestep(schedule.timestep(i), info.dit_dtype, request.cast_timestep)
-        x_in = torch.cat([x, x]) if guided else x
+        t = timesteps[i]
+        # The DiT concatenates x with y: hand it x in y's dtype so y is never promoted back.
+        x_model = x.to(info.dit_dtype)
+        x_in = torch.cat([x_model, x_model]) if guided else x_model
         with clock.timing():
             v = backend.velocity(x_in, y_in, t, ctx, cos, sin).float()
         calls += 1
         if guided:
             v_cond, v_uncond = v.chunk(2)
-            v = guided_velocity(x, v_cond, v_uncond, t, request.guidance_scale, request.use_apg, apg)
+            v = guided_velocity(x, v_cond, v_uncond, host_timesteps[i], request.guidance_scale, request.use_apg, apg)
         x = euler_step(x, v, schedule.sigma(i), schedule.sigma_next(i))
         if on_step is not None:
             on_step()
@@ -207,11 +237,13 @@ def denoise_stage(
 
 
 def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
-    """Decode chunk by chunk, concatenate in time, drop the padding: [3, T*r, H, W]."""
+    """Decode chunk by chunk into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU."""
     pieces = []
     for c in range(latents.shape[0]):
         with clock.timing():
-            pieces.append(backend.vae_decode(latents[c : c + 1]).float().clamp(-1, 1)[0])
+            frames = backend.vae_decode(latents[c : c + 1])
+        pieces.append(frames.float().clamp(-1, 1)[0].cpu())
+        del frames
     return trim_stage_frames(torch.cat(pieces, dim=1), stage)
 
 
@@ -251,10 +283,12 @@ def generate(
     for stage, steps, shift in zip(stages, request.steps_per_stage, request.shift_per_stage):
         stage_start = time.perf_counter()
         if stage.index == 0:
-            videos = stage0_condition_video(stage, images, height, width)
+            videos = [stage0_condition_video(stage, images, height, width)]
         else:
-            videos = gather_chunk_frames(previous, stage)  # [n, 3, L, H, W]
+            # built lazily, one active chunk at a time, from the host-side frames
+            videos = (chunk_condition_video(previous, stage, chunk)[None] for chunk in stage.active_chunks)
         y = condition_latents(backend, videos, stage, clock)
+        del videos
         schedule = StageSchedule.create(steps, shift)
         # SPEC 3.5: the output at save_fps; an intermediate stage at save_fps / interval (6, 12 fps at 24).
         last = stage.index == len(stages) - 1
@@ -268,8 +302,10 @@ def generate(
             )
         previous = decode_stage(backend, latents, stage, clock)
         outputs.append(
-            StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start, calls)
+            StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start,
+                        calls, dit_batch=y.shape[0] * (2 if guided else 1))
         )
+        del y, latents
         if not keep_stages and len(outputs) > 1:
             outputs[-2].frames = None
     return GenerationResult(

@@ -16,11 +16,26 @@ import torch
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8 via (x + 1) * 127.5."""
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8 as the release: clip((x + 1) * 127.5, 0, 255), truncated.
+
+    Truncated toward zero, not rounded (SPEC 3 step 5): rounding makes about
+    half the pixels one level brighter than the release's.
+    """
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a [3, T, H, W] video, got {tuple(video.shape)}")
-    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = ((video.detach().float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)  # float -> uint8 truncates
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _take_umask(path: str | os.PathLike, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; the finished output gets the mode any other new file would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, quality: int = 8) -> Path:
@@ -46,6 +61,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, quality: 
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
+        _take_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -63,6 +79,7 @@ def write_png_frames(frames: np.ndarray, folder: str | os.PathLike) -> Path:
     try:
         for i, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{i:05d}.png")
+        _take_umask(tmp, directory=True)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             os.replace(folder, old)

@@ -84,20 +84,29 @@ class GraphRunner:
         spec = self.inputs.get(name) or self.outputs[name]
         return _TORCH_DTYPES[spec["dtype"]]
 
-    def shape(self, name: str, batch: int) -> tuple[int, ...]:
+    def shape(self, name: str, batch: int, symbols: dict[str, int] | None = None) -> tuple[int, ...]:
+        """The concrete shape of `name`: "batch" is `batch`; other symbols ("frames", "24*frames") from `symbols`."""
         spec = self.inputs.get(name) or self.outputs[name]
-        dims = []
-        for d in spec["shape"]:
-            if d == "batch":
-                dims.append(batch)
-            elif isinstance(d, int):
-                dims.append(d)
-            else:
-                raise ManifestError(f"{self.path}: dimension {d!r} of {name} cannot be resolved")
-        return tuple(dims)
+        values = {"batch": batch, **(symbols or {})}
+        return tuple(_resolve_dim(d, values, f"{self.path}: dimension {d!r} of {name}") for d in spec["shape"])
 
-    def check_input(self, name: str, tensor: torch.Tensor) -> None:
-        want = self.shape(name, tensor.shape[0])
+    def bind_symbols(self, feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Read every plain symbol's value off the inputs (e.g. "frames" of x); check the rest of each shape."""
+        symbols: dict[str, int] = {}
+        for name, tensor in feeds.items():
+            dims = self.inputs[name]["shape"]
+            if len(dims) != tensor.ndim:
+                raise ManifestError(f"{self.path}: input {name} has {len(dims)} dimensions in this build, got {tuple(tensor.shape)}")
+            for d, got in zip(dims, tensor.shape):
+                if isinstance(d, str) and d.isidentifier() and d != "batch":
+                    if symbols.setdefault(d, int(got)) != int(got):
+                        raise ManifestError(f"{self.path}: {d} is {symbols[d]} in one input and {got} in {name}")
+        for name, tensor in feeds.items():
+            self.check_input(name, tensor, symbols)
+        return symbols
+
+    def check_input(self, name: str, tensor: torch.Tensor, symbols: dict[str, int] | None = None) -> None:
+        want = self.shape(name, tensor.shape[0], symbols)
         if tuple(tensor.shape) != want:
             raise ManifestError(
                 f"{self.path}: input {name} has shape {tuple(want)} in this build, got {tuple(tensor.shape)}: "
@@ -106,6 +115,9 @@ class GraphRunner:
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run once with every input and output bound to the given tensors' memory."""
+        if self._device.type == "cuda":
+            # onnxruntime reads the bound buffers on its own stream: torch's writes to them must be done first.
+            torch.cuda.current_stream(self._device).synchronize()
         binding = self.session.io_binding()
         device_type = "cuda" if self._device.type == "cuda" else "cpu"
         device_id = self._device.index or 0
@@ -119,8 +131,19 @@ class GraphRunner:
         """Cast to the graph's dtype on the session's device, contiguous (a no-op when it already is)."""
         return tensor.to(self._device, self.dtype(name)).contiguous()
 
-    def empty(self, name: str, batch: int) -> torch.Tensor:
-        return torch.empty(self.shape(name, batch), dtype=self.dtype(name), device=self._device)
+    def empty(self, name: str, batch: int, symbols: dict[str, int] | None = None) -> torch.Tensor:
+        return torch.empty(self.shape(name, batch, symbols), dtype=self.dtype(name), device=self._device)
+
+
+def _resolve_dim(d, values: dict[str, int], what: str) -> int:
+    """A manifest dimension: an int, a symbol, or a product "k*symbol" (e.g. rope's "24*frames")."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str):
+        factor, _, symbol = d.rpartition("*")
+        if symbol in values and (not factor or factor.isdigit()):
+            return int(factor or 1) * values[symbol]
+    raise ManifestError(f"{what} cannot be resolved from the inputs")
 
 
 def _batches(total: int, limit: int) -> list[slice]:
@@ -202,10 +225,9 @@ class OnnxRuntimeBackend(Backend):
             "rope_cos": g.prepare("rope_cos", rope_cos),
             "rope_sin": g.prepare("rope_sin", rope_sin),
         }
-        for name in ("x", "y", "context", "rope_cos", "rope_sin"):
-            g.check_input(name, feeds[name])
+        symbols = g.bind_symbols(feeds)  # "frames" differs between stages in some builds
         t = g.prepare("timestep", timestep.reshape(-1)[:1])
-        out = g.empty("velocity", x.shape[0])
+        out = g.empty("velocity", x.shape[0], symbols)
         for s in _batches(x.shape[0], g.max_batch):
             # Slices along dim 0 of contiguous tensors stay contiguous: bound in place.
             g.run({**{k: v[s] for k, v in feeds.items()}, "timestep": t}, {"velocity": out[s]})

@@ -1,4 +1,4 @@
-"""The torch backend: the reference models of `tempomaster.models`, in eager mode."""
+"""The torch backend: the reference models of `tempomaster.models`, in eager mode, on any torch device."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +15,7 @@ class TorchBackend(Backend):
         self.dtype = dtype
         # umT5 overflows in fp16; it runs in bf16 or fp32 only.
         t5_dtype = torch.float32 if dtype == torch.float16 else dtype
+        # Weights move to the device once, here; the calls below only move their inputs.
         self.dit = models.dit.to(self.device, dtype).eval()
         self.vae = models.vae.to(self.device, dtype).eval()
         self.t5 = models.t5.to(self.device, t5_dtype).eval()
@@ -34,7 +35,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
-        return self.dit(x, y, timestep, context, rope_cos, rope_sin)
+        return self.dit(x, y, timestep.to(self.device), context, rope_cos, rope_sin)
 
     @torch.inference_mode()
     def vae_encode(self, video):

@@ -1,0 +1,101 @@
+"""What every command shares: one-line argparse errors, typed flag values, the error boundary.
+
+Only the standard library is imported here, so a bad flag is answered before
+torch or onnx is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import TempoMasterError
+
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+PRESETS = ("tiny", "wan-1.3b", "tempomaster-14b")
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (as an unsigned value)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) with exit code 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number_list(flag: str, kind=int, example: str = "4,2,1"):
+    """argparse type for comma-separated values, e.g. --steps 50,32,32."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {noun} such as {example}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one value such as {example}, got {text!r}")
+        if kind is float and not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def finite_number(low: float, low_inclusive: bool = True, high: float | None = None):
+    """argparse type for a finite float within [low or (low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value < low if low_inclusive else value <= low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def bounded_int(low: int, high: int | None = None):
+    """argparse type for an integer within [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            upper = f", at most {high}" if high is not None else ""
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}{upper}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESETS, help="model preset (default: tiny when no checkpoints are given)")
+    p.add_argument("--checkpoints", type=Path, help="checkpoint directory in the release's layout")
+    p.add_argument("--config", type=Path, help="the release's inference_configs.json (model_configs, inference settings, cases)")
+
+
+def add_shape(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--num-frames", type=bounded_int(1), help=f"stage-0 frames {what} (rounded up to 4k+1)")
+    p.add_argument("--height", type=bounded_int(16), help=f"output height in pixels {what} (a multiple of 16)")
+    p.add_argument("--width", type=bounded_int(16), help=f"output width in pixels {what} (a multiple of 16)")
+    p.add_argument("--intervals", type=number_list("--intervals"), help=f"frame interval per stage {what}, e.g. 4,2,1")
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """Call `command`; a user error is one line with its exit code, Ctrl-C one line and 130."""
+    try:
+        return command()
+    except TempoMasterError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return EXIT_INTERRUPTED

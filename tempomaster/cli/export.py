@@ -1,0 +1,79 @@
+"""`tm-export`: checkpoints -> ONNX -> TensorRT. Flags become typed values and one library call each."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import OneLineParser, add_model_source, add_shape, bounded_int, run_command
+
+PROG = "tm-export"
+GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="Export TempoMaster's models: checkpoints -> ONNX -> TensorRT")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("init-tiny", help="write the tiny preset's checkpoint set in the release's layout")
+    p.add_argument("--out", type=Path, required=True, help="new directory to create")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="weight seed (default: the tiny preset's own)")
+
+    p = sub.add_parser("inspect", help="load all three models and print their sizes")
+    add_model_source(p)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
+
+    p = sub.add_parser("onnx", help="export the DiT, VAE encoder/decoder steps and umT5 to ONNX")
+    add_model_source(p)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="the graphs' dtype (TensorRT 11 networks are strongly typed)")
+    add_shape(p, "the build serves (default: the preset's)")
+    p.add_argument("--out", type=Path, required=True, help="build directory (replaced only when the export completes)")
+    p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23 for Attention and RMSNormalization)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
+    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
+    p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _init_tiny(args) -> int:
+    from ..models.tiny import TINY_SEED, write_tiny_checkpoints
+
+    out = write_tiny_checkpoints(args.out, seed=TINY_SEED if args.seed is None else args.seed)
+    print(f"tiny checkpoint set written to {out} (config: {out / 'inference_configs.json'})")
+    return 0
+
+
+def _inspect(args) -> int:
+    import torch
+
+    from ..models.sources import load_model_set
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    models = load_model_set(args.preset, args.checkpoints, args.config, dtype)
+    for name in ("dit", "vae", "t5"):
+        module = getattr(models, name)
+        n = sum(p.numel() for p in module.parameters())
+        print(f"{name:4s} {n:>15,d} parameters  {module.cfg}")
+    print(f"tokenizer: {models.tokenizer}")
+    return 0
+
+
+def _onnx(args) -> int:
+    from ..export.build import describe_build, export_build
+
+    manifest = export_build(
+        args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
+        num_frames=args.num_frames, height=args.height, width=args.width, intervals=args.intervals,
+        opset=args.opset, random_weights=args.random_weights, t5_precision=args.t5_precision,
+        graphs=args.graphs, progress=not args.no_progress,
+    )
+    print(describe_build(manifest, args.out))
+    return 0
+
+
+COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: COMMANDS[args.command](args))

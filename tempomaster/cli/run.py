@@ -1,0 +1,67 @@
+"""`tm-run`: generate videos. Flags become a GenerateOptions and one library call."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import (
+    PRESETS, SEED_MAX, OneLineParser, add_model_source, add_shape, bounded_int, finite_number, number_list, run_command,
+)
+
+PROG = "tm-run"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="Generate long videos by next-frame-rate prediction")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("generate", help="prompt (+ reference images) -> video")
+    p.add_argument("--prompt", help="text prompt (required unless --config has inference_cases)")
+    p.add_argument("--negative-prompt", default=None, help="default: the release's negative prompt")
+    p.add_argument("--image", action="append", default=[], metavar="FRAME:PATH",
+                   help="reference image at a stage-0 frame index, negative from the end (repeatable)")
+    add_shape(p, "to generate")
+    p.add_argument("--steps", type=number_list("--steps", int, "50,32,32"), help="denoising steps per stage, e.g. 50,32,32")
+    p.add_argument("--shifts", type=number_list("--shifts", float, "5,3,3"), help="flow-match shift per stage, e.g. 5,3,3")
+    p.add_argument("--guidance", type=finite_number(0, low_inclusive=False),
+                   help="guidance scale (1 = no guidance, one DiT call per step; default 8)")
+    p.add_argument("--no-apg", action="store_true", help="plain CFG instead of APG")
+    p.add_argument("--seed", type=bounded_int(0, SEED_MAX), default=0, help="noise seed (default 0, as the release's published videos)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="model dtype (default: bf16 on a GPU, fp32 on the CPU; with --engines the build's, and a different value is refused)")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=bounded_int(1), default=None,
+                   help="CPU threads for torch and onnxruntime (default: the cores this process may use; on a busy machine 1 is often faster)")
+    p.add_argument("--cast-timestep", action="store_true", help="round the timestep to the model dtype as the reference does")
+    p.add_argument("--save-stages", action="store_true", help="also write each lower-frame-rate stage's video")
+    p.add_argument("--save-fps", type=finite_number(0, low_inclusive=False, high=1000), help="frame rate of the output (default 24)")
+    p.add_argument("--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models")
+    add_model_source(p)
+    p.add_argument("--out", type=Path, default=Path("out/video.mp4"), help="an .mp4 file or a directory (PNG frames)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _generate(args) -> int:
+    from ..runtime.jobs import GenerateOptions, run_generate
+
+    options = GenerateOptions(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, images=args.image,
+        height=args.height, width=args.width, num_frames=args.num_frames, intervals=args.intervals,
+        steps=args.steps, shifts=args.shifts, guidance=args.guidance, use_apg=False if args.no_apg else None,
+        save_fps=args.save_fps, seed=args.seed, dtype=args.dtype, cast_timestep=args.cast_timestep,
+        save_stages=args.save_stages, engines=args.engines, preset=args.preset, checkpoints=args.checkpoints,
+        config=args.config, out=args.out, progress=not args.no_progress, device=args.device, threads=args.threads,
+    )
+    run_generate(options)
+    return 0
+
+
+COMMANDS = {"generate": _generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: COMMANDS[args.command](args))
+
+
+__all__ = ["main", "build_parser", "PRESETS"]
