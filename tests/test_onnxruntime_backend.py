@@ -9,12 +9,13 @@ from tempomaster.engines.manifest import ManifestError
 from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import GenerationRequest, generate
+from tempomaster.runtime.video import to_uint8_frames
 
 SHAPE = dict(height=32, width=48, num_frames=9, frame_intervals=(4, 2, 1), steps_per_stage=(3, 2, 2))
 
 
 def _uint8(frames):
-    return ((frames + 1) * 127.5).round().to(torch.int16)
+    return torch.from_numpy(to_uint8_frames(frames)).to(torch.int16)
 
 
 def test_generate_on_onnxruntime_matches_torch(tiny_build, tiny_models):

@@ -10,6 +10,7 @@ from tempomaster.runtime.pipeline import (
 )
 from tempomaster.planner import plan_stages
 from tempomaster.runtime.schedule import StageSchedule
+from tempomaster.runtime.video import to_uint8_frames
 
 FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0))
 
@@ -65,7 +66,7 @@ def test_guidance_one_makes_one_call_per_step_without_negative(backend):
 
 
 def _frames(result):
-    return [((s.frames + 1) * 127.5).round().to(torch.uint8) for s in result.stages]
+    return [torch.from_numpy(to_uint8_frames(s.frames)) for s in result.stages]
 
 
 def test_same_seed_same_bytes_other_seed_differs(backend, tiny_models):

@@ -212,13 +212,15 @@ def test_chunk_length_grows_to_cover():
     assert chunk_length(39, 4) == 13
     stages = plan_stages(13, [3, 1])
     assert stages[1].total_frames == 39 and stages[1].chunk_frames == 13
-    assert stages[1].trim_frames == 13
+    # chunk 3 starts at 39: nothing but padding, so it is not decoded and nothing is trimmed
+    assert [c.num_valid for c in stages[1].chunks] == [13, 13, 13, 0]
+    assert len(stages[1].active_chunks) == 3 and stages[1].trim_frames == 0
 
 
 def test_tiny_clip_has_fully_padded_chunks():
     # 1 frame at [2, 1]: 2 frames, 4 chunks of 1 frame; chunks 2, 3 are all padding.
     s1 = plan_stages(1, [2, 1])[1]
-    assert (s1.total_frames, s1.chunk_frames, s1.trim_frames) == (2, 1, 2)
+    assert (s1.total_frames, s1.chunk_frames, len(s1.active_chunks), s1.trim_frames) == (2, 1, 2, 0)
     assert [known(c) for c in s1.chunks] == [{0: 0}, {0: 0}, {}, {}]
 
 

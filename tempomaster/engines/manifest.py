@@ -105,14 +105,44 @@ def load_manifest(build_dir: str | os.PathLike) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ManifestError(f"{path}: unreadable: {err}") from err
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: must hold a JSON object, got {type(data).__name__}")
     if data.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
-    missing = [k for k in ("preset", "precision", "shape", "graphs", "files") if k not in data]
+    _check_structure(data, path)
+    return Manifest(data, root)
+
+
+def _check_structure(data: dict, path: Path) -> None:
+    """Everything the runtime reads is there and of the right kind, and every graph file is hashed."""
+    from ..models.presets import PRESETS
+
+    missing = [k for k in ("preset", "precision", "models", "shape", "graphs", "files") if k not in data]
     if missing:
         raise ManifestError(f"{path}: missing {', '.join(missing)}")
-    return Manifest(data, root)
+    if data["preset"] not in PRESETS:
+        raise ManifestError(f"{path}: unknown preset {data['preset']!r} (this runtime knows {', '.join(sorted(PRESETS))})")
+    for key in ("models", "shape", "graphs", "files"):
+        if not isinstance(data[key], dict):
+            raise ManifestError(f"{path}: {key} must be an object, got {type(data[key]).__name__}")
+    shape_missing = [k for k in ("height", "width", "num_frames", "intervals") if k not in data["shape"]]
+    if shape_missing:
+        raise ManifestError(f"{path}: shape lacks {', '.join(shape_missing)}")
+    for name, graph in data["graphs"].items():
+        if not isinstance(graph, dict):
+            raise ManifestError(f"{path}: graph {name!r} must be an object")
+        for key in ("file", "inputs", "outputs", "max_batch"):
+            if key not in graph:
+                raise ManifestError(f"{path}: graph {name!r} lacks {key}")
+        if not isinstance(graph["max_batch"], int) or graph["max_batch"] < 1:
+            raise ManifestError(f"{path}: graph {name!r} has max_batch {graph['max_batch']!r}, expected an integer >= 1")
+        # A file a graph names but the hash list omits would load unchecked.
+        for key in ("file", "external_data"):
+            rel = graph.get(key)
+            if rel and rel not in data["files"]:
+                raise ManifestError(f"{path}: graph {name!r} names {rel}, which has no sha256 in files")
 
 
 def verify_files(manifest: Manifest, names: Iterable[str] | None = None) -> None:

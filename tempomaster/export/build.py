@@ -145,16 +145,16 @@ def export_onnx(
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(wanted), desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr)
-        for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy):
-            for spec in make():
-                bar.set_postfix_str(spec.name)
-                rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
-                del spec
-                gc.collect()
-                records.append(rec)
-                bar.update(1)
-        bar.close()
+        # closed on the way out of an error too, so its last redraw comes before the CLI's message
+        with tqdm(total=len(wanted), desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
+            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy):
+                for spec in make():
+                    bar.set_postfix_str(spec.name)
+                    rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
+                    del spec
+                    gc.collect()
+                    records.append(rec)
+                    bar.update(1)
         order = {n: i for i, n in enumerate(ALL_GRAPHS)}
         records.sort(key=lambda r: order[r.name])
         audit_results = audit_files([onnx_dir / r.file for r in records], raise_on_error=audit) if audit else []
