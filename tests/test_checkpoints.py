@@ -1,7 +1,5 @@
 """Loading release-layout checkpoints: clear errors for every way a file can be wrong."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch

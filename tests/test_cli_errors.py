@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tempomaster.cli import export_main, run_main
+from tempomaster.cli import run_main
 
 BIN = Path(sys.executable).parent
 

@@ -1,4 +1,7 @@
-"""The DiT against diffusers' WanTransformer3DModel, an independent implementation."""
+"""The DiT against diffusers' WanTransformer3DModel (an independent implementation) and float64 references.
+
+Only the oracle tests need diffusers; RoPE, batch independence and key layouts run without it.
+"""
 import pytest
 import torch
 
@@ -6,7 +9,11 @@ from tempomaster.models.dit import WanDiT, apply_rope
 from tempomaster.rope import batched_rope_table, rope_split, rope_table
 from tempomaster.models.presets import DiTConfig, get_preset
 
-diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
 
 CFG = DiTConfig(dim=96, ffn_dim=160, num_heads=4, num_layers=2, text_dim=48)
 
@@ -59,7 +66,7 @@ def random_dit(cfg=CFG, seed=0) -> WanDiT:
     return model
 
 
-def diffusers_twin(model: WanDiT):
+def diffusers_twin(model: WanDiT, diffusers):
     cfg = model.cfg
     ref = diffusers.WanTransformer3DModel(
         patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
@@ -89,9 +96,9 @@ def consecutive_rope(b, f, h, w, head_dim):
     return cos.expand(b, -1, -1), sin.expand(b, -1, -1)
 
 
-def test_dit_matches_diffusers():
+def test_dit_matches_diffusers(diffusers):
     model = random_dit()
-    ref = diffusers_twin(model)
+    ref = diffusers_twin(model, diffusers)
     x, y, t, ctx = inputs()
     cos, sin = consecutive_rope(2, 3, 4, 6, CFG.head_dim)
     with torch.no_grad():
@@ -101,9 +108,9 @@ def test_dit_matches_diffusers():
     assert rel_err(ours, theirs) < 1e-4
 
 
-def test_perturbed_weight_breaks_the_match():
+def test_perturbed_weight_breaks_the_match(diffusers):
     model = random_dit()
-    ref = diffusers_twin(model)
+    ref = diffusers_twin(model, diffusers)
     with torch.no_grad():
         model.blocks[1].self_attn.k.weight[3, 5] += 0.5
     x, y, t, ctx = inputs(seed=2)
@@ -112,6 +119,44 @@ def test_perturbed_weight_breaks_the_match():
         ours = model(x, y, t, ctx, cos, sin)
         theirs = ref(torch.cat([x, y], 1), t.expand(2), ctx, return_dict=False)[0]
     assert rel_err(ours, theirs) > 1e-4
+
+
+def complex_rope_float64(positions, h, w, head_dim):
+    """Wan's own construction in float64: a complex polar table per axis, concatenated -> [f*h*w, head_dim/2]."""
+    c = head_dim // 2
+    parts = [c - 2 * (c // 3), c // 3, c // 3]
+
+    def table(pos, d):
+        freqs = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        return torch.polar(torch.ones(len(pos), d // 2, dtype=torch.float64), torch.outer(torch.tensor(pos, dtype=torch.float64), freqs))
+
+    f = len(positions)
+    ft, fh, fw = table(positions, 2 * parts[0]), table(list(range(h)), 2 * parts[1]), table(list(range(w)), 2 * parts[2])
+    return torch.cat([
+        ft[:, None, None].expand(f, h, w, -1), fh[None, :, None].expand(f, h, w, -1), fw[None, None].expand(f, h, w, -1)
+    ], -1).reshape(f * h * w, c)
+
+
+def test_dit_forward_past_position_1024_against_float64():
+    # positions of a long video's last chunks, far past the reference's 1024-entry table
+    model = random_dit().double()
+    x, y, t, ctx = (v.double() for v in inputs(b=1, f=3, h=4, w=6, seed=7))
+    far = [4000, 4004, 4008]
+    cos, sin = rope_table(far, 2, 3, CFG.head_dim)
+    table = complex_rope_float64(far, 2, 3, CFG.head_dim)
+    with torch.no_grad():
+        ours = model(x, y, t, ctx, cos[None].double(), sin[None].double())
+        ref = model(x, y, t, ctx, table.real[None], table.imag[None])
+        # RoPE is relative: the same chunk at positions 0, 4, 8 attends identically
+        near_cos, near_sin = rope_table([0, 4, 8], 2, 3, CFG.head_dim)
+        near = model(x, y, t, ctx, near_cos[None].double(), near_sin[None].double())
+    assert rel_err(ours, ref) < 1e-7  # float32 tables past 1024 vs float64 complex ones (measured 1.7e-9)
+    assert rel_err(ours, near) < 1e-7
+    # and the positions matter: another spacing changes the output
+    other_cos, other_sin = rope_table([4000, 4001, 4002], 2, 3, CFG.head_dim)
+    with torch.no_grad():
+        other = model(x, y, t, ctx, other_cos[None].double(), other_sin[None].double())
+    assert rel_err(other, ours) > 1e-4  # measured 8e-4
 
 
 def test_rope_equals_complex_reference():
@@ -123,14 +168,7 @@ def test_rope_equals_complex_reference():
     parts = [c - 2 * (c // 3), c // 3, c // 3]
     assert [2 * p for p in parts] == list(rope_split(head_dim))
 
-    def table(pos, d):
-        freqs = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        return torch.polar(torch.ones(len(pos), d // 2, dtype=torch.float64), torch.outer(torch.tensor(pos, dtype=torch.float64), freqs))
-
-    ft, fh, fw = table(positions, 2 * parts[0]), table(list(range(h)), 2 * parts[1]), table(list(range(w)), 2 * parts[2])
-    freqs = torch.cat([
-        ft[:, None, None].expand(f, h, w, -1), fh[None, :, None].expand(f, h, w, -1), fw[None, None].expand(f, h, w, -1)
-    ], -1).reshape(f * h * w, 1, c)
+    freqs = complex_rope_float64(positions, h, w, head_dim)[:, None]
     x = torch.randn(1, f * h * w, 2, head_dim, dtype=torch.float64)
     ref = torch.view_as_real(torch.view_as_complex(x.reshape(1, f * h * w, 2, c, 2)) * freqs).flatten(3)
     ours = apply_rope(x.float(), cos[None], sin[None])

@@ -1,6 +1,5 @@
 """Manifest verification (engines.manifest) and the build's all-or-nothing swap."""
 import json
-import shutil
 
 import onnx
 import pytest

@@ -1,7 +1,6 @@
 """umT5 encoder: oracle vs transformers' UMT5EncoderModel, checkpoint layout, dtypes."""
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from tempomaster.models.t5 import (
     relative_position_bucket,
     wan_t5_to_transformers,
 )
+
+from checkpoint_layouts import layout  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,26 +139,8 @@ def test_relative_position_bucket_matches_transformers():
 
 
 def _checkpoint_layout() -> dict[str, tuple[int, ...]]:
-    """The umT5 section of docs/checkpoint_keys.md (vocab 64, dim 32, 4 heads, ffn 64, 1 block)."""
-    from pathlib import Path
-
-    doc = None
-    for root in (Path(__file__).resolve().parents[1], Path("/work/shared")):
-        p = root / "docs" / "checkpoint_keys.md"
-        if p.exists():
-            doc = p.read_text()
-            break
-    if doc is None:
-        pytest.skip("docs/checkpoint_keys.md not found")
-    section = doc.split("## umT5 encoder", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```", 2)[1]
-    layout = {}
-    for line in block.strip().splitlines():
-        m = re.fullmatch(r"(\S+) \[([\d, ]+)\]", line.strip())
-        if m:
-            layout[m.group(1)] = tuple(int(s) for s in m.group(2).split(","))
-    assert layout, "no keys parsed"
-    return layout
+    """The umT5 section of the key layouts (vocab 64, dim 32, 4 heads, ffn 64, 1 block)."""
+    return layout("umT5 encoder")
 
 
 def test_state_dict_matches_checkpoint_keys_doc():

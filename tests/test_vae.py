@@ -5,8 +5,6 @@ The oracle runs the real width (dim 96) at 32x32 with fresh random weights.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,215 +25,14 @@ def _diffusers():
     """diffusers is only the oracle: tests that need it skip without it."""
     return pytest.importorskip("diffusers")
 
+from checkpoint_layouts import layout  # noqa: E402
+
 TOL = 1e-4
 
-# The VAE block of checkpoint_keys.md (Wan2.1_VAE.pth), kept here so the test
-# does not depend on the docs folder; test_expected_keys_match_doc checks it
-# against the doc when that is present.
-WAN21_VAE_KEYS = """
-encoder.conv1.weight [96, 3, 3, 3, 3]
-encoder.conv1.bias [96]
-encoder.downsamples.0.residual.0.gamma [96, 1, 1, 1]
-encoder.downsamples.0.residual.2.weight [96, 96, 3, 3, 3]
-encoder.downsamples.0.residual.2.bias [96]
-encoder.downsamples.0.residual.3.gamma [96, 1, 1, 1]
-encoder.downsamples.0.residual.6.weight [96, 96, 3, 3, 3]
-encoder.downsamples.0.residual.6.bias [96]
-encoder.downsamples.1.residual.0.gamma [96, 1, 1, 1]
-encoder.downsamples.1.residual.2.weight [96, 96, 3, 3, 3]
-encoder.downsamples.1.residual.2.bias [96]
-encoder.downsamples.1.residual.3.gamma [96, 1, 1, 1]
-encoder.downsamples.1.residual.6.weight [96, 96, 3, 3, 3]
-encoder.downsamples.1.residual.6.bias [96]
-encoder.downsamples.2.resample.1.weight [96, 96, 3, 3]
-encoder.downsamples.2.resample.1.bias [96]
-encoder.downsamples.3.residual.0.gamma [96, 1, 1, 1]
-encoder.downsamples.3.residual.2.weight [192, 96, 3, 3, 3]
-encoder.downsamples.3.residual.2.bias [192]
-encoder.downsamples.3.residual.3.gamma [192, 1, 1, 1]
-encoder.downsamples.3.residual.6.weight [192, 192, 3, 3, 3]
-encoder.downsamples.3.residual.6.bias [192]
-encoder.downsamples.3.shortcut.weight [192, 96, 1, 1, 1]
-encoder.downsamples.3.shortcut.bias [192]
-encoder.downsamples.4.residual.0.gamma [192, 1, 1, 1]
-encoder.downsamples.4.residual.2.weight [192, 192, 3, 3, 3]
-encoder.downsamples.4.residual.2.bias [192]
-encoder.downsamples.4.residual.3.gamma [192, 1, 1, 1]
-encoder.downsamples.4.residual.6.weight [192, 192, 3, 3, 3]
-encoder.downsamples.4.residual.6.bias [192]
-encoder.downsamples.5.resample.1.weight [192, 192, 3, 3]
-encoder.downsamples.5.resample.1.bias [192]
-encoder.downsamples.5.time_conv.weight [192, 192, 3, 1, 1]
-encoder.downsamples.5.time_conv.bias [192]
-encoder.downsamples.6.residual.0.gamma [192, 1, 1, 1]
-encoder.downsamples.6.residual.2.weight [384, 192, 3, 3, 3]
-encoder.downsamples.6.residual.2.bias [384]
-encoder.downsamples.6.residual.3.gamma [384, 1, 1, 1]
-encoder.downsamples.6.residual.6.weight [384, 384, 3, 3, 3]
-encoder.downsamples.6.residual.6.bias [384]
-encoder.downsamples.6.shortcut.weight [384, 192, 1, 1, 1]
-encoder.downsamples.6.shortcut.bias [384]
-encoder.downsamples.7.residual.0.gamma [384, 1, 1, 1]
-encoder.downsamples.7.residual.2.weight [384, 384, 3, 3, 3]
-encoder.downsamples.7.residual.2.bias [384]
-encoder.downsamples.7.residual.3.gamma [384, 1, 1, 1]
-encoder.downsamples.7.residual.6.weight [384, 384, 3, 3, 3]
-encoder.downsamples.7.residual.6.bias [384]
-encoder.downsamples.8.resample.1.weight [384, 384, 3, 3]
-encoder.downsamples.8.resample.1.bias [384]
-encoder.downsamples.8.time_conv.weight [384, 384, 3, 1, 1]
-encoder.downsamples.8.time_conv.bias [384]
-encoder.downsamples.9.residual.0.gamma [384, 1, 1, 1]
-encoder.downsamples.9.residual.2.weight [384, 384, 3, 3, 3]
-encoder.downsamples.9.residual.2.bias [384]
-encoder.downsamples.9.residual.3.gamma [384, 1, 1, 1]
-encoder.downsamples.9.residual.6.weight [384, 384, 3, 3, 3]
-encoder.downsamples.9.residual.6.bias [384]
-encoder.downsamples.10.residual.0.gamma [384, 1, 1, 1]
-encoder.downsamples.10.residual.2.weight [384, 384, 3, 3, 3]
-encoder.downsamples.10.residual.2.bias [384]
-encoder.downsamples.10.residual.3.gamma [384, 1, 1, 1]
-encoder.downsamples.10.residual.6.weight [384, 384, 3, 3, 3]
-encoder.downsamples.10.residual.6.bias [384]
-encoder.middle.0.residual.0.gamma [384, 1, 1, 1]
-encoder.middle.0.residual.2.weight [384, 384, 3, 3, 3]
-encoder.middle.0.residual.2.bias [384]
-encoder.middle.0.residual.3.gamma [384, 1, 1, 1]
-encoder.middle.0.residual.6.weight [384, 384, 3, 3, 3]
-encoder.middle.0.residual.6.bias [384]
-encoder.middle.1.norm.gamma [384, 1, 1]
-encoder.middle.1.to_qkv.weight [1152, 384, 1, 1]
-encoder.middle.1.to_qkv.bias [1152]
-encoder.middle.1.proj.weight [384, 384, 1, 1]
-encoder.middle.1.proj.bias [384]
-encoder.middle.2.residual.0.gamma [384, 1, 1, 1]
-encoder.middle.2.residual.2.weight [384, 384, 3, 3, 3]
-encoder.middle.2.residual.2.bias [384]
-encoder.middle.2.residual.3.gamma [384, 1, 1, 1]
-encoder.middle.2.residual.6.weight [384, 384, 3, 3, 3]
-encoder.middle.2.residual.6.bias [384]
-encoder.head.0.gamma [384, 1, 1, 1]
-encoder.head.2.weight [32, 384, 3, 3, 3]
-encoder.head.2.bias [32]
-conv1.weight [32, 32, 1, 1, 1]
-conv1.bias [32]
-conv2.weight [16, 16, 1, 1, 1]
-conv2.bias [16]
-decoder.conv1.weight [384, 16, 3, 3, 3]
-decoder.conv1.bias [384]
-decoder.middle.0.residual.0.gamma [384, 1, 1, 1]
-decoder.middle.0.residual.2.weight [384, 384, 3, 3, 3]
-decoder.middle.0.residual.2.bias [384]
-decoder.middle.0.residual.3.gamma [384, 1, 1, 1]
-decoder.middle.0.residual.6.weight [384, 384, 3, 3, 3]
-decoder.middle.0.residual.6.bias [384]
-decoder.middle.1.norm.gamma [384, 1, 1]
-decoder.middle.1.to_qkv.weight [1152, 384, 1, 1]
-decoder.middle.1.to_qkv.bias [1152]
-decoder.middle.1.proj.weight [384, 384, 1, 1]
-decoder.middle.1.proj.bias [384]
-decoder.middle.2.residual.0.gamma [384, 1, 1, 1]
-decoder.middle.2.residual.2.weight [384, 384, 3, 3, 3]
-decoder.middle.2.residual.2.bias [384]
-decoder.middle.2.residual.3.gamma [384, 1, 1, 1]
-decoder.middle.2.residual.6.weight [384, 384, 3, 3, 3]
-decoder.middle.2.residual.6.bias [384]
-decoder.upsamples.0.residual.0.gamma [384, 1, 1, 1]
-decoder.upsamples.0.residual.2.weight [384, 384, 3, 3, 3]
-decoder.upsamples.0.residual.2.bias [384]
-decoder.upsamples.0.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.0.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.0.residual.6.bias [384]
-decoder.upsamples.1.residual.0.gamma [384, 1, 1, 1]
-decoder.upsamples.1.residual.2.weight [384, 384, 3, 3, 3]
-decoder.upsamples.1.residual.2.bias [384]
-decoder.upsamples.1.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.1.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.1.residual.6.bias [384]
-decoder.upsamples.2.residual.0.gamma [384, 1, 1, 1]
-decoder.upsamples.2.residual.2.weight [384, 384, 3, 3, 3]
-decoder.upsamples.2.residual.2.bias [384]
-decoder.upsamples.2.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.2.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.2.residual.6.bias [384]
-decoder.upsamples.3.resample.1.weight [192, 384, 3, 3]
-decoder.upsamples.3.resample.1.bias [192]
-decoder.upsamples.3.time_conv.weight [768, 384, 3, 1, 1]
-decoder.upsamples.3.time_conv.bias [768]
-decoder.upsamples.4.residual.0.gamma [192, 1, 1, 1]
-decoder.upsamples.4.residual.2.weight [384, 192, 3, 3, 3]
-decoder.upsamples.4.residual.2.bias [384]
-decoder.upsamples.4.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.4.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.4.residual.6.bias [384]
-decoder.upsamples.4.shortcut.weight [384, 192, 1, 1, 1]
-decoder.upsamples.4.shortcut.bias [384]
-decoder.upsamples.5.residual.0.gamma [384, 1, 1, 1]
-decoder.upsamples.5.residual.2.weight [384, 384, 3, 3, 3]
-decoder.upsamples.5.residual.2.bias [384]
-decoder.upsamples.5.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.5.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.5.residual.6.bias [384]
-decoder.upsamples.6.residual.0.gamma [384, 1, 1, 1]
-decoder.upsamples.6.residual.2.weight [384, 384, 3, 3, 3]
-decoder.upsamples.6.residual.2.bias [384]
-decoder.upsamples.6.residual.3.gamma [384, 1, 1, 1]
-decoder.upsamples.6.residual.6.weight [384, 384, 3, 3, 3]
-decoder.upsamples.6.residual.6.bias [384]
-decoder.upsamples.7.resample.1.weight [192, 384, 3, 3]
-decoder.upsamples.7.resample.1.bias [192]
-decoder.upsamples.7.time_conv.weight [768, 384, 3, 1, 1]
-decoder.upsamples.7.time_conv.bias [768]
-decoder.upsamples.8.residual.0.gamma [192, 1, 1, 1]
-decoder.upsamples.8.residual.2.weight [192, 192, 3, 3, 3]
-decoder.upsamples.8.residual.2.bias [192]
-decoder.upsamples.8.residual.3.gamma [192, 1, 1, 1]
-decoder.upsamples.8.residual.6.weight [192, 192, 3, 3, 3]
-decoder.upsamples.8.residual.6.bias [192]
-decoder.upsamples.9.residual.0.gamma [192, 1, 1, 1]
-decoder.upsamples.9.residual.2.weight [192, 192, 3, 3, 3]
-decoder.upsamples.9.residual.2.bias [192]
-decoder.upsamples.9.residual.3.gamma [192, 1, 1, 1]
-decoder.upsamples.9.residual.6.weight [192, 192, 3, 3, 3]
-decoder.upsamples.9.residual.6.bias [192]
-decoder.upsamples.10.residual.0.gamma [192, 1, 1, 1]
-decoder.upsamples.10.residual.2.weight [192, 192, 3, 3, 3]
-decoder.upsamples.10.residual.2.bias [192]
-decoder.upsamples.10.residual.3.gamma [192, 1, 1, 1]
-decoder.upsamples.10.residual.6.weight [192, 192, 3, 3, 3]
-decoder.upsamples.10.residual.6.bias [192]
-decoder.upsamples.11.resample.1.weight [96, 192, 3, 3]
-decoder.upsamples.11.resample.1.bias [96]
-decoder.upsamples.12.residual.0.gamma [96, 1, 1, 1]
-decoder.upsamples.12.residual.2.weight [96, 96, 3, 3, 3]
-decoder.upsamples.12.residual.2.bias [96]
-decoder.upsamples.12.residual.3.gamma [96, 1, 1, 1]
-decoder.upsamples.12.residual.6.weight [96, 96, 3, 3, 3]
-decoder.upsamples.12.residual.6.bias [96]
-decoder.upsamples.13.residual.0.gamma [96, 1, 1, 1]
-decoder.upsamples.13.residual.2.weight [96, 96, 3, 3, 3]
-decoder.upsamples.13.residual.2.bias [96]
-decoder.upsamples.13.residual.3.gamma [96, 1, 1, 1]
-decoder.upsamples.13.residual.6.weight [96, 96, 3, 3, 3]
-decoder.upsamples.13.residual.6.bias [96]
-decoder.upsamples.14.residual.0.gamma [96, 1, 1, 1]
-decoder.upsamples.14.residual.2.weight [96, 96, 3, 3, 3]
-decoder.upsamples.14.residual.2.bias [96]
-decoder.upsamples.14.residual.3.gamma [96, 1, 1, 1]
-decoder.upsamples.14.residual.6.weight [96, 96, 3, 3, 3]
-decoder.upsamples.14.residual.6.bias [96]
-decoder.head.0.gamma [96, 1, 1, 1]
-decoder.head.2.weight [3, 96, 3, 3, 3]
-decoder.head.2.bias [3]
-"""
 
 
 def _expected_keys() -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in WAN21_VAE_KEYS.strip().splitlines():
-        name, shape = line.split(" ", 1)
-        out[name] = tuple(int(s) for s in shape.strip("[] ").split(","))
-    return out
+    return layout("VAE")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -332,14 +129,6 @@ def test_state_dict_matches_release_checkpoint():
     assert round(n / 1e6, 1) == 126.9
     # mean/std are buffers, but not checkpoint keys
     assert "latents_mean" in dict(model.named_buffers()) and "latents_mean" not in sd
-
-
-def test_expected_keys_match_doc():
-    doc = Path(os.environ.get("TM_DOCS", "/work/shared/docs")) / "checkpoint_keys.md"
-    if not doc.exists():
-        pytest.skip("checkpoint_keys.md not available")
-    block = doc.read_text().split("## VAE", 1)[1].split("```")[1]
-    assert block.strip() == WAN21_VAE_KEYS.strip()
 
 
 def test_key_mapping_covers_diffusers():

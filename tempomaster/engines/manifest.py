@@ -28,16 +28,13 @@ Shapes list ints and symbol names ("batch", "frames", "24*frames").
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-MANIFEST_FILE = "manifest.json"
-FORMAT = "tempomaster-build"
-FORMAT_VERSION = 1
+from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file  # noqa: F401  (part of this module's API)
 
 # onnxruntime's type strings -> manifest dtype names
 ORT_DTYPES = {
@@ -49,17 +46,6 @@ _ONNX_ELEM = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "b
 
 
 from ..errors import ManifestError  # noqa: E402
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

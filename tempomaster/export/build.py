@@ -26,10 +26,9 @@ from typing import Iterable
 
 import torch
 
-from ..engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file
 from ..errors import UsageError
-from ..engines.manifest import sha256_file
-from .onnx_utils import TORCH_DTYPES, ExportError, GraphRecord, export_graph
+from .onnx_utils import TORCH_DTYPES, GraphRecord, export_graph
 from .shapes import ExportShape
 
 ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")

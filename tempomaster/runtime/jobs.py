@@ -54,7 +54,7 @@ class GenerateOptions:
 @dataclass
 class Job:
     name: str  # case name, or "video"
-    request: "GenerationRequest"  # noqa: F821  (runtime.pipeline; imported lazily: it needs torch)
+    request: object  # a runtime.pipeline.GenerationRequest (imported lazily: it needs torch)
 
 
 # ----------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from ..planner import (
     chunk_condition_video,
     plan_stages,
     reference_output_size,
-    round_num_frames,
     trim_stage_frames,
     validate_run_config,
 )
