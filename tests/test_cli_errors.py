@@ -266,3 +266,12 @@ def test_outputs_take_the_umask(tmp_path):
     assert stat.S_IMODE(mp4.stat().st_mode) == 0o644
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
+
+
+def test_missing_onnxruntime_says_how_to_install_it_from_a_clone(tiny_build, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and len(err.splitlines()) == 1
+    assert "pip install -e '.[ort]'" in err
+    assert not list(tmp_path.iterdir())

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
+from ...errors import MissingDependencyError
 from .base import Backend, ModelInfo
 
 _TORCH_DTYPES = {
@@ -32,8 +33,9 @@ def _providers() -> tuple[list[str], torch.device]:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ImportError(
-            "the onnxruntime backend needs onnxruntime: pip install 'tempomaster-trt[ort]' (CPU) or '[trt]' (GPU)"
+        raise MissingDependencyError(
+            "the onnxruntime backend needs onnxruntime: in the repository run pip install -e '.[ort]' "
+            "(CPU) or pip install -e '.[trt]' (GPU, with onnxruntime-gpu)"
         ) from None
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
