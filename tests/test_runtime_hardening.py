@@ -256,3 +256,17 @@ def test_torch_backend_on_cuda_matches_cpu(tiny_models):
     for a, b in zip(cpu.stages, gpu.stages):
         assert b.frames.device.type == "cpu"  # decoded frames live on the host
         assert (a.frames - b.frames).abs().max() < 2 / 255
+
+
+@pytest.mark.slow
+def test_memory_estimate_against_the_measured_peak():
+    """The estimate covers the measured peak RSS of a real run, without overshooting by more than half."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
+    res = subprocess.run([sys.executable, str(script), "--frames", "17"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ratio = float(res.stdout.split("(")[-1].split("x")[0])
+    assert 1.0 <= ratio <= 1.5, res.stdout
