@@ -73,3 +73,43 @@ class ExportShape:
             "dit_latent_frames": sorted({s["latent_frames"] for s in stages}),
             "max_chunks": max(s["chunks"] for s in stages),
         }
+
+
+# TensorRT: the volume of any one tensor must stay below 2^31 elements
+# (the same limit export/onnx_utils.largest_batch applies to the ONNX graph).
+TRT_MAX_ELEMENTS = 2**31 - 1
+MAX_BATCH_CAP = 1024
+
+
+def dit_elements_per_item(dit_cfg, shape: ExportShape, text_len: int = 512) -> dict[str, int]:
+    """Elements per batch item of the DiT's largest tensors, sized from the configs alone.
+
+    The tensors `largest_batch` finds in an exported dit.onnx, at the largest
+    latent frame count the build serves: the concatenated [x | y] input
+    (in_dim channels), token activations (dim), the FFN hidden layer
+    (ffn_dim), the unpatchified head output, and the text path (text_len
+    tokens of text_dim, then dim). Attention scores are not graph tensors
+    (ONNX `Attention` is one fused TensorRT layer).
+    """
+    f = max(shape.dit_latent_frames())
+    h, w = shape.latent_height, shape.latent_width
+    pt, ph, pw = dit_cfg.patch_size
+    tokens = (f // pt) * (h // ph) * (w // pw)
+    return {
+        "x|y": dit_cfg.in_dim * f * h * w,
+        "tokens x dim": tokens * dit_cfg.dim,
+        "tokens x ffn_dim": tokens * dit_cfg.ffn_dim,
+        "head output": tokens * dit_cfg.out_dim * pt * ph * pw,
+        "text x text_dim": text_len * dit_cfg.text_dim,
+        "text x dim": text_len * dit_cfg.dim,
+    }
+
+
+def estimate_dit_max_batch(dit_cfg, shape: ExportShape, text_len: int = 512) -> int:
+    """The DiT's safe batch without exporting it: what the manifest's `max_batch` will say.
+
+    Lets a build be planned (profiles, memory) for a 14B model on a machine
+    that cannot export it; tests check it against real exports.
+    """
+    per_item = max(dit_elements_per_item(dit_cfg, shape, text_len).values())
+    return min(MAX_BATCH_CAP, TRT_MAX_ELEMENTS // per_item)

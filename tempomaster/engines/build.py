@@ -1,0 +1,121 @@
+"""`tm-export build`: checkpoints -> ONNX -> TensorRT plans, in one build directory.
+
+    export_and_build(out=BUILD, precision="bf16", preset=..., checkpoints=..., ...)
+        exports the ONNX exactly as `tm-export onnx` does, records the engine
+        options asked for, then builds the plans (`builder.build_engines`).
+    resume_build(BUILD)
+        reuses the ONNX already there (every file checked against the
+        manifest's sha256 first: a changed file is refused) and builds the
+        plans, with the options recorded at export unless new ones are given.
+
+On a machine without TensorRT or without a CUDA GPU everything before the
+engine step is done and kept; MissingDependencyError (exit code 3) then says
+what is missing and that `tm-export build --resume BUILD` on a GPU machine
+finishes the job.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+from ..errors import UsageError
+from .builder import EngineOptions, _stderr, build_engines
+from .manifest import load_manifest, verify_files
+
+# The one place that says which precisions an engine build accepts.
+ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+FP8_READY = False  # becomes True when the calibrated FP8 export lands (it owns the ONNX side of fp8)
+ENGINE_REQUEST_KEY = "engine_request"
+
+
+def check_engine_precision(precision: str) -> str:
+    """UsageError (one line) for a precision the engine build cannot serve yet."""
+    if precision not in ENGINE_PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp8" and not FP8_READY:
+        raise UsageError("--precision fp8: FP8 engines are not available yet (they need the calibrated FP8 export); use fp16 or bf16")
+    return precision
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    precision: str
+    onnx_seconds: float | None  # None when resumed
+    engine_seconds: float
+    engines: dict
+
+
+def export_and_build(
+    *,
+    out: str | os.PathLike,
+    precision: str = "bf16",
+    preset: str | None = None,
+    checkpoints: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    random_weights: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    intervals: Sequence[int] | None = None,
+    opset: int = 23,
+    t5_precision: str | None = None,
+    options: EngineOptions = EngineOptions(),
+    progress: bool = True,
+    log: Callable[[str], None] = _stderr,
+) -> BuildResult:
+    """The ONNX export of `tm-export onnx` (same inputs), then the TensorRT plans."""
+    from ..export.build import _load_for_export, export_onnx
+    from ..export.shapes import ExportShape
+    from ..export.t5 import T5_PRECISION_FOR
+
+    check_engine_precision(precision)
+    options = options.validate()
+    t5_precision = t5_precision or T5_PRECISION_FOR[precision]
+    # _load_for_export reads its sources from attributes; these are the same names tm-export onnx gives it.
+    source = SimpleNamespace(preset=preset, checkpoints=Path(checkpoints) if checkpoints else None,
+                             config=Path(config) if config else None, random_weights=random_weights)
+    if intervals is not None:
+        intervals = tuple(int(i) for i in intervals)
+    t0 = time.perf_counter()
+    models = _load_for_export(source, precision, t5_precision)
+    shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
+    try:
+        shape.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    log(f"[I] exporting ONNX ({precision}, t5 {t5_precision}) to {out}")
+    manifest = export_onnx(
+        models, precision, shape, out, opset=opset, t5_precision=t5_precision, copy=False, progress=progress,
+        extra={"random_weights": bool(random_weights), ENGINE_REQUEST_KEY: options.as_dict()},
+    )
+    del models
+    onnx_seconds = time.perf_counter() - t0
+    log(f"[I] ONNX: {len(manifest['graphs'])} graphs in {onnx_seconds:.1f}s")
+    t1 = time.perf_counter()
+    section = build_engines(out, options, log=log)
+    return BuildResult(Path(out), precision, onnx_seconds, time.perf_counter() - t1, section)
+
+
+def resume_build(
+    build_dir: str | os.PathLike,
+    options: EngineOptions | None = None,
+    *,
+    log: Callable[[str], None] = _stderr,
+) -> BuildResult:
+    """Build the plans of an ONNX build made earlier (`tm-export build` stopped at exit 3, or `tm-export onnx`).
+
+    options None: those recorded when the build was exported (its defaults if none were).
+    """
+    manifest = load_manifest(build_dir)
+    check_engine_precision(manifest.precision)
+    verify_files(manifest)  # the ONNX (and tokenizer) exactly as exported, before anything else
+    if options is None:
+        options = EngineOptions.from_dict(manifest.data.get(ENGINE_REQUEST_KEY))
+    t1 = time.perf_counter()
+    section = build_engines(build_dir, options, log=log)
+    return BuildResult(Path(build_dir), manifest.precision, None, time.perf_counter() - t1, section)
