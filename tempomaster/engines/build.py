@@ -64,11 +64,15 @@ def export_and_build(
     intervals: Sequence[int] | None = None,
     opset: int = 23,
     t5_precision: str | None = None,
+    graphs: Sequence[str] | None = None,
     options: EngineOptions = EngineOptions(),
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> BuildResult:
-    """The ONNX export of `tm-export onnx` (same inputs), then the TensorRT plans."""
+    """The ONNX export of `tm-export onnx` (same inputs), then the TensorRT plans.
+
+    graphs: a subset of the build's graphs (default all; `tm-run` needs all).
+    """
     from ..export.build import _load_for_export, export_onnx
     from ..export.shapes import ExportShape
     from ..export.t5 import T5_PRECISION_FOR
@@ -79,10 +83,17 @@ def export_and_build(
     # _load_for_export reads its sources from attributes; these are the same names tm-export onnx gives it.
     source = SimpleNamespace(preset=preset, checkpoints=Path(checkpoints) if checkpoints else None,
                              config=Path(config) if config else None, random_weights=random_weights)
+    if graphs is not None:
+        from ..export.build import ALL_GRAPHS
+
+        graphs = list(graphs)
+        bad = [g for g in graphs if g not in ALL_GRAPHS]
+        if bad:
+            raise UsageError(f"--graphs: unknown {', '.join(bad)}; accepted: {', '.join(ALL_GRAPHS)}")
     if intervals is not None:
         intervals = tuple(int(i) for i in intervals)
     t0 = time.perf_counter()
-    models = _load_for_export(source, precision, t5_precision)
+    models = _load_for_export(source, precision, t5_precision, graphs)
     shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
     try:
         shape.validate()
@@ -90,14 +101,14 @@ def export_and_build(
         raise UsageError(str(err)) from None
     log(f"[I] exporting ONNX ({precision}, t5 {t5_precision}) to {out}")
     manifest = export_onnx(
-        models, precision, shape, out, opset=opset, t5_precision=t5_precision, copy=False, progress=progress,
+        models, precision, shape, out, opset=opset, t5_precision=t5_precision, graphs=graphs, copy=False, progress=progress,
         extra={"random_weights": bool(random_weights), ENGINE_REQUEST_KEY: options.as_dict()},
     )
     del models
     onnx_seconds = time.perf_counter() - t0
     log(f"[I] ONNX: {len(manifest['graphs'])} graphs in {onnx_seconds:.1f}s")
     t1 = time.perf_counter()
-    section = build_engines(out, options, log=log)
+    section = build_engines(out, options, graphs=graphs, log=log)
     return BuildResult(Path(out), precision, onnx_seconds, time.perf_counter() - t1, section)
 
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import ExportError, ManifestError, MissingDependencyError, UsageError
-from .manifest import Manifest, load_manifest, sha256_file, verify_files
+from ..errors import ExportError, MissingDependencyError, UsageError
+from .manifest import load_manifest, sha256_file, verify_files
 from .plans import (
     ENGINE_DIR, ENGINES_KEY, HARDWARE_COMPAT, TIMING_CACHE, engines_section, plan_file, write_manifest,
 )
@@ -101,14 +101,8 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def require_engine_tools(build_dir, purpose: str = "building TensorRT engines"):
-    """(tensorrt module, DeviceInfo), or MissingDependencyError naming what is missing and the command that finishes the job."""
-    try:
-        trt = import_tensorrt(purpose)
-        device = cuda_device(purpose)
-    except MissingDependencyError as err:
-        raise MissingDependencyError(f"{err}; the ONNX build in {build_dir} is complete: {resume_hint(build_dir)}") from None
-    return trt, device
+def _missing(build_dir, err: MissingDependencyError) -> MissingDependencyError:
+    return MissingDependencyError(f"{err}; the ONNX build in {build_dir} is complete: {resume_hint(build_dir)}")
 
 
 def _dtype_name(dt) -> str:
@@ -203,7 +197,12 @@ def build_engines(
         manifest.graph(n)
     verify_files(manifest, names)
     profiles = build_profiles(manifest.data, guidance=options.guidance, graphs=names)
-    trt, device = require_engine_tools(root)
+    purpose = "building TensorRT engines"
+    try:
+        trt = import_tensorrt(purpose)
+        device = cuda_device(purpose)
+    except MissingDependencyError as err:
+        raise _missing(root, err) from None
     ver = versions(trt)
     logger = make_logger(trt, log, options.verbose)
     engine_dir = root / ENGINE_DIR

@@ -15,7 +15,7 @@ TENSORRT_REQUIREMENT = "TensorRT 11.4 (pip install 'tempomaster-trt[trt]')"
 
 
 def resume_hint(build_dir) -> str:
-    return f"run `tm-export build --resume {build_dir}` on a machine with an NVIDIA GPU and {TENSORRT_REQUIREMENT} to finish the job"
+    return f"run `tm-export build --resume {build_dir}` on a machine with an NVIDIA GPU and TensorRT 11.4 to finish the job"
 
 
 def import_tensorrt(purpose: str = "this step"):

@@ -1,0 +1,428 @@
+"""The TensorRT backend: a build's plans behind the same three calls, on torch CUDA tensors.
+
+- Every plan is checked before TensorRT reads it: the TensorRT version and
+  the compute capability recorded when it was built against this machine's
+  (a mismatch is refused naming both), then its sha256. TensorRT 11.4 has no
+  way to ask whether a plan suits a GPU short of deserialising it.
+- Weight-stripped plans are refitted from the build's ONNX (hash-checked)
+  when loaded; weight-streaming plans get the budget asked for (TensorRT's
+  automatic budget by default).
+- I/O is bound with `set_tensor_address` to torch tensors (no host copies
+  inside a step), shapes are set per call with `set_input_shape`, and
+  `execute_async_v3` runs on torch's current CUDA stream, so results are
+  ordered with the torch work around them.
+- A batch above a graph's limit (the smaller of the manifest's safe batch
+  and the plan's profile maximum) is split into several calls.
+- The VAE's causal caches ping-pong between two preallocated buffer sets per
+  batch size, as in the onnxruntime backend.
+- Optional CUDA graphs (`cuda_graphs=True`): one capture per (graph, input
+  shapes) for the DiT and the VAE step graphs, each on its own execution
+  context; all contexts of an engine share one device-memory buffer
+  (USER_MANAGED allocation: the calls never overlap). A captured graph
+  replays fixed addresses, so its inputs are copied into static buffers on
+  the device (and the VAE caches ping-pong between two captures).
+
+THIS MODULE HAS NEVER RUN ON A GPU: it is written against the TensorRT 11.4
+Python API (every `trt` name it uses is checked against the 11.4 bindings by
+tests/test_tensorrt_api_surface.py) and exercised only by tests/test_gpu_tensorrt.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
+from ...engines.plans import check_plan, check_plan_compat, engines_section, plan_entry
+from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
+from .base import Backend, ModelInfo
+from .onnxruntime import OnnxRuntimeBackend
+
+GRAPHS = ("dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
+_TORCH_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _batches(total: int, limit: int) -> list[slice]:
+    limit = max(1, limit)
+    return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
+
+
+class PlanRunner:
+    """One plan: checked, deserialised (lazily, on first use), one execution context per shape captured."""
+
+    def __init__(self, backend: "TensorRTBackend", name: str):
+        self.backend = backend
+        self.name = name
+        manifest = backend.manifest
+        self.spec = manifest.graph(name)
+        self.entry = plan_entry(manifest, name)
+        self.path = manifest.root / self.entry["file"]
+        profile_max = int(self.entry["profile"]["batch"][2])
+        self.max_batch = min(int(self.spec["max_batch"]), profile_max)
+        self.inputs = [i["name"] for i in self.spec["inputs"]]
+        self.outputs = [o["name"] for o in self.spec["outputs"]]
+        self.dtypes = {t["name"]: _TORCH_DTYPES[t["dtype"]] for t in self.spec["inputs"] + self.spec["outputs"]}
+        self._engine = None
+        self._context = None
+        self._scratch = None  # the device memory every context of this engine uses
+        self._graphs: dict[tuple, tuple] = {}  # key -> (CUDAGraph, context)
+
+    # -- loading -------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = self.backend._load(self)
+        return self._engine
+
+    def _new_context(self):
+        trt = self.backend.trt
+        engine = self.engine
+        ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise RuntimeError(f"{self.path}: TensorRT could not create an execution context: {self.backend._errors()}")
+        if self._scratch is None:
+            size = int(engine.device_memory_size_v2)
+            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.backend.device)
+        ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+        return ctx
+
+    @property
+    def context(self):
+        if self._context is None:
+            self._context = self._new_context()
+        return self._context
+
+    # -- running ---------------------------------------------------------------------
+
+    def _bind(self, ctx, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """Set every input's shape and address; return the outputs' shapes."""
+        for name, t in feeds.items():
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
+                raise ManifestError(
+                    f"{self.path}: input {name} shape {tuple(t.shape)} is outside the plan's profile "
+                    f"{tuple(lo)}..{tuple(hi)}; rebuild the plans for this shape (tm-export build)"
+                )
+            ctx.set_tensor_address(name, t.data_ptr())
+        return {name: tuple(ctx.get_tensor_shape(name)) for name in self.outputs}
+
+    def output_shapes(self, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return self._bind(self.context, feeds)
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """One call with every input and output bound to the given (contiguous, CUDA) tensors."""
+        ctx = self.context
+        shapes = self._bind(ctx, feeds)
+        for name, t in outputs.items():
+            if tuple(t.shape) != shapes[name]:
+                raise RuntimeError(f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}")
+            ctx.set_tensor_address(name, t.data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.backend.device).cuda_stream):
+            raise RuntimeError(f"{self.path}: execute_async_v3 failed: {self.backend._errors()}")
+
+    def run_graphed(self, key: tuple, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Replay the CUDA graph captured for `key`, capturing it on first use.
+
+        The caller passes the same (static) tensors for the same key every time:
+        a captured graph holds the addresses and shapes it was captured with.
+        """
+        hit = self._graphs.get(key)
+        if hit is None:
+            ctx = self._new_context()
+            shapes = self._bind(ctx, feeds)
+            for name, t in outputs.items():
+                if tuple(t.shape) != shapes[name]:
+                    raise RuntimeError(f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}")
+                ctx.set_tensor_address(name, t.data_ptr())
+            stream = torch.cuda.current_stream(self.backend.device)
+            # one launch outside the capture: TensorRT finishes its shape-dependent setup there
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError(f"{self.path}: execute_async_v3 failed: {self.backend._errors()}")
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                if not ctx.execute_async_v3(torch.cuda.current_stream(self.backend.device).cuda_stream):
+                    raise RuntimeError(f"{self.path}: execute_async_v3 failed during CUDA graph capture: {self.backend._errors()}")
+            self._graphs[key] = hit = (graph, ctx)
+        hit[0].replay()
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    # the build's tokenizer and the request check read only the manifest: the same as onnxruntime's
+    tokenizer = OnnxRuntimeBackend.tokenizer
+    check_request = OnnxRuntimeBackend.check_request
+
+    def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
+                 verbose: bool = False, log: Callable[[str], None] = _stderr):
+        self.manifest = manifest
+        self.log = log
+        self.cuda_graphs = bool(cuda_graphs)
+        self.weight_streaming_budget = weight_streaming_budget
+        self.trt = import_tensorrt("the tensorrt backend")
+        self.gpu = cuda_device("the tensorrt backend")
+        self.device = torch.device("cuda", self.gpu.index)
+        self.versions = versions(self.trt)
+        self._logger = make_logger(self.trt, log, verbose)
+        self._runtime = None
+        # compatibility of every plan at startup, before any is read: cheap, and a foreign build fails at once
+        for name in GRAPHS:
+            entry = plan_entry(manifest, name)
+            check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"], compute_capability=self.gpu.compute_capability,
+                              gpu_name=self.gpu.name, where=str(manifest.root / entry["file"]))
+        self.graphs = {name: PlanRunner(self, name) for name in GRAPHS}
+        models = manifest.data["models"]
+        dit = models["dit"]
+        self.info = ModelInfo(
+            text_len=int(models["t5"]["text_len"]),
+            text_dim=int(dit["text_dim"]),
+            head_dim=int(dit["dim"]) // int(dit["num_heads"]),
+            patch_size=tuple(dit["patch_size"]),
+            z_dim=int(dit["out_dim"]),
+            dit_dtype=_PRECISION_DTYPES[manifest.precision],
+        )
+        self._cache_sets: dict[tuple, list[list[torch.Tensor]]] = {}
+        self._static: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> "TensorRTBackend":
+        """Open a build with plans; the tokenizer's files are hash-checked here, each plan when it loads."""
+        manifest = load_manifest(build_dir)
+        if engines_section(manifest) is None:
+            raise ManifestError(f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`")
+        missing = [n for n in GRAPHS if n not in manifest.graphs]
+        if missing:
+            raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
+        if verify:
+            files = {k: v for k, v in manifest.data["files"].items() if k.startswith("tokenizer/")}
+            verify_files(Manifest({**manifest.data, "files": files}, manifest.root))
+        return cls(manifest, **kwargs)
+
+    def _errors(self) -> str:
+        return "; ".join(self._logger.errors[-5:]) or "no reason logged"
+
+    @property
+    def runtime(self):
+        if self._runtime is None:
+            self._runtime = self.trt.Runtime(self._logger)
+        return self._runtime
+
+    def _load(self, runner: PlanRunner):
+        """Check, read, deserialise (and refit / budget) one plan."""
+        trt = self.trt
+        entry = runner.entry
+        path = check_plan(self.manifest, runner.name, tensorrt_version=self.versions["tensorrt"],
+                          compute_capability=self.gpu.compute_capability, gpu_name=self.gpu.name)
+        if entry.get("version_compatible"):
+            # a version-compatible plan carries its lean runtime; TensorRT runs it only when allowed
+            self.runtime.engine_host_code_allowed = True
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise ManifestError(f"{path}: TensorRT could not deserialise the plan: {self._errors()}")
+        if entry.get("stripped"):
+            verify_files(self.manifest, [runner.name])  # the weights come from this ONNX
+            onnx_path = self.manifest.path(runner.name)
+            refitter = trt.Refitter(engine, self._logger)
+            parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
+            if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+                raise ManifestError(f"{path}: refitting the weight-stripped plan from {onnx_path} failed: {self._errors()}")
+        if entry.get("weight_streaming"):
+            budget = self.weight_streaming_budget
+            if budget is None:
+                budget = int(engine.get_weight_streaming_automatic_budget())
+            engine.weight_streaming_budget_v2 = int(budget)
+            self.log(f"[I] {runner.name}: weight streaming, {budget / 2**30:.2f} GiB of "
+                     f"{int(engine.streamable_weights_size) / 2**30:.2f} GiB streamable weights on the GPU")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in names if n not in ins]
+        if sorted(ins) != sorted(runner.inputs) or sorted(outs) != sorted(runner.outputs):
+            raise ManifestError(f"{path}: plan I/O {ins} -> {outs} differ from the manifest's {runner.inputs} -> {runner.outputs}")
+        return engine
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _prepare(self, g: PlanRunner, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, g.dtypes[name]).contiguous()
+
+    def _static_set(self, key: tuple, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        s = self._static.get(key)
+        if s is None:
+            s = {n: torch.empty(sh, dtype=dtypes[n], device=self.device) for n, sh in shapes.items()}
+            self._static[key] = s
+        return s
+
+    def _call(self, g: PlanRunner, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor], graphed: bool) -> None:
+        """One call into `out` (slices of the caller's result tensors)."""
+        if not (graphed and self.cuda_graphs):
+            g.run(feeds, out)
+            return
+        key = (g.name, *[(n, tuple(t.shape)) for n, t in feeds.items()])
+        shapes = {n: tuple(t.shape) for n, t in feeds.items()}
+        shapes.update({n: tuple(t.shape) for n, t in out.items()})
+        static = self._static_set(key, shapes, g.dtypes)
+        for n, t in feeds.items():
+            static[n].copy_(t)
+        g.run_graphed(key, {n: static[n] for n in feeds}, {n: static[n] for n in out})
+        for n, t in out.items():
+            t.copy_(static[n])
+
+    # -- the three calls ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, ids, mask):
+        g = self.graphs["t5"]
+        ids, mask = self._prepare(g, "ids", ids), self._prepare(g, "mask", mask)
+        out = None
+        for s in _batches(ids.shape[0], g.max_batch):
+            feeds = {"ids": ids[s], "mask": mask[s]}
+            if out is None:
+                shape = g.output_shapes(feeds)["embeddings"]
+                out = torch.empty((ids.shape[0], *shape[1:]), dtype=g.dtypes["embeddings"], device=self.device)
+            self._call(g, feeds, {"embeddings": out[s]}, graphed=False)  # once per video: nothing to gain
+        return out
+
+    @torch.inference_mode()
+    def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        g = self.graphs["dit"]
+        feeds = {
+            "x": self._prepare(g, "x", x),
+            "y": self._prepare(g, "y", y),
+            "timestep": self._prepare(g, "timestep", timestep.reshape(-1)[:1]),
+            "context": self._prepare(g, "context", context),
+            "rope_cos": self._prepare(g, "rope_cos", rope_cos),
+            "rope_sin": self._prepare(g, "rope_sin", rope_sin),
+        }
+        out = torch.empty(feeds["x"].shape, dtype=g.dtypes["velocity"], device=self.device)
+        for s in _batches(x.shape[0], g.max_batch):
+            # slices along dim 0 of contiguous tensors stay contiguous: bound in place
+            piece = {k: (v if k == "timestep" else v[s]) for k, v in feeds.items()}
+            self._call(g, piece, {"velocity": out[s]}, graphed=True)
+        return out
+
+    def _cache_pair(self, first: PlanRunner, batch: int) -> list[list[torch.Tensor]]:
+        """Two preallocated sets of every cache tensor for this direction and batch, zeroed (= nothing before)."""
+        caches = first.spec["meta"]["caches"]
+        key = (first.name, batch)
+        pair = self._cache_sets.get(key)
+        if pair is None:
+            def alloc():
+                return [torch.empty([batch if d == "batch" else int(d) for d in c["shape"]],
+                                    dtype=first.dtypes[c["input"]], device=self.device) for c in caches]
+            pair = self._cache_sets[key] = [alloc(), alloc()]
+        for t in pair[0]:
+            t.zero_()
+        return pair
+
+    def _stream(self, first: PlanRunner, rest: PlanRunner, data_name: str, out_name: str, pieces: list[torch.Tensor]):
+        """Run the causal step graphs over `pieces` (time slices), the caches ping-ponging between two buffer sets."""
+        caches = first.spec["meta"]["caches"]
+        batch = pieces[0].shape[0]
+        pair = self._cache_pair(first, batch)
+        results = []
+        for k, piece in enumerate(pieces):
+            g = first if k == 0 else rest
+            src, dst = pair[k % 2], pair[(k + 1) % 2]
+            data = self._prepare(g, data_name, piece)
+            feeds = {data_name: data, **{c["input"]: t for c, t in zip(caches, src)}}
+            cache_out = {c["output"]: t for c, t in zip(caches, dst)}
+            if self.cuda_graphs:
+                # the caches are already static (the pair lives as long as the backend): only the data is copied
+                key = (g.name, batch, k % 2)
+                shapes = g.output_shapes(feeds)
+                static = self._static_set(key, {data_name: tuple(data.shape), out_name: shapes[out_name]}, g.dtypes)
+                static[data_name].copy_(data)
+                g.run_graphed(key, {**feeds, data_name: static[data_name]}, {out_name: static[out_name], **cache_out})
+                results.append(static[out_name].clone())
+            else:
+                out = torch.empty(g.output_shapes(feeds)[out_name], dtype=g.dtypes[out_name], device=self.device)
+                g.run(feeds, {out_name: out, **cache_out})
+                results.append(out)
+        return torch.cat(results, dim=2)
+
+    @torch.inference_mode()
+    def vae_encode(self, video):
+        first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
+        step = int(rest.spec["meta"]["in_frames"])
+        frames = video.shape[2]
+        if (frames - 1) % step:
+            raise ValueError(f"VAE encode needs 1 + {step}k frames, got {frames}")
+        outs = []
+        for s in _batches(video.shape[0], min(first.max_batch, rest.max_batch)):
+            v = video[s]
+            pieces = [v[:, :, :1]] + [v[:, :, i : i + step] for i in range(1, frames, step)]
+            outs.append(self._stream(first, rest, "frames", "latents", pieces))
+        return torch.cat(outs).float()
+
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
+        outs = []
+        for s in _batches(latents.shape[0], min(first.max_batch, rest.max_batch)):
+            z = latents[s]
+            pieces = [z[:, :, i : i + 1] for i in range(z.shape[2])]
+            outs.append(self._stream(first, rest, "latents", "frames", pieces))
+        return torch.cat(outs).float().clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------
+# Choosing a backend for `tm-run generate`
+# ----------------------------------------------------------------------------
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def choose_backend(engines: str | Path | None, backend: str | None = None) -> str:
+    """The backend `tm-run generate` uses.
+
+    backend given: that one (`--backend`; onnxruntime and tensorrt need
+    `--engines BUILD`). Otherwise: torch without a build; with a build,
+    tensorrt when it has plans and this machine has a CUDA GPU and TensorRT,
+    onnxruntime otherwise.
+    """
+    from ...errors import UsageError
+
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if engines is None:
+        if backend is not None:
+            raise UsageError(f"--backend {backend} runs a build's graphs: give --engines BUILD (from tm-export onnx / build)")
+        return "torch"
+    if backend is not None:
+        return backend
+    from ...engines.plans import has_plans
+    from ...engines.trt_env import cuda_available, tensorrt_available
+
+    manifest = load_manifest(engines)
+    if has_plans(manifest) and cuda_available() and tensorrt_available():
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
+                        weight_streaming_budget: int | None = None, verify: bool = True) -> Backend:
+    """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer)."""
+    from ...errors import UsageError
+
+    if backend == "onnxruntime":
+        if cuda_graphs:
+            raise UsageError("--cuda-graphs needs --backend tensorrt")
+        return OnnxRuntimeBackend.from_build(engines, verify=verify)
+    if backend == "tensorrt":
+        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs,
+                                          weight_streaming_budget=weight_streaming_budget)
+    raise UsageError(f"open_engine_backend serves onnxruntime and tensorrt, not {backend!r}")
