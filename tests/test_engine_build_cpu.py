@@ -1,0 +1,112 @@
+"""`tm-export build` on a machine without TensorRT or a GPU: the ONNX step completes, then exit code 3.
+
+These tests need a machine that lacks TensorRT or a CUDA GPU (they check the
+refusal); on a GPU machine with TensorRT, tests/test_gpu_tensorrt.py runs instead.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tempomaster.engines.build import ENGINE_REQUEST_KEY, check_engine_precision, export_and_build, resume_build
+from tempomaster.engines.builder import EngineOptions, build_engines, parse_size
+from tempomaster.engines.manifest import load_manifest, verify_files
+from tempomaster.engines.trt_env import cuda_available, tensorrt_available
+from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
+
+pytestmark = pytest.mark.skipif(
+    cuda_available() and tensorrt_available(), reason="this machine has TensorRT and a GPU: nothing is missing"
+)
+
+OPTIONS = EngineOptions(opt_level=4, workspace=6 * 2**30, weight_streaming=True, hardware_compat="ampere+",
+                        version_compatible=True, strip_weights=True)
+
+
+def _check_exit_3(err: MissingDependencyError, build) -> None:
+    msg = str(err)
+    assert err.exit_code == 3
+    assert "\n" not in msg
+    assert "TensorRT" in msg or "GPU" in msg
+    assert f"tm-export build --resume {build}" in msg
+
+
+def test_build_exports_the_onnx_then_stops_with_exit_3(tmp_path):
+    out = tmp_path / "tiny-t5"
+    lines = []
+    with pytest.raises(MissingDependencyError) as info:
+        export_and_build(out=out, precision="fp16", preset="tiny", height=32, width=48, num_frames=9,
+                         intervals=(4, 2, 1), graphs=["t5"], options=OPTIONS, progress=False, log=lines.append)
+    _check_exit_3(info.value, out)
+    # the ONNX step is complete and intact, and remembers the engine options for --resume
+    manifest = load_manifest(out)
+    verify_files(manifest)
+    assert manifest.graphs["t5"]["precision"] == "bf16"  # umT5 is never fp16
+    assert (out / "onnx" / "t5.onnx").is_file()
+    assert EngineOptions.from_dict(manifest.data[ENGINE_REQUEST_KEY]) == OPTIONS
+    assert not (out / "engines").exists() or not any((out / "engines").glob("*.plan"))
+    assert any("ONNX" in line for line in lines)
+
+
+def test_resume_checks_the_onnx_then_stops_with_exit_3(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    with pytest.raises(MissingDependencyError) as info:
+        resume_build(build, log=lambda _l: None)
+    _check_exit_3(info.value, build)
+
+
+def test_resume_refuses_a_tampered_onnx(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    path = build / "onnx" / "vae_decoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit changed
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError) as info:
+        resume_build(build, log=lambda _l: None)
+    assert "onnx/vae_decoder.onnx" in str(info.value) and "modified" in str(info.value)
+    with pytest.raises(ManifestError, match="vae_decoder.onnx"):
+        build_engines(build, log=lambda _l: None)
+
+
+def test_resume_refuses_a_missing_onnx(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    (build / "onnx" / "t5.onnx").unlink()
+    with pytest.raises(ManifestError, match="onnx/t5.onnx: missing"):
+        resume_build(build, log=lambda _l: None)
+
+
+def test_fp8_is_refused_before_anything(tmp_path):
+    out = tmp_path / "fp8"
+    with pytest.raises(UsageError) as info:
+        export_and_build(out=out, precision="fp8", preset="tiny", progress=False, log=lambda _l: None)
+    assert "fp8" in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+    with pytest.raises(UsageError, match="--precision must be one of"):
+        check_engine_precision("int8")
+    assert check_engine_precision("bf16") == "bf16"
+
+
+def test_an_fp8_build_cannot_be_resumed_yet(tiny_build, tmp_path):
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    data = json.loads((build / "manifest.json").read_text())
+    data["precision"] = "fp8"
+    (build / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="fp8"):
+        resume_build(build, log=lambda _l: None)
+
+
+def test_engine_option_checks():
+    with pytest.raises(UsageError, match="--opt-level"):
+        EngineOptions(opt_level=6).validate()
+    with pytest.raises(UsageError, match="--hardware-compat"):
+        EngineOptions(hardware_compat="turing+").validate()
+    with pytest.raises(UsageError, match="--workspace"):
+        EngineOptions(workspace=0).validate()
+    assert parse_size("8GiB") == 8 * 2**30
+    assert parse_size("512M") == 512 * 2**20
+    assert parse_size("1.5G") == 3 * 2**29
+    assert parse_size("4096") == 4096
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(UsageError, match="--workspace"):
+            parse_size(bad)

@@ -1,0 +1,179 @@
+"""Optimization profiles and safe batches, against values worked out by hand.
+
+Hand arithmetic used below (480x832, 109 frames, intervals [4,2,1]):
+  latent 60 x 104; stages: 109 frames in 1 chunk, 218 in 2 chunks of 109,
+  436 in 4 chunks of 109 -> every chunk (109-1)/4+1 = 28 latent frames;
+  DiT tokens 28 * 30 * 52 = 43680.
+  14B: FFN hidden 43680 * 13824 = 603,832,320 elements per item,
+       (2^31 - 1) // 603,832,320 = 3.
+  wan-1.3b: 43680 * 8960 = 391,372,800 -> 5.
+  Guided DiT batches 2 (50 steps), 4 (32), 8 (32).
+"""
+from __future__ import annotations
+
+import pytest
+
+from export_helpers import MICRO, micro_models
+from tempomaster.engines.profiles import build_profiles, call_counts, graph_profile, split_batch
+from tempomaster.errors import ManifestError
+from tempomaster.export.shapes import ExportShape, dit_elements_per_item, estimate_dit_max_batch
+from tempomaster.models.presets import get_preset
+
+SHAPE_480 = ExportShape(480, 832, 109, (4, 2, 1))
+
+
+def _dit_entry(cfg, shape: ExportShape, max_batch: int, text_len: int = 512) -> dict:
+    """dit.onnx's inputs as export/dit.py declares them (static frames)."""
+    f = shape.dit_latent_frames()[0]
+    h, w = shape.latent_height, shape.latent_width
+    tokens = f * (h // 2) * (w // 2)
+    half = cfg.head_dim // 2
+    return {
+        "max_batch": max_batch,
+        "inputs": [
+            {"name": "x", "dtype": "bfloat16", "shape": ["batch", 16, f, h, w]},
+            {"name": "y", "dtype": "bfloat16", "shape": ["batch", 20, f, h, w]},
+            {"name": "timestep", "dtype": "float32", "shape": [1]},
+            {"name": "context", "dtype": "bfloat16", "shape": ["batch", text_len, cfg.text_dim]},
+            {"name": "rope_cos", "dtype": "float32", "shape": ["batch", tokens, half]},
+            {"name": "rope_sin", "dtype": "float32", "shape": ["batch", tokens, half]},
+        ],
+        "meta": {"latent_frames": [f], "dynamic_frames": False},
+    }
+
+
+def _batch_entry(inputs: dict[str, list], max_batch: int) -> dict:
+    return {"max_batch": max_batch, "inputs": [{"name": n, "dtype": "bfloat16", "shape": s} for n, s in inputs.items()]}
+
+
+def test_split_batch_as_the_runtime_does():
+    assert split_batch(8, 3) == [3, 3, 2]
+    assert split_batch(4, 3) == [3, 1]
+    assert split_batch(2, 5) == [2]
+    assert split_batch(7, 1) == [1] * 7
+
+
+def test_stage_plan_of_the_release_shape():
+    stages = SHAPE_480.as_dict()["stages"]
+    assert [s["chunks"] for s in stages] == [1, 2, 4]
+    assert [s["chunk_frames"] for s in stages] == [109, 109, 109]
+    assert [s["latent_frames"] for s in stages] == [28, 28, 28]
+
+
+def test_dit_safe_batch_14b_and_1_3b_by_hand():
+    dit14 = get_preset("tempomaster-14b").dit
+    sizes = dit_elements_per_item(dit14, SHAPE_480)
+    assert sizes["tokens x ffn_dim"] == 43680 * 13824 == 603_832_320
+    assert max(sizes.values()) == 603_832_320
+    assert estimate_dit_max_batch(dit14, SHAPE_480) == 3
+    assert estimate_dit_max_batch(get_preset("wan-1.3b").dit, SHAPE_480) == 5
+    # tiny at its default 64x96, 17 frames: nothing near the limit -> the 1024 cap
+    assert estimate_dit_max_batch(get_preset("tiny").dit, ExportShape.from_preset(get_preset("tiny"))) == 1024
+
+
+def test_dit_safe_batch_estimate_matches_an_export(tmp_path):
+    """The estimate equals `largest_batch` on a real dit.onnx where the limit bites.
+
+    Micro DiT at 480x832, 109 frames: the largest tensor is [x | y],
+    36 * 28 * 60 * 104 = 6,289,920 per item -> (2^31 - 1) // 6,289,920 = 341.
+    """
+    from tempomaster.export.build import export_onnx
+
+    manifest = export_onnx(micro_models(), "fp32", SHAPE_480, tmp_path / "b", graphs=["dit"], progress=False, audit=False)
+    assert manifest["graphs"]["dit"]["max_batch"] == 341
+    assert estimate_dit_max_batch(MICRO.dit, SHAPE_480) == 341
+    assert manifest["graphs"]["dit"]["largest_activation"]["elements_per_item"] == 36 * 28 * 60 * 104
+
+
+def test_14b_profiles():
+    cfg = get_preset("tempomaster-14b").dit
+    shape = SHAPE_480.as_dict()
+    dit = graph_profile("dit", _dit_entry(cfg, SHAPE_480, estimate_dit_max_batch(cfg, SHAPE_480)), shape,
+                        steps_per_stage=(50, 32, 32))
+    # pieces: 2 -> [2] x50; 4 -> [3,1] x32; 8 -> [3,3,2] x32 => 1: 32, 2: 82, 3: 96
+    assert dit.calls == {"1x28": 32, "2x28": 82, "3x28": 96}
+    assert dit.batch == (1, 3, 3)
+    assert dit.frames is None
+    assert set(dit.shapes) == {"x", "y", "context", "rope_cos", "rope_sin"}  # timestep is static
+    assert dit.shapes["x"] == ((1, 16, 28, 60, 104), (3, 16, 28, 60, 104), (3, 16, 28, 60, 104))
+    assert dit.shapes["context"] == ((1, 512, 4096), (3, 512, 4096), (3, 512, 4096))
+    assert dit.shapes["rope_cos"] == ((1, 43680, 64), (3, 43680, 64), (3, 43680, 64))
+
+    # VAE step graphs (safe batch 2 given here): encoder batches = chunks 1, 2, 4
+    enc_in = {"frames": ["batch", 3, 4, 480, 832], "cache_in_00": ["batch", 96, 2, 480, 832]}
+    enc_first = graph_profile("vae_encoder_first", _batch_entry(enc_in, 2), shape)
+    assert enc_first.calls == {"1": 1, "2": 3} and enc_first.batch == (1, 2, 2)  # 4 -> [2, 2]
+    enc = graph_profile("vae_encoder", _batch_entry(enc_in, 2), shape)
+    assert enc.calls == {"1": 27, "2": 81} and enc.batch == (1, 2, 2)  # 27 steps of 4 frames per stage
+    assert enc.shapes["cache_in_00"] == ((1, 96, 2, 480, 832), (2, 96, 2, 480, 832), (2, 96, 2, 480, 832))
+    dec_in = {"latents": ["batch", 16, 1, 60, 104]}
+    dec_first = graph_profile("vae_decoder_first", _batch_entry(dec_in, 2), shape)
+    assert dec_first.calls == {"1": 7} and dec_first.batch == (1, 1, 1)  # one chunk at a time, 1+2+4 chunks
+    dec = graph_profile("vae_decoder", _batch_entry(dec_in, 2), shape)
+    assert dec.calls == {"1": 7 * 27} and dec.batch == (1, 1, 1)
+    t5_in = {"ids": ["batch", 512], "mask": ["batch", 512]}
+    assert graph_profile("t5", _batch_entry(t5_in, 127), shape).batch == (1, 2, 2)
+    assert graph_profile("t5", _batch_entry(t5_in, 127), shape, guidance=False).batch == (1, 1, 1)
+
+
+def test_wan_1_3b_profiles():
+    cfg = get_preset("wan-1.3b").dit
+    entry = _dit_entry(cfg, SHAPE_480, estimate_dit_max_batch(cfg, SHAPE_480))
+    shape = SHAPE_480.as_dict()
+    dit = graph_profile("dit", entry, shape, steps_per_stage=(50, 32, 32))
+    # 2 x50, 4 x32, 8 -> [5, 3] x32
+    assert dit.calls == {"2x28": 50, "3x28": 32, "4x28": 32, "5x28": 32}
+    assert dit.batch == (1, 2, 5)
+    assert dit.shapes["context"][2] == (5, 512, 4096)
+    assert dit.shapes["rope_sin"][0] == (1, 43680, 64)  # head_dim 1536 / 12 = 128
+    unguided = graph_profile("dit", entry, shape, guidance=False, steps_per_stage=(50, 32, 32))
+    assert unguided.calls == {"1x28": 50, "2x28": 32, "4x28": 32} and unguided.batch == (1, 1, 4)
+
+
+def test_tiny_profiles_from_the_manifest_defaults():
+    """tiny at 64x96, 17 frames: latent 8x12, 5 latent frames, 120 tokens; preset steps 6, 4, 4."""
+    preset = get_preset("tiny")
+    s = ExportShape.from_preset(preset)
+    t5_in = {"ids": ["batch", 512], "mask": ["batch", 512]}
+    manifest = {
+        "preset": "tiny",
+        "shape": s.as_dict(),
+        "graphs": {"dit": _dit_entry(preset.dit, s, estimate_dit_max_batch(preset.dit, s)), "t5": _batch_entry(t5_in, 1024)},
+    }
+    profiles = build_profiles(manifest)
+    dit = profiles["dit"]
+    assert dit.calls == {"2x5": 6, "4x5": 4, "8x5": 4}
+    assert dit.batch == (1, 2, 8)  # max = the largest batch the plan sends, not the 1024 cap
+    assert dit.shapes["x"] == ((1, 16, 5, 8, 12), (2, 16, 5, 8, 12), (8, 16, 5, 8, 12))
+    assert dit.shapes["rope_cos"][2] == (8, 120, 16)  # head_dim 64 / 2 = 32 -> 16
+    assert profiles["t5"].batch == (1, 2, 2)
+
+
+def test_dynamic_frames_from_a_real_export(tmp_path):
+    """9 frames at [2, 1]: stage 0 one chunk of 9 frames (3 latent), stage 1 four chunks of 5 (2 latent).
+
+    The DiT gets a `frames` axis (rope tokens "6*frames": (4/2) * (6/2) = 6 per frame).
+    Steps 10, 4: batch 2 with 3 frames x10, batch 8 with 2 frames x4.
+    """
+    from tempomaster.export.build import export_onnx
+
+    shape = ExportShape(32, 48, 9, (2, 1))
+    manifest = export_onnx(micro_models(), "fp32", shape, tmp_path / "b", graphs=["dit"], progress=False, audit=False)
+    g = manifest["graphs"]["dit"]
+    assert g["meta"]["dynamic_frames"] and g["meta"]["latent_frames"] == [2, 3]
+    dit = build_profiles(manifest, steps_per_stage=(10, 4))["dit"]
+    assert dit.calls == {"2x3": 10, "8x2": 4}
+    assert dit.batch == (1, 2, 8) and dit.frames == (2, 3, 3)
+    assert dit.shapes["x"] == ((1, 16, 2, 4, 6), (2, 16, 3, 4, 6), (8, 16, 3, 4, 6))
+    assert dit.shapes["rope_cos"] == ((1, 12, 8), (2, 18, 8), (8, 18, 8))
+    assert dit.shapes["context"] == ((1, 512, 16), (2, 512, 16), (8, 512, 16))
+
+
+def test_call_counts_and_unknown_axes():
+    shape = SHAPE_480.as_dict()
+    assert call_counts("dit", shape, steps_per_stage=(1, 1, 1)) == {(2, 28): 1, (4, 28): 1, (8, 28): 1}
+    with pytest.raises(ValueError, match="one value per stage"):
+        call_counts("dit", shape, steps_per_stage=(1, 1))
+    entry = _batch_entry({"ids": ["batch", "seq"]}, 4)
+    with pytest.raises(ManifestError, match="seq"):
+        graph_profile("t5", entry, shape)
