@@ -54,6 +54,11 @@ def test_resume_checks_the_onnx_then_stops_with_exit_3(tiny_build, tmp_path):
     with pytest.raises(MissingDependencyError) as info:
         resume_build(build, log=lambda _l: None)
     _check_exit_3(info.value, build)
+    # engine flags given with --resume are checked before the engine step too
+    with pytest.raises(UsageError, match="--opt-level"):
+        resume_build(build, overrides={"opt_level": 9}, log=lambda _l: None)
+    with pytest.raises(UsageError, match="unknown engine options"):
+        resume_build(build, overrides={"fp16": True}, log=lambda _l: None)
 
 
 def test_resume_refuses_a_tampered_onnx(tiny_build, tmp_path):

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import UsageError
 from .builder import EngineOptions, _stderr, build_engines
@@ -116,17 +116,25 @@ def resume_build(
     build_dir: str | os.PathLike,
     options: EngineOptions | None = None,
     *,
+    overrides: Mapping[str, object] | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> BuildResult:
     """Build the plans of an ONNX build made earlier (`tm-export build` stopped at exit 3, or `tm-export onnx`).
 
-    options None: those recorded when the build was exported (its defaults if none were).
+    options None: those recorded when the build was exported (the defaults
+    if none were), with `overrides` (EngineOptions field -> value, e.g. the
+    engine flags given with --resume) applied on top.
     """
     manifest = load_manifest(build_dir)
     check_engine_precision(manifest.precision)
     verify_files(manifest)  # the ONNX (and tokenizer) exactly as exported, before anything else
     if options is None:
         options = EngineOptions.from_dict(manifest.data.get(ENGINE_REQUEST_KEY))
+    if overrides:
+        unknown = sorted(set(overrides) - set(EngineOptions.__dataclass_fields__))
+        if unknown:
+            raise UsageError(f"unknown engine options {unknown}; known: {', '.join(EngineOptions.__dataclass_fields__)}")
+        options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
     t1 = time.perf_counter()
     section = build_engines(build_dir, options, log=log)
     return BuildResult(Path(build_dir), manifest.precision, None, time.perf_counter() - t1, section)

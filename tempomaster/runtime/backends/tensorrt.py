@@ -76,6 +76,7 @@ class PlanRunner:
         self._context = None
         self._scratch = None  # the device memory every context of this engine uses
         self._graphs: dict[tuple, tuple] = {}  # key -> (CUDAGraph, context)
+        self._dynamic: set[str] | None = None
 
     # -- loading -------------------------------------------------------------------
 
@@ -84,6 +85,14 @@ class PlanRunner:
         if self._engine is None:
             self._engine = self.backend._load(self)
         return self._engine
+
+    @property
+    def dynamic_inputs(self) -> set[str]:
+        """Inputs with a -1 dimension: the ones whose shape is set per call."""
+        if self._dynamic is None:
+            engine = self.engine
+            self._dynamic = {n for n in self.inputs if -1 in tuple(engine.get_tensor_shape(n))}
+        return self._dynamic
 
     def _new_context(self):
         trt = self.backend.trt
@@ -107,8 +116,9 @@ class PlanRunner:
 
     def _bind(self, ctx, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """Set every input's shape and address; return the outputs' shapes."""
+        dynamic = self.dynamic_inputs
         for name, t in feeds.items():
-            if not ctx.set_input_shape(name, tuple(t.shape)):
+            if name in dynamic and not ctx.set_input_shape(name, tuple(t.shape)):
                 lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
                 raise ManifestError(
                     f"{self.path}: input {name} shape {tuple(t.shape)} is outside the plan's profile "
