@@ -129,6 +129,11 @@ def test_choose_backend_on_a_machine_without_tensorrt(tmp_path):
     assert choose_backend(build, "torch") == "torch"
     with pytest.raises(UsageError, match="--engines"):
         choose_backend(None, "onnxruntime")
+    assert choose_backend(build, "tensorrt", cuda_graphs=True) == "tensorrt"
+    with pytest.raises(UsageError, match="--cuda-graphs needs the tensorrt backend; the backend is onnxruntime \\(chosen"):
+        choose_backend(build, cuda_graphs=True)
+    with pytest.raises(UsageError, match="--cuda-graphs"):
+        choose_backend(None, cuda_graphs=True)
     with pytest.raises(UsageError, match="--backend must be one of"):
         choose_backend(build, "tvm")
     with pytest.raises(MissingDependencyError) as info:

@@ -394,33 +394,34 @@ class TensorRTBackend(Backend):
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def choose_backend(engines: str | Path | None, backend: str | None = None) -> str:
+def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_graphs: bool = False) -> str:
     """The backend `tm-run generate` uses.
 
     backend given: that one (`--backend`; onnxruntime and tensorrt need
     `--engines BUILD`). Otherwise: torch without a build; with a build,
     tensorrt when it has plans and this machine has a CUDA GPU and TensorRT,
-    onnxruntime otherwise.
+    onnxruntime otherwise. cuda_graphs (`--cuda-graphs`) needs tensorrt.
     """
     from ...errors import UsageError
 
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if engines is None:
-        if backend is not None:
-            raise UsageError(f"--backend {backend} runs a build's graphs: give --engines BUILD (from tm-export onnx / build)")
-        return "torch"
-    if backend is not None:
-        return backend
-    from ...engines.plans import has_plans
-    from ...engines.trt_env import cuda_available, tensorrt_available
+    if backend == "torch" or (engines is None and backend is None):
+        chosen = "torch"
+    elif engines is None:
+        raise UsageError(f"--backend {backend} runs a build's graphs: give --engines BUILD (from tm-export onnx / build)")
+    elif backend is not None:
+        chosen = backend
+    else:
+        from ...engines.plans import has_plans
+        from ...engines.trt_env import cuda_available, tensorrt_available
 
-    manifest = load_manifest(engines)
-    if has_plans(manifest) and cuda_available() and tensorrt_available():
-        return "tensorrt"
-    return "onnxruntime"
+        manifest = load_manifest(engines)
+        chosen = "tensorrt" if has_plans(manifest) and cuda_available() and tensorrt_available() else "onnxruntime"
+    if cuda_graphs and chosen != "tensorrt":
+        why = "" if backend is not None else " (chosen because the build has no plans, or this machine has no GPU or TensorRT)"
+        raise UsageError(f"--cuda-graphs needs the tensorrt backend; the backend is {chosen}{why}")
+    return chosen
 
 
 def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
