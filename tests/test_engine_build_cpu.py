@@ -115,3 +115,16 @@ def test_engine_option_checks():
     for bad in ("lots", "-1G", "0"):
         with pytest.raises(UsageError, match="--workspace"):
             parse_size(bad)
+
+
+@pytest.mark.slow
+def test_full_tiny_build_stops_at_the_engine_step(tmp_path):
+    """All six graphs of the tiny preset (about 90 s on 2 cores), then exit 3 with the ONNX complete."""
+    out = tmp_path / "tiny"
+    with pytest.raises(MissingDependencyError) as info:
+        export_and_build(out=out, precision="bf16", preset="tiny", progress=False, log=lambda _l: None)
+    _check_exit_3(info.value, out)
+    manifest = load_manifest(out)
+    verify_files(manifest)
+    assert sorted(manifest.graphs) == sorted(["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"])
+    assert (out / "tokenizer").is_dir()

@@ -139,3 +139,20 @@ def test_choose_backend_on_a_machine_without_tensorrt(tmp_path):
     with pytest.raises(MissingDependencyError) as info:
         TensorRTBackend.from_build(build)
     assert info.value.exit_code == 3 and "TensorRT" in str(info.value)
+
+
+def test_build_summary_names_every_plan():
+    from pathlib import Path
+
+    from tempomaster.engines.build import BuildResult
+
+    engines = {**BUILT, "plans": {
+        "dit": {"bytes": 3 * 2**30, "build_seconds": 1800.25, "profile": {"batch": [1, 3, 3], "frames": None},
+                "stripped": True, "hardware_compat": "none"},
+        "t5": {"bytes": 2**29, "build_seconds": 30.0, "profile": {"batch": [1, 2, 2], "frames": [2, 3, 3]},
+               "hardware_compat": "ampere+"},
+    }}
+    text = BuildResult(Path("b"), "bf16", None, 1830.3, engines).summary().splitlines()
+    assert len(text) == 3 and "TensorRT 11.4.0.106" in text[0] and "ONNX reused" in text[0]
+    assert text[1].split()[:4] == ["dit", "3072.0", "MiB", "batch"] and "1/3/3" in text[1] and "stripped" in text[1]
+    assert "frames 2/3/3" in text[2] and "hardware_compat ampere+" in text[2]

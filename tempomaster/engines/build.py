@@ -49,6 +49,22 @@ class BuildResult:
     engine_seconds: float
     engines: dict
 
+    def summary(self) -> str:
+        """What `tm-export build` prints when it is done: one line per plan."""
+        lines = [f"{self.build_dir}: {len(self.engines['plans'])} TensorRT plan(s), precision {self.precision}, "
+                 f"TensorRT {self.engines['tensorrt_version']} on {self.engines['gpu']} "
+                 f"(compute capability {self.engines['compute_capability']}), engines built in {self.engine_seconds:.1f}s"
+                 + (f", ONNX exported in {self.onnx_seconds:.1f}s" if self.onnx_seconds is not None else " (ONNX reused)")]
+        for name, p in self.engines["plans"].items():
+            prof = p["profile"]
+            frames = f" frames {'/'.join(map(str, prof['frames']))}" if prof.get("frames") else ""
+            flags = [k for k in ("stripped", "weight_streaming", "version_compatible") if p.get(k)]
+            if p.get("hardware_compat") not in (None, "none"):
+                flags.append(f"hardware_compat {p['hardware_compat']}")
+            lines.append(f"  {name:18s} {p['bytes'] / 2**20:10.1f} MiB  batch {'/'.join(map(str, prof['batch']))}{frames}"
+                         f"  {p['build_seconds']:.1f}s{('  ' + ', '.join(flags)) if flags else ''}")
+        return "\n".join(lines)
+
 
 def export_and_build(
     *,
