@@ -99,13 +99,13 @@ def test_14b_profiles():
     assert dit.shapes["context"] == ((1, 512, 4096), (3, 512, 4096), (3, 512, 4096))
     assert dit.shapes["rope_cos"] == ((1, 43680, 64), (3, 43680, 64), (3, 43680, 64))
 
-    # VAE step graphs (safe batch 2 given here): encoder batches = chunks 1, 2, 4
+    # VAE step graphs (safe batch 2 given here): one chunk's condition video at a time, 1 + 2 + 4 chunks
     enc_in = {"frames": ["batch", 3, 4, 480, 832], "cache_in_00": ["batch", 96, 2, 480, 832]}
     enc_first = graph_profile("vae_encoder_first", _batch_entry(enc_in, 2), shape)
-    assert enc_first.calls == {"1": 1, "2": 3} and enc_first.batch == (1, 2, 2)  # 4 -> [2, 2]
+    assert enc_first.calls == {"1": 7} and enc_first.batch == (1, 1, 1)
     enc = graph_profile("vae_encoder", _batch_entry(enc_in, 2), shape)
-    assert enc.calls == {"1": 27, "2": 81} and enc.batch == (1, 2, 2)  # 27 steps of 4 frames per stage
-    assert enc.shapes["cache_in_00"] == ((1, 96, 2, 480, 832), (2, 96, 2, 480, 832), (2, 96, 2, 480, 832))
+    assert enc.calls == {"1": 7 * 27} and enc.batch == (1, 1, 1)  # 27 steps of 4 frames per chunk
+    assert enc.shapes["cache_in_00"] == ((1, 96, 2, 480, 832),) * 3
     dec_in = {"latents": ["batch", 16, 1, 60, 104]}
     dec_first = graph_profile("vae_decoder_first", _batch_entry(dec_in, 2), shape)
     assert dec_first.calls == {"1": 7} and dec_first.batch == (1, 1, 1)  # one chunk at a time, 1+2+4 chunks
@@ -167,6 +167,23 @@ def test_dynamic_frames_from_a_real_export(tmp_path):
     assert dit.shapes["x"] == ((1, 16, 2, 4, 6), (2, 16, 3, 4, 6), (8, 16, 3, 4, 6))
     assert dit.shapes["rope_cos"] == ((1, 12, 8), (2, 18, 8), (8, 18, 8))
     assert dit.shapes["context"] == ((1, 512, 16), (2, 512, 16), (8, 512, 16))
+
+
+def test_padding_only_chunks_are_not_counted():
+    """[2, 1] at 5 frames: stage 1 has 10 frames in 4 chunks of 5; chunks 2 and 3 are all padding.
+
+    DiT (guided, steps 3, 2): batch 2 (one chunk) x3, batch 2 * 2 active chunks = 4 x2.
+    Latent frames: 5 pixel frames -> 2 in both stages.
+    """
+    shape = ExportShape(32, 48, 5, (2, 1)).as_dict()
+    assert shape["stages"][1]["chunks"] == 4
+    assert call_counts("dit", shape, steps_per_stage=(3, 2)) == {(2, 2): 3, (4, 2): 2}
+    assert call_counts("vae_encoder_first", shape) == {(1, None): 3}  # 1 + 2 active chunks
+    assert call_counts("vae_encoder", shape) == {(1, None): 3}  # (5 - 1) / 4 = 1 step per chunk
+    assert call_counts("vae_decoder", shape) == {(1, None): 3}  # 2 latent frames: 1 step per chunk
+    profile = graph_profile("dit", {"max_batch": 1024, "inputs": [{"name": "x", "shape": ["batch", 16, 2, 4, 6]}]},
+                            shape, steps_per_stage=(3, 2))
+    assert profile.batch == (1, 2, 4)
 
 
 def test_call_counts_and_unknown_axes():

@@ -19,7 +19,6 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Mapping, Sequence
 
 from ..errors import UsageError
@@ -89,27 +88,21 @@ def export_and_build(
 
     graphs: a subset of the build's graphs (default all; `tm-run` needs all).
     """
-    from ..export.build import _load_for_export, export_onnx
+    from ..export.build import export_onnx, load_models_for_export, parse_graph_names
     from ..export.shapes import ExportShape
     from ..export.t5 import T5_PRECISION_FOR
 
     check_engine_precision(precision)
     options = options.validate()
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
-    # _load_for_export reads its sources from attributes; these are the same names tm-export onnx gives it.
-    source = SimpleNamespace(preset=preset, checkpoints=Path(checkpoints) if checkpoints else None,
-                             config=Path(config) if config else None, random_weights=random_weights)
-    if graphs is not None:
-        from ..export.build import ALL_GRAPHS
-
-        graphs = list(graphs)
-        bad = [g for g in graphs if g not in ALL_GRAPHS]
-        if bad:
-            raise UsageError(f"--graphs: unknown {', '.join(bad)}; accepted: {', '.join(ALL_GRAPHS)}")
+    graphs = parse_graph_names(graphs)
     if intervals is not None:
         intervals = tuple(int(i) for i in intervals)
     t0 = time.perf_counter()
-    models = _load_for_export(source, precision, t5_precision, graphs)
+    models = load_models_for_export(
+        preset=preset, checkpoints=Path(checkpoints) if checkpoints else None, config=Path(config) if config else None,
+        precision=precision, t5_precision=t5_precision, random_weights=random_weights, graphs=graphs,
+    )
     shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
     try:
         shape.validate()

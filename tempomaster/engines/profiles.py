@@ -8,10 +8,14 @@ serves (manifest `shape`):
 
 - `dit`: one call per denoising step with a batch of chunks x 2 under
   guidance (cond and uncond together), chunks x 1 without;
-- `vae_encoder_first` / `vae_encoder`: every chunk of a stage encoded
-  together (batch = chunks), one `_first` call then one call per 4 frames;
+- `vae_encoder_first` / `vae_encoder`: one chunk's condition video at a
+  time (batch 1), one `_first` call then one call per 4 frames;
 - `vae_decoder_first` / `vae_decoder`: one chunk at a time (batch 1), one
   `_first` call then one call per latent frame;
+
+counting only a stage's active chunks (those holding a frame of the stage:
+a chunk of nothing but padding is skipped by the runtime), as
+`planner.plan_stages` gives them for the build's num_frames and intervals;
 - `t5`: the prompt and the negative prompt in one call (batch 2 under
   guidance).
 
@@ -94,7 +98,9 @@ def _symbols_of(dims: Sequence) -> set[str]:
 
 def default_steps(manifest: Mapping) -> list[int]:
     """Steps per stage of the build's preset when they fit its stages, else one per stage."""
-    stages = manifest["shape"]["stages"]
+    from ..planner import validate_frame_intervals
+
+    stages = validate_frame_intervals([int(i) for i in manifest["shape"]["intervals"]])
     try:
         from ..models.presets import get_preset
 
@@ -108,29 +114,30 @@ def call_counts(graph: str, shape: Mapping, *, guidance: bool = True,
                 steps_per_stage: Sequence[int] | None = None) -> Counter:
     """(batch, latent frames) -> number of calls per generation, before any split.
 
-    `shape` is the manifest's `shape` block (stages with chunks, chunk_frames,
-    latent_frames). latent frames is given for the DiT only (None elsewhere).
+    `shape` is the manifest's `shape` block; its num_frames and intervals
+    are planned again here (planner.plan_stages) for the active chunks.
+    latent frames is given for the DiT only (None elsewhere).
     """
-    stages = shape["stages"]
+    from ..planner import plan_stages
+
+    stages = plan_stages(int(shape["num_frames"]), [int(i) for i in shape["intervals"]])
     steps = list(steps_per_stage) if steps_per_stage is not None else [1] * len(stages)
     if len(steps) != len(stages):
         raise ValueError(f"steps_per_stage needs one value per stage ({len(stages)}), got {steps}")
     counts: Counter = Counter()
     for st, n_steps in zip(stages, steps):
-        n, length, f = int(st["chunks"]), int(st["chunk_frames"]), int(st["latent_frames"])
+        n, length, f = len(st.active_chunks), st.chunk_frames, st.latent_frames
         if graph == "dit":
             counts[(n * (2 if guidance else 1), f)] += int(n_steps)
         elif graph == "vae_encoder_first":
-            counts[(n, None)] += 1
+            counts[(1, None)] += n
         elif graph == "vae_encoder":
-            counts[(n, None)] += (length - 1) // 4
+            counts[(1, None)] += n * ((length - 1) // 4)
         elif graph == "vae_decoder_first":
             counts[(1, None)] += n
         elif graph == "vae_decoder":
             counts[(1, None)] += n * (f - 1)
-        elif graph == "t5":
-            pass
-        else:
+        elif graph != "t5":
             raise ValueError(f"unknown graph {graph!r}")
     if graph == "t5":
         counts[(2 if guidance else 1, None)] += 1
@@ -144,7 +151,7 @@ def graph_profile(name: str, graph: Mapping, shape: Mapping, *, guidance: bool =
     counts = call_counts(name, shape, guidance=guidance, steps_per_stage=steps_per_stage)
     if not counts:
         # A graph the shape never calls (e.g. vae_decoder for one latent frame): one batch-1 call.
-        counts = Counter({(1, max(shape["dit_latent_frames"]) if name == "dit" else None): 1})
+        counts = Counter({(1, max(graph.get("meta", {}).get("latent_frames") or [1]) if name == "dit" else None): 1})
     pieces: Counter = Counter()
     for (b, f), k in counts.items():
         for p in split_batch(b, safe):
@@ -159,7 +166,7 @@ def graph_profile(name: str, graph: Mapping, shape: Mapping, *, guidance: bool =
         raise ManifestError(f"graph {name!r}: dynamic dimensions {sorted(unknown)} have no profile rule")
     frames = None
     if FRAMES in used:
-        have = [int(v) for v in graph.get("meta", {}).get("latent_frames") or shape["dit_latent_frames"]]
+        have = [int(v) for v in graph.get("meta", {}).get("latent_frames") or []] or [f for _, f in pieces]
         frames = (min(have), int(opt_f) if opt_f is not None else max(have), max(have))
     shapes = {}
     for inp, dims in dynamic.items():
