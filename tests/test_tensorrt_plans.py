@@ -16,7 +16,7 @@ from tempomaster.engines.manifest import load_manifest
 from tempomaster.engines.plans import check_plan, check_plan_compat, has_plans, plan_file, version_tuple
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
-from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, choose_backend
+from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, choose_backend, open_engine_backend
 
 BUILT = {"tensorrt_version": "11.4.0.106", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
 
@@ -138,6 +138,13 @@ def test_choose_backend_on_a_machine_without_tensorrt(tmp_path):
         choose_backend(None, cuda_graphs=True)
     with pytest.raises(UsageError, match="--backend must be one of"):
         choose_backend(build, "tvm")
+    with pytest.raises(UsageError, match="--cuda-graphs"):
+        open_engine_backend(build, "onnxruntime", cuda_graphs=True)
+    with pytest.raises(UsageError, match="not 'torch'"):
+        open_engine_backend(build, "torch")
+    with pytest.raises(MissingDependencyError) as info:
+        open_engine_backend(build, "tensorrt")
+    assert info.value.exit_code == 3
     with pytest.raises(MissingDependencyError) as info:
         TensorRTBackend.from_build(build)
     assert info.value.exit_code == 3 and "TensorRT" in str(info.value)

@@ -425,14 +425,14 @@ def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_
 
 
 def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
-                        weight_streaming_budget: int | None = None, verify: bool = True) -> Backend:
-    """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer)."""
+                        weight_streaming_budget: int | None = None, verify: bool = True, threads: int = 0) -> Backend:
+    """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer). threads: onnxruntime's only."""
     from ...errors import UsageError
 
     if backend == "onnxruntime":
         if cuda_graphs:
             raise UsageError("--cuda-graphs needs --backend tensorrt")
-        return OnnxRuntimeBackend.from_build(engines, verify=verify)
+        return OnnxRuntimeBackend.from_build(engines, verify=verify, threads=threads)
     if backend == "tensorrt":
         return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs,
                                           weight_streaming_budget=weight_streaming_budget)
