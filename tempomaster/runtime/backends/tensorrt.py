@@ -77,6 +77,7 @@ class PlanRunner:
         self._scratch = None  # the device memory every context of this engine uses
         self._graphs: dict[tuple, tuple] = {}  # key -> (CUDAGraph, context)
         self._dynamic: set[str] | None = None
+        self.engine_inputs: set[str] = set(self.inputs)  # narrowed to the plan's own when it loads
 
     # -- loading -------------------------------------------------------------------
 
@@ -91,7 +92,7 @@ class PlanRunner:
         """Inputs with a -1 dimension: the ones whose shape is set per call."""
         if self._dynamic is None:
             engine = self.engine
-            self._dynamic = {n for n in self.inputs if -1 in tuple(engine.get_tensor_shape(n))}
+            self._dynamic = {n for n in self.engine_inputs if -1 in tuple(engine.get_tensor_shape(n))}
         return self._dynamic
 
     def _new_context(self):
@@ -118,6 +119,8 @@ class PlanRunner:
         """Set every input's shape and address; return the outputs' shapes."""
         dynamic = self.dynamic_inputs
         for name, t in feeds.items():
+            if name not in self.engine_inputs:
+                continue
             if name in dynamic and not ctx.set_input_shape(name, tuple(t.shape)):
                 lo, _, hi = self.engine.get_tensor_profile_shape(name, 0)
                 raise ManifestError(
@@ -258,8 +261,10 @@ class TensorRTBackend(Backend):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if n not in ins]
-        if sorted(ins) != sorted(runner.inputs) or sorted(outs) != sorted(runner.outputs):
+        # TensorRT may drop an input no layer reads (a cache the `_first` VAE steps ignore): a subset is fine
+        if not set(ins) <= set(runner.inputs) or sorted(outs) != sorted(runner.outputs):
             raise ManifestError(f"{path}: plan I/O {ins} -> {outs} differ from the manifest's {runner.inputs} -> {runner.outputs}")
+        runner.engine_inputs = set(ins)
         return engine
 
     # -- helpers --------------------------------------------------------------------
