@@ -128,3 +128,54 @@ def test_full_tiny_build_stops_at_the_engine_step(tmp_path):
     verify_files(manifest)
     assert sorted(manifest.graphs) == sorted(["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"])
     assert (out / "tokenizer").is_dir()
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_build_stops_with_exit_3_and_says_how_to_finish(tmp_path, capsys):
+    from tempomaster.cli import export_main
+
+    out = tmp_path / "b"
+    rc = export_main(["build", "--precision", "fp16", "--graphs", "t5", "--num-frames", "9", "--height", "32",
+                      "--width", "48", "--workspace", "1GiB", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert err[-1].startswith("tm-export: error: ") and f"tm-export build --resume {out}" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    verify_files(load_manifest(out))
+    assert load_manifest(out).data[ENGINE_REQUEST_KEY]["workspace"] == 2**30
+
+
+def test_cli_resume_refuses_a_tampered_onnx_and_source_flags(tiny_build, tmp_path, capsys):
+    from tempomaster.cli import export_main
+
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    assert export_main(["build", "--resume", str(build), "--preset", "tiny"]) == 2
+    assert "--resume reuses BUILD as exported: do not give --preset" in capsys.readouterr().err
+    with open(build / "onnx" / "dit.onnx", "ab") as fh:
+        fh.write(b"\0")
+    assert export_main(["build", "--resume", str(build)]) == 2
+    err = capsys.readouterr().err
+    assert "onnx/dit.onnx" in err and "modified" in err
+
+
+def test_cli_fp8_and_missing_out(tmp_path, capsys):
+    from tempomaster.cli import export_main
+
+    assert export_main(["build", "--precision", "fp8", "--out", str(tmp_path / "b")]) == 2
+    assert "--precision fp8" in capsys.readouterr().err
+    assert export_main(["build"]) == 2
+    assert "--out: required" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_backend_choice(tiny_build, tmp_path, capsys):
+    from tempomaster.cli import run_main
+
+    rc = run_main(["generate", "--prompt", "x", "--backend", "onnxruntime", "--out", str(tmp_path / "v.mp4")])
+    assert rc == 2 and "give --engines BUILD" in capsys.readouterr().err
+    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--cuda-graphs", "--out", str(tmp_path / "v.mp4")])
+    assert rc == 2 and "--cuda-graphs needs the tensorrt backend" in capsys.readouterr().err
+    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--backend", "tensorrt",
+                   "--out", str(tmp_path / "v.mp4")])
+    assert rc in (2, 3) and "Traceback" not in capsys.readouterr().err  # no plans / no TensorRT here
+    assert not list(tmp_path.iterdir())

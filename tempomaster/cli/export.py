@@ -32,6 +32,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
     p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("build", help="export the ONNX, then build one TensorRT plan per graph (or --resume BUILD)")
+    add_model_source(p)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8"], default="bf16",
+                   help="the graphs' dtype; TensorRT 11 networks are strongly typed, so this decides the engines' precision")
+    add_shape(p, "the build serves (default: the preset's)")
+    p.add_argument("--out", type=Path, help="build directory (required unless --resume)")
+    p.add_argument("--resume", type=Path, metavar="BUILD",
+                   help="reuse the hash-checked ONNX of BUILD (from a build that stopped at exit 3, or tm-export onnx) and build the plans")
+    p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (sizing and tests)")
+    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
+    p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
+    p.add_argument("--opt-level", type=bounded_int(0, 5), default=None, help="TensorRT builder optimization level 0..5 (default 3)")
+    p.add_argument("--workspace", default=None, metavar="SIZE", help="workspace memory pool limit, e.g. 8GiB (default: TensorRT's, all device memory)")
+    p.add_argument("--weight-streaming", action="store_true", default=None,
+                   help="build plans whose weights can stream from host memory (GPUs that cannot hold the DiT)")
+    p.add_argument("--hardware-compat", choices=["none", "ampere+"], default=None,
+                   help="ampere+: one plan for every GPU of compute capability 8.0 and later")
+    p.add_argument("--version-compatible", action="store_true", default=None, help="plans that run on later TensorRT 11.x")
+    p.add_argument("--strip-weights", action="store_true", default=None,
+                   help="plans without weights, refitted from the build's ONNX when loaded (no second copy on disk)")
+    p.add_argument("--verbose", action="store_true", default=None, help="TensorRT's INFO and VERBOSE messages too")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -71,7 +95,43 @@ def _onnx(args) -> int:
     return 0
 
 
-COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx}
+ENGINE_FLAGS = ("opt_level", "workspace", "weight_streaming", "hardware_compat", "version_compatible", "strip_weights", "verbose")
+SOURCE_FLAGS = ("preset", "checkpoints", "config", "num_frames", "height", "width", "intervals", "random_weights",
+                "t5_precision", "graphs")
+
+
+def _build(args) -> int:
+    from ..errors import UsageError
+
+    engine = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    if "workspace" in engine:
+        from ..engines.builder import parse_size
+
+        engine["workspace"] = parse_size(engine["workspace"])
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in SOURCE_FLAGS if getattr(args, k) not in (None, False)]
+        if args.out is not None or given:
+            raise UsageError(f"--resume reuses BUILD as exported: do not give {', '.join((['--out'] if args.out else []) + given)}")
+        from ..engines.build import resume_build
+
+        result = resume_build(args.resume, overrides=engine)
+    else:
+        if args.out is None:
+            raise UsageError("--out: required (or --resume BUILD to finish an earlier build)")
+        from ..engines.build import export_and_build
+        from ..engines.builder import EngineOptions
+
+        result = export_and_build(
+            out=args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
+            random_weights=args.random_weights, height=args.height, width=args.width, num_frames=args.num_frames,
+            intervals=args.intervals, opset=args.opset, t5_precision=args.t5_precision, graphs=args.graphs,
+            options=EngineOptions(**engine), progress=not args.no_progress,
+        )
+    print(result.summary())
+    return 0
+
+
+COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx, "build": _build}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-stages", action="store_true", help="also write each lower-frame-rate stage's video")
     p.add_argument("--save-fps", type=finite_number(0, low_inclusive=False, high=1000), help="frame rate of the output (default 24)")
     p.add_argument("--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=None,
+                   help="force a backend (default: torch without --engines; with it tensorrt when the build has plans "
+                        "and this machine a GPU and TensorRT, else onnxruntime)")
+    p.add_argument("--cuda-graphs", action="store_true", help="tensorrt backend: replay each call shape as a CUDA graph")
+    p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
+                   help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB (default: TensorRT's automatic budget)")
     add_model_source(p)
     p.add_argument("--out", type=Path, default=Path("out/video.mp4"), help="an .mp4 file or a directory (PNG frames)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -51,6 +57,7 @@ def _generate(args) -> int:
         save_fps=args.save_fps, seed=args.seed, dtype=args.dtype, cast_timestep=args.cast_timestep,
         save_stages=args.save_stages, engines=args.engines, preset=args.preset, checkpoints=args.checkpoints,
         config=args.config, out=args.out, progress=not args.no_progress, device=args.device, threads=args.threads,
+        backend=args.backend, cuda_graphs=args.cuda_graphs, weight_streaming_budget=args.weight_streaming_budget,
     )
     run_generate(options)
     return 0

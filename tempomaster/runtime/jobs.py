@@ -49,6 +49,9 @@ class GenerateOptions:
     progress: bool = True
     device: str | None = None  # default: cuda when available, else cpu
     threads: int | None = None  # CPU threads for torch and onnxruntime; default: the cores this process may use
+    backend: str | None = None  # torch | onnxruntime | tensorrt; default: chosen from --engines and the machine
+    cuda_graphs: bool = False  # tensorrt: replay each call shape as a CUDA graph
+    weight_streaming_budget: str | None = None  # tensorrt, streaming plans: device bytes for weights ("20GiB")
 
 
 @dataclass
@@ -392,20 +395,26 @@ def resolve_dtype(options: GenerateOptions, device: str, build_precision: str | 
     return "bf16" if device.startswith("cuda") else "fp32"
 
 
-def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int):
-    """The torch backend over the named models, or onnxruntime over a build's graphs."""
+def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int, preset_name: str | None = None):
+    """The torch backend over the named models, or onnxruntime / tensorrt over a build's graphs."""
     import torch
 
-    if options.engines is not None:
-        from .backends.onnxruntime import OnnxRuntimeBackend
+    from .backends.tensorrt import choose_backend
 
-        backend = OnnxRuntimeBackend.from_build(options.engines, threads=threads)
+    name = choose_backend(options.engines, options.backend, options.cuda_graphs)
+    if name != "torch":
+        from ..engines.builder import parse_size
+        from .backends.tensorrt import open_engine_backend
+
+        budget = parse_size(options.weight_streaming_budget) if options.weight_streaming_budget else None
+        backend = open_engine_backend(options.engines, name, cuda_graphs=options.cuda_graphs,
+                                      weight_streaming_budget=budget, threads=threads)
         return backend, backend.tokenizer(options.checkpoints, options.config)
     from ..models.sources import load_model_set
     from .backends.torch import TorchBackend
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    models = load_model_set(options.preset, options.checkpoints, options.config, torch_dtype)
+    models = load_model_set(options.preset or preset_name, options.checkpoints, options.config, torch_dtype)
     return TorchBackend(models, torch_dtype, device=device), models.tokenizer
 
 
@@ -483,7 +492,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     import torch
 
     torch.set_num_threads(threads)
-    backend, tokenizer = make_backend(options, dtype, device, threads)
+    backend, tokenizer = make_backend(options, dtype, device, threads, preset.name)
     if hasattr(backend, "check_request"):
         for job in jobs:
             h, w = job.request.output_size()
