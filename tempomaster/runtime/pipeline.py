@@ -207,12 +207,11 @@ def denoise_stage(
 
 
 def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
-    """Decode chunk by chunk, concatenate in time, drop the padding: [3, T*r, H, W]."""
-    pieces = []
-    for c in range(latents.shape[0]):
-        with clock.timing():
-            pieces.append(backend.vae_decode(latents[c : c + 1]).float().clamp(-1, 1)[0])
-    return trim_stage_frames(torch.cat(pieces, dim=1), stage)
+    """Decode the chunks (one batch, as encode: a backend may split it, e.g. over ranks),
+    concatenate in time, drop the padding: [3, T*r, H, W]."""
+    with clock.timing():
+        frames = backend.vae_decode(latents).float().clamp(-1, 1)
+    return trim_stage_frames(torch.cat(list(frames), dim=1), stage)
 
 
 def count_reference_dit_calls(request: GenerationRequest) -> int:
