@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Sequence
 
+from .errors import UsageError
 from .planner import plan_stages, validate_run_config
 
 __all__ = [
@@ -230,9 +231,9 @@ def plan_schedule(
 ) -> SchedulePlan:
     """Per stage: sequences per step, their placement, forwards per rank, idle share, projected time."""
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
-        raise ValueError(f"--devices must be an integer >= 1, got {devices!r}")
+        raise UsageError(f"--devices must be an integer >= 1, got {devices!r}")
     if forward_seconds is not None and not forward_seconds > 0:
-        raise ValueError(f"--forward-seconds must be > 0, got {forward_seconds!r}")
+        raise UsageError(f"--forward-seconds must be > 0, got {forward_seconds!r}")
     shifts = shift_per_stage if shift_per_stage is not None else [1.0] * len(frame_intervals)
     ref_frames = tuple(ref_frames)
     validate_run_config(num_frames, height, width, frame_intervals, steps_per_stage, shifts, ref_frames)

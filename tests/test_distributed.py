@@ -17,13 +17,14 @@ import torch
 from tempomaster.errors import MissingDependencyError, UsageError
 from tempomaster.models.dit import SequenceParallel, WanDiT
 from tempomaster.models.presets import get_preset
+from tempomaster.parallel_plan import plan_schedule
 from tempomaster.rope import batched_rope_table
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.distributed import WorkerError
 from tempomaster.runtime.pipeline import GenerationRequest, generate
 from tempomaster.runtime.workers import TorchBackendFactory, VideoJob, launch, parse_devices, run_videos
 
-FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 2, 2), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0)
+FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0)
 CPU = torch.device("cpu")
 
 
@@ -73,9 +74,9 @@ def world_checks(world, jobs_single, jobs_many):
     out = {"dit": sharded_dit_forward(world)}
     factory = TorchBackendFactory(preset="tiny")
     one = run_videos(world, jobs_single, factory, write=False, keep_frames=True)
-    out["single"] = [(i, frames_of(r), rep.backend, rep.dit_calls) for i, (rep, r) in one]
+    out["single"] = [(i, frames_of(r), rep.backend, rep.dit_calls, placements) for i, (rep, r, placements) in one]
     many = run_videos(world, jobs_many, factory, write=False, keep_frames=True)
-    out["many"] = [(i, frames_of(r), rep.ranks) for i, (rep, r) in many]
+    out["many"] = [(i, frames_of(r), rep.ranks) for i, (rep, r, _) in many]
     return out
 
 
@@ -187,8 +188,18 @@ def test_four_ranks_video_equals_single_process(four_ranks, single_video):
     _, reference = single_video
     produced = [item for res in results for item in res["single"]]
     assert len(produced) == 1  # only rank 0 of the group reports (and would write)
-    _, frames, backend_name, dit_calls = produced[0]
-    assert backend_name == "torch x4" and dit_calls == 6
+    _, frames, backend_name, dit_calls, placements = produced[0]
+    assert backend_name == "torch x4" and dit_calls == 4
+    # the run placed its DiT calls as the plan says (tiny: 2 heads): stage 0 split into 2 groups x SP 2
+    request = single_video[0]
+    plan = plan_schedule(
+        devices=4, num_heads=2, num_frames=request.num_frames, frame_intervals=request.frame_intervals,
+        steps_per_stage=request.steps_per_stage, guidance_scale=request.guidance_scale,
+        height=request.height, width=request.width,
+    )
+    expected = [s.placement for s in plan.stages for _ in range(s.steps)]
+    assert placements == expected
+    assert [(p.sequences, p.groups, p.sp_degree) for p in placements] == [(2, 2, 2), (2, 2, 2), (4, 4, 1), (8, 4, 1)]
     assert [f.shape[1] for f in frames] == [9, 18, 36]
     assert _within(frames, reference), [np.abs(x - y).max() for x, y in zip(frames, reference)]
     # in uint8 the frames are the same up to one level

@@ -282,6 +282,7 @@ class DistributedBackend(Backend):
         # NCCL moves device memory, gloo host memory.
         self.comm_device = inner.device if group.world.backend == "nccl" else torch.device("cpu")
         self.calls = 0
+        self.placements: list[Placement] = []  # one per DiT call: what this run did, to compare with the plan
 
     def placement(self, sequences: int, tokens: int) -> Placement:
         return place_sequences(sequences, self.group.size, self.num_heads, self.sequence_parallel, tokens)
@@ -334,6 +335,7 @@ class DistributedBackend(Backend):
         if self.group.size == 1:
             return self.inner.velocity(x, y, timestep, context, rope_cos, rope_sin)
         p = self.placement(x.shape[0], rope_cos.shape[1])
+        self.placements.append(p)
         me = self.group.index
         a, b = p.sequences_of(me)
         self.calls += 1

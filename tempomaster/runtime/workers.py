@@ -323,7 +323,7 @@ def run_videos(
 ) -> list:
     """One rank's part: make its group's videos; its group's first rank writes them and returns reports.
 
-    ``keep_frames`` returns ``(report, result)`` pairs instead, for tests.
+    ``keep_frames`` returns ``(report, result, placements)`` instead, for tests.
     """
     backend, tokenizer = make_backend(world.device)
     sp = sequence_parallel and supports_sequence_parallel(backend)
@@ -346,7 +346,7 @@ def run_videos(
             job.name, paths, result.video.num_frames, result.height, result.width, result.video.fps,
             result.seconds, result.dit_calls, group.ranks, dist_backend.name,
         )
-        out.append((i, (report, result) if keep_frames else report))
+        out.append((i, (report, result, dist_backend.placements) if keep_frames else report))
     _wait_for_all(world)
     return out
 
