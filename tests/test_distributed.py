@@ -75,8 +75,8 @@ def world_checks(world, jobs_single, jobs_many):
     factory = TorchBackendFactory(preset="tiny")
     one = run_videos(world, jobs_single, factory, write=False, keep_frames=True)
     out["single"] = [(i, frames_of(r), rep.backend, rep.dit_calls, placements) for i, (rep, r, placements) in one]
-    many = run_videos(world, jobs_many, factory, write=False, keep_frames=True)
-    out["many"] = [(i, frames_of(r), rep.ranks) for i, (rep, r, _) in many]
+    many = run_videos(world, jobs_many, factory, write=True, keep_frames=True)
+    out["many"] = [(i, frames_of(r), rep.ranks, rep.paths) for i, (rep, r, _) in many]
     return out
 
 
@@ -140,7 +140,7 @@ def four_ranks(single_video, many_singles, tmp_path_factory):
     jobs_many = [VideoJob(f"v{i}", r, out / f"v{i}.mp4") for i, r in enumerate(many_singles[0])]
     start = time.perf_counter()
     results = launch(world_checks, (jobs_single, jobs_many), devices=[CPU] * 4, timeout=120)
-    return results, time.perf_counter() - start
+    return results, out
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _within(a, b, tol=1 / 255):
 
 
 def test_four_ranks_video_equals_single_process(four_ranks, single_video):
-    results, seconds = four_ranks
+    results, _ = four_ranks
     _, reference = single_video
     produced = [item for res in results for item in res["single"]]
     assert len(produced) == 1  # only rank 0 of the group reports (and would write)
@@ -209,10 +209,15 @@ def test_four_ranks_video_equals_single_process(four_ranks, single_video):
 
 
 def test_many_videos_on_groups_of_ranks(four_ranks, many_singles):
-    results, _ = four_ranks
+    results, folder = four_ranks
     _, references = many_singles
-    produced = sorted(item for res in results for item in res["many"])
+    produced = sorted(item[:3] for res in results for item in res["many"])
     assert [(i, ranks) for i, _, ranks in produced] == [(0, (0, 1)), (1, (2,)), (2, (3,))]
+    # each video written once, by its group's first rank; the single-video run wrote nothing
+    written = sorted(p for res in results for item in res["many"] for p in item[3])
+    assert written == [folder / f"v{i}.mp4" for i in range(3)]
+    assert sorted(p.name for p in folder.iterdir()) == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    assert all(p.stat().st_size > 1000 for p in written)
     for i, frames, ranks in produced:
         if len(ranks) == 1:  # a group of one runs exactly the one-process code
             assert all(np.array_equal(x, y) for x, y in zip(frames, references[i]))
@@ -258,3 +263,35 @@ def test_parse_devices():
     if not torch.cuda.is_available():
         with pytest.raises(MissingDependencyError, match="cpu:2"):
             parse_devices("0,1")
+
+
+TORCHRUN_SCRIPT = """
+import sys
+from pathlib import Path
+from tempomaster.runtime.pipeline import GenerationRequest
+from tempomaster.runtime.workers import TorchBackendFactory, VideoJob, generate_videos
+FAST = {fast!r}
+out = Path(sys.argv[1])
+jobs = [VideoJob(f"v{{i}}", GenerationRequest(prompt=p, seed=i, **FAST), out / f"v{{i}}.mp4") for i, p in enumerate(["a", "b", "c"])]
+for report in generate_videos(jobs, TorchBackendFactory(preset="tiny"), timeout=60):
+    print("REPORT", report.name, report.ranks)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_environment_joins_the_group(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(fast=FAST))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", str(script), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = sorted(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
+    # 3 videos on 2 groups of one rank: v0 and v2 on rank 0, v1 on rank 1, each printed once
+    assert reports == ["REPORT v0 (0,)", "REPORT v1 (1,)", "REPORT v2 (0,)"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v0.mp4", "v1.mp4", "v2.mp4"]

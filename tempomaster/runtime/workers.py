@@ -143,7 +143,10 @@ def launch(
     devices = [torch.device(d) for d in devices]
     if not devices:
         raise UsageError(f"{FLAG_DEVICES}: no device given")
-    ctx = mp.get_context("spawn")
+    # A fork server imports torch once and forks every rank from it (cheaper than a fresh
+    # interpreter per rank, and safe: nothing in it has started threads or touched CUDA).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "tempomaster.runtime.workers"])
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
     results = ctx.Queue()
     world = len(devices)
@@ -392,3 +395,44 @@ def generate_videos(
         per_rank = launch(run_videos, (jobs, make_backend, sequence_parallel, progress), devices=devices, timeout=timeout)
         done = [item for items in per_rank for item in items]
     return [report for _, report in sorted(done, key=lambda item: item[0])]
+
+
+# ----------------------------------------------------------------------------
+# For the command line
+# ----------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> list[str]:
+    """``--prompts FILE``: one prompt per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--prompts: cannot read {path} ({type(err).__name__}: {err})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts: {path} holds no prompt (one per line)")
+    return prompts
+
+
+def plan_for_request(
+    request: GenerationRequest,
+    *,
+    devices: int,
+    num_heads: int,
+    sequence_parallel: bool = True,
+    forward_seconds: float | None = None,
+):
+    """``tm-run plan``: the schedule ``generate_videos`` runs for this request on ``devices`` ranks.
+
+    ``num_heads`` is the DiT's (the preset's); pass ``sequence_parallel=False``
+    for engine builds, which run chunk/CFG split only.
+    """
+    from ..parallel_plan import plan_schedule
+
+    height, width = request.output_size()
+    return plan_schedule(
+        devices=devices, num_heads=num_heads, num_frames=request.num_frames,
+        frame_intervals=request.frame_intervals, steps_per_stage=request.steps_per_stage,
+        shift_per_stage=request.shift_per_stage, guidance_scale=request.guidance_scale,
+        height=height, width=width, ref_frames=request.ref_images.keys(),
+        sequence_parallel=sequence_parallel, forward_seconds=forward_seconds,
+    )
