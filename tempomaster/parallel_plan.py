@@ -33,6 +33,7 @@ __all__ = [
     "Placement",
     "StageSchedule",
     "SchedulePlan",
+    "balanced_shares",
     "place_sequences",
     "plan_schedule",
     "plan_video_groups",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-def _balanced(total: int, parts: int) -> list[tuple[int, int]]:
+def balanced_shares(total: int, parts: int) -> list[tuple[int, int]]:
     """[start, stop) of ``parts`` consecutive shares of ``total``, larger shares first."""
     base, extra = divmod(total, parts)
     bounds, start = [], 0
@@ -109,7 +110,7 @@ def place_sequences(sequences: int, devices: int, num_heads: int, sequence_paral
         if num_heads % d or (tokens is not None and d > tokens):
             continue
         groups = min(devices // d, sequences)
-        shares = _balanced(sequences, groups)
+        shares = balanced_shares(sequences, groups)
         step = Fraction(shares[0][1] - shares[0][0], d)
         if best is None or step < best[0]:
             best = (step, Placement(sequences, devices, d, groups, tuple(shares)))
@@ -255,7 +256,7 @@ def plan_video_groups(num_videos: int, devices: int) -> list[tuple[int, ...]]:
     """
     if num_videos < 1 or devices < 1:
         raise ValueError(f"need at least one video and one device, got {num_videos} and {devices}")
-    return [tuple(range(a, b)) for a, b in _balanced(devices, min(num_videos, devices))]
+    return [tuple(range(a, b)) for a, b in balanced_shares(devices, min(num_videos, devices))]
 
 
 def _num(x: Fraction | float) -> str:

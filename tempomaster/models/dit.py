@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..parallel_plan import balanced_shares
 from .presets import DiTConfig
 
 
@@ -48,13 +49,7 @@ class SequenceParallel:
         return bound
 
     def bounds(self, tokens: int) -> list[tuple[int, int]]:
-        base, extra = divmod(tokens, self.size)
-        out, start = [], 0
-        for i in range(self.size):
-            stop = start + base + (1 if i < extra else 0)
-            out.append((start, stop))
-            start = stop
-        return out
+        return balanced_shares(tokens, self.size)
 
     def shard(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         start, stop = self.bounds(t.shape[dim])[self.rank]
@@ -66,6 +61,8 @@ class SequenceParallel:
 
         d, lead = self.size, x.shape[:-4]
         b, li, h, hd = x.shape[-4:]
+        if h % d:
+            raise ValueError(f"sequence parallel over {d} ranks needs the head count ({h}) divisible by {d}")
         lengths = [stop - start for start, stop in self.bounds(tokens)]
         # Destination j gets heads j*H/d..: put the head-group axis first so each destination's block is contiguous.
         send = x.reshape(*lead, b, li, d, h // d, hd).movedim(-3, 0).contiguous()

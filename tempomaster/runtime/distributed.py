@@ -31,7 +31,7 @@ from datetime import timedelta
 import torch
 
 from ..errors import TempoMasterError
-from ..parallel_plan import Placement, place_sequences
+from ..parallel_plan import Placement, balanced_shares, place_sequences
 from .backends.base import Backend
 
 STORE_HOSTED_ENV = "TEMPOMASTER_STORE_HOSTED"  # set by our launcher, which hosts the store itself
@@ -258,16 +258,6 @@ def supports_sequence_parallel(backend: Backend) -> bool:
     return isinstance(backend, TorchBackend)
 
 
-def _balanced(total: int, parts: int) -> list[tuple[int, int]]:
-    base, extra = divmod(total, parts)
-    out, start = [], 0
-    for k in range(parts):
-        stop = start + base + (1 if k < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
-
-
 class DistributedBackend(Backend):
     """Any backend, its work shared by the ranks of a ``RankGroup``; same calls, same results on every rank."""
 
@@ -310,7 +300,7 @@ class DistributedBackend(Backend):
             return fn(batch)
         n = batch.shape[0]
         parts = min(n, self.group.size)
-        shares = _balanced(n, parts)
+        shares = balanced_shares(n, parts)
         me = self.group.index
         mine = fn(batch[shares[me][0] : shares[me][1]]) if me < parts else None
         with self.group.exchange(f"the {what} gather"):

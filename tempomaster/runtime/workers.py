@@ -305,7 +305,7 @@ def make_groups(world: World, num_videos: int, num_heads: int, sequence_parallel
     groups = []
     for ranks in plan_video_groups(num_videos, world.size):
         group = RankGroup(world, ranks)
-        group.pg
+        world.group(ranks)
         if sequence_parallel:
             for d in range(2, group.size + 1):
                 if num_heads % d == 0:
