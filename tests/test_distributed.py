@@ -65,6 +65,31 @@ def sharded_dit_forward(world):
     return diffs
 
 
+class _Delegate:
+    """Stands for an engine backend: same calls, but no Ulysses hook, so chunk/CFG split only."""
+
+    def __init__(self, inner):
+        self.inner, self.info, self.device, self.name = inner, inner.info, inner.device, "engine-like"
+
+    def encode_text(self, *args):
+        return self.inner.encode_text(*args)
+
+    def velocity(self, *args):
+        return self.inner.velocity(*args)
+
+    def vae_encode(self, *args):
+        return self.inner.vae_encode(*args)
+
+    def vae_decode(self, *args):
+        return self.inner.vae_decode(*args)
+
+
+class EngineLikeFactory:
+    def __call__(self, device):
+        backend, tokenizer = TorchBackendFactory(preset="tiny")(device)
+        return _Delegate(backend), tokenizer
+
+
 def frames_of(result):
     return [s.frames.numpy().copy() for s in result.stages]
 
@@ -75,6 +100,8 @@ def world_checks(world, jobs_single, jobs_many):
     factory = TorchBackendFactory(preset="tiny")
     one = run_videos(world, jobs_single, factory, write=False, keep_frames=True)
     out["single"] = [(i, frames_of(r), rep.backend, rep.dit_calls, placements) for i, (rep, r, placements) in one]
+    plain = run_videos(world, jobs_single, EngineLikeFactory(), write=False, keep_frames=True)
+    out["engine-like"] = [(i, frames_of(r), placements) for i, (_, r, placements) in plain]
     many = run_videos(world, jobs_many, factory, write=True, keep_frames=True)
     out["many"] = [(i, frames_of(r), rep.ranks, rep.paths) for i, (rep, r, _) in many]
     return out
@@ -206,6 +233,21 @@ def test_four_ranks_video_equals_single_process(four_ranks, single_video):
     for x, y in zip(frames, reference):
         qx, qy = [np.round((v + 1) * 127.5).astype(np.int16) for v in (x, y)]
         assert np.abs(qx - qy).max() <= 1
+
+
+def test_backend_without_ulysses_falls_back_to_chunk_cfg_split(four_ranks, single_video):
+    results, _ = four_ranks
+    request, reference = single_video
+    (_, frames, placements), = [item for res in results for item in res["engine-like"]]
+    plan = plan_schedule(
+        devices=4, num_heads=2, num_frames=request.num_frames, frame_intervals=request.frame_intervals,
+        steps_per_stage=request.steps_per_stage, guidance_scale=request.guidance_scale,
+        height=request.height, width=request.width, sequence_parallel=False,
+    )
+    assert placements == [s.placement for s in plan.stages for _ in range(s.steps)]
+    # stage 0: cond on rank 0, uncond on rank 1, ranks 2 and 3 idle
+    assert [(p.groups, p.sp_degree) for p in placements] == [(2, 1), (2, 1), (4, 1), (4, 1)]
+    assert _within(frames, reference)
 
 
 def test_many_videos_on_groups_of_ranks(four_ranks, many_singles):
