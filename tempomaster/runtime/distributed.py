@@ -105,7 +105,7 @@ def _connect_store(rank: int, world_size: int, timeout: float):
     )
 
 
-def join_from_env(timeout: float = 300.0, device: str | torch.device | None = None) -> World:
+def join_from_env(timeout: float = 600.0, device: str | torch.device | None = None) -> World:
     """Join the group that RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT describe (torchrun's environment).
 
     The device is ``device``, else cuda:LOCAL_RANK when CUDA is there, else

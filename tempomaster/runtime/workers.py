@@ -127,7 +127,7 @@ def launch(
     args: tuple = (),
     *,
     devices: Sequence[torch.device],
-    timeout: float = 300.0,
+    timeout: float = 600.0,
     on_start: Callable[[list[int]], None] | None = None,
 ) -> list:
     """Run ``fn(world, *args)`` in one new process per device; return each rank's value, by rank.
@@ -369,7 +369,7 @@ def generate_videos(
     make_backend: Callable,
     *,
     devices: Sequence[torch.device] | None = None,
-    timeout: float = 300.0,
+    timeout: float = 600.0,
     sequence_parallel: bool = True,
     progress: bool = False,
 ) -> list[VideoReport]:
