@@ -122,6 +122,10 @@ def join_from_env(timeout: float = 600.0, device: str | torch.device | None = No
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # A timed-out NCCL collective then raises in this process (as gloo's do) instead of the
+        # watchdog aborting it, so the rank at fault can be named.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     store = _connect_store(rank, size, timeout)
     dist.init_process_group(
         backend, store=dist.PrefixStore("tempomaster/pg", store), rank=rank, world_size=size,
