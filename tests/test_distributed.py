@@ -1,9 +1,9 @@
 """Many processes on CPU (gloo): Ulysses DiT forward, chunk/CFG/sequence split, many videos, faults.
 
-Every multi-process check runs inside one launch (spawning and importing
-torch dominates the time on this machine); the ranks return plain numbers
-and numpy frames, and the tests below assert on them against one-process runs
-made here.
+The four-process checks share one launch (starting ranks dominates the time
+on this machine); the ranks return plain numbers and numpy frames, and the
+tests below assert on them against one-process runs made here.  The 2-rank
+Ulysses check uses the 2-rank subgroups of that 4-rank world.
 """
 import os
 import signal
@@ -165,7 +165,6 @@ def four_ranks(single_video, many_singles, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     jobs_single = [VideoJob("one", single_video[0], out / "one.mp4")]
     jobs_many = [VideoJob(f"v{i}", r, out / f"v{i}.mp4") for i, r in enumerate(many_singles[0])]
-    start = time.perf_counter()
     results = launch(world_checks, (jobs_single, jobs_many), devices=[CPU] * 4, timeout=120)
     return results, out
 

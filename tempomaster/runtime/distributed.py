@@ -175,13 +175,6 @@ class RankGroup:
     def subgroup(self, local_ranks: tuple[int, ...]):
         return self.world.group(tuple(self.ranks[i] for i in local_ranks))
 
-    def prepare(self, placements: list[Placement]) -> None:
-        """Make the sequence-parallel subgroups these placements need (collective over the world)."""
-        for p in placements:
-            if p.sp_degree > 1:
-                for k in range(p.groups):
-                    self.subgroup(p.group_ranks(k))
-
     @contextmanager
     def exchange(self, what: str):
         """Around every blocking collective: mark this rank as waiting in the store, and turn a
