@@ -336,3 +336,30 @@ def test_torchrun_environment_joins_the_group(tmp_path):
     # 3 videos on 2 groups of one rank: v0 and v2 on rank 0, v1 on rank 1, each printed once
     assert reports == ["REPORT v0 (0,)", "REPORT v1 (1,)", "REPORT v2 (0,)"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["v0.mp4", "v1.mp4", "v2.mp4"]
+
+
+def test_read_prompts(tmp_path):
+    from tempomaster.runtime.workers import read_prompts
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("a red ball\n\n# a comment\n  waves at night  \n", encoding="utf-8")
+    assert read_prompts(f) == ["a red ball", "waves at night"]
+    (tmp_path / "empty.txt").write_text("\n# nothing\n", encoding="utf-8")
+    for bad in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
+        with pytest.raises(UsageError, match="--prompts"):
+            read_prompts(bad)
+
+
+def test_plan_for_request_plans_the_output_size():
+    from PIL import Image
+
+    from tempomaster.runtime.workers import plan_for_request
+
+    # a portrait reference image turns 32x48 into 48x32 (same area): the tokens follow the output size
+    request = GenerationRequest(prompt="x", ref_images={0: Image.new("RGB", (20, 30))}, **FAST)
+    assert request.output_size() == (48, 32)
+    plan = plan_for_request(request, devices=4, num_heads=2, forward_seconds=0.5)
+    assert [s.tokens for s in plan.stages] == [3 * 3 * 2] * 3
+    assert [(s.placement.groups, s.placement.sp_degree) for s in plan.stages] == [(2, 2), (4, 1), (4, 1)]
+    # 2 steps of 1/2 forward, then 1 step of 1, then 1 step of 2
+    assert plan.seconds() == pytest.approx((2 * 0.5 + 1 + 2) * 0.5)
