@@ -8,16 +8,99 @@ Differences from the reference implementation, all for export:
   (`tempomaster.rope.rope_table`), never complex numbers, and positions are not capped at 1024.
 - The sinusoidal timestep embedding is computed in float32, not float64.
 - One timestep is shared by the whole batch.
+
+Optionally (``sequence_parallel=``, off by default) the forward runs
+Ulysses-style on several processes: each holds a slice of every sequence's
+tokens, and around every self-attention an all-to-all swaps token shards for
+head shards and back.  Off, nothing in the computation changes.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..parallel_plan import balanced_shares
 from .presets import DiTConfig
+
+
+# ----------------------------------------------------------------------------
+# Sequence parallel (Ulysses)
+# ----------------------------------------------------------------------------
+
+class SequenceParallel:
+    """This process's place in a group that shares every sequence's tokens.
+
+    Rank i of the group holds tokens ``bounds(L)[i]`` (balanced, consecutive)
+    and, inside self-attention, heads ``[i*H/d, (i+1)*H/d)`` of all L tokens.
+    Token shards may be uneven; heads must divide evenly.
+    """
+
+    def __init__(self, group, rank: int, size: int, tokens: int | None = None):
+        self.group, self.rank, self.size = group, rank, size
+        self.tokens = tokens  # every sequence's full token count, once the forward knows it
+
+    def for_tokens(self, tokens: int) -> "SequenceParallel":
+        bound = copy.copy(self)  # keeps a subclass (e.g. one that watches the exchanges)
+        bound.tokens = tokens
+        return bound
+
+    def bounds(self, tokens: int) -> list[tuple[int, int]]:
+        return balanced_shares(tokens, self.size)
+
+    def shard(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        start, stop = self.bounds(t.shape[dim])[self.rank]
+        return t.narrow(dim, start, stop - start)
+
+    def tokens_to_heads(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        """[..., B, L_i, H, D] (my tokens, all heads) -> [..., B, L, H/d, D] (all tokens, my heads)."""
+        import torch.distributed as dist
+
+        d, lead = self.size, x.shape[:-4]
+        b, li, h, hd = x.shape[-4:]
+        if h % d:
+            raise ValueError(f"sequence parallel over {d} ranks needs the head count ({h}) divisible by {d}")
+        lengths = [stop - start for start, stop in self.bounds(tokens)]
+        # Destination j gets heads j*H/d..: put the head-group axis first so each destination's block is contiguous.
+        send = x.reshape(*lead, b, li, d, h // d, hd).movedim(-3, 0).contiguous()
+        per_token = send[0].numel() // li
+        recv = x.new_empty(per_token * tokens)
+        dist.all_to_all_single(
+            recv, send.reshape(-1), [per_token * n for n in lengths], [per_token * li] * d, group=self.group
+        )
+        parts = [p.reshape(*lead, b, n, h // d, hd) for p, n in zip(recv.split([per_token * n for n in lengths]), lengths)]
+        return torch.cat(parts, dim=-3)
+
+    def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, H/d, D] (all tokens, my heads) -> [B, L_i, H, D] (my tokens, all heads)."""
+        import torch.distributed as dist
+
+        d = self.size
+        b, tokens, hl, hd = x.shape
+        lengths = [stop - start for start, stop in self.bounds(tokens)]
+        mine = lengths[self.rank]
+        per_token = b * hl * hd
+        # Destination j gets its tokens: concatenated in token order, each block [B, L_j, H/d, D].
+        send = torch.cat([p.reshape(-1) for p in x.split(lengths, dim=1)])
+        recv = x.new_empty(d * per_token * mine)
+        dist.all_to_all_single(recv, send, [per_token * mine] * d, [per_token * n for n in lengths], group=self.group)
+        # Source i sent heads i*H/d..: [d, B, L_i, H/d, D] -> [B, L_i, H, D]
+        return recv.reshape(d, b, mine, hl, hd).movedim(0, 2).reshape(b, mine, d * hl, hd)
+
+    def gather_tokens(self, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        """[B, L_i, C] on every rank -> [B, L, C] on every rank."""
+        import torch.distributed as dist
+
+        lengths = [stop - start for start, stop in self.bounds(tokens)]
+        longest = max(lengths)
+        # all_gather needs equal sizes: pad each shard to the longest, cut after.
+        padded = F.pad(x, (0, 0, 0, longest - x.shape[1])).contiguous()
+        pieces = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(pieces, padded, group=self.group)
+        return torch.cat([p[:, :n] for p, n in zip(pieces, lengths)], dim=1)
 
 
 # ----------------------------------------------------------------------------
@@ -94,10 +177,20 @@ class _Attention(nn.Module):
 
 
 class SelfAttention(_Attention):
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, sp: SequenceParallel | None = None
+    ) -> torch.Tensor:
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
-        return self._attend(q, k, self._heads(self.v(x)))
+        v = self._heads(self.v(x))
+        if sp is None:
+            return self._attend(q, k, v)
+        # The norms (over the whole width) and RoPE are per token: done on the token shard.
+        # Attention needs every token: swap to a head shard, attend, swap back.
+        q, k, v = sp.tokens_to_heads(torch.stack([q, k, v]), sp.tokens).unbind(0)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = sp.heads_to_tokens(out.transpose(1, 2))
+        return self.o(out.flatten(2))
 
 
 class CrossAttention(_Attention):
@@ -118,13 +211,13 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, context, t_mod, rope_cos, rope_sin):
+    def forward(self, x, context, t_mod, rope_cos, rope_sin, sp: SequenceParallel | None = None):
         # t_mod: [B, 6, dim] -> six [B, 1, dim] modulation vectors.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.modulation.to(t_mod.dtype) + t_mod
         ).chunk(6, dim=1)
         h = _layer_norm(x, self.norm1) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.self_attn(h, rope_cos, rope_sin)
+        x = x + gate_msa * (self.self_attn(h, rope_cos, rope_sin) if sp is None else self.self_attn(h, rope_cos, rope_sin, sp))
         x = x + self.cross_attn(_layer_norm(x, self.norm3), context)
         h = _layer_norm(x, self.norm2) * (1 + scale_mlp) + shift_mlp
         x = x + gate_mlp * self.ffn(h)
@@ -190,6 +283,7 @@ class WanDiT(nn.Module):
         context: torch.Tensor,
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> torch.Tensor:
         """Velocity for a batch of chunks.
 
@@ -197,6 +291,10 @@ class WanDiT(nn.Module):
         latents; timestep: [1] (or [B], all equal) float; context: [B, 512, text_dim];
         rope_cos, rope_sin: [B, f*(h/2)*(w/2), head_dim/2] float32.
         Returns [B, 16, f, h, w] in the model dtype.
+
+        With ``sequence_parallel`` every process of its group passes the same
+        full inputs and gets the same full output; each computes the blocks
+        for its own token shard only.
         """
         dtype = self.dtype
         pt, ph, pw = self.cfg.patch_size
@@ -209,7 +307,16 @@ class WanDiT(nn.Module):
         ctx = self.text_embedding(context.to(dtype))
 
         tokens = self.patchify(torch.cat([x, y], dim=1).to(dtype))
+        sp = sequence_parallel
+        if sp is None:
+            for block in self.blocks:
+                tokens = block(tokens, ctx, t_mod, rope_cos, rope_sin)
+            out = self.head(tokens, t.expand(b, -1))
+            return self.unpatchify(out, grid)
+        total = tokens.shape[1]
+        sp = sp.for_tokens(total)
+        tokens, rope_cos, rope_sin = sp.shard(tokens), sp.shard(rope_cos), sp.shard(rope_sin)
         for block in self.blocks:
-            tokens = block(tokens, ctx, t_mod, rope_cos, rope_sin)
-        out = self.head(tokens, t.expand(b, -1))
+            tokens = block(tokens, ctx, t_mod, rope_cos, rope_sin, sp)
+        out = sp.gather_tokens(self.head(tokens, t.expand(b, -1)), total)
         return self.unpatchify(out, grid)

@@ -148,13 +148,20 @@ def condition_latents(backend: Backend, videos: Sequence[torch.Tensor], stage: S
     """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
 
     `videos` yields one host-side [1, 3, L, H, W] condition video per active
-    chunk; each is moved, encoded and dropped before the next is built.
+    chunk; `backend.vae_batch` of them (1 on one device) are moved, encoded
+    and dropped before the next are built.
     """
     latents = []
-    for video in videos:
-        with clock.timing():
-            latents.append(backend.vae_encode(video.to(backend.device)).float())
-        del video
+    step = max(1, int(getattr(backend, "vae_batch", 1)))
+    pending: list[torch.Tensor] = []
+    for video in [*videos, None]:  # None flushes the last group
+        if video is not None:
+            pending.append(video)
+        if pending and (video is None or len(pending) == step):
+            batch = torch.cat(pending).to(backend.device)
+            with clock.timing():
+                latents.append(backend.vae_encode(batch).float())
+            pending, batch = [], None
     latents = torch.cat(latents)
     n, _, f, h, w = latents.shape
     mask = stage.latent_masks(active_only=True).to(latents.device)[:, :, :, None, None].expand(n, 4, f, h, w)
@@ -236,12 +243,17 @@ def denoise_stage(
 
 
 def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
-    """Decode chunk by chunk into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU."""
+    """Decode into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU.
+
+    `backend.vae_batch` chunks per call (1 for one device: the least device
+    memory; a backend that spreads a batch over ranks asks for one per rank).
+    """
     pieces = []
-    for c in range(latents.shape[0]):
+    step = max(1, int(getattr(backend, "vae_batch", 1)))
+    for c in range(0, latents.shape[0], step):
         with clock.timing():
-            frames = backend.vae_decode(latents[c : c + 1])
-        pieces.append(frames.float().clamp(-1, 1)[0].cpu())
+            frames = backend.vae_decode(latents[c : c + step])
+        pieces += [f.float().clamp(-1, 1).cpu() for f in frames]
         del frames
     return trim_stage_frames(torch.cat(pieces, dim=1), stage)
 

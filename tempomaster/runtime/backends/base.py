@@ -27,6 +27,9 @@ class Backend(ABC):
     name: str = "abstract"
     device: torch.device = torch.device("cpu")
     info: ModelInfo
+    # Chunks per VAE call the pipeline sends: 1 keeps one chunk's activations on the
+    # device; a backend that spreads a batch over ranks asks for one chunk per rank.
+    vae_batch: int = 1
 
     @abstractmethod
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ _ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int
 _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _providers() -> tuple[list[str], torch.device]:
+def _providers() -> tuple[list, torch.device]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -39,14 +39,16 @@ def _providers() -> tuple[list[str], torch.device]:
         ) from None
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda", torch.cuda.current_device())
+        # The current CUDA device, named explicitly: onnxruntime would take device 0 (one process per GPU sets it).
+        index = torch.cuda.current_device()
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], torch.device("cuda", index)
     return ["CPUExecutionProvider"], torch.device("cpu")
 
 
 class GraphRunner:
     """One ONNX graph: a lazily created session and calls bound to torch tensors."""
 
-    def __init__(self, manifest: Manifest, name: str, providers: list[str], device: torch.device, threads: int = 0):
+    def __init__(self, manifest: Manifest, name: str, providers: list, device: torch.device, threads: int = 0):
         self.name = name
         self.threads = threads  # intra-op threads; 0 = onnxruntime's default
         self.spec = manifest.graph(name)
