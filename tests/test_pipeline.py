@@ -25,6 +25,7 @@ class TwoCallBackend:
 
     def __init__(self, inner):
         self.inner, self.info, self.name, self.calls = inner, inner.info, "two-call", 0
+        self.device = inner.device
 
     def velocity(self, x, y, t, ctx, cos, sin):
         n = x.shape[0] // 2

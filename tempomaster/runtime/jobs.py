@@ -440,16 +440,24 @@ def preset_defaults(options: GenerateOptions):
             frame_intervals=tuple(shape["intervals"]),
         )
         return defaults, preset, manifest
+    from ..models.checkpoints import CheckpointPaths, preset_for_dit_file
+    from ..models.sources import release_config_has_models
+
+    try:
+        config_has_models = release_config_has_models(options.config)
+    except CheckpointError as err:
+        raise UsageError(f"--config: {err}") from None
     if options.preset:
         preset = get_preset(options.preset)
-    elif options.checkpoints is not None:
+    elif options.checkpoints is not None or config_has_models:
         # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
-        from ..models.checkpoints import CheckpointPaths, preset_for_dit_file
-
+        flag = "--checkpoints" if options.checkpoints is not None else "--config"
         try:
-            preset = preset_for_dit_file(CheckpointPaths.from_dir(options.checkpoints).dit)
+            paths = (CheckpointPaths.from_dir(options.checkpoints) if options.checkpoints is not None
+                     else CheckpointPaths.from_release_config(options.config))
+            preset = preset_for_dit_file(paths.dit)
         except CheckpointError as err:
-            raise UsageError(f"--checkpoints: {err}") from None
+            raise UsageError(f"{flag}: {err}") from None
     elif options.config is None:
         preset = get_preset("tiny")
     else:
