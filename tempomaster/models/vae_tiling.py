@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "TileSpec",
     "RELEASE_TILE",
+    "resolve_tile",
     "tile_starts",
     "tile_spans",
     "tile_grid",
@@ -73,6 +74,17 @@ class TileSpec:
 
 # The pipeline's values, not the VAE wrapper's own (34, 34) / (18, 16) defaults.
 RELEASE_TILE = TileSpec((30, 52), (15, 26))
+
+
+def resolve_tile(tile: "bool | TileSpec | None") -> TileSpec | None:
+    """A backend's `tile` option: False/None = untiled, True = the release's tiling."""
+    if tile is None or tile is False:
+        return None
+    if tile is True:
+        return RELEASE_TILE
+    if isinstance(tile, TileSpec):
+        return tile
+    raise TypeError(f"tile must be a bool or a TileSpec, got {tile!r}")
 
 
 # ---------------------------------------------------------------------------
