@@ -1,6 +1,15 @@
 """Tiled VAE builds: graphs at the tile's shape, the manifest's record, the
-onnxruntime backend against the torch backend with tiling on, refusals."""
+onnxruntime backend against the torch backend with tiling on, refusals.
+
+The multi-tile build exports eight VAE graphs (minutes on a loaded CPU): those
+tests are slow. The fast ones reuse the session's tiny build (32x48), which
+is smaller than one release tile, so its graphs are exactly what a tiled
+export at that size holds.
+"""
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -32,6 +41,44 @@ def test_tiling_record_for_release_shapes():
     assert tiling_record(None, ExportShape(32, 48, 9, (4, 2, 1))) is None
 
 
+@pytest.fixture
+def release_tiled_tiny(tiny_build, tmp_path):
+    """The tiny build with the manifest a `tile=True` export at 32x48 writes:
+    the release's tiling cut to one 4x6 tile, i.e. the same graphs."""
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["tiling"] = tiling_record(RELEASE_TILE, ExportShape(32, 48, 9, (4, 2, 1)))
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    return build
+
+
+def test_release_tiling_below_one_tile_on_onnxruntime(release_tiled_tiny, tiny_models):
+    ort = OnnxRuntimeBackend.from_build(release_tiled_tiny, tile=True)
+    assert ort.tile == RELEASE_TILE
+    ref = TorchBackend(tiny_models, tile=True)
+    g = torch.Generator().manual_seed(30)
+    lat = torch.randn(1, 16, 2, 4, 6, generator=g)
+    ours, want = ort.vae_decode(lat), ref.vae_decode(lat)
+    assert ours.shape == want.shape == (1, 3, 5, 32, 48)
+    assert (ours - want).abs().max() < 1e-4
+    # one tile with unit weights: the untiled decode
+    assert (want - tiny_models.vae.decode(lat)).abs().max() < 1e-6
+    video = torch.rand(1, 3, 5, 32, 48, generator=g) * 2 - 1
+    z, z_ref = ort.vae_encode(video), ref.vae_encode(video)
+    assert ((z - z_ref).norm() / z_ref.norm()) < 1e-5
+
+
+def test_tiling_mismatch_is_refused_in_one_line(release_tiled_tiny, tiny_build):
+    with pytest.raises(ManifestError, match="exported without tiling") as err:
+        OnnxRuntimeBackend.from_build(tiny_build, tile=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ManifestError, match="exported for tiled VAE calls.*run with --tile") as err:
+        OnnxRuntimeBackend.from_build(release_tiled_tiny)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ManifestError, match="tiled with"):
+        OnnxRuntimeBackend.from_build(release_tiled_tiny, tile=TileSpec((4, 6), (2, 3)))
+
+
 @pytest.fixture(scope="module")
 def tiled_build(tmp_path_factory, tiny_models):
     """VAE graphs of the tiny preset tiled (4, 6) / (2, 3) at 48x80 pixels (latent 6x10):
@@ -42,6 +89,7 @@ def tiled_build(tmp_path_factory, tiny_models):
     return out
 
 
+@pytest.mark.slow
 def test_tiled_build_has_graphs_at_the_tile_shapes(tiled_build):
     m = load_manifest(tiled_build)
     assert m.data["tiling"]["size"] == [4, 6] and m.data["tiling"]["stride"] == [2, 3]
@@ -58,6 +106,7 @@ def test_tiled_build_has_graphs_at_the_tile_shapes(tiled_build):
     assert shape("vae_encoder_4x4", "latents") == ["batch", 16, 1, 4, 4]
 
 
+@pytest.mark.slow
 def test_onnxruntime_tiled_equals_torch_tiled(tiled_build, tiny_models):
     ort = OnnxRuntimeBackend(load_manifest(tiled_build), tile=True)
     assert ort.tile == SPEC
@@ -75,15 +124,11 @@ def test_onnxruntime_tiled_equals_torch_tiled(tiled_build, tiny_models):
     assert ((z - z_ref).norm() / z_ref.norm()) < 1e-5
 
 
-def test_tiling_mismatch_is_refused_in_one_line(tiled_build, tiny_build):
-    with pytest.raises(ManifestError, match="exported without tiling") as err:
-        OnnxRuntimeBackend.from_build(tiny_build, tile=True)
-    assert "\n" not in str(err.value)
-    with pytest.raises(ManifestError, match="exported for tiled VAE calls.*run with --tile") as err:
+@pytest.mark.slow
+def test_tiled_build_refuses_an_untiled_run_and_unknown_tiles(tiled_build):
+    with pytest.raises(ManifestError, match="exported for tiled VAE calls") as err:
         OnnxRuntimeBackend(load_manifest(tiled_build))
     assert "\n" not in str(err.value)
-    with pytest.raises(ManifestError, match="tiled with"):
-        OnnxRuntimeBackend(load_manifest(tiled_build), tile=TileSpec((4, 6), (4, 6)))
     backend = OnnxRuntimeBackend(load_manifest(tiled_build), tile=True)
     with pytest.raises(ManifestError, match="no VAE graphs for a 4x5 latent tile"):
         backend.vae_decode(torch.randn(1, 16, 1, 6, 11))
