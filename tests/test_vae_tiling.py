@@ -248,3 +248,9 @@ def test_sums_in_the_latents_dtype_on_the_host(vae):
     assert (ours.double() - exact).abs().max() <= 4 / 128
     # ... and not the float32 sum rounded once: the sums really are bf16
     assert not torch.equal(ours, exact.bfloat16())
+    video = (torch.rand(1, 3, 5, 48, 72, generator=g) * 2 - 1).bfloat16()
+    z = tiled_encode(lambda v: vae.encode(v.float()).bfloat16(), video, SPEC)
+    assert z.dtype == torch.bfloat16 and z.shape == (1, 16, 2, 6, 9)
+    z_exact = ref_blend([(vae.encode(video[..., 8 * h0:8 * h1, 8 * w0:8 * w1].float()).bfloat16(), (h0, w0), (t, b, l, r))
+                         for h0, h1, t, b in H_TILES for w0, w1, l, r in W_TILES], (6, 9), (2, 3), clamp=False)
+    assert (z.double() - z_exact).abs().max() <= 4 / 128 * max(1.0, float(z_exact.abs().max()))
