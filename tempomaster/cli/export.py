@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
     p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
     p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
+    p.add_argument("--tile", action="store_true",
+                   help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
+                        "when smaller) for tm-run generate --tile; recorded in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("build", help="export the ONNX, then build one TensorRT plan per graph (or --resume BUILD)")
@@ -55,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-weights", action="store_true", default=None,
                    help="plans without weights, refitted from the build's ONNX when loaded (no second copy on disk)")
     p.add_argument("--verbose", action="store_true", default=None, help="TensorRT's INFO and VERBOSE messages too")
+    p.add_argument("--tile", action="store_true",
+                   help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
+                        "when smaller) for tm-run generate --tile; recorded in the manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -89,7 +95,7 @@ def _onnx(args) -> int:
         args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
         num_frames=args.num_frames, height=args.height, width=args.width, intervals=args.intervals,
         opset=args.opset, random_weights=args.random_weights, t5_precision=args.t5_precision,
-        graphs=args.graphs, progress=not args.no_progress,
+        graphs=args.graphs, progress=not args.no_progress, tile=args.tile,
     )
     print(describe_build(manifest, args.out))
     return 0
@@ -97,7 +103,7 @@ def _onnx(args) -> int:
 
 ENGINE_FLAGS = ("opt_level", "workspace", "weight_streaming", "hardware_compat", "version_compatible", "strip_weights", "verbose")
 SOURCE_FLAGS = ("preset", "checkpoints", "config", "num_frames", "height", "width", "intervals", "random_weights",
-                "t5_precision", "graphs")
+                "t5_precision", "graphs", "tile")
 
 
 def _build(args) -> int:
@@ -125,7 +131,7 @@ def _build(args) -> int:
             out=args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
             random_weights=args.random_weights, height=args.height, width=args.width, num_frames=args.num_frames,
             intervals=args.intervals, opset=args.opset, t5_precision=args.t5_precision, graphs=args.graphs,
-            options=EngineOptions(**engine), progress=not args.no_progress,
+            options=EngineOptions(**engine), progress=not args.no_progress, tile=args.tile,
         )
     print(result.summary())
     return 0

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cast-timestep", action="store_true", help="round the timestep to the model dtype as the reference does")
     p.add_argument("--save-stages", action="store_true", help="also write each lower-frame-rate stage's video")
     p.add_argument("--save-fps", type=finite_number(0, low_inclusive=False, high=1000), help="frame rate of the output (default 24)")
+    p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every VAE encode and decode on the release's overlapping tiles (30x52 latent, stride 15x26): "
+                        "less memory, the release's tiled output (default: the config's inference_configs.tile, else off)")
     p.add_argument("--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=None,
                    help="force a backend (default: torch without --engines; with it tensorrt when the build has plans "
@@ -58,6 +61,7 @@ def _generate(args) -> int:
         save_stages=args.save_stages, engines=args.engines, preset=args.preset, checkpoints=args.checkpoints,
         config=args.config, out=args.out, progress=not args.no_progress, device=args.device, threads=args.threads,
         backend=args.backend, cuda_graphs=args.cuda_graphs, weight_streaming_budget=args.weight_streaming_budget,
+        tile=args.tile,
     )
     run_generate(options)
     return 0

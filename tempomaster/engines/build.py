@@ -83,6 +83,7 @@ def export_and_build(
     options: EngineOptions = EngineOptions(),
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
+    tile: bool = False,
 ) -> BuildResult:
     """The ONNX export of `tm-export onnx` (same inputs), then the TensorRT plans.
 
@@ -111,7 +112,7 @@ def export_and_build(
     log(f"[I] exporting ONNX ({precision}, t5 {t5_precision}) to {out}")
     manifest = export_onnx(
         models, precision, shape, out, opset=opset, t5_precision=t5_precision, graphs=graphs, copy=False, progress=progress,
-        extra={"random_weights": bool(random_weights), ENGINE_REQUEST_KEY: options.as_dict()},
+        extra={"random_weights": bool(random_weights), ENGINE_REQUEST_KEY: options.as_dict()}, tile=tile,
     )
     del models
     onnx_seconds = time.perf_counter() - t0

@@ -16,6 +16,10 @@ Format (format_version 1):
       "shape": {"height", "width", "num_frames", "intervals", "latent_height",
                 "latent_width", "stages": [{"interval","chunks","chunk_frames",
                 "latent_frames"}], "dit_latent_frames": [...], "max_chunks"},
+      "tiling": null | {"size": [h, w], "stride": [h, w] (latent units),
+                "tiles": [{"latent": [h, w], "pixels": [H, W], "suffix": ""}, ...]},
+                (a tiled build's VAE graphs take one tile; a tile shape other than
+                the first has its own graphs, named NAME + suffix)
       "graphs": {NAME: {"file": "onnx/NAME.onnx", "external_data": "onnx/NAME.onnx.data" | null,
                         "precision", "inputs": [{"name","dtype","shape"}], "outputs": [...],
                         "max_batch", "largest_activation", "ops", "weight_bytes", "meta"}},

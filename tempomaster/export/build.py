@@ -16,11 +16,12 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -28,8 +29,9 @@ import torch
 
 from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file
 from ..errors import UsageError
+from ..models.vae_tiling import TileSpec, resolve_tile, tile_shapes
 from .onnx_utils import TORCH_DTYPES, GraphRecord, export_graph
-from .shapes import ExportShape
+from .shapes import VAE_SPATIAL, ExportShape
 
 ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -53,7 +55,27 @@ def tool_versions() -> dict:
     return out
 
 
-def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, wanted: set[str], copy: bool):
+def tiling_record(tile: TileSpec | None, shape: ExportShape) -> dict | None:
+    """The manifest's `tiling` block: the tiling and every distinct tile
+    shape of the build's frame, each with the suffix of its VAE graphs
+    (the largest tile: none)."""
+    if tile is None:
+        return None
+    tiles = []
+    for i, (th, tw) in enumerate(tile_shapes(shape.latent_height, shape.latent_width, tile)):
+        tiles.append({"latent": [th, tw], "pixels": [th * VAE_SPATIAL, tw * VAE_SPATIAL],
+                      "suffix": "" if i == 0 else f"_{th}x{tw}"})
+    return {**tile.as_dict(), "tiles": tiles}
+
+
+def base_graph_name(name: str) -> str:
+    """`vae_decoder_30x30` -> `vae_decoder`: the graph a tile-shape variant stands for."""
+    m = re.fullmatch(r"(.+)_\d+x\d+", name)
+    return m.group(1) if m else name
+
+
+def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, wanted: set[str], copy: bool,
+                 tiling: dict | None = None):
     """Yield (name, spec factory) lazily, so only one cast copy lives at a time."""
     from .dit import dit_spec
     from .t5 import t5_spec
@@ -64,7 +86,14 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
         yield "dit", lambda: [dit_spec(models.dit, precision, shape, text_len=text_len, copy=copy)]
     vae_wanted = [g for g in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder") if g in wanted]
     if vae_wanted:
-        yield "vae", lambda: [s for s in vae_specs(models.vae, precision, shape, copy=copy) if s.name in wanted]
+        if tiling is None:
+            variants = [(shape, "")]
+        else:
+            # one set of step graphs per tile shape, static at that shape
+            variants = [(replace(shape, height=t["pixels"][0], width=t["pixels"][1]), t["suffix"]) for t in tiling["tiles"]]
+        for vshape, suffix in variants:
+            yield "vae", (lambda vshape=vshape, suffix=suffix: [
+                s for s in vae_specs(models.vae, precision, vshape, copy=copy, suffix=suffix) if base_graph_name(s.name) in wanted])
     if "t5" in wanted:
         yield "t5", lambda: [t5_spec(models.t5, t5_precision, copy=copy)]
 
@@ -108,6 +137,7 @@ def export_onnx(
     copy: bool = True,
     audit: bool = True,
     extra: dict | None = None,
+    tile: bool | TileSpec = False,
 ) -> dict:
     """Export the graphs of `models` (a ModelSet) at `precision` for `shape` into `out_dir`.
 
@@ -115,6 +145,9 @@ def export_onnx(
     and bf16 otherwise (umT5 overflows fp16). graphs: a subset of ALL_GRAPHS
     (default all). copy: cast copies of the models (False casts them in
     place, which saves memory when the caller no longer needs them).
+    tile: True exports the VAE graphs at the release's tile shape (a
+    TileSpec: that tiling), recorded in the manifest's `tiling`; a tile
+    larger than the frame is cut to it.
     Returns the manifest (also written to out_dir/manifest.json).
     """
     from .op_audit import audit_files, load_table
@@ -130,6 +163,7 @@ def export_onnx(
     if unknown:
         raise ValueError(f"unknown graphs {sorted(unknown)}; known: {', '.join(ALL_GRAPHS)}")
     shape.validate()
+    tiling = tiling_record(resolve_tile(tile), shape)
     out_dir = Path(out_dir).absolute()
     _prepare_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -144,9 +178,11 @@ def export_onnx(
     try:
         from tqdm.auto import tqdm
 
+        vae_count = len([g for g in wanted if g.startswith("vae_")])
+        total = len(wanted) + (vae_count * (len(tiling["tiles"]) - 1) if tiling else 0)
         # closed on the way out of an error too, so its last redraw comes before the CLI's message
-        with tqdm(total=len(wanted), desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
-            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy):
+        with tqdm(total=total, desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
+            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy, tiling):
                 for spec in make():
                     bar.set_postfix_str(spec.name)
                     rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
@@ -155,7 +191,7 @@ def export_onnx(
                     records.append(rec)
                     bar.update(1)
         order = {n: i for i, n in enumerate(ALL_GRAPHS)}
-        records.sort(key=lambda r: order[r.name])
+        records.sort(key=lambda r: (order[base_graph_name(r.name)], r.name))
         audit_results = audit_files([onnx_dir / r.file for r in records], raise_on_error=audit) if audit else []
         tokenizer = getattr(models, "tokenizer", None)
         if tokenizer is not None:
@@ -177,6 +213,7 @@ def export_onnx(
                 k: _cfg_dict(getattr(models, k, None)) for k in ("dit", "vae", "t5") if getattr(models, k, None) is not None
             },
             "shape": shape.as_dict(),
+            "tiling": tiling,
             "graphs": {},
             "files": files,
             "op_audit": {
@@ -344,8 +381,12 @@ def export_build(
     t5_precision: str | None = None,
     graphs: Iterable[str] | None = None,
     progress: bool = True,
+    tile: bool = False,
 ) -> dict:
-    """`tm-export onnx`: load the models, export every graph into the build `out`. Returns the manifest."""
+    """`tm-export onnx`: load the models, export every graph into the build `out`. Returns the manifest.
+
+    tile: export the VAE graphs at the release's tile shape (for `tm-run generate --tile`).
+    """
     from .t5 import T5_PRECISION_FOR
 
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
@@ -361,7 +402,7 @@ def export_build(
         raise UsageError(str(err)) from None
     return export_onnx(
         models, precision, shape, out, opset=opset, t5_precision=t5_precision,
-        graphs=graphs, copy=False, progress=progress, extra={"random_weights": bool(random_weights)},
+        graphs=graphs, copy=False, progress=progress, extra={"random_weights": bool(random_weights)}, tile=tile,
     )
 
 

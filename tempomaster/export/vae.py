@@ -24,6 +24,13 @@ normalised ones the DiT sees; decoded frames are not clamped (the runtime
 clamps to [-1, 1] as `WanVAE.decode` does). Batch is dynamic, H and W fixed
 per build. Cache shapes and the layer each belongs to are recorded in the
 manifest (`meta.caches`).
+
+A tiled build (`export_onnx(..., tile=True)`) exports these graphs at the
+tile's shape instead (240x416 pixels for the release's tiling at 480x832):
+the runtime feeds them one tile at a time and blends the tiles on the host
+(`models.vae_tiling`). Where the last tile of an axis is cut at the frame's
+edge, that tile shape gets its own four graphs, named with a `_HxW` suffix
+(latent units); the manifest's `tiling` block lists them.
 """
 from __future__ import annotations
 
@@ -68,7 +75,9 @@ def _cache_list(shapes, batch: int, dtype) -> list[torch.Tensor]:
     return [torch.zeros((), dtype=dtype).expand((batch,) + tuple(s[1:])) for _, s in shapes]
 
 
-def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True) -> list[GraphSpec]:
+def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True, suffix: str = "") -> list[GraphSpec]:
+    """The four step graphs at shape's height x width (a tiled build passes
+    one tile's shape, and a suffix naming it when the build has several)."""
     dtype = TORCH_DTYPES[precision]
     model = cast_module(vae, dtype, copy=copy).eval()
     height, width = shape.height, shape.width
@@ -84,7 +93,7 @@ def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True) -> lis
         caches_meta = [{"input": i, "output": o, "layer": layer, "shape": ["batch", *s[1:]]}
                        for i, o, (layer, s) in zip(cin, cout, shapes)]
         for first in (True, False):
-            name = f"vae_{direction}{'_first' if first else ''}"
+            name = f"vae_{direction}{'_first' if first else ''}{suffix}"
             if direction == "encoder":
                 t = 1 if first else model.temporal_ratio
                 x = torch.randn(batch, 3, t, height, width).clamp(-1, 1).to(dtype)

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .presets import VAEConfig
+from .vae_tiling import TileSpec, tiled_decode, tiled_encode
 
 __all__ = [
     "WanVAE",
@@ -330,80 +331,6 @@ class Decoder3d(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Tiling
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TileSpec:
-    """Spatial tiling, in latent pixels (1 latent pixel = 8 video pixels).
-
-    Tiles of `tile` x `tile` latent pixels, neighbours overlapping by
-    `overlap`; the overlaps are blended with linear weights. A tile at least
-    as large as the input gives exactly the untiled result.
-    """
-
-    tile: int = 32
-    overlap: int = 8
-
-    def __post_init__(self):
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"need 0 <= overlap < tile, got {self}")
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride)) + [size - tile]
-    return sorted(set(starts))
-
-
-def _ramp_1d(n: int, ramp: int, lead: bool, trail: bool) -> torch.Tensor:
-    """Weights of one tile along one axis: linear ramp (never 0) over `ramp`
-    samples on the sides that border another tile, 1 elsewhere."""
-    w = torch.ones(n)
-    if ramp > 0:
-        r = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
-        if lead:
-            w[:ramp] = torch.minimum(w[:ramp], r)
-        if trail:
-            w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0))
-    return w
-
-
-def _tiled(fn, x: torch.Tensor, tile: TileSpec, in_scale: int, out_scale: int) -> torch.Tensor:
-    """Run `fn` on overlapping spatial tiles of x and blend the results.
-
-    Tile grid is laid out in latent pixels; x's pixels per latent pixel is
-    `in_scale`, the output's is `out_scale`.
-    """
-    H, W = x.shape[-2] // in_scale, x.shape[-1] // in_scale  # latent size
-    ys = _tile_starts(H, tile.tile, tile.overlap)
-    xs = _tile_starts(W, tile.tile, tile.overlap)
-    if len(ys) == 1 and len(xs) == 1:
-        return fn(x)
-    out = weight = None
-    ramp = tile.overlap * out_scale
-    for iy, y0 in enumerate(ys):
-        for ix, x0 in enumerate(xs):
-            th, tw = min(tile.tile, H), min(tile.tile, W)
-            part = x[..., y0 * in_scale:(y0 + th) * in_scale, x0 * in_scale:(x0 + tw) * in_scale]
-            res = fn(part)
-            dtype, res = res.dtype, res.float()
-            if out is None:
-                out = res.new_zeros(*res.shape[:-2], H * out_scale, W * out_scale)
-                weight = res.new_zeros(H * out_scale, W * out_scale)
-            wy = _ramp_1d(res.shape[-2], ramp, iy > 0, iy < len(ys) - 1)
-            wx = _ramp_1d(res.shape[-1], ramp, ix > 0, ix < len(xs) - 1)
-            w = (wy[:, None] * wx[None, :]).to(res.device)
-            sy, sx = slice(y0 * out_scale, (y0 + th) * out_scale), slice(x0 * out_scale, (x0 + tw) * out_scale)
-            out[..., sy, sx] += res * w
-            weight[sy, sx] += w
-    return (out / weight).to(dtype)
-
-
-# ---------------------------------------------------------------------------
 # The VAE
 # ---------------------------------------------------------------------------
 
@@ -546,13 +473,17 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def encode(self, video: torch.Tensor, tile: TileSpec | None = None) -> torch.Tensor:
         """video [B,3,T,H,W] in [-1,1], T = 1+4k, H and W multiples of 8 ->
-        normalised latent mean [B,z,1+k,H/8,W/8] (no sampling)."""
+        normalised latent mean [B,z,1+k,H/8,W/8] (no sampling).
+
+        tile: the release's tiling (see `vae_tiling`), in latent units; the
+        result is then on the host, in the video's dtype."""
         b, _, t, hgt, wid = video.shape
         r = self.temporal_ratio
         if (t - 1) % r or hgt % self.spatial_ratio or wid % self.spatial_ratio:
             raise ValueError(f"encode: need T=1+{r}k and sides multiple of {self.spatial_ratio}, got {tuple(video.shape)}")
         if tile is not None:
-            return _tiled(self.encode, video, tile, self.spatial_ratio, 1)
+            # Tiles run on the model's device, the blend on the host (the release's split).
+            return tiled_encode(self.encode, video, tile, self.spatial_ratio, device=self.device)
         cache = self.new_encoder_cache(b, hgt, wid, device=video.device)
         out = [self.encode_chunk(video[:, :, :1], cache)]
         for i in range(1, t, r):
@@ -560,15 +491,20 @@ class WanVAE(nn.Module):
         return torch.cat(out, dim=2)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tile: TileSpec | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tile: TileSpec | None = None, clamp: bool = True) -> torch.Tensor:
         """normalised latents [B,z,F,h,w] -> video [B,3,1+4(F-1),8h,8w] in [-1,1],
-        one latent frame at a time."""
+        one latent frame at a time.
+
+        tile: the release's tiling (see `vae_tiling`); the result is then on
+        the host, in the latents' dtype, and clamped after blending only.
+        clamp=False returns the raw decoder output."""
         if tile is not None:
-            return _tiled(self.decode, latents, tile, 1, self.spatial_ratio)
+            fn = lambda z: self.decode(z, clamp=False)  # noqa: E731 - a tile is blended unclamped
+            return tiled_decode(fn, latents, tile, self.spatial_ratio, device=self.device)
         b, _, f, h, w = latents.shape
         cache = self.new_decoder_cache(b, h, w, device=latents.device)
-        out = [self.decode_chunk(latents[:, :, i:i + 1], cache) for i in range(f)]
-        return torch.cat(out, dim=2).clamp(-1.0, 1.0)
+        out = torch.cat([self.decode_chunk(latents[:, :, i:i + 1], cache) for i in range(f)], dim=2)
+        return out.clamp(-1.0, 1.0) if clamp else out
 
 
 # ---------------------------------------------------------------------------

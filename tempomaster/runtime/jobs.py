@@ -52,6 +52,7 @@ class GenerateOptions:
     backend: str | None = None  # torch | onnxruntime | tensorrt; default: chosen from --engines and the machine
     cuda_graphs: bool = False  # tensorrt: replay each call shape as a CUDA graph
     weight_streaming_budget: str | None = None  # tensorrt, streaming plans: device bytes for weights ("20GiB")
+    tile: bool | None = None  # the release's tiled VAE; None: the config's inference_configs.tile, else off
 
 
 @dataclass
@@ -240,7 +241,9 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
         except CheckpointError as err:
             raise UsageError(f"--config: {err}") from None
         release = release_settings(config)
-        release.pop("tile", None)  # read by the backend set-up, not part of a request
+        config_tile = release.pop("tile", None)  # a backend option, not part of a request
+        if options.tile is None and config_tile is not None:
+            options.tile = config_tile
         settings.update(release)
         cases = _release_cases(config, options.config)
     flag_images = parse_image_flags(options.images)
@@ -408,14 +411,14 @@ def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int
 
         budget = parse_size(options.weight_streaming_budget) if options.weight_streaming_budget else None
         backend = open_engine_backend(options.engines, name, cuda_graphs=options.cuda_graphs,
-                                      weight_streaming_budget=budget, threads=threads)
+                                      weight_streaming_budget=budget, threads=threads, tile=bool(options.tile))
         return backend, backend.tokenizer(options.checkpoints, options.config)
     from ..models.sources import load_model_set
     from .backends.torch import TorchBackend
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     models = load_model_set(options.preset or preset_name, options.checkpoints, options.config, torch_dtype)
-    return TorchBackend(models, torch_dtype, device=device), models.tokenizer
+    return TorchBackend(models, torch_dtype, device=device, tile=bool(options.tile)), models.tokenizer
 
 
 def preset_defaults(options: GenerateOptions):

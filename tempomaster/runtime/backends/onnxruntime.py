@@ -5,6 +5,11 @@ are bound to torch tensors' memory through IOBinding (no copies on either
 side), the VAE's causal caches ping-pong between two sets of preallocated
 tensors, and a batch larger than a graph's recorded safe batch is split into
 several calls.
+
+A tiled build (`tm-export onnx --tile`) holds VAE graphs at the tile's shape;
+the backend then runs them tile by tile and blends on the host with the same
+code as the torch VAE (`models.vae_tiling`). Tiling must be asked for
+(`tile=True`) exactly when the build has it.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...errors import MissingDependencyError
+from ...models.vae_tiling import TileSpec, resolve_tile, tiled_decode, tiled_encode
 from .base import Backend, ModelInfo
 
 _TORCH_DTYPES = {
@@ -150,6 +156,25 @@ def _resolve_dim(d, values: dict[str, int], what: str) -> int:
     raise ManifestError(f"{what} cannot be resolved from the inputs")
 
 
+def build_tiling(manifest: Manifest, tile: bool | TileSpec) -> tuple[TileSpec | None, dict[tuple[int, int], str]]:
+    """The tiling to run on this build and its VAE graph suffix per latent tile
+    shape; a one-line ManifestError when the request and the build disagree."""
+    record = manifest.data.get("tiling")
+    built = TileSpec.from_dict(record) if record else None
+    asked = resolve_tile(tile)
+    if asked is not None and built is None:
+        raise ManifestError(f"{manifest.root}: the build was exported without tiling; re-export it with tm-export --tile, or run without --tile")
+    if asked is None and built is not None:
+        raise ManifestError(
+            f"{manifest.root}: the build was exported for tiled VAE calls (tile {list(built.size)}, stride {list(built.stride)}); "
+            "run with --tile, or re-export without --tile"
+        )
+    if asked is not None and tile is not True and asked != built:
+        raise ManifestError(f"{manifest.root}: the build was tiled with {built.as_dict()}, asked {asked.as_dict()}")
+    suffixes = {tuple(t["latent"]): t["suffix"] for t in record["tiles"]} if record else {}
+    return built, suffixes
+
+
 def _batches(total: int, limit: int) -> list[slice]:
     limit = max(1, limit)
     return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
@@ -158,8 +183,10 @@ def _batches(total: int, limit: int) -> list[slice]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, threads: int = 0):
+    def __init__(self, manifest: Manifest, threads: int = 0, tile: bool | TileSpec = False):
         self.manifest = manifest
+        self.tile, self._tile_suffix = build_tiling(manifest, tile)
+        self.spatial_ratio = int(manifest.shape["height"]) // int(manifest.shape["latent_height"])
         providers, self.device = _providers()
         self.providers = providers
         self.graphs = {name: GraphRunner(manifest, name, providers, self.device, threads) for name in manifest.graphs}
@@ -175,16 +202,20 @@ class OnnxRuntimeBackend(Backend):
         )
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, verify: bool = True, threads: int = 0) -> "OnnxRuntimeBackend":
-        """Open a tm-export build; every file's sha256 is checked against the manifest first."""
+    def from_build(cls, build_dir: str | Path, verify: bool = True, threads: int = 0, tile: bool | TileSpec = False) -> "OnnxRuntimeBackend":
+        """Open a tm-export build; every file's sha256 is checked against the manifest first.
+
+        tile: run the VAE tiled, as the release's `"tile": true` does; the
+        build must have been exported with the same choice."""
         manifest = load_manifest(build_dir)
+        build_tiling(manifest, tile)
         needed = ["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"]
         missing = [n for n in needed if n not in manifest.graphs]
         if missing:
             raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
         if verify:
             verify_files(manifest)
-        return cls(manifest, threads)
+        return cls(manifest, threads, tile)
 
     def check_request(self, height: int, width: int, num_frames: int, intervals: Sequence[int]) -> None:
         from ...engines.manifest import check_request
@@ -256,8 +287,21 @@ class OnnxRuntimeBackend(Backend):
             results.append(out)
         return torch.cat(results, dim=2)
 
-    def vae_encode(self, video):
-        first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
+    def _vae_pair(self, direction: str, latent_hw: tuple[int, int]) -> tuple[GraphRunner, GraphRunner]:
+        suffix = ""
+        if self.tile is not None:
+            try:
+                suffix = self._tile_suffix[tuple(latent_hw)]
+            except KeyError:
+                raise ManifestError(
+                    f"{self.manifest.root}: the build has no VAE graphs for a {latent_hw[0]}x{latent_hw[1]} latent tile "
+                    f"(it has {', '.join(f'{h}x{w}' for h, w in self._tile_suffix)}); export one for this request (tm-export onnx --tile)"
+                ) from None
+        return self.graphs[f"vae_{direction}_first{suffix}"], self.graphs[f"vae_{direction}{suffix}"]
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        r = self.spatial_ratio
+        first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
         step = int(rest.spec["meta"]["in_frames"])
         frames = video.shape[2]
         if (frames - 1) % step:
@@ -267,13 +311,27 @@ class OnnxRuntimeBackend(Backend):
             v = video[s]
             pieces = [v[:, :, :1]] + [v[:, :, i : i + step] for i in range(1, frames, step)]
             outs.append(self._stream(first, rest, "frames", "latents", pieces))
-        return torch.cat(outs).float()
+        return torch.cat(outs)
 
-    def vae_decode(self, latents):
-        first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unclamped frames in the graph's dtype."""
+        first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
         outs = []
         for s in _batches(latents.shape[0], min(first.max_batch, rest.max_batch)):
             z = latents[s]
             pieces = [z[:, :, i : i + 1] for i in range(z.shape[2])]
             outs.append(self._stream(first, rest, "latents", "frames", pieces))
-        return torch.cat(outs).float().clamp(-1, 1)
+        return torch.cat(outs)
+
+    def vae_encode(self, video):
+        if self.tile is not None:
+            # Sums in the graph's input dtype, as the release sums in its run's dtype.
+            video = video.to("cpu", self.graphs["vae_encoder_first"].dtype("frames"))
+            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._encode(video).float()
+
+    def vae_decode(self, latents):
+        if self.tile is not None:
+            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtype("latents"))
+            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._decode(latents).float().clamp(-1, 1)

@@ -430,15 +430,18 @@ def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_
 
 
 def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
-                        weight_streaming_budget: int | None = None, verify: bool = True, threads: int = 0) -> Backend:
+                        weight_streaming_budget: int | None = None, verify: bool = True, threads: int = 0,
+                        tile: bool = False) -> Backend:
     """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer). threads: onnxruntime's only."""
     from ...errors import UsageError
 
     if backend == "onnxruntime":
         if cuda_graphs:
             raise UsageError("--cuda-graphs needs --backend tensorrt")
-        return OnnxRuntimeBackend.from_build(engines, verify=verify, threads=threads)
+        return OnnxRuntimeBackend.from_build(engines, verify=verify, threads=threads, tile=tile)
     if backend == "tensorrt":
+        if tile or load_manifest(engines).data.get("tiling"):
+            raise UsageError("the tensorrt backend does not run tiled VAE builds yet: use --backend onnxruntime, or an untiled build")
         return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs,
                                           weight_streaming_budget=weight_streaming_budget)
     raise UsageError(f"open_engine_backend serves onnxruntime and tensorrt, not {backend!r}")

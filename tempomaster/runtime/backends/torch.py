@@ -4,14 +4,16 @@ from __future__ import annotations
 import torch
 
 from ...models.checkpoints import ModelSet
+from ...models.vae_tiling import TileSpec, resolve_tile
 from .base import Backend, ModelInfo
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, models: ModelSet, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, models: ModelSet, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tile: bool | TileSpec = False):
         self.device = torch.device(device)
+        self.tile = resolve_tile(tile)  # True: every VAE encode/decode tiled as the release does
         self.dtype = dtype
         # umT5 overflows in fp16; it runs in bf16 or fp32 only.
         t5_dtype = torch.float32 if dtype == torch.float16 else dtype
@@ -39,8 +41,13 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def vae_encode(self, video):
+        if self.tile is not None:
+            # The input stays where it is; tiles visit the device one at a time.
+            return self.vae.encode(video.to(dtype=self.dtype), tile=self.tile).to(self.device)
         return self.vae.encode(video.to(self.device, self.dtype))
 
     @torch.inference_mode()
     def vae_decode(self, latents):
+        if self.tile is not None:
+            return self.vae.decode(latents.to(dtype=self.dtype), tile=self.tile).to(self.device)
         return self.vae.decode(latents.to(self.device, self.dtype))
