@@ -275,3 +275,24 @@ def test_missing_onnxruntime_says_how_to_install_it_from_a_clone(tiny_build, tmp
     assert rc == 3 and len(err.splitlines()) == 1
     assert "pip install -e '.[ort]'" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_tile_comes_from_the_flag_else_the_release_config(tmp_path, capsys, no_models):
+    from tempomaster.models.presets import get_preset
+    from tempomaster.runtime.jobs import GenerateOptions, build_jobs
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"inference_configs": {"tile": True}}))
+    defaults = get_preset("tiny").defaults
+    for flag, expected in ((None, True), (False, False), (True, True)):
+        options = GenerateOptions(prompt="x", config=path, tile=flag)
+        build_jobs(options, defaults)
+        assert options.tile is expected
+    options = GenerateOptions(prompt="x")
+    build_jobs(options, defaults)
+    assert not options.tile
+    path.write_text(json.dumps({"inference_configs": {"tile": "true"}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(capsys, ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(out / "v.mp4")],
+             "inference_configs.tile", out)
