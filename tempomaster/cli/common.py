@@ -96,6 +96,11 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     except TempoMasterError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `tm-run plan | head`: the reader left; nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -11,11 +11,11 @@ from .common import (
 PROG = "tm-run"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog=PROG, description="Generate long videos by next-frame-rate prediction")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    p = sub.add_parser("generate", help="prompt (+ reference images) -> video")
-    p.add_argument("--prompt", help="text prompt (required unless --config has inference_cases)")
+def _add_request(p: argparse.ArgumentParser) -> None:
+    """What a video is: the flags `generate` and `plan` share."""
+    p.add_argument("--prompt", help="text prompt (required unless --config has inference_cases, or --prompts)")
+    p.add_argument("--prompts", type=Path, metavar="FILE",
+                   help="text file, one prompt per line (# comments): one video each, side by side on groups of devices")
     p.add_argument("--negative-prompt", default=None, help="default: the release's negative prompt")
     p.add_argument("--image", action="append", default=[], metavar="FRAME:PATH",
                    help="reference image at a stage-0 frame index, negative from the end (repeatable)")
@@ -45,29 +45,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-streaming-budget", default=None, metavar="SIZE",
                    help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB (default: TensorRT's automatic budget)")
     add_model_source(p)
+    p.add_argument("--no-sequence-parallel", action="store_true",
+                   help="with several devices: split only chunks and cond/uncond, never a sequence's tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog=PROG, description="Generate long videos by next-frame-rate prediction")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("generate", help="prompt (+ reference images) -> video")
+    _add_request(p)
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="one process per device: CUDA indices 0,1,2,3, or cpu:N for N CPU processes (gloo); "
+                        "leave out under torchrun")
+    p.add_argument("--timeout", type=finite_number(0, low_inclusive=False), default=600.0,
+                   help="seconds a rank waits for the others at any exchange (model loading included) before all stop, "
+                        "naming the rank that died or hangs (default 600)")
     p.add_argument("--out", type=Path, default=Path("out/video.mp4"), help="an .mp4 file or a directory (PNG frames)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("plan", help="how generate would place its work on N devices, without loading any model")
+    _add_request(p)
+    p.add_argument("--devices", type=bounded_int(1), default=1, help="number of devices (ranks) to plan for")
+    p.add_argument("--forward-seconds", type=finite_number(0, low_inclusive=False),
+                   help="seconds of one DiT forward over one sequence, to project wall time (e.g. from python -m benchmarks)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def _generate(args) -> int:
-    from ..runtime.jobs import GenerateOptions, run_generate
+def _options(args):
+    from ..runtime.jobs import GenerateOptions
 
-    options = GenerateOptions(
+    return GenerateOptions(
         prompt=args.prompt, negative_prompt=args.negative_prompt, images=args.image,
         height=args.height, width=args.width, num_frames=args.num_frames, intervals=args.intervals,
         steps=args.steps, shifts=args.shifts, guidance=args.guidance, use_apg=False if args.no_apg else None,
         save_fps=args.save_fps, seed=args.seed, dtype=args.dtype, cast_timestep=args.cast_timestep,
         save_stages=args.save_stages, engines=args.engines, preset=args.preset, checkpoints=args.checkpoints,
-        config=args.config, out=args.out, progress=not args.no_progress, device=args.device, threads=args.threads,
+        config=args.config, out=getattr(args, "out", Path("out/video.mp4")),
+        progress=not getattr(args, "no_progress", True), device=args.device, threads=args.threads,
         backend=args.backend, cuda_graphs=args.cuda_graphs, weight_streaming_budget=args.weight_streaming_budget,
-        tile=args.tile,
+        tile=args.tile, prompts=args.prompts, sequence_parallel=not args.no_sequence_parallel,
+        devices=getattr(args, "devices", None) if args.command == "generate" else None,
+        timeout=getattr(args, "timeout", 600.0),
     )
-    run_generate(options)
+
+
+def _generate(args) -> int:
+    from ..runtime.jobs import run_generate
+
+    run_generate(_options(args))
     return 0
 
 
-COMMANDS = {"generate": _generate}
+def _plan(args) -> int:
+    import json
+
+    from ..parallel_plan import format_schedule
+    from ..runtime.jobs import plan_request
+
+    options = _options(args)
+    if options.prompt is None and options.prompts is None and options.config is None:
+        options.prompt = "(any prompt: the plan does not depend on it)"
+    plan = plan_request(options, args.devices, args.forward_seconds)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_schedule(plan))
+    return 0
+
+
+COMMANDS = {"generate": _generate, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

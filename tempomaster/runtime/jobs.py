@@ -53,6 +53,10 @@ class GenerateOptions:
     cuda_graphs: bool = False  # tensorrt: replay each call shape as a CUDA graph
     weight_streaming_budget: str | None = None  # tensorrt, streaming plans: device bytes for weights ("20GiB")
     tile: bool | None = None  # the release's tiled VAE; None: the config's inference_configs.tile, else off
+    prompts: Path | None = None  # a file of prompts, one video each
+    devices: str | None = None  # "0,1,2,3" or "cpu:4": one process per device (None: this process, or torchrun's group)
+    timeout: float = 600.0  # seconds a rank waits at any exchange before all stop
+    sequence_parallel: bool = True  # Ulysses inside a sequence when a step has fewer sequences than ranks
 
 
 @dataclass
@@ -247,7 +251,15 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
         settings.update(release)
         cases = _release_cases(config, options.config)
     flag_images = parse_image_flags(options.images)
-    if options.prompt is not None or not cases:
+    if options.prompts is not None:
+        if options.prompt is not None:
+            raise UsageError("--prompts: give either --prompt or --prompts FILE, not both")
+        from .workers import read_prompts
+
+        prompts = read_prompts(options.prompts)
+        width = len(str(len(prompts) - 1))
+        cases = [(f"prompt{i:0{width}d}", text, flag_images) for i, text in enumerate(prompts)]
+    elif options.prompt is not None or not cases:
         if options.prompt is None:
             raise UsageError("--prompt: required (or give --config with inference_cases)")
         if not options.prompt.strip():
@@ -503,6 +515,8 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     import torch
 
     torch.set_num_threads(threads)
+    if options.devices is not None or _under_torchrun():
+        return _run_distributed(options, jobs, preset, dtype, threads, echo)
     backend, tokenizer = make_backend(options, dtype, device, threads, preset.name)
     if hasattr(backend, "check_request"):
         for job in jobs:
@@ -522,6 +536,55 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         report.lines.append(text)
         report.written += written
     return report
+
+
+def _under_torchrun() -> bool:
+    from .distributed import torchrun_environment
+
+    return torchrun_environment()
+
+
+def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: str, threads: int, echo) -> GenerateReport:
+    """One process per device (or torchrun's processes): the same videos, the work split over the ranks."""
+    from .workers import OnnxRuntimeBackendFactory, TorchBackendFactory, VideoJob, generate_videos, parse_devices
+
+    devices = None
+    if options.devices is not None:
+        if _under_torchrun():
+            raise UsageError("--devices: tm-run runs under torchrun already, which chose the processes; leave --devices out")
+        devices = parse_devices(options.devices)
+    if options.backend == "tensorrt" or options.cuda_graphs:
+        raise UsageError("--devices / torchrun: several processes run the torch or onnxruntime backend; tensorrt is one device only so far")
+    if options.engines is not None and options.backend != "torch":
+        factory = OnnxRuntimeBackendFactory(options.engines, options.checkpoints, options.config, threads, bool(options.tile))
+    else:
+        factory = TorchBackendFactory(options.preset or preset.name, options.checkpoints, options.config, dtype, bool(options.tile))
+    several = len(jobs) > 1
+    video_jobs = []
+    for job in jobs:
+        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
+        video_jobs.append(VideoJob(job.name, job.request, final, tuple(stage_paths) if options.save_stages else ()))
+    reports = generate_videos(video_jobs, factory, devices=devices, timeout=options.timeout,
+                              sequence_parallel=options.sequence_parallel, progress=options.progress)
+    report = GenerateReport(lines=[], written=[])
+    for r in reports:
+        echo(r.line())
+        report.lines.append(r.line())
+        report.written += list(r.paths)
+    return report
+
+
+def plan_request(options: GenerateOptions, devices: int, forward_seconds: float | None = None):
+    """`tm-run plan`: the schedule generate would run for the first video on `devices` ranks (no model is loaded)."""
+    from .workers import plan_for_request
+
+    defaults, preset, manifest = preset_defaults(options)
+    job = build_jobs(options, defaults)[0]
+    num_heads = int(manifest.data["models"]["dit"]["num_heads"]) if manifest is not None else preset.dit.num_heads
+    # engines run chunk/CFG split only (sequence parallel needs the torch backend)
+    sequence_parallel = options.sequence_parallel and (manifest is None or options.backend == "torch")
+    return plan_for_request(job.request, devices=devices, num_heads=num_heads,
+                            sequence_parallel=sequence_parallel, forward_seconds=forward_seconds)
 
 
 def summarise(job: Job, result, written: list[Path], backend_name: str, write_seconds: float) -> str:

@@ -260,6 +260,7 @@ class TorchBackendFactory:
     checkpoints: Path | None = None
     config: Path | None = None
     dtype: str = "fp32"
+    tile: bool = False
 
     def __call__(self, device: torch.device):
         from ..models.sources import load_model_set
@@ -267,7 +268,7 @@ class TorchBackendFactory:
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
         models = load_model_set(self.preset, self.checkpoints, self.config, dtype)
-        return TorchBackend(models, dtype, device=device), models.tokenizer
+        return TorchBackend(models, dtype, device=device, tile=self.tile), models.tokenizer
 
 
 @dataclass(frozen=True)
@@ -278,26 +279,19 @@ class OnnxRuntimeBackendFactory:
     checkpoints: Path | None = None
     config: Path | None = None
     threads: int = 0
+    tile: bool = False
 
     def __call__(self, device: torch.device):
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend.from_build(self.engines, threads=self.threads)
+        backend = OnnxRuntimeBackend.from_build(self.engines, threads=self.threads, tile=self.tile)
         return backend, backend.tokenizer(self.checkpoints, self.config)
 
 
 def write_video(result: GenerationResult, job: VideoJob) -> tuple[Path, ...]:
-    from .video import to_uint8_frames, write_mp4, write_png_frames
+    from .jobs import write_result
 
-    def write(frames, path: Path, fps: float) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = to_uint8_frames(frames)
-        return write_mp4(data, path, fps) if path.suffix.lower() == ".mp4" else write_png_frames(data, path)
-
-    written = [write(result.video.frames, job.out, result.video.fps)]
-    for stage, path in zip(result.stages, job.stage_outs):
-        written.append(write(stage.frames, path, stage.fps))
-    return tuple(written)
+    return tuple(write_result(result, job.out, list(job.stage_outs), bool(job.stage_outs)))
 
 
 def make_groups(world: World, num_videos: int, num_heads: int, sequence_parallel: bool) -> list[RankGroup]:
