@@ -2,7 +2,7 @@
 
     python -m benchmarks [--preset tiny] [--build DIR] [--engines DIR] [--height H --width W
         --num-frames N --intervals 4,2,1] [--steps 6,4,4] [--repeats 9] [--warmup 3]
-        [--generate-repeats 5] [--sample-ms 200] [--threads 1] [--seed 0] [--out FILE] [--record-baseline]
+        [--generate-repeats 5] [--sample-ms 200] [--threads 1] [--seed 0] [--runs 1] [--out FILE] [--record-baseline]
         [--check BASELINE] [--tolerance 0.15] [--plot FILE.png]
     python -m benchmarks --results RESULTS.json --check BASELINE   # check earlier results, no timing
 
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of every backend (default 1: steadier on a shared machine); 0 = libraries' default")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--runs", type=int, default=1,
+                   help="run the whole suite this many times; each figure is the median over the runs "
+                        "(use 3 or more to record a baseline on a shared machine)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/suite-<kind>-<date>.json)")
     p.add_argument("--record-baseline", action="store_true",
                    help="also write the results as benchmarks/baselines/<machine-kind>.json")
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeats and --generate-repeats must be >= 1, --warmup >= 0")
     if args.threads < 0:
         p.error("--threads must be >= 0")
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
     if args.tolerance < 0:
         p.error("--tolerance must be >= 0")
     if args.results is not None and args.check is None:
@@ -457,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
                 build_dir = Path(tmp) / "build"
                 print(f"exporting {args.preset} (fp32) to {build_dir} ...", file=sys.stderr)
                 export_seconds = bb.export_build(models, bb.resolve_shape(args, models.preset), build_dir)
-            data = run(args, build_dir, export_seconds, models)
+            runs = []
+            for k in range(args.runs):
+                if args.runs > 1:
+                    print(f"run {k + 1} of {args.runs}", file=sys.stderr)
+                runs.append(run(args, build_dir, export_seconds, models))
+            data = merge_runs(runs)
     finally:
         torch.set_num_threads(torch_threads)
     out = args.out or bb.RESULTS_DIR / f"suite-{data['machine_kind']}-{time.strftime('%Y-%m-%d')}.json"
@@ -472,6 +482,16 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_results(data, args.plot):
             print(f"wrote {path}")
     return _report_check(data, baseline, args) if baseline is not None else 0
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """The last run's results with every figure the median over all runs (each run's figures kept)."""
+    data = dict(runs[-1])
+    if len(runs) > 1:
+        data["figure_runs"] = [r["figures"] for r in runs]
+        data["figures"] = {name: statistics.median(r["figures"][name] for r in runs) for name in runs[-1]["figures"]}
+    data["settings"] = dict(data["settings"], runs=len(runs))
+    return data
 
 
 def _read_json(path: Path, flag: str) -> dict:

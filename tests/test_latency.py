@@ -2,8 +2,11 @@
 
 Not in the default run: it times the tiny preset for a few minutes. The
 baseline is benchmarks/baselines/<machine-kind>.json, recorded with
-`python -m benchmarks --build DIR --record-baseline` (DIR: an fp32 tiny build
-at 32x48, 9 frames, intervals 4,2,1, the shape of the session's `tiny_build`).
+`python -m benchmarks --build DIR --runs 3 --record-baseline` (DIR: an fp32 tiny
+build at 32x48, 9 frames, intervals 4,2,1, the shape of the session's
+`tiny_build`). The check repeats the baseline's settings, --runs included: each
+figure is a median over whole runs, so one run under a burst of load from
+other jobs does not decide it.
 """
 import json
 from pathlib import Path
@@ -32,7 +35,7 @@ def measured(tiny_build, tmp_path_factory):
     argv = ["--build", str(tiny_build), "--steps", ",".join(map(str, baseline["config"]["steps_per_stage"])),
             "--threads", str(baseline["config"]["threads"]), "--repeats", str(s["repeats"]), "--warmup", str(s["warmup"]),
             "--generate-repeats", str(s["generate_repeats"]), "--sample-ms", str(s["sample_ms"]), "--seed", str(s["seed"]),
-            "--out", str(out), "--check", str(path)]
+            "--runs", str(s.get("runs", 1)), "--out", str(out), "--check", str(path)]
     rc = suite.main(argv)
     return rc, out, path
 

@@ -166,6 +166,8 @@ class ProfiledBackend(Backend):
         self.name, self.device, self.info = inner.name, inner.device, inner.info
 
     def __getattr__(self, name):  # check_request, tokenizer, ... of the wrapped backend
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def encode_text(self, ids, mask):
