@@ -59,3 +59,16 @@ def test_machine_kind_names_the_hardware():
     assert suite.machine_kind({"gpu": {"name": "NVIDIA H100 80GB HBM3"}}) == "gpu-nvidia-h100-80gb-hbm3"
     assert suite.machine_kind({"gpu": None, "cpu_model": "Intel(R) Xeon(R) Processor", "cpu_affinity": 2,
                                "cpu_count": 8}) == "cpu-intel-r-xeon-r-processor-2cpu"
+
+
+def test_unsteady_figures_are_named_not_checked():
+    runs = [{"a: x / torch time": 1.0, "b: torch overhead share": 0.010, "c: y / torch time": 1.0},
+            {"a: x / torch time": 1.1, "b: torch overhead share": 0.019, "c: y / torch time": 1.5}]
+    unsteady = suite.unsteady_figures(runs, 0.15)
+    assert unsteady == {"c: y / torch time": 0.5}  # a: 10% spread; b: under the shares' one-point slack
+    base = results(**{"a: x / torch time": 1.0, "c: y / torch time": 1.0})
+    base["unsteady"] = unsteady
+    run = results(**{"a: x / torch time": 1.0, "c: y / torch time": 3.0})
+    assert suite.check(run, base) == []
+    run["figures"]["a: x / torch time"] = 1.2
+    assert [p.split(":")[0] for p in suite.check(run, base)] == ["a"]
