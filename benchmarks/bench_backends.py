@@ -210,31 +210,37 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def bench_interleaved(backends: dict, calls: dict, warmup: int, repeats: int) -> dict:
+def bench_interleaved(backends: dict, calls: dict, warmup: int, repeats: int, names=BACKENDS) -> dict:
     """Per backend: first-call time and output, then the times of `repeats` interleaved runs."""
+    names = tuple(names)
     result = {}
-    for name in BACKENDS:  # first call: sessions are created, outputs kept for the agreement check
+    for name in names:  # first call: sessions are created, outputs kept for the agreement check
         out, ms = timed(backends[name], calls[name])
         result[name] = {"output": out, "first_call_ms": ms, "runs_ms": []}
     for _ in range(warmup):
-        for name in BACKENDS:
+        for name in names:
             calls[name]()
     for r in range(repeats):
-        order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
+        order = names if r % 2 == 0 else names[::-1]
         for name in order:
             _, ms = timed(backends[name], calls[name])
             result[name]["runs_ms"].append(ms)
     return result
 
 
-def summarise(raw: dict, extra: dict | None = None) -> dict:
+def summarise(raw: dict, extra: dict | None = None, names=BACKENDS) -> dict:
     entry = {}
-    for name in BACKENDS:
+    for name in names:
         runs = raw[name]["runs_ms"]
         entry[name] = {"median_ms": statistics.median(runs), "runs_ms": [round(v, 3) for v in runs],
                        "first_call_ms": round(raw[name]["first_call_ms"], 3)}
-    entry["ratio_torch_over_ort"] = entry["torch"]["median_ms"] / entry["onnxruntime"]["median_ms"]
-    entry["rel_error"] = relative_error(raw["onnxruntime"]["output"], raw["torch"]["output"])
+    if "onnxruntime" in entry:
+        entry["ratio_torch_over_ort"] = entry["torch"]["median_ms"] / entry["onnxruntime"]["median_ms"]
+    for name in names:
+        if name != "torch":
+            entry.setdefault("rel_error_vs_torch", {})[name] = relative_error(raw[name]["output"], raw["torch"]["output"])
+    if "onnxruntime" in entry:
+        entry["rel_error"] = entry["rel_error_vs_torch"]["onnxruntime"]
     entry.update(extra or {})
     return entry
 

@@ -70,3 +70,37 @@ def test_bench_exports_its_own_build(tmp_path):
     assert rc == 0
     data = _check_results(out, {"height": 32, "width": 48, "num_frames": 5, "intervals": [2, 1]})
     assert data["build"]["export_seconds"] > 0
+
+
+def test_suite_smoke(tiny_build, tmp_path, capsys):
+    """python -m benchmarks at one sample per op: every op of the stage plan, the fingerprint, the figures,
+    the charts, and a results file checked against itself."""
+    import subprocess
+    import sys
+
+    from benchmarks import suite
+
+    out = tmp_path / "suite.json"
+    rc = suite.main(["--build", str(tiny_build), "--steps", "1,1,1", "--repeats", "1", "--warmup", "0",
+                     "--generate-repeats", "1", "--sample-ms", "1", "--out", str(out), "--plot", str(tmp_path / "g.png")])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    # the stage plan of 9 frames at [4, 2, 1] has 1, 2 and 4 chunks: DiT batches 2, 4 and 8
+    assert [op for op in data["ops"] if op.startswith("dit_b")] == ["dit_b2", "dit_b4", "dit_b8"]
+    assert data["ops"]["dit_b8"]["inputs"]["x"][0] == 8
+    assert data["backends"][0] == "torch" and "tensorrt" in data["skipped_backends"]
+    m = data["machine"]
+    assert m["cpu_model"] and m["cpu_count"] >= 1 and m["libraries"]["torch"] and "gpu" in m
+    assert data["machine_kind"] == suite.machine_kind(m)
+    for name in data["backends"]:
+        g = data["generate"][name]
+        assert g["dit_calls"] == 3 and 0 <= g["outside_share"] < 1 and g["over_parts"] > 0
+        assert list(g["breakdown"]) == ["text", "stage 0", "stage 1", "stage 2"]
+        assert (tmp_path / f"g-{name}.png").stat().st_size > 0
+    assert all(v > 0 for v in data["figures"].values())
+    capsys.readouterr()
+    assert suite.main(["--results", str(out), "--check", str(out)]) == 0
+    assert "figures within 15%" in capsys.readouterr().out
+    help_text = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "--check BASELINE" in help_text and "--record-baseline" in help_text
