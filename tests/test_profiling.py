@@ -30,7 +30,7 @@ def test_trace_has_the_named_ranges(profiled):
     names = Counter(e["name"] for e in events if e.get("ph") == "X")
     assert names["backend.velocity"] == result.dit_calls == 7
     assert names["backend.encode_text"] == 1
-    assert names["backend.vae_encode"] == 3 and names["backend.vae_decode"] == 1 + 2 + 4
+    assert names["backend.vae_encode"] == 1 + 2 + 4 and names["backend.vae_decode"] == 1 + 2 + 4  # one chunk per call
     assert [names[f"stage {k}"] for k in range(3)] == [1, 1, 1] and names["stage 3"] == 0
     # a step per DiT call: steps 0 and 1 in every stage, step 2 in stage 0 only
     assert (names["step 0"], names["step 1"], names["step 2"]) == (3, 3, 1)
@@ -79,3 +79,16 @@ def test_profile_dir_must_be_a_directory(tmp_path):
     with pytest.raises(UsageError, match="--profile"):
         with profile_generation(target):
             pass
+
+
+def test_tm_run_generate_profile_writes_trace_breakdown_and_chart(tmp_path, capsys):
+    from tempomaster.cli import run_main
+
+    rc = run_main(["generate", "--prompt", "a boat", "--height", "32", "--width", "48", "--num-frames", "5",
+                   "--steps", "1,1,1", "--no-progress", "--out", str(tmp_path / "v.mp4"), "--profile", str(tmp_path / "prof")])
+    assert rc == 0
+    assert {p.name for p in (tmp_path / "prof").iterdir()} >= {"trace.json", "breakdown.json", "stages.png"}
+    (tmp_path / "blocker").write_text("x")
+    rc = run_main(["generate", "--prompt", "a boat", "--out", str(tmp_path / "w.mp4"), "--profile", str(tmp_path / "blocker")])
+    assert rc == 2 and "--profile" in capsys.readouterr().err
+    assert not (tmp_path / "w.mp4").exists()

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a rank waits for the others at any exchange (model loading included) before all stop, "
                         "naming the rank that died or hangs (default 600)")
     p.add_argument("--out", type=Path, default=Path("out/video.mp4"), help="an .mp4 file or a directory (PNG frames)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="write a torch.profiler Chrome trace (trace.json), breakdown.json and a per-stage bar chart "
+                        "(stages.png) to DIR; one subdirectory per video when there are several")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("plan", help="how generate would place its work on N devices, without loading any model")
@@ -86,7 +89,7 @@ def _options(args):
         backend=args.backend, cuda_graphs=args.cuda_graphs, weight_streaming_budget=args.weight_streaming_budget,
         tile=args.tile, prompts=args.prompts, sequence_parallel=not args.no_sequence_parallel,
         devices=getattr(args, "devices", None) if args.command == "generate" else None,
-        timeout=getattr(args, "timeout", 600.0),
+        timeout=getattr(args, "timeout", 600.0), profile=getattr(args, "profile", None),
     )
 
 

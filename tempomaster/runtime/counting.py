@@ -47,25 +47,29 @@ def expected_backend_calls(
     frame_intervals: Sequence[int],
     steps_per_stage: Sequence[int],
     guidance_scale: float,
+    vae_batch: int = 1,
 ) -> BackendCalls:
     """What `pipeline.generate` must make for these settings, from the stage plan alone.
 
-    One text call for prompt and negative prompt together; per stage one VAE
-    encode of all its chunks, one DiT call per step on all chunks (with their
-    unconditional twins unless the guidance scale is 1), one VAE decode per
-    chunk.
+    One text call for prompt and negative prompt together; per stage one DiT
+    call per step on its active chunks (with their unconditional twins unless
+    the guidance scale is 1), and VAE encodes and decodes of `vae_batch`
+    active chunks each (one chunk per call on one device). Chunks of nothing
+    but padding are never sent.
     """
     stages = plan_stages(round_num_frames(num_frames), frame_intervals)
     guided = guidance_scale != 1.0
     per_dit = 2 if guided else 1
+    active = [len(s.active_chunks) for s in stages]
+    calls = sum(-(-n // vae_batch) for n in active)
     return BackendCalls(
         text=1,
         dit=sum(steps_per_stage),
-        vae_encode=len(stages),
-        vae_decode=sum(s.num_chunks for s in stages),
-        dit_batches=tuple(per_dit * s.num_chunks for s in stages),
-        vae_encode_items=sum(s.num_chunks for s in stages),
-        vae_decode_items=sum(s.num_chunks for s in stages),
+        vae_encode=calls,
+        vae_decode=calls,
+        dit_batches=tuple(per_dit * n for n in active),
+        vae_encode_items=sum(active),
+        vae_decode_items=sum(active),
         release_dit=per_dit * sum(steps_per_stage),
     )
 
@@ -74,7 +78,7 @@ def expected_backend_calls(
 class VelocityCall:
     """What one DiT call was handed (kept small: no tensors, only their identity)."""
 
-    stage: int  # VAE-encode calls seen before it, minus one: the stage it belongs to
+    stage: int  # the stage it belongs to: a stage begins with its run of VAE encodes
     batch: int
     devices: dict[str, str]
     dtypes: dict[str, torch.dtype]
@@ -115,15 +119,19 @@ class CountingBackend(Backend):
         # The current stage's first constant inputs, held so that their memory
         # cannot be freed and handed to a per-step copy at the same address.
         self._held: tuple[int, dict] = (-1, {})
+        self._stage = -1
+        self._last: str | None = None
 
     def encode_text(self, ids, mask):
+        self._last = "text"
         self.log.text += 1
         return self.inner.encode_text(ids, mask)
 
     def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        self._last = "velocity"
         tensors = dict(zip(VELOCITY_INPUTS, (x, y, timestep, context, rope_cos, rope_sin)))
         self.log.dit += 1
-        stage = self.log.vae_encode - 1
+        stage = self._stage
         if self._held[0] != stage:
             self._held = (stage, {k: tensors[k] for k in STAGE_CONSTANT_INPUTS})
         self.log.velocity.append(VelocityCall(
@@ -136,11 +144,15 @@ class CountingBackend(Backend):
         return self.inner.velocity(x, y, timestep, context, rope_cos, rope_sin)
 
     def vae_encode(self, video):
+        if self._last != "vae_encode":  # the first of a stage's condition encodes
+            self._stage += 1
+        self._last = "vae_encode"
         self.log.vae_encode += 1
         self.log.vae_encode_items += int(video.shape[0])
         return self.inner.vae_encode(video)
 
     def vae_decode(self, latents):
+        self._last = "vae_decode"
         self.log.vae_decode += 1
         self.log.vae_decode_items += int(latents.shape[0])
         return self.inner.vae_decode(latents)

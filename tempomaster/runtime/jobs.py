@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -57,6 +58,7 @@ class GenerateOptions:
     devices: str | None = None  # "0,1,2,3" or "cpu:4": one process per device (None: this process, or torchrun's group)
     timeout: float = 600.0  # seconds a rank waits at any exchange before all stop
     sequence_parallel: bool = True  # Ulysses inside a sequence when a step has fewer sequences than ranks
+    profile: Path | None = None  # write a Chrome trace, breakdown.json and stages.png per video here
 
 
 @dataclass
@@ -500,6 +502,11 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
         targets += [final, *(stage_paths if options.save_stages else [])]
     check_writable(options.out, targets)
+    if options.profile is not None:
+        if options.profile.exists() and not options.profile.is_dir():
+            raise UsageError(f"--profile: {options.profile} exists and is not a directory")
+        if options.devices is not None:
+            raise UsageError("--profile profiles one process: leave out --devices")
     if options.threads is not None and options.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {options.threads}")
     threads = options.threads or available_cores()
@@ -527,15 +534,30 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
 
     report = GenerateReport(lines=[], written=[])
     for job in jobs:
-        result = generate(backend, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages)
-        final, stage_paths = output_targets(options.out, job.name, several, len(result.stages))
-        start = time.perf_counter()
-        written = write_result(result, final, stage_paths, options.save_stages)
+        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
+        with _profiled(options, job.name, several, backend) as (run_on, phase):
+            result = generate(run_on, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages)
+            start = time.perf_counter()
+            with phase("writing"):
+                written = write_result(result, final, stage_paths, options.save_stages)
         text = summarise(job, result, written, backend.name, time.perf_counter() - start)
         echo(text)
         report.lines.append(text)
         report.written += written
     return report
+
+
+@contextmanager
+def _profiled(options: GenerateOptions, name: str, several: bool, backend):
+    """(backend to run on, phase context) with or without `--profile`."""
+    if options.profile is None:
+        yield backend, lambda _name: nullcontext()
+        return
+    from .profiling import profile_generation
+
+    folder = options.profile / name if several else options.profile
+    with profile_generation(folder, device=backend.device, title=f"{name} on {backend.name}") as prof:
+        yield prof.wrap(backend), prof.phase
 
 
 def _under_torchrun() -> bool:

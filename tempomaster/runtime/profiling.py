@@ -78,6 +78,7 @@ class StageTimer:
         self._stage_index = -1
         self._step_index = 0
         self._step_dit = 0.0
+        self._last_method: str | None = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -104,7 +105,8 @@ class StageTimer:
             self._stage = None
 
     def before_call(self, method: str) -> None:
-        if method == "vae_encode":  # every stage starts with its one VAE encode
+        last, self._last_method = self._last_method, method
+        if method == "vae_encode" and last != "vae_encode":  # a stage starts with its chunks' VAE encodes
             self.close_stage()
             self._stage_index += 1
             self._step_index = 0
