@@ -200,10 +200,16 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_amax: float, weight_amax: torch.Tensor,
-                    dtype: torch.dtype) -> "FP8Linear":
-        """weight_amax: a scalar (per-tensor) or [out] (per-channel)."""
-        w_scale = scale_from_amax(weight_amax, dtype)
-        x_scale = scale_from_amax(input_amax, dtype)
+                    dtype: torch.dtype, scale_dtype: torch.dtype | None = None) -> "FP8Linear":
+        """weight_amax: a scalar (per-tensor) or [out] (per-channel).
+
+        scale_dtype: the dtype the scales are rounded to (default `dtype`); an
+        fp32 twin of a bf16 graph rounds them to bf16 so both hold the same
+        scales and the same FP8 weight bytes.
+        """
+        rounding = scale_dtype or dtype
+        w_scale = scale_from_amax(weight_amax, rounding).to(dtype)
+        x_scale = scale_from_amax(input_amax, rounding).to(dtype)
         w8 = quantize_weight(linear.weight.detach(), w_scale)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
         return cls(w8, w_scale, x_scale, bias)
@@ -242,6 +248,7 @@ def quantize_dit(
     skip_blocks: Sequence[int] = (),
     per_channel: Mapping[str, torch.Tensor] | None = None,
     copy: bool = True,
+    scale_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The DiT with every block Linear (outside `skip_blocks`) replaced by an FP8Linear.
 
@@ -250,7 +257,7 @@ def quantize_dit(
     weight_scale="channel". The rest of the model is cast to `dtype`.
     copy=False converts `dit` in place, one layer at a time, so the
     high-precision weight of each layer is freed as its FP8 copy is made
-    (a 14B DiT never holds both).
+    (a 14B DiT never holds both). scale_dtype: see `FP8Linear.from_linear`.
     """
     import copy as _copy
 
@@ -274,7 +281,7 @@ def quantize_dit(
             w_amax = torch.as_tensor(per_channel[name], dtype=torch.float32)
         else:
             w_amax = torch.tensor(float(rec["weight_amax"]))
-        _set_child(parent, attr, FP8Linear.from_linear(linear, float(rec["input_amax"]), w_amax, dtype))
+        _set_child(parent, attr, FP8Linear.from_linear(linear, float(rec["input_amax"]), w_amax, dtype, scale_dtype))
         del linear
     # Everything left (embeddings, modulation, norms, head, skipped blocks) in the high precision.
     for p in model.parameters():

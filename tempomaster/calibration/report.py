@@ -51,12 +51,14 @@ def quality_report(
     steps: Sequence[int] | None = None,
     seed: int = 1000,
     skip_blocks: Sequence[int] = (),
+    scale_dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
 ) -> dict:
     """Run the held-out generations and return the report (a JSON-ready dict).
 
     backend: a TorchBackend over `models` (one is made at the DiT's dtype if
-    None). steps: steps per stage (default the calibration's).
+    None). steps: steps per stage (default the calibration's). scale_dtype:
+    the scales rounded as the deployed graph stores them (bf16 by default).
     """
     from tqdm.auto import tqdm
 
@@ -73,7 +75,7 @@ def quality_report(
     if not held:
         raise ValueError("no held-out prompts left for the quality report")
     tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
-    qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True) for k, t in tables.items()}
+    qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype) for k, t in tables.items()}
     errors = {k: [[[] for _ in range(n)] for n in steps] for k in VARIANTS}
     psnrs = {k: [] for k in VARIANTS}
     t0 = time.perf_counter()
@@ -112,6 +114,7 @@ def quality_report(
         "steps_per_stage": steps,
         "dtype": str(dtype).replace("torch.", ""),
         "weight_scale": "tensor",
+        "scale_dtype": str(scale_dtype).replace("torch.", ""),
         "skip_blocks": list(skip_blocks),
         "shape": calibration.data["shape"],
         "preset": calibration.data["preset"],
