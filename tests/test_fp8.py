@@ -504,6 +504,7 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     from tempomaster.runtime.pipeline import GenerationRequest, generate
     from tempomaster.calibration.collect import TrackingBackend, load_calibration
     from tempomaster.calibration.fp8 import quantize_dit
+    from tempomaster.calibration.report import psnr, rel_error
 
     out = tmp_path / "twin"
     man = export_fp8_onnx(tiny_models, SHAPE, out, calib_prompts=prompt_file, calib_steps=2, report=False,
@@ -515,14 +516,26 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     assert backend.info.dit_dtype == torch.float32
     request = GenerationRequest(prompt="a red ball on the beach", seed=7, height=32, width=48, num_frames=9,
                                 steps_per_stage=(2, 2, 2))
-    got = generate(backend, backend.tokenizer(), request, progress=False)
-    # the same generation with the torch fake-quantized DiT
+    # the twin's own trajectory; at every DiT call torch's fake-quantized DiT answers the same inputs
     cal = load_calibration(out)
-    torch_backend = TorchBackend(tiny_models)
-    q = quantize_dit(tiny_models.dit, cal.layer_table(), torch.float32)
-    want = generate(TrackingBackend(torch_backend, (2, 2, 2), velocity_fn=q), tiny_models.tokenizer, request,
-                    progress=False)
-    plain = generate(torch_backend, tiny_models.tokenizer, request, progress=False)
-    diff = (got.video.frames - want.video.frames).abs().max().item()
-    assert diff < 2 / 255
-    assert (plain.video.frames - want.video.frames).abs().max().item() > diff
+    q = quantize_dit(tiny_models.dit, cal.layer_table(), torch.float32, scale_dtype=torch.bfloat16)
+    errors = []
+
+    def compare(stage, step, args):
+        v = backend.velocity(*args)
+        with torch.no_grad():
+            errors.append(rel_error(v, q(*args)))
+        return v
+
+    got = generate(TrackingBackend(backend, (2, 2, 2), on_call=compare), backend.tokenizer(), request, progress=False)
+    want = generate(TrackingBackend(TorchBackend(tiny_models), (2, 2, 2), velocity_fn=q), tiny_models.tokenizer,
+                    request, progress=False)
+    assert [s.frames.shape for s in got.stages] == [s.frames.shape for s in want.stages]
+    assert torch.isfinite(got.video.frames).all()
+    final = psnr(got.video.frames, want.video.frames)
+    print(f"twin vs torch FP8 per DiT call: {['%.1e' % e for e in errors]}; final frames PSNR {final:.1f} dB")
+    # Per call the twin matches torch to ~1e-6 once FP8 rounding ties are aligned
+    # (test_twin_matches_torch_fake_quant); on a real trajectory a few ties go the
+    # other way through float32 noise, each moving one FP8 value by one step.
+    assert sorted(errors)[len(errors) // 2] < 1e-3 and max(errors) < 1e-2
+    assert final > 35
