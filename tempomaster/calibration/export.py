@@ -167,6 +167,10 @@ def export_fp8_onnx(
         spec = dit_spec(q, base, shape, text_len=text_len, copy=False)
         spec.precision = "fp8"
         spec.translations = ONNX_TRANSLATIONS
+        # Weights beside the graph whatever their size: an inline 1-2 GB protobuf
+        # would be copied whole by the save and by every check after it (the
+        # export's peak memory doubled on wan-1.3b).
+        spec.external_data = True
         spec.meta["fp8"] = dict(fp8_meta)
         return [spec]
 

@@ -89,6 +89,8 @@ class GraphSpec:
     # torch custom op -> onnxscript function, for ops torch.onnx cannot translate
     # itself (the FP8 Q/DQ ops of tempomaster.calibration.fp8).
     translations: Mapping[Any, Callable] | None = None
+    # weights in NAME.onnx.data: True / False, or None for "past EXTERNAL_DATA_THRESHOLD"
+    external_data: bool | None = None
 
 
 @dataclass
@@ -258,6 +260,8 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
     _optimize_ir(model)
     _check_io_names(model, spec)
     weight_bytes = _weight_bytes_ir(model)
+    if external_data is None:
+        external_data = spec.external_data
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out_dir))
