@@ -109,6 +109,20 @@ def test_quantize_weight_transposed_per_channel():
     assert torch.allclose(w8.float().abs().amax(0), torch.full((37,), 448.0))
 
 
+def test_calib_steps():
+    from tempomaster.calibration.collect import resolve_steps
+    from tempomaster.models.presets import get_preset
+
+    tiny = get_preset("tiny")
+    assert resolve_steps(None, tiny, 3) == (6, 4, 4)
+    assert resolve_steps(2, tiny, 3) == (2, 2, 2)
+    assert resolve_steps([3, 2, 1], tiny, 3) == (3, 2, 1)
+    with pytest.raises(UsageError, match="--calib-steps"):
+        resolve_steps([3, 2], tiny, 3)
+    with pytest.raises(UsageError, match="--calib-steps"):
+        resolve_steps(0, tiny, 3)
+
+
 def test_skip_blocks_parsing():
     from tempomaster.calibration.fp8 import parse_skip_blocks
 
@@ -416,10 +430,20 @@ def test_twin_matches_torch_fake_quant(twin_build, calibrated, tiny_models):
 def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrated):
     import onnx
 
-    _, cal = calibrated
-    out, man = _fp8_build(tmp_path_factory, tiny_models, calibrated, twin=True, skip_blocks="1",
-                          weight_scale="channel")
+    import shutil
+
+    from tempomaster.calibration import export_fp8_onnx
+    from tempomaster.engines.manifest import sha256_file
+
+    build_dir, cal = calibrated
+    # `tm-export calibrate --out B` then `tm-export build --precision fp8 --no-calibrate --out B`
+    out = tmp_path_factory.mktemp("fp8c") / "b"
+    shutil.copytree(build_dir / "calibration", out / "calibration")
+    man = export_fp8_onnx(tiny_models, SHAPE, out, calibrate_now=False, graphs=["dit"], twin=True, skip_blocks="1",
+                          weight_scale="channel", progress=False, log=None)
     assert man["fp8"]["skip_blocks"] == [1] and man["fp8"]["weight_scale"] == "channel"
+    assert man["files"]["calibration/amax.json"]["sha256"] == sha256_file(cal.path)
+    assert man["fp8"]["twin"] and man["fp8"]["twin_of"] == "bf16" and man["graphs"]["dit"]["inputs"][0]["dtype"] == "float32"
     model = onnx.load(str(out / "onnx" / "dit.onnx"))
     fp8 = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and "weight_t8" in i.name]
     assert sorted(fp8) == sorted(f"dit.blocks.0.{n}.weight_t8" for n in LINEARS)

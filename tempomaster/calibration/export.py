@@ -133,6 +133,9 @@ def export_fp8_onnx(
     except ValueError as err:
         raise UsageError(str(err)) from None
     wanted = set(graphs) if graphs is not None else None
+    from ..export.build import _prepare_target
+
+    _prepare_target(out_dir)  # before minutes of calibration, not after
     cal = None
     if wanted is None or "dit" in wanted:
         cal = resolve_calibration(
