@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -75,14 +75,17 @@ def base_graph_name(name: str) -> str:
 
 
 def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, wanted: set[str], copy: bool,
-                 tiling: dict | None = None):
+                 tiling: dict | None = None, overrides: Mapping[str, Callable[[], list]] | None = None):
     """Yield (name, spec factory) lazily, so only one cast copy lives at a time."""
     from .dit import dit_spec
     from .t5 import t5_spec
     from .vae import vae_specs
 
+    overrides = overrides or {}
     text_len = models.t5.cfg.text_len if models.t5 is not None else models.preset.t5.text_len
-    if "dit" in wanted:
+    if "dit" in wanted and "dit" in overrides:
+        yield "dit", overrides["dit"]
+    elif "dit" in wanted:
         yield "dit", lambda: [dit_spec(models.dit, precision, shape, text_len=text_len, copy=copy)]
     vae_wanted = [g for g in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder") if g in wanted]
     if vae_wanted:
@@ -98,11 +101,16 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
         yield "t5", lambda: [t5_spec(models.t5, t5_precision, copy=copy)]
 
 
+# What `tm-export calibrate --out BUILD` leaves in a build directory before its first export.
+CALIBRATION_DIR = "calibration"
+
+
 def _prepare_target(out_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
             raise UsageError(f"--out: {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        entries = [p.name for p in out_dir.iterdir()]
+        if entries and entries != [CALIBRATION_DIR] and not (out_dir / MANIFEST_FILE).is_file():
             raise UsageError(
                 f"--out: {out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; give a new or build directory"
             )
@@ -138,6 +146,8 @@ def export_onnx(
     audit: bool = True,
     extra: dict | None = None,
     tile: bool | TileSpec = False,
+    graph_overrides: Mapping[str, Callable[[], list]] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> dict:
     """Export the graphs of `models` (a ModelSet) at `precision` for `shape` into `out_dir`.
 
@@ -148,6 +158,10 @@ def export_onnx(
     tile: True exports the VAE graphs at the release's tile shape (a
     TileSpec: that tiling), recorded in the manifest's `tiling`; a tile
     larger than the frame is cut to it.
+    graph_overrides: graph group ("dit") -> factory of its GraphSpecs, used
+    instead of the default one (the FP8 DiT). extra_files: relative path ->
+    bytes written into the build and hashed with it (the calibration files,
+    which would otherwise vanish when the new build replaces out_dir).
     Returns the manifest (also written to out_dir/manifest.json).
     """
     from .op_audit import audit_files, load_table
@@ -182,7 +196,7 @@ def export_onnx(
         total = len(wanted) + (vae_count * (len(tiling["tiles"]) - 1) if tiling else 0)
         # closed on the way out of an error too, so its last redraw comes before the CLI's message
         with tqdm(total=total, desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
-            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy, tiling):
+            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy, tiling, graph_overrides):
                 for spec in make():
                     bar.set_postfix_str(spec.name)
                     rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
@@ -197,6 +211,10 @@ def export_onnx(
         if tokenizer is not None:
             # The build carries its tokenizer, so `tm-run --engines` needs nothing else.
             _save_tokenizer(tokenizer, staging / "tokenizer")
+        for rel, data in (extra_files or {}).items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
         files = {}
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             rel = path.relative_to(staging).as_posix()

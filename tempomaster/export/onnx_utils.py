@@ -48,7 +48,7 @@ MAX_BATCH_CAP = 1024
 
 ONNX_DTYPE_NAMES = {
     1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16",
+    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
 }
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -86,6 +86,11 @@ class GraphSpec:
     # count 0 for a plain tensor; input_names are the flattened inputs.
     arg_groups: Sequence[tuple[str, int]] | None = None
     meta: dict = field(default_factory=dict)
+    # torch custom op -> onnxscript function, for ops torch.onnx cannot translate
+    # itself (the FP8 Q/DQ ops of tempomaster.calibration.fp8).
+    translations: Mapping[Any, Callable] | None = None
+    # weights in NAME.onnx.data: True / False, or None for "past EXTERNAL_DATA_THRESHOLD"
+    external_data: bool | None = None
 
 
 @dataclass
@@ -188,15 +193,22 @@ def _quiet_export(module, args, spec: GraphSpec, opset: int):
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=dict(spec.translations) if spec.translations else None,
             )
     return program
 
 
+def _keep_qdq(node) -> bool | None:
+    # Folding DequantizeLinear(FP8 initializer) would turn FP8 weights back into
+    # high-precision ones; Q/DQ pairs are what TensorRT reads as quantization.
+    return False if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
+
+
 def _optimize_ir(model) -> None:
-    """Constant folding + unused-node removal on the onnx_ir model, in place."""
+    """Constant folding + unused-node removal on the onnx_ir model, in place (Q/DQ kept)."""
     import onnxscript.optimizer as opt
 
-    opt.optimize_ir(model, num_iterations=2)
+    opt.optimize_ir(model, num_iterations=2, should_fold=_keep_qdq)
     opt.remove_unused_nodes(model)
 
 
@@ -248,6 +260,8 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
     _optimize_ir(model)
     _check_io_names(model, spec)
     weight_bytes = _weight_bytes_ir(model)
+    if external_data is None:
+        external_data = spec.external_data
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=out_dir))

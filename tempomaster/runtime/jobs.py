@@ -451,7 +451,10 @@ def preset_defaults(options: GenerateOptions):
         except ManifestError as err:
             raise UsageError(f"--engines: {err}") from None
         shape = manifest.shape
-        preset = get_preset(manifest.preset)
+        try:
+            preset = get_preset(manifest.preset)
+        except ValueError as err:
+            raise UsageError(f"--engines: {manifest.root / 'manifest.json'}: {err}") from None
         defaults = replace(
             preset.defaults, height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
             frame_intervals=tuple(shape["intervals"]),

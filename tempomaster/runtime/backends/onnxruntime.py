@@ -198,7 +198,8 @@ class OnnxRuntimeBackend(Backend):
             head_dim=int(dit["dim"]) // int(dit["num_heads"]),
             patch_size=tuple(dit["patch_size"]),
             z_dim=int(dit["out_dim"]),
-            dit_dtype=_PRECISION_DTYPES[manifest.precision],
+            # the DiT graph's own input dtype: an fp8 build's DiT takes its high-precision base dtype
+            dit_dtype=self.graphs["dit"].dtype("x") if "dit" in self.graphs else _PRECISION_DTYPES[manifest.precision],
         )
 
     @classmethod

@@ -1,0 +1,435 @@
+"""Amax collection on the real next-frame-rate trajectory.
+
+`calibrate(...)` runs whole generations with the torch backend at the
+build's shape, one per calibration prompt, and records for every block
+Linear of the DiT the absolute maximum of its input over every DiT call of
+every stage and step (cond and uncond halves are one batch, so both count).
+The maxima are kept per stage too, which is what the quality report needs to
+compare whole-trajectory scales with stage-0-only scales without a second
+run. Weights' amax is recorded per tensor (in amax.json) and per output
+channel (in weight_amax.safetensors).
+
+    BUILD/calibration/amax.json               prompts, settings, seed, shape, DiT hash, per-layer amax
+    BUILD/calibration/weight_amax.safetensors per-output-channel weight amax, one [out] tensor per layer
+    BUILD/calibration/report.json             the quality report (calibration.report)
+
+A calibration names the preset, the shape and a sha256 of the DiT's weights
+(their bf16 bytes): an export for another preset, shape or weights refuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import UsageError
+from .fp8 import BLOCK_LINEARS, quantizable_layers
+from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
+
+FORMAT = "tempomaster-fp8-calibration"
+FORMAT_VERSION = 1
+CALIBRATION_DIR = "calibration"
+AMAX_FILE = "amax.json"
+WEIGHT_AMAX_FILE = "weight_amax.safetensors"
+REPORT_FILE = "report.json"
+
+
+# ----------------------------------------------------------------------------
+# Hashes and small helpers
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def dit_weights_sha256(dit: torch.nn.Module) -> str:
+    """sha256 of the DiT's parameters as bf16 bytes (names, shapes, values).
+
+    bf16 because the release's checkpoints are bf16: the same weights loaded
+    as bf16 or fp32 hash the same.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(dit.state_dict().items()):
+        t = p.detach()
+        if t.is_floating_point() and t.dtype != torch.bfloat16:
+            t = t.to(torch.bfloat16)
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _shape_key(shape) -> dict:
+    return {"height": int(shape.height), "width": int(shape.width), "num_frames": int(shape.num_frames),
+            "intervals": [int(i) for i in shape.intervals]}
+
+
+def _describe_shape(d: Mapping) -> str:
+    return f"{d['height']}x{d['width']}, {d['num_frames']} frames, intervals {','.join(map(str, d['intervals']))}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _file_sha256(path: Path) -> str:
+    from ..engines.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+# ----------------------------------------------------------------------------
+# The result
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """amax.json in memory (plus where it came from)."""
+
+    data: dict
+    path: Path | None = None
+
+    @property
+    def layers(self) -> dict:
+        return self.data["layers"]
+
+    def input_amax(self, stages: Sequence[int] | None = None) -> dict[str, float]:
+        """Per-layer input amax over all stages, or over the given stages only."""
+        if stages is None:
+            return {n: float(r["input_amax"]) for n, r in self.layers.items()}
+        return {n: max(float(r["input_amax_per_stage"][s]) for s in stages) for n, r in self.layers.items()}
+
+    def layer_table(self, stages: Sequence[int] | None = None) -> dict[str, dict]:
+        """name -> {"input_amax", "weight_amax"}: what `fp8.quantize_dit` takes."""
+        amax = self.input_amax(stages)
+        return {n: {"input_amax": amax[n], "weight_amax": float(r["weight_amax"])} for n, r in self.layers.items()}
+
+    def per_channel(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        if self.path is None:
+            raise UsageError("this calibration was not loaded from a directory; per-channel weight amax unavailable")
+        path = self.path.parent / WEIGHT_AMAX_FILE
+        if not path.is_file():
+            raise UsageError(f"{path}: missing (it holds the per-channel weight amax); run tm-export calibrate again")
+        want = self.data["weight_amax_file"]["sha256"]
+        if _file_sha256(path) != want:
+            raise UsageError(f"{path}: sha256 differs from the one {self.path} records; run tm-export calibrate again")
+        return load_file(str(path))
+
+    def check(self, *, preset: str | None, shape, dit_sha256: str | None, where: str | None = None) -> None:
+        """Refuse (one line) a calibration made for another preset, shape or DiT weights."""
+        where = where or str(self.path or "calibration")
+        d = self.data
+        problems = []
+        if preset is not None and d.get("preset") != preset:
+            problems.append(f"preset {d.get('preset')!r} (this build: {preset!r})")
+        if shape is not None and d.get("shape") != _shape_key(shape):
+            problems.append(f"shape {_describe_shape(d['shape'])} (this build: {_describe_shape(_shape_key(shape))})")
+        if dit_sha256 is not None and d.get("dit_sha256") != dit_sha256:
+            problems.append(f"DiT weights sha256 {str(d.get('dit_sha256'))[:12]}... (this build's: {dit_sha256[:12]}...)")
+        if problems:
+            raise UsageError(
+                f"{where}: calibration made for {'; '.join(problems)}; run tm-export calibrate for this build"
+            )
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """BUILD, BUILD/calibration or BUILD/calibration/amax.json -> Calibration (UsageError if absent or bad)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / AMAX_FILE if (path / AMAX_FILE).is_file() else path / CALIBRATION_DIR / AMAX_FILE
+    if not path.is_file():
+        raise UsageError(f"{path}: no calibration; run tm-export calibrate --out BUILD first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: unreadable calibration ({type(err).__name__}: {err})") from None
+    if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        raise UsageError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file")
+    return Calibration(data, path)
+
+
+# ----------------------------------------------------------------------------
+# Recording
+# ----------------------------------------------------------------------------
+
+class AmaxRecorder:
+    """Forward pre-hooks on the DiT's block Linears: running input abs-max per layer and stage."""
+
+    def __init__(self, dit: torch.nn.Module, num_stages: int):
+        self.names = quantizable_layers(len(dit.blocks))
+        modules = dict(dit.named_modules())
+        self.stage = 0
+        self.amax = {n: [0.0] * num_stages for n in self.names}
+        self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            value = float(x.detach().abs().amax()) if x.numel() else 0.0
+            if value != value or value == float("inf"):
+                raise FloatingPointError(f"calibration: non-finite input to {name} at stage {self.stage}")
+            row = self.amax[name]
+            row[self.stage] = max(row[self.stage], value)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class TrackingBackend:
+    """Wraps a backend: maps each DiT call to its (stage, step) and reports it before the call.
+
+    The pipeline makes exactly one DiT call per step (cond and uncond batched),
+    so the call count within one video locates the stage. `on_call(stage,
+    step, args)` runs first and may return the velocity itself; else
+    `velocity_fn` (when given) or the inner backend answers. Duck-typed to the
+    runtime's Backend (the pipeline only calls its four methods and reads
+    `info`), so this layer does not subclass the runtime.
+    """
+
+    name = "calibration"
+
+    def __init__(self, inner, steps_per_stage: Sequence[int], on_call=None, velocity_fn=None):
+        self.inner = inner
+        self.info = inner.info
+        self.device = inner.device
+        self.steps = list(steps_per_stage)
+        self.on_call = on_call
+        self.velocity_fn = velocity_fn
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def position(self, call: int) -> tuple[int, int]:
+        for stage, n in enumerate(self.steps):
+            if call < n:
+                return stage, call
+            call -= n
+        raise RuntimeError(f"DiT call {self.calls} past the {sum(self.steps)} steps of the request")
+
+    def encode_text(self, ids, mask):
+        return self.inner.encode_text(ids, mask)
+
+    @torch.inference_mode()
+    def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        stage, step = self.position(self.calls)
+        self.calls += 1
+        args = (x, y, timestep, context, rope_cos, rope_sin)
+        if self.on_call is not None:
+            out = self.on_call(stage, step, args)
+            if out is not None:
+                return out
+        if self.velocity_fn is not None:
+            return self.velocity_fn(*args)
+        return self.inner.velocity(*args)
+
+    def vae_encode(self, video):
+        return self.inner.vae_encode(video)
+
+    def vae_decode(self, latents):
+        return self.inner.vae_decode(latents)
+
+
+def fit_image(path: Path, height: int, width: int):
+    """A reference image cropped to the build's aspect and size, so the generation keeps the build's shape."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        return ImageOps.fit(im.convert("RGB"), (width, height), Image.LANCZOS)
+
+
+def make_request(prompt: CalibrationPrompt, shape, preset, steps: Sequence[int], seed: int):
+    from ..runtime.pipeline import GenerationRequest
+
+    d = preset.defaults
+    images = {k: fit_image(p, shape.height, shape.width) for k, p in prompt.images.items()}
+    return GenerationRequest(
+        prompt=prompt.prompt,
+        ref_images=images,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        frame_intervals=tuple(shape.intervals),
+        steps_per_stage=tuple(steps),
+        shift_per_stage=tuple(d.shift_per_stage[: len(shape.intervals)]),
+        guidance_scale=d.guidance_scale,
+        use_apg=d.use_apg,
+        seed=seed,
+    )
+
+
+def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int) -> tuple[int, ...]:
+    """Steps per stage for calibration: the preset's by default; an int applies to every stage."""
+    default = tuple(preset.defaults.steps_per_stage[:num_stages])
+    if calib_steps is None:
+        return default
+    steps = (int(calib_steps),) * num_stages if isinstance(calib_steps, int) else tuple(int(s) for s in calib_steps)
+    if len(steps) != num_stages or any(s < 1 for s in steps):
+        raise UsageError(f"--calib-steps: need one positive step count or {num_stages} (one per stage), got {calib_steps}")
+    return steps
+
+
+def resolve_prompts(prompts) -> tuple[list[CalibrationPrompt], dict]:
+    """None (the built-in set), a prompt file path, or a list of prompts / strings."""
+    if prompts is None:
+        return builtin_prompts(), {"source": "builtin"}
+    if isinstance(prompts, (str, os.PathLike)):
+        path = Path(prompts)
+        return read_prompt_file(path), {"source": str(path), "sha256": _file_sha256(path)}
+    out = [p if isinstance(p, CalibrationPrompt) else CalibrationPrompt(str(p)) for p in prompts]
+    if not out:
+        raise UsageError("calibration prompts: the list is empty")
+    return out, {"source": "list"}
+
+
+@torch.no_grad()
+def weight_amax(dit: torch.nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    modules = dict(dit.named_modules())
+    per_tensor, per_channel = {}, {}
+    for name in quantizable_layers(len(dit.blocks)):
+        w = modules[name].weight.detach()
+        rows = w.abs().amax(dim=1).float()
+        per_channel[name] = rows.contiguous()
+        per_tensor[name] = float(rows.max())
+    return per_tensor, per_channel
+
+
+def calibrate(
+    models,
+    shape,
+    out_dir: str | os.PathLike,
+    *,
+    prompts=None,
+    calib_steps: int | Sequence[int] | None = None,
+    seed: int = 0,
+    preset_name: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    report: bool = True,
+    report_prompts: int = 4,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> Calibration:
+    """Record per-layer amax on whole generations; write BUILD/calibration/ (and the quality report).
+
+    models: a ModelSet (DiT, VAE, umT5, tokenizer). shape: the build's
+    ExportShape. prompts: None for the built-in set (BUILTIN_PROMPTS), a
+    prompt-file path, or a list. calib_steps: denoising steps per stage
+    during calibration (fewer steps cover the same noise levels more
+    coarsely; default the preset's). seed: video i uses seed + i. dtype: the
+    torch backend's dtype (default: the DiT's). Returns the Calibration.
+    """
+    from tqdm.auto import tqdm
+
+    from ..runtime.backends.torch import TorchBackend
+    from ..runtime.pipeline import generate
+
+    say = log or (lambda _m: None)
+    shape.validate()
+    preset = models.preset
+    preset_name = preset_name or preset.name
+    prompt_list, prompt_source = resolve_prompts(prompts)
+    num_stages = len(shape.intervals)
+    steps = resolve_steps(calib_steps, preset, num_stages)
+    if models.tokenizer is None:
+        raise UsageError("calibration runs whole generations and needs the tokenizer; give --checkpoints or --config")
+    out_dir = Path(out_dir)
+    cal_dir = out_dir / CALIBRATION_DIR
+
+    dit_sha = dit_weights_sha256(models.dit)
+    w_tensor, w_channel = weight_amax(models.dit)
+    dtype = dtype or models.dit.dtype
+    backend = TorchBackend(models, dtype=dtype, device=device)
+    recorder = AmaxRecorder(backend.dit, num_stages)
+    tracker = TrackingBackend(backend, steps, on_call=lambda stage, step, args: setattr(recorder, "stage", stage))
+    t0 = time.perf_counter()
+    per_video = []
+    calls = 0
+    try:
+        bar = tqdm(prompt_list, desc="calibrate", unit="video", disable=not progress, file=sys.stderr)
+        for i, prompt in enumerate(bar):
+            tracker.reset()
+            v0 = time.perf_counter()
+            request = make_request(prompt, shape, preset, steps, seed + i)
+            generate(tracker, models.tokenizer, request, progress=progress, keep_stages=False)
+            calls += tracker.calls
+            per_video.append(round(time.perf_counter() - v0, 3))
+        bar.close()
+    finally:
+        recorder.remove()
+    seconds = time.perf_counter() - t0
+
+    layers = {}
+    for name in recorder.names:
+        per_stage = recorder.amax[name]
+        layers[name] = {
+            "input_amax": max(per_stage),
+            "input_amax_per_stage": per_stage,
+            "weight_amax": w_tensor[name],
+        }
+    from safetensors.torch import save
+
+    weight_bytes = save(w_channel)
+    _write_atomic(cal_dir / WEIGHT_AMAX_FILE, weight_bytes)
+    d = preset.defaults
+    data = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "preset": preset_name,
+        "shape": _shape_key(shape),
+        "dit_sha256": dit_sha,
+        "dit": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(models.dit.cfg).items()},
+        "seed": seed,
+        "settings": {
+            "steps_per_stage": list(steps),
+            "calib_steps": calib_steps if calib_steps is None or isinstance(calib_steps, int) else list(calib_steps),
+            "preset_steps_per_stage": list(d.steps_per_stage[:num_stages]),
+            "shift_per_stage": list(d.shift_per_stage[:num_stages]),
+            "guidance_scale": d.guidance_scale,
+            "use_apg": d.use_apg,
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": str(device),
+            "statistic": "abs-max of the layer input over every DiT call (cond+uncond batch), every step, every stage",
+        },
+        "prompts": [p.as_dict() for p in prompt_list],
+        "prompt_source": prompt_source,
+        "dit_calls": calls,
+        "seconds": round(seconds, 2),
+        "seconds_per_video": per_video,
+        "quantized_linears": list(BLOCK_LINEARS),
+        "weight_amax_file": {"file": WEIGHT_AMAX_FILE, "sha256": hashlib.sha256(weight_bytes).hexdigest()},
+        "layers": layers,
+    }
+    amax_path = cal_dir / AMAX_FILE
+    _write_atomic(amax_path, (json.dumps(data, indent=1) + "\n").encode())
+    calibration = Calibration(data, amax_path)
+    say(f"calibration: {len(prompt_list)} videos, {calls} DiT calls, {seconds:.1f}s "
+        f"({seconds / max(1, len(prompt_list)):.1f}s per video) -> {amax_path}")
+    if report:
+        from .report import format_report, quality_report
+
+        rep = quality_report(models, shape, calibration, backend=backend, prompts=report_prompts,
+                             exclude=[p.prompt for p in prompt_list], progress=progress)
+        _write_atomic(cal_dir / REPORT_FILE, (json.dumps(rep, indent=1) + "\n").encode())
+        say(format_report(rep))
+    return calibration

@@ -1,0 +1,202 @@
+"""The fp8 build: a calibrated Q/DQ DiT graph beside high-precision VAE and umT5 graphs.
+
+`export_fp8_onnx(models, shape, out_dir, ...)` is what `tm-export onnx|build
+--precision fp8` calls:
+
+1. the calibration: run now into BUILD/calibration/ (default), or an
+   existing one (`calibration=PATH`, or BUILD/calibration with
+   `calibrate=False`), refused when it was made for another preset, shape
+   or DiT weights;
+2. the DiT's block Linears become `fp8.FP8Linear` layers, one at a time (the
+   high-precision weight of a layer is dropped once its FP8 copy exists), the
+   rest of the DiT stays in the base dtype (bf16, or fp16; fp32 for the twin);
+3. `export.build.export_onnx` exports that DiT (custom ops -> Q/DQ nodes) and
+   the VAE / umT5 graphs at the base precision, and writes the manifest with
+   "precision": "fp8", an "fp8" section, and the calibration files hashed
+   with the rest of the build.
+
+The fp32-based twin (`twin=True`) has the same Q/DQ nodes and scales with
+fp32 everywhere else, so onnxruntime's CPU provider (which has no bf16 GEMM)
+can run and check it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..errors import UsageError
+from .collect import AMAX_FILE, CALIBRATION_DIR, REPORT_FILE, WEIGHT_AMAX_FILE, Calibration, calibrate, \
+    dit_weights_sha256, load_calibration
+from .fp8 import BASE_PRECISIONS, BLOCK_LINEARS, ONNX_TRANSLATIONS, WEIGHT_SCALES, parse_skip_blocks, \
+    quantizable_layers, quantize_dit, block_of
+
+FP8_BASES = ("bf16", "fp16")
+
+
+def resolve_calibration(
+    models,
+    shape,
+    out_dir: Path,
+    *,
+    calibration: str | os.PathLike | None,
+    calibrate_now: bool,
+    preset_name: str,
+    calibrate_kwargs: dict,
+) -> Calibration:
+    if calibration is not None:
+        cal = load_calibration(calibration)
+    elif calibrate_now:
+        cal = calibrate(models, shape, out_dir, preset_name=preset_name, **calibrate_kwargs)
+    else:
+        path = out_dir / CALIBRATION_DIR / AMAX_FILE
+        if not path.is_file():
+            raise UsageError(
+                f"--no-calibrate: {path} not found; run tm-export calibrate --out {out_dir} first, or drop --no-calibrate"
+            )
+        cal = load_calibration(path)
+    cal.check(preset=preset_name, shape=shape, dit_sha256=dit_weights_sha256(models.dit))
+    return cal
+
+
+def _calibration_files(cal: Calibration) -> dict[str, bytes]:
+    folder = cal.path.parent
+    files = {}
+    for name in (AMAX_FILE, WEIGHT_AMAX_FILE, REPORT_FILE):
+        if (folder / name).is_file():
+            files[f"{CALIBRATION_DIR}/{name}"] = (folder / name).read_bytes()
+    return files
+
+
+def export_fp8_onnx(
+    models,
+    shape,
+    out_dir: str | os.PathLike,
+    *,
+    calibration: str | os.PathLike | None = None,
+    calibrate_now: bool = True,
+    calib_prompts=None,
+    calib_steps: int | Sequence[int] | None = None,
+    seed: int = 0,
+    report: bool = True,
+    report_prompts: int = 4,
+    calib_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    base: str = "bf16",
+    weight_scale: str = "tensor",
+    skip_blocks: str | Iterable[int] | None = None,
+    twin: bool = False,
+    opset: int = 23,
+    t5_precision: str | None = None,
+    graphs: Iterable[str] | None = None,
+    preset_name: str | None = None,
+    progress: bool = True,
+    copy: bool = True,
+    audit: bool = True,
+    extra: dict | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Calibrate (unless given a calibration or `calibrate_now=False`) and export an fp8 build.
+
+    base: "bf16" | "fp16", the high-precision dtype of the DiT (its Q/DQ
+    scales and everything not quantized) and of the VAE graphs. twin: an
+    fp32-based twin of the `base` graph instead (same scales, rounded to
+    `base`, and FP8 weights; fp32 elsewhere). weight_scale: "tensor" |
+    "channel". skip_blocks: blocks kept out of FP8 ("0,29", "0-2", ints,
+    negative = from the end). copy=False quantizes `models.dit` in place,
+    layer by layer (what a 14B export needs). Returns the manifest.
+    """
+    from ..export.build import export_onnx
+    from ..export.dit import dit_spec
+    from ..export.t5 import T5_PRECISION_FOR
+
+    if base not in FP8_BASES:
+        raise UsageError(f"--fp8-base: {base!r} is not one of {', '.join(FP8_BASES)}")
+    # The twin keeps the scales (rounded to `base`) and FP8 weights of the base
+    # graph and computes everything else in fp32.
+    scale_dtype = BASE_PRECISIONS[base]
+    twin_of = base if twin else None
+    if twin:
+        base = "fp32"
+    if weight_scale not in WEIGHT_SCALES:
+        raise UsageError(f"--fp8-weight-scale: {weight_scale!r} is not one of {', '.join(WEIGHT_SCALES)}")
+    if models.dit is None:
+        raise UsageError("an fp8 build needs the DiT")
+    num_layers = len(models.dit.blocks)
+    skip = parse_skip_blocks(skip_blocks, num_layers)
+    preset_name = preset_name or models.preset.name
+    out_dir = Path(out_dir).absolute()
+    try:
+        shape.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    wanted = set(graphs) if graphs is not None else None
+    from ..export.build import _prepare_target
+
+    _prepare_target(out_dir)  # before minutes of calibration, not after
+    cal = None
+    if wanted is None or "dit" in wanted:
+        cal = resolve_calibration(
+            models, shape, out_dir, calibration=calibration, calibrate_now=calibrate_now, preset_name=preset_name,
+            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, seed=seed, report=report,
+                                  report_prompts=report_prompts, dtype=calib_dtype, device=device,
+                                  progress=progress, log=log),
+        )
+    per_channel = cal.per_channel() if cal is not None and weight_scale == "channel" else None
+    dtype = BASE_PRECISIONS[base]
+    t5_precision = t5_precision or T5_PRECISION_FOR[base]
+    quantized = [n for n in quantizable_layers(num_layers) if block_of(n) not in set(skip)]
+    fp8_meta = {
+        "base": base,
+        "twin": twin,
+        "twin_of": twin_of,
+        "scale_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16"}[scale_dtype],
+        "weight_scale": weight_scale,
+        "skip_blocks": list(skip),
+        "quantized_linears": list(BLOCK_LINEARS),
+        "quantized_layers": len(quantized),
+        "activation_scale": "per-tensor amax/448",
+        "weight_dtype": "float8e4m3fn",
+    }
+    text_len = models.t5.cfg.text_len if models.t5 is not None else models.preset.t5.text_len
+
+    def dit_fp8_specs():
+        q = quantize_dit(models.dit, cal.layer_table(), dtype, weight_scale, skip, per_channel, copy=copy,
+                         scale_dtype=scale_dtype)
+        if not copy:
+            models.dit = q
+        spec = dit_spec(q, base, shape, text_len=text_len, copy=False)
+        spec.precision = "fp8"
+        spec.translations = ONNX_TRANSLATIONS
+        # Weights beside the graph whatever their size: an inline 1-2 GB protobuf
+        # would be copied whole by the save and by every check after it (the
+        # export's peak memory doubled on wan-1.3b).
+        spec.external_data = True
+        spec.meta["fp8"] = dict(fp8_meta)
+        return [spec]
+
+    manifest_extra = dict(extra or {})
+    files = {}
+    if cal is not None:
+        files = _calibration_files(cal)
+        fp8_meta["calibration"] = {
+            "file": f"{CALIBRATION_DIR}/{AMAX_FILE}",
+            "preset": cal.data["preset"],
+            "shape": cal.data["shape"],
+            "dit_sha256": cal.data["dit_sha256"],
+            "seed": cal.data["seed"],
+            "prompts": len(cal.data["prompts"]),
+            "steps_per_stage": cal.data["settings"]["steps_per_stage"],
+        }
+    fp8_meta["high_precision_graphs"] = {
+        **{g: base for g in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")},
+        "t5": t5_precision,
+    }
+    manifest_extra.update({"precision": "fp8", "fp8": fp8_meta})
+    return export_onnx(
+        models, base, shape, out_dir, opset=opset, t5_precision=t5_precision, graphs=graphs,
+        preset_name=preset_name, progress=progress, copy=copy, audit=audit, extra=manifest_extra,
+        graph_overrides={"dit": dit_fp8_specs}, extra_files=files,
+    )

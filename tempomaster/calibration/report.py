@@ -1,0 +1,144 @@
+"""The FP8 quality report: how far the fake-quantized DiT moves from the unquantized one.
+
+On held-out prompts (never used for calibration), for two sets of scales
+taken from the same calibration run: `all_stages` (the amax over the whole
+next-frame-rate trajectory, what the export uses) and `stage0_only` (the
+amax over stage 0 alone, what a single-stage generic recipe would give):
+
+- per stage and step, the relative error ||v_fp8 - v|| / ||v|| of the FP8
+  velocity against the unquantized velocity on the same inputs (the
+  unquantized trajectory, cond and uncond halves together);
+- the PSNR of the final frames of whole generations, FP8 against
+  unquantized, same prompt and seed.
+
+The FP8 DiT is `fp8.quantize_dit` run in torch: the same float8 cast as the
+exported Q/DQ graph (tests check the fp32-based graph against it through
+onnxruntime to 1e-5).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+VARIANTS = ("all_stages", "stage0_only")
+PSNR_CAP_DB = 100.0
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def psnr(frames: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB of videos in [-1, 1], on the [0, 1] scale; identical videos give PSNR_CAP_DB."""
+    mse = float((((frames.double() - ref.double()) / 2) ** 2).mean())
+    if mse <= 10 ** (-PSNR_CAP_DB / 10):
+        return PSNR_CAP_DB
+    return 10 * math.log10(1.0 / mse)
+
+
+def quality_report(
+    models,
+    shape,
+    calibration,
+    *,
+    backend=None,
+    prompts: int = 4,
+    exclude: Sequence[str] = (),
+    steps: Sequence[int] | None = None,
+    seed: int = 1000,
+    skip_blocks: Sequence[int] = (),
+    scale_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = True,
+) -> dict:
+    """Run the held-out generations and return the report (a JSON-ready dict).
+
+    backend: a TorchBackend over `models` (one is made at the DiT's dtype if
+    None). steps: steps per stage (default the calibration's). scale_dtype:
+    the scales rounded as the deployed graph stores them (bf16 by default).
+    """
+    from tqdm.auto import tqdm
+
+    from ..runtime.backends.torch import TorchBackend
+    from ..runtime.pipeline import generate
+    from .collect import TrackingBackend, make_request
+    from .fp8 import quantize_dit
+    from .prompts import HELD_OUT_PROMPTS, CalibrationPrompt
+
+    backend = backend or TorchBackend(models, dtype=models.dit.dtype)
+    dtype = backend.dtype
+    steps = list(steps or calibration.data["settings"]["steps_per_stage"])
+    held = [p for p in HELD_OUT_PROMPTS if p not in set(exclude)][:prompts]
+    if not held:
+        raise ValueError("no held-out prompts left for the quality report")
+    tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
+    qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype) for k, t in tables.items()}
+    errors = {k: [[[] for _ in range(n)] for n in steps] for k in VARIANTS}
+    psnrs = {k: [] for k in VARIANTS}
+    t0 = time.perf_counter()
+    bar = tqdm(held, desc="quality report", unit="video", disable=not progress)
+    for i, prompt in enumerate(bar):
+        request = make_request(CalibrationPrompt(prompt), shape, models.preset, steps, seed + i)
+
+        def compare(stage, step, args):
+            ref = backend.velocity(*args)
+            for k, q in qdits.items():
+                errors[k][stage][step].append(rel_error(q(*args), ref))
+            return ref
+
+        ref = generate(TrackingBackend(backend, steps, on_call=compare), models.tokenizer, request, progress=False)
+        for k, q in qdits.items():
+            run = generate(TrackingBackend(backend, steps, velocity_fn=q), models.tokenizer, request, progress=False)
+            psnrs[k].append(round(psnr(run.video.frames, ref.video.frames), 3))
+    bar.close()
+    variants = {}
+    for k in VARIANTS:
+        per_step = [
+            [{"mean": sum(e) / len(e), "max": max(e)} for e in stage_errors] for stage_errors in errors[k]
+        ]
+        flat = [x for stage_errors in errors[k] for e in stage_errors for x in e]
+        variants[k] = {
+            "velocity_rel_error": per_step,
+            "velocity_rel_error_mean": sum(flat) / len(flat),
+            "velocity_rel_error_max": max(flat),
+            "psnr_db": psnrs[k],
+            "psnr_db_mean": sum(psnrs[k]) / len(psnrs[k]),
+            "psnr_db_min": min(psnrs[k]),
+        }
+    return {
+        "prompts": held,
+        "seed": seed,
+        "steps_per_stage": steps,
+        "dtype": str(dtype).replace("torch.", ""),
+        "weight_scale": "tensor",
+        "scale_dtype": str(scale_dtype).replace("torch.", ""),
+        "skip_blocks": list(skip_blocks),
+        "shape": calibration.data["shape"],
+        "preset": calibration.data["preset"],
+        "psnr_cap_db": PSNR_CAP_DB,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "variants": variants,
+    }
+
+
+def format_report(report: dict) -> str:
+    """A readable table of the report."""
+    a, b = (report["variants"][k] for k in VARIANTS)
+    lines = [
+        f"FP8 quality report: {len(report['prompts'])} held-out prompt(s), steps {','.join(map(str, report['steps_per_stage']))}, "
+        f"{report['dtype']} base",
+        "velocity relative error ||v_fp8 - v|| / ||v|| (mean over prompts)",
+        f"  {'stage':>5} {'step':>4}  {'all stages':>12}  {'stage 0 only':>12}",
+    ]
+    for s, (ra, rb) in enumerate(zip(a["velocity_rel_error"], b["velocity_rel_error"])):
+        for t, (ea, eb) in enumerate(zip(ra, rb)):
+            lines.append(f"  {s:>5} {t:>4}  {ea['mean']:>12.5f}  {eb['mean']:>12.5f}")
+    lines.append(f"  {'mean':>10}  {a['velocity_rel_error_mean']:>12.5f}  {b['velocity_rel_error_mean']:>12.5f}")
+    lines.append(f"  {'max':>10}  {a['velocity_rel_error_max']:>12.5f}  {b['velocity_rel_error_max']:>12.5f}")
+    lines.append("final-frame PSNR vs unquantized (dB, same seed)")
+    lines.append(f"  {'mean':>10}  {a['psnr_db_mean']:>12.2f}  {b['psnr_db_mean']:>12.2f}")
+    lines.append(f"  {'min':>10}  {a['psnr_db_min']:>12.2f}  {b['psnr_db_min']:>12.2f}")
+    return "\n".join(lines)
