@@ -81,24 +81,28 @@ def test_resume_refuses_a_missing_onnx(tiny_build, tmp_path):
         resume_build(build, log=lambda _l: None)
 
 
-def test_fp8_is_refused_before_anything(tmp_path):
-    out = tmp_path / "fp8"
-    with pytest.raises(UsageError) as info:
-        export_and_build(out=out, precision="fp8", preset="tiny", progress=False, log=lambda _l: None)
-    assert "fp8" in str(info.value) and "\n" not in str(info.value)
-    assert not out.exists()
+def test_precision_switch():
     with pytest.raises(UsageError, match="--precision must be one of"):
         check_engine_precision("int8")
-    assert check_engine_precision("bf16") == "bf16"
+    assert check_engine_precision("bf16") == "bf16" and check_engine_precision("fp8") == "fp8"
 
 
-def test_an_fp8_build_cannot_be_resumed_yet(tiny_build, tmp_path):
-    build = shutil.copytree(tiny_build, tmp_path / "b")
-    data = json.loads((build / "manifest.json").read_text())
-    data["precision"] = "fp8"
-    (build / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(UsageError, match="fp8"):
-        resume_build(build, log=lambda _l: None)
+def test_fp8_build_calibrates_exports_then_stops_with_exit_3(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball bouncing\n# a comment\na blue square sliding left\n")
+    out = tmp_path / "fp8"
+    with pytest.raises(MissingDependencyError) as info:
+        export_and_build(out=out, precision="fp8", preset="tiny", height=32, width=48, num_frames=5, intervals=(4, 2, 1),
+                         graphs=["dit"], progress=False, log=lambda _l: None,
+                         fp8=dict(prompts=prompts, calib_steps=(1, 1, 1), report_prompts=0))
+    _check_exit_3(info.value, out)
+    manifest = load_manifest(out)
+    verify_files(manifest)  # the calibration files are part of the build, hashed
+    assert manifest.precision == "fp8" and manifest.data["fp8"]["quantized_layers"] == 2 * 10
+    assert "calibration/amax.json" in manifest.data["files"]
+    # resume: the same ONNX, hash-checked, then the same stop
+    with pytest.raises(MissingDependencyError):
+        resume_build(out, log=lambda _l: None)
 
 
 def test_engine_option_checks():
@@ -158,14 +162,28 @@ def test_cli_resume_refuses_a_tampered_onnx_and_source_flags(tiny_build, tmp_pat
     assert "onnx/dit.onnx" in err and "modified" in err
 
 
-def test_cli_fp8_and_missing_out(tmp_path, capsys):
+def test_cli_fp8_refusals_and_missing_out(tmp_path, capsys):
     from tempomaster.cli import export_main
 
-    assert export_main(["build", "--precision", "fp8", "--out", str(tmp_path / "b")]) == 2
-    assert "--precision fp8" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n")
+    small = ["--num-frames", "5", "--height", "32", "--width", "48", "--no-progress"]
+    cases = [
+        (["build", "--precision", "fp8", "--calib-prompts", str(empty), "--out", str(tmp_path / "b"), *small], "no prompt"),
+        (["build", "--precision", "fp8", "--no-calibrate", "--out", str(tmp_path / "b"), *small], "--no-calibrate"),
+        (["onnx", "--fp8-skip-blocks", "0", "--out", str(tmp_path / "b"), *small], "only with --precision fp8"),
+        (["build", "--precision", "fp8", "--fp8-twin", "--out", str(tmp_path / "b"), *small], "--fp8-twin"),
+        (["build", "--precision", "fp8", "--random-weights", "--out", str(tmp_path / "b"), *small], "--random-weights"),
+    ]
+    for args, needle in cases:
+        assert export_main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "Traceback" not in err, (args, err)
+        assert err.count("error:") == 1, err
+    assert not (tmp_path / "b").exists()
     assert export_main(["build"]) == 2
     assert "--out: required" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
 
 
 def test_cli_backend_choice(tiny_build, tmp_path, capsys):

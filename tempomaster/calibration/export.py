@@ -200,3 +200,104 @@ def export_fp8_onnx(
         preset_name=preset_name, progress=progress, copy=copy, audit=audit, extra=manifest_extra,
         graph_overrides={"dit": dit_fp8_specs}, extra_files=files,
     )
+
+
+# ----------------------------------------------------------------------------
+# From model sources, as `tm-export calibrate` and `tm-export onnx|build --precision fp8` call them
+# ----------------------------------------------------------------------------
+
+def _models_and_shape(*, preset, checkpoints, config, random_weights, height, width, num_frames, intervals,
+                      precision: str, t5_precision: str, graphs=None):
+    from ..export.build import load_models_for_export
+    from ..export.shapes import ExportShape
+
+    if random_weights:
+        raise UsageError("--random-weights: calibration needs a model that generates (and a tokenizer); "
+                         "give --checkpoints, or use the built-in tiny preset without --random-weights")
+    models = load_models_for_export(preset=preset, checkpoints=checkpoints, config=config, precision=precision,
+                                    t5_precision=t5_precision, graphs=graphs)
+    shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
+    try:
+        shape.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return models, shape
+
+
+def calibrate_build(
+    out: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    checkpoints: Path | None = None,
+    config: Path | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    intervals: Sequence[int] | None = None,
+    prompts: Path | None = None,
+    calib_steps: Sequence[int] | None = None,
+    seed: int = 0,
+    report_prompts: int = 4,
+    dtype: str = "fp32",
+    progress: bool = True,
+) -> Calibration:
+    """`tm-export calibrate`: amax over whole generations into BUILD/calibration/ (and the quality report)."""
+    from ..export.build import _prepare_target
+
+    models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config, random_weights=False,
+                                      height=height, width=width, num_frames=num_frames, intervals=intervals,
+                                      precision=dtype, t5_precision="fp32" if dtype == "fp32" else "bf16")
+    _prepare_target(Path(out).absolute())
+    steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
+    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, seed=seed,
+                     report=report_prompts > 0, report_prompts=report_prompts, progress=progress)
+
+
+def fp8_build(
+    out: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    checkpoints: Path | None = None,
+    config: Path | None = None,
+    random_weights: bool = False,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    intervals: Sequence[int] | None = None,
+    opset: int = 23,
+    t5_precision: str | None = None,
+    graphs: Sequence[str] | None = None,
+    calibration: Path | None = None,
+    calibrate_now: bool = True,
+    prompts: Path | None = None,
+    calib_steps: Sequence[int] | None = None,
+    seed: int = 0,
+    report_prompts: int = 4,
+    base: str = "bf16",
+    weight_scale: str = "tensor",
+    skip_blocks: str | None = None,
+    twin: bool = False,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """`tm-export onnx|build --precision fp8`: load, calibrate (or reuse a calibration), export. Returns the manifest."""
+    from ..export.build import parse_graph_names
+    from ..export.t5 import T5_PRECISION_FOR
+
+    if base not in FP8_BASES:
+        raise UsageError(f"--fp8-base: {base!r} is not one of {', '.join(FP8_BASES)}")
+    graphs = parse_graph_names(graphs)
+    load_precision = "fp32" if twin else base
+    t5_precision = t5_precision or T5_PRECISION_FOR[load_precision]
+    models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config,
+                                      random_weights=random_weights, height=height, width=width,
+                                      num_frames=num_frames, intervals=intervals, precision=load_precision,
+                                      t5_precision=t5_precision)
+    steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
+    return export_fp8_onnx(
+        models, shape, out, calibration=calibration, calibrate_now=calibrate_now, calib_prompts=prompts,
+        calib_steps=steps, seed=seed, report=report_prompts > 0, report_prompts=report_prompts, base=base,
+        weight_scale=weight_scale, skip_blocks=skip_blocks, twin=twin, opset=opset, t5_precision=t5_precision,
+        graphs=graphs, progress=progress, copy=False, extra={"random_weights": False, **(extra or {})},
+        log=(print if progress else None),
+    )

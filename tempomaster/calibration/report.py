@@ -64,7 +64,7 @@ def quality_report(
 
     from ..runtime.backends.torch import TorchBackend
     from ..runtime.pipeline import generate
-    from .collect import TrackingBackend, make_request
+    from .trajectory import TrackingBackend, make_request
     from .fp8 import quantize_dit
     from .prompts import HELD_OUT_PROMPTS, CalibrationPrompt
 

@@ -4,10 +4,57 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import OneLineParser, add_model_source, add_shape, bounded_int, run_command
+from .common import OneLineParser, add_model_source, add_shape, bounded_int, number_list, run_command
 
 PROG = "tm-export"
 GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-prompts", type=Path, metavar="FILE",
+                   help="calibration prompts, one per line (# comments; FRAME:PATH[,FRAME:PATH]|prompt adds reference "
+                        "images); default: the 36 built-in prompts")
+    p.add_argument("--calib-steps", type=number_list("--calib-steps", int, "10 or 10,6,6"), metavar="N|N,N,N",
+                   help="denoising steps per stage while calibrating (default: the preset's); fewer steps cover the "
+                        "same noise levels more coarsely")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0, help="calibration video i uses seed + i (default 0)")
+    p.add_argument("--report-prompts", type=bounded_int(0), default=4,
+                   help="held-out prompts for the FP8 quality report (0: no report; default 4)")
+
+
+def _add_fp8_flags(p: argparse.ArgumentParser) -> None:
+    _add_calibration_flags(p)
+    p.add_argument("--fp8-base", choices=["bf16", "fp16"], default="bf16",
+                   help="--precision fp8: the dtype of everything not quantized, and of the Q/DQ scales (default bf16)")
+    p.add_argument("--fp8-weight-scale", choices=["tensor", "channel"], default="tensor",
+                   help="--precision fp8: one scale per weight tensor (TensorRT's documented FP8 GEMM fusion) or per output channel")
+    p.add_argument("--fp8-skip-blocks", metavar="LIST",
+                   help="--precision fp8: transformer blocks kept in high precision, e.g. 0,1,28-29 (negative: from the end)")
+    p.add_argument("--fp8-twin", action="store_true",
+                   help="--precision fp8: an fp32-based twin (same Q/DQ and scales) that onnxruntime's CPU provider can run")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="--precision fp8: use BUILD/calibration (or --calibration) instead of calibrating now")
+    p.add_argument("--calibration", type=Path, metavar="PATH",
+                   help="--precision fp8: an amax.json, a calibration folder or a build folder to take the scales from")
+
+
+FP8_ONLY = ("fp8_weight_scale", "fp8_skip_blocks", "fp8_twin", "no_calibrate", "calibration", "calib_prompts", "calib_steps")
+
+
+def _fp8_options(args) -> dict | None:
+    """The fp8 keyword arguments of calibration.export.fp8_build; None (and no fp8 flag given) otherwise."""
+    from ..errors import UsageError
+
+    if args.precision != "fp8":
+        given = [f"--{k.replace('_', '-')}" for k in FP8_ONLY if getattr(args, k) not in (None, False, "tensor")]
+        if args.fp8_base != "bf16":
+            given.append("--fp8-base")
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --precision fp8")
+        return None
+    return dict(calibration=args.calibration, calibrate_now=not args.no_calibrate, prompts=args.calib_prompts,
+                calib_steps=args.calib_steps, seed=args.seed, report_prompts=args.report_prompts, base=args.fp8_base,
+                weight_scale=args.fp8_weight_scale, skip_blocks=args.fp8_skip_blocks, twin=args.fp8_twin)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("onnx", help="export the DiT, VAE encoder/decoder steps and umT5 to ONNX")
     add_model_source(p)
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="the graphs' dtype (TensorRT 11 networks are strongly typed)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8"], default="fp32",
+                   help="the graphs' dtype (TensorRT 11 networks are strongly typed); fp8: a calibrated Q/DQ DiT")
     add_shape(p, "the build serves (default: the preset's)")
     p.add_argument("--out", type=Path, required=True, help="build directory (replaced only when the export completes)")
     p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23 for Attention and RMSNormalization)")
@@ -34,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", action="store_true",
                    help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
                         "when smaller) for tm-run generate --tile; recorded in the manifest")
+    _add_fp8_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("build", help="export the ONNX, then build one TensorRT plan per graph (or --resume BUILD)")
@@ -61,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", action="store_true",
                    help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
                         "when smaller) for tm-run generate --tile; recorded in the manifest")
+    _add_fp8_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("calibrate", help="FP8 calibration alone: amax over whole generations into BUILD/calibration/")
+    add_model_source(p)
+    add_shape(p, "the build serves (default: the preset's)")
+    p.add_argument("--out", type=Path, required=True, help="build directory; writes BUILD/calibration/")
+    _add_calibration_flags(p)
+    p.add_argument("--calib-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype the models run in while calibrating (default fp32; bf16 as the deployed DiT sees it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -91,6 +150,22 @@ def _inspect(args) -> int:
 def _onnx(args) -> int:
     from ..export.build import describe_build, export_build
 
+    fp8 = _fp8_options(args)
+    if fp8 is not None:
+        from ..calibration.export import fp8_build
+
+        if args.tile:
+            from ..errors import UsageError
+
+            raise UsageError("--tile with --precision fp8: export the tiled VAE in a bf16 build for now")
+        manifest = fp8_build(
+            args.out, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
+            random_weights=args.random_weights, height=args.height, width=args.width, num_frames=args.num_frames,
+            intervals=args.intervals, opset=args.opset, t5_precision=args.t5_precision, graphs=args.graphs,
+            progress=not args.no_progress, **fp8,
+        )
+        print(describe_build(manifest, args.out))
+        return 0
     manifest = export_build(
         args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
         num_frames=args.num_frames, height=args.height, width=args.width, intervals=args.intervals,
@@ -131,13 +206,26 @@ def _build(args) -> int:
             out=args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
             random_weights=args.random_weights, height=args.height, width=args.width, num_frames=args.num_frames,
             intervals=args.intervals, opset=args.opset, t5_precision=args.t5_precision, graphs=args.graphs,
-            options=EngineOptions(**engine), progress=not args.no_progress, tile=args.tile,
+            options=EngineOptions(**engine), progress=not args.no_progress, tile=args.tile, fp8=_fp8_options(args),
         )
     print(result.summary())
     return 0
 
 
-COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx, "build": _build}
+def _calibrate(args) -> int:
+    from ..calibration.export import calibrate_build
+
+    cal = calibrate_build(
+        args.out, preset=args.preset, checkpoints=args.checkpoints, config=args.config, height=args.height,
+        width=args.width, num_frames=args.num_frames, intervals=args.intervals, prompts=args.calib_prompts,
+        calib_steps=args.calib_steps, seed=args.seed, report_prompts=args.report_prompts, dtype=args.calib_dtype,
+        progress=not args.no_progress,
+    )
+    print(f"calibration written to {cal.path} ({len(cal.data['prompts'])} videos)")
+    return 0
+
+
+COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx, "build": _build, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

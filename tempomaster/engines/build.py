@@ -27,7 +27,7 @@ from .manifest import load_manifest, verify_files
 
 # The one place that says which precisions an engine build accepts.
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-FP8_READY = False  # becomes True when the calibrated FP8 export lands (it owns the ONNX side of fp8)
+FP8_READY = True  # the calibrated FP8 export (calibration.export) writes the ONNX side of fp8
 ENGINE_REQUEST_KEY = "engine_request"
 
 
@@ -84,6 +84,7 @@ def export_and_build(
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
     tile: bool = False,
+    fp8: Mapping[str, object] | None = None,
 ) -> BuildResult:
     """The ONNX export of `tm-export onnx` (same inputs), then the TensorRT plans.
 
@@ -95,6 +96,11 @@ def export_and_build(
 
     check_engine_precision(precision)
     options = options.validate()
+    if precision == "fp8":
+        return _fp8_export_and_build(out, options, fp8 or {}, log=log, progress=progress, preset=preset,
+                                     checkpoints=checkpoints, config=config, random_weights=random_weights,
+                                     height=height, width=width, num_frames=num_frames, intervals=intervals,
+                                     opset=opset, t5_precision=t5_precision, graphs=graphs)
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
     graphs = parse_graph_names(graphs)
     if intervals is not None:
@@ -120,6 +126,22 @@ def export_and_build(
     t1 = time.perf_counter()
     section = build_engines(out, options, graphs=graphs, log=log)
     return BuildResult(Path(out), precision, onnx_seconds, time.perf_counter() - t1, section)
+
+
+def _fp8_export_and_build(out, options: EngineOptions, fp8: Mapping[str, object], *, log, progress, **source) -> BuildResult:
+    """The calibrated FP8 ONNX (calibration.export.fp8_build), then the plans: TensorRT 11 reads FP8 from the Q/DQ nodes."""
+    from ..calibration.export import fp8_build
+
+    if fp8.get("twin"):
+        raise UsageError("--fp8-twin is an fp32-based graph for onnxruntime checks, not for TensorRT engines; use tm-export onnx")
+    t0 = time.perf_counter()
+    log(f"[I] calibrating and exporting the FP8 ONNX to {out}")
+    manifest = fp8_build(out, progress=progress, extra={ENGINE_REQUEST_KEY: options.as_dict()}, **source, **fp8)
+    onnx_seconds = time.perf_counter() - t0
+    log(f"[I] ONNX: {len(manifest['graphs'])} graphs in {onnx_seconds:.1f}s")
+    t1 = time.perf_counter()
+    section = build_engines(out, options, graphs=source.get("graphs"), log=log)
+    return BuildResult(Path(out), "fp8", onnx_seconds, time.perf_counter() - t1, section)
 
 
 def resume_build(

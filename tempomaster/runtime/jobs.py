@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
+from .video import write_result
 
 SEED_MAX = 2**64 - 1
 FPS_MAX = 1000.0
@@ -351,21 +352,6 @@ def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".tm-run-probe-", dir=probe))
     except OSError as err:
         raise UsageError(f"--out: cannot write under {probe} ({err.strerror or err})") from None
-
-
-def write_result(result, final: Path, stage_paths: list[Path], save_stages: bool) -> list[Path]:
-    from .video import to_uint8_frames, write_mp4, write_png_frames
-
-    def write(frames, path: Path, fps: float) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = to_uint8_frames(frames)
-        return write_mp4(data, path, fps) if path.suffix.lower() == ".mp4" else write_png_frames(data, path)
-
-    written = [write(result.video.frames, final, result.video.fps)]
-    if save_stages:
-        for stage, path in zip(result.stages[:-1], stage_paths):
-            written.append(write(stage.frames, path, stage.fps))
-    return written
 
 
 # ----------------------------------------------------------------------------

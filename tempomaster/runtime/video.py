@@ -108,3 +108,17 @@ def read_video_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     w, h = meta["size"]
     frames = [np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 3) for buf in reader]
     return np.stack(frames), float(meta["fps"])
+
+
+def write_result(result, final: Path, stage_paths: list[Path], save_stages: bool) -> list[Path]:
+    """A generation's video at `final`, and each earlier stage at its path when `save_stages`."""
+    def write(frames, path: Path, fps: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = to_uint8_frames(frames)
+        return write_mp4(data, path, fps) if path.suffix.lower() == ".mp4" else write_png_frames(data, path)
+
+    written = [write(result.video.frames, final, result.video.fps)]
+    if save_stages:
+        for stage, path in zip(result.stages[:-1], stage_paths):
+            written.append(write(stage.frames, path, stage.fps))
+    return written

@@ -289,7 +289,7 @@ class OnnxRuntimeBackendFactory:
 
 
 def write_video(result: GenerationResult, job: VideoJob) -> tuple[Path, ...]:
-    from .jobs import write_result
+    from .video import write_result
 
     return tuple(write_result(result, job.out, list(job.stage_outs), bool(job.stage_outs)))
 
