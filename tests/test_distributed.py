@@ -157,7 +157,13 @@ PROMPTS = ["a red ball bouncing", "a cat on a sofa", "waves at night"]
 def many_singles(tiny_models):
     backend = TorchBackend(tiny_models)
     requests = [GenerationRequest(prompt=p, seed=10 + i, **FAST) for i, p in enumerate(PROMPTS)]
-    return requests, [frames_of(generate(backend, tiny_models.tokenizer, r, progress=False)) for r in requests]
+    # each of the 4 ranks runs cores // 4 threads (workers.launch); bit-identity needs the same reduction order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
+    try:
+        return requests, [frames_of(generate(backend, tiny_models.tokenizer, r, progress=False)) for r in requests]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ class GraphProfile:
 
 
 def split_batch(total: int, limit: int) -> list[int]:
-    """The pieces the runtime sends for a batch of `total` under `limit` (as `_batches` slices)."""
+    """The pieces the runtime sends for a batch of `total` under `limit` (as `backends.base.batch_slices` slices)."""
     limit = max(1, int(limit))
     return [min(limit, total - s) for s in range(0, total, limit)]
 

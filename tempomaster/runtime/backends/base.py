@@ -54,3 +54,27 @@ class Backend(ABC):
     @abstractmethod
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalised latents [B, 16, F, h, w] -> video [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1]."""
+
+
+# ----------------------------------------------------------------------------
+# What every exported-graph backend does the same way
+# ----------------------------------------------------------------------------
+
+def batch_slices(total: int, limit: int) -> list[slice]:
+    """Slices of at most `limit` along the batch: a graph's safe batch is never exceeded."""
+    limit = max(1, limit)
+    return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
+
+
+def encoder_steps(video: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """[B, 3, 1 + step*k, H, W] -> the causal VAE encoder's steps: the first frame, then groups of `step`."""
+    frames = video.shape[2]
+    if (frames - 1) % step:
+        raise ValueError(f"VAE encode needs 1 + {step}k frames, got {frames}")
+    return [video[:, :, :1]] + [video[:, :, i : i + step] for i in range(1, frames, step)]
+
+
+def decoder_steps(latents: torch.Tensor) -> list[torch.Tensor]:
+    """[B, 16, F, h, w] -> the causal VAE decoder's steps: one latent frame each."""
+    return [latents[:, :, i : i + 1] for i in range(latents.shape[2])]
+

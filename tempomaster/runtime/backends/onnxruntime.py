@@ -21,7 +21,7 @@ import torch
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...errors import MissingDependencyError
 from ...models.vae_tiling import TileSpec, resolve_tile, tiled_decode, tiled_encode
-from .base import Backend, ModelInfo
+from .base import Backend, ModelInfo, batch_slices, decoder_steps, encoder_steps
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -175,11 +175,6 @@ def build_tiling(manifest: Manifest, tile: bool | TileSpec) -> tuple[TileSpec | 
     return built, suffixes
 
 
-def _batches(total: int, limit: int) -> list[slice]:
-    limit = max(1, limit)
-    return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -248,7 +243,7 @@ class OnnxRuntimeBackend(Backend):
         g = self.graphs["t5"]
         ids, mask = g.prepare("ids", ids), g.prepare("mask", mask)
         out = g.empty("embeddings", ids.shape[0])
-        for s in _batches(ids.shape[0], g.max_batch):
+        for s in batch_slices(ids.shape[0], g.max_batch):
             g.run({"ids": ids[s], "mask": mask[s]}, {"embeddings": out[s]})
         return out
 
@@ -264,7 +259,7 @@ class OnnxRuntimeBackend(Backend):
         symbols = g.bind_symbols(feeds)  # "frames" differs between stages in some builds
         t = g.prepare("timestep", timestep.reshape(-1)[:1])
         out = g.empty("velocity", x.shape[0], symbols)
-        for s in _batches(x.shape[0], g.max_batch):
+        for s in batch_slices(x.shape[0], g.max_batch):
             # Slices along dim 0 of contiguous tensors stay contiguous: bound in place.
             g.run({**{k: v[s] for k, v in feeds.items()}, "timestep": t}, {"velocity": out[s]})
         return out
@@ -304,24 +299,17 @@ class OnnxRuntimeBackend(Backend):
         r = self.spatial_ratio
         first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
         step = int(rest.spec["meta"]["in_frames"])
-        frames = video.shape[2]
-        if (frames - 1) % step:
-            raise ValueError(f"VAE encode needs 1 + {step}k frames, got {frames}")
         outs = []
-        for s in _batches(video.shape[0], min(first.max_batch, rest.max_batch)):
-            v = video[s]
-            pieces = [v[:, :, :1]] + [v[:, :, i : i + step] for i in range(1, frames, step)]
-            outs.append(self._stream(first, rest, "frames", "latents", pieces))
+        for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
+            outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
         return torch.cat(outs)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unclamped frames in the graph's dtype."""
         first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
         outs = []
-        for s in _batches(latents.shape[0], min(first.max_batch, rest.max_batch)):
-            z = latents[s]
-            pieces = [z[:, :, i : i + 1] for i in range(z.shape[2])]
-            outs.append(self._stream(first, rest, "latents", "frames", pieces))
+        for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
+            outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
         return torch.cat(outs)
 
     def vae_encode(self, video):

@@ -37,7 +37,7 @@ import torch
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...engines.plans import check_plan, check_plan_compat, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
-from .base import Backend, ModelInfo
+from .base import Backend, ModelInfo, batch_slices, decoder_steps, encoder_steps
 from .onnxruntime import OnnxRuntimeBackend
 
 GRAPHS = ("dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
@@ -50,11 +50,6 @@ _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _batches(total: int, limit: int) -> list[slice]:
-    limit = max(1, limit)
-    return [slice(s, min(s + limit, total)) for s in range(0, total, limit)]
 
 
 class PlanRunner:
@@ -301,7 +296,7 @@ class TensorRTBackend(Backend):
         g = self.graphs["t5"]
         ids, mask = self._prepare(g, "ids", ids), self._prepare(g, "mask", mask)
         out = None
-        for s in _batches(ids.shape[0], g.max_batch):
+        for s in batch_slices(ids.shape[0], g.max_batch):
             feeds = {"ids": ids[s], "mask": mask[s]}
             if out is None:
                 shape = g.output_shapes(feeds)["embeddings"]
@@ -321,7 +316,7 @@ class TensorRTBackend(Backend):
             "rope_sin": self._prepare(g, "rope_sin", rope_sin),
         }
         out = torch.empty(feeds["x"].shape, dtype=g.dtypes["velocity"], device=self.device)
-        for s in _batches(x.shape[0], g.max_batch):
+        for s in batch_slices(x.shape[0], g.max_batch):
             # slices along dim 0 of contiguous tensors stay contiguous: bound in place
             piece = {k: (v if k == "timestep" else v[s]) for k, v in feeds.items()}
             self._call(g, piece, {"velocity": out[s]}, graphed=True)
@@ -371,24 +366,17 @@ class TensorRTBackend(Backend):
     def vae_encode(self, video):
         first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
         step = int(rest.spec["meta"]["in_frames"])
-        frames = video.shape[2]
-        if (frames - 1) % step:
-            raise ValueError(f"VAE encode needs 1 + {step}k frames, got {frames}")
         outs = []
-        for s in _batches(video.shape[0], min(first.max_batch, rest.max_batch)):
-            v = video[s]
-            pieces = [v[:, :, :1]] + [v[:, :, i : i + step] for i in range(1, frames, step)]
-            outs.append(self._stream(first, rest, "frames", "latents", pieces))
+        for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
+            outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
         return torch.cat(outs).float()
 
     @torch.inference_mode()
     def vae_decode(self, latents):
         first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
         outs = []
-        for s in _batches(latents.shape[0], min(first.max_batch, rest.max_batch)):
-            z = latents[s]
-            pieces = [z[:, :, i : i + 1] for i in range(z.shape[2])]
-            outs.append(self._stream(first, rest, "latents", "frames", pieces))
+        for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
+            outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
         return torch.cat(outs).float().clamp(-1, 1)
 
 
