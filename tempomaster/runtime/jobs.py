@@ -500,7 +500,9 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         raise UsageError(f"--threads must be >= 1, got {options.threads}")
     threads = options.threads or available_cores()
     device = resolve_device(options.device)
-    dtype = resolve_dtype(options, device, manifest.precision if manifest is not None else None)
+    # a build's precision decides for its graphs; `--backend torch` runs the torch models in fp32 / bf16
+    runs_graphs = manifest is not None and options.backend != "torch"
+    dtype = resolve_dtype(options, device, manifest.precision if runs_graphs else None)
 
     from .memory import check_fits, estimate_peak_memory
 
