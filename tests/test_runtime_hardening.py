@@ -270,3 +270,29 @@ def test_memory_estimate_against_the_measured_peak():
     assert res.returncode == 0, res.stderr[-2000:]
     ratio = float(res.stdout.split("(")[-1].split("x")[0])
     assert 1.0 <= ratio <= 1.5, res.stdout
+
+
+def test_condition_videos_are_built_one_chunk_at_a_time(tiny_models, monkeypatch):
+    """Each later stage builds a chunk's condition video only when the previous one has been encoded."""
+    from tempomaster.runtime import pipeline
+
+    built = []
+    original = pipeline.chunk_condition_video
+
+    def counting(frames, stage, chunk):
+        built.append((stage.index, chunk.index))
+        return original(frames, stage, chunk)
+
+    monkeypatch.setattr(pipeline, "chunk_condition_video", counting)
+
+    class Checking(RecordingBackend):
+        def vae_encode(self, video):
+            later = [b for b in built if b[0] > 0]
+            encoded_later = len(self.encoded) - 1  # stage 0's video is not built by chunk_condition_video
+            assert len(later) - encoded_later <= 1, "condition videos were built ahead of their encodes"
+            return super().vae_encode(video)
+
+    backend = Checking(TorchBackend(tiny_models))
+    generate(backend, tiny_models.tokenizer, GenerationRequest(prompt="x", height=32, width=48, num_frames=9,
+                                                              steps_per_stage=(1, 1, 1)), progress=False)
+    assert len(built) == 2 + 4 and len(backend.encoded) == 1 + 2 + 4

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -144,7 +144,19 @@ def stage0_condition_video(stage: StagePlan, images: Mapping[int, torch.Tensor],
     return video
 
 
-def condition_latents(backend: Backend, videos: Sequence[torch.Tensor], stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+def _groups(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive groups of `size` items, drawn from `items` only as each group is needed."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
     """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
 
     `videos` yields one host-side [1, 3, L, H, W] condition video per active
@@ -152,16 +164,12 @@ def condition_latents(backend: Backend, videos: Sequence[torch.Tensor], stage: S
     and dropped before the next are built.
     """
     latents = []
-    step = max(1, int(getattr(backend, "vae_batch", 1)))
-    pending: list[torch.Tensor] = []
-    for video in [*videos, None]:  # None flushes the last group
-        if video is not None:
-            pending.append(video)
-        if pending and (video is None or len(pending) == step):
-            batch = torch.cat(pending).to(backend.device)
-            with clock.timing():
-                latents.append(backend.vae_encode(batch).float())
-            pending, batch = [], None
+    for group in _groups(videos, max(1, int(getattr(backend, "vae_batch", 1)))):
+        batch = torch.cat(group).to(backend.device)
+        del group
+        with clock.timing():
+            latents.append(backend.vae_encode(batch).float())
+        del batch
     latents = torch.cat(latents)
     n, _, f, h, w = latents.shape
     mask = stage.latent_masks(active_only=True).to(latents.device)[:, :, :, None, None].expand(n, 4, f, h, w)
@@ -305,7 +313,7 @@ def generate(
         last = stage.index == len(stages) - 1
         fps = request.save_fps if last else request.save_fps / stage.interval
         with tqdm(
-            total=steps, desc=f"stage {stage.index} ({fps:g} fps, {stage.num_chunks} chunk(s))",
+            total=steps, desc=f"stage {stage.index} ({fps:g} fps, {len(stage.active_chunks)} chunk(s))",
             disable=not progress, leave=False,
         ) as bar:
             latents, calls = denoise_stage(
