@@ -336,6 +336,9 @@ def write_json(data: dict, path: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a results file should keep
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
