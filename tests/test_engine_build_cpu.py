@@ -174,6 +174,7 @@ def test_cli_fp8_refusals_and_missing_out(tmp_path, capsys):
         (["onnx", "--fp8-skip-blocks", "0", "--out", str(tmp_path / "b"), *small], "only with --precision fp8"),
         (["build", "--precision", "fp8", "--fp8-twin", "--out", str(tmp_path / "b"), *small], "--fp8-twin"),
         (["build", "--precision", "fp8", "--random-weights", "--out", str(tmp_path / "b"), *small], "--random-weights"),
+        (["onnx", "--precision", "fp8", "--tile", "--out", str(tmp_path / "b"), *small], "--tile with --precision fp8"),
     ]
     for args, needle in cases:
         assert export_main(args) == 2, args
