@@ -23,6 +23,24 @@ class ModelInfo:
     dit_dtype: torch.dtype
 
 
+_MANIFEST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_info_from_manifest(data: dict) -> ModelInfo:
+    """A build's ModelInfo; the DiT dtype is its graph's `x` input (an fp8 build's DiT takes its base dtype)."""
+    models = data["models"]
+    dit = models["dit"]
+    x = next(t for t in data["graphs"]["dit"]["inputs"] if t["name"] == "x")
+    return ModelInfo(
+        text_len=int(models["t5"]["text_len"]),
+        text_dim=int(dit["text_dim"]),
+        head_dim=int(dit["dim"]) // int(dit["num_heads"]),
+        patch_size=tuple(dit["patch_size"]),
+        z_dim=int(dit["out_dim"]),
+        dit_dtype=_MANIFEST_DTYPES[x["dtype"]],
+    )
+
+
 class Backend(ABC):
     name: str = "abstract"
     device: torch.device = torch.device("cpu")

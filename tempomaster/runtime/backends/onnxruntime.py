@@ -21,7 +21,7 @@ import torch
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...errors import MissingDependencyError
 from ...models.vae_tiling import TileSpec, resolve_tile, tiled_decode, tiled_encode
-from .base import Backend, ModelInfo, batch_slices, decoder_steps, encoder_steps
+from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -32,7 +32,6 @@ _TORCH_DTYPES = {
 }
 # ONNX TensorProto element types, which IOBinding accepts for every dtype (bf16 included).
 _ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6}
-_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _providers() -> tuple[list, torch.device]:
@@ -185,17 +184,7 @@ class OnnxRuntimeBackend(Backend):
         providers, self.device = _providers()
         self.providers = providers
         self.graphs = {name: GraphRunner(manifest, name, providers, self.device, threads) for name in manifest.graphs}
-        models = manifest.data["models"]
-        dit = models["dit"]
-        self.info = ModelInfo(
-            text_len=int(models["t5"]["text_len"]),
-            text_dim=int(dit["text_dim"]),
-            head_dim=int(dit["dim"]) // int(dit["num_heads"]),
-            patch_size=tuple(dit["patch_size"]),
-            z_dim=int(dit["out_dim"]),
-            # the DiT graph's own input dtype: an fp8 build's DiT takes its high-precision base dtype
-            dit_dtype=self.graphs["dit"].dtype("x") if "dit" in self.graphs else _PRECISION_DTYPES[manifest.precision],
-        )
+        self.info = model_info_from_manifest(manifest.data)
 
     @classmethod
     def from_build(cls, build_dir: str | Path, verify: bool = True, threads: int = 0, tile: bool | TileSpec = False) -> "OnnxRuntimeBackend":

@@ -37,7 +37,7 @@ import torch
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...engines.plans import check_plan, check_plan_compat, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
-from .base import Backend, ModelInfo, batch_slices, decoder_steps, encoder_steps
+from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
 from .onnxruntime import OnnxRuntimeBackend
 
 GRAPHS = ("dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
@@ -45,7 +45,6 @@ _TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
 }
-_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def _stderr(line: str) -> None:
@@ -191,16 +190,7 @@ class TensorRTBackend(Backend):
             check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"], compute_capability=self.gpu.compute_capability,
                               gpu_name=self.gpu.name, where=str(manifest.root / entry["file"]))
         self.graphs = {name: PlanRunner(self, name) for name in GRAPHS}
-        models = manifest.data["models"]
-        dit = models["dit"]
-        self.info = ModelInfo(
-            text_len=int(models["t5"]["text_len"]),
-            text_dim=int(dit["text_dim"]),
-            head_dim=int(dit["dim"]) // int(dit["num_heads"]),
-            patch_size=tuple(dit["patch_size"]),
-            z_dim=int(dit["out_dim"]),
-            dit_dtype=_PRECISION_DTYPES[manifest.precision],
-        )
+        self.info = model_info_from_manifest(manifest.data)
         self._cache_sets: dict[tuple, list[list[torch.Tensor]]] = {}
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}
 
