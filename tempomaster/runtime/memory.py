@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..errors import UsageError
 
@@ -76,6 +77,7 @@ def _parameter_count(module_cls, cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@lru_cache(maxsize=None)  # once per (preset, dtype), not once per video of a --prompts run
 def weight_bytes(preset, dtype: str) -> dict:
     """Bytes of each model's weights in the run's dtype (umT5 never in fp16)."""
     from ..models.dit import WanDiT
