@@ -62,7 +62,9 @@ class CheckError(Exception):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (random weights, nothing downloaded)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "toy"],
+                   help="model preset: tiny (random weights) or toy (the shipped trained toy; its results also measure "
+                        "each backend's video with tempomaster.toy.quality)")
     p.add_argument("--build", type=Path, default=None, help="reuse this tm-export fp32 build instead of exporting one")
     p.add_argument("--engines", type=Path, default=None,
                    help="TensorRT engines directory (tm-export build); times the tensorrt backend on a GPU")
@@ -403,7 +405,10 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
           f"{list(shape.intervals)}, steps {steps}; {args.repeats} runs after {args.warmup} warm-up", file=sys.stderr)
     inputs = suite_inputs(backends["torch"].info, tokenizer, shape, steps, shifts, args.seed)
     ops = bench_ops(backends, inputs, args.warmup, args.repeats, args.sample_ms)
-    request = dict(prompt=bb.PROMPT, height=shape.height, width=shape.width, num_frames=shape.num_frames,
+    prompt = bb.PROMPT
+    if args.preset == "toy":
+        from tempomaster.toy.showcase import QUICKSTART_PROMPT as prompt
+    request = dict(prompt=prompt, height=shape.height, width=shape.width, num_frames=shape.num_frames,
                    frame_intervals=tuple(shape.intervals), steps_per_stage=tuple(steps),
                    shift_per_stage=tuple(shifts), guidance_scale=d.guidance_scale, use_apg=d.use_apg, seed=args.seed)
     weights = part_weights(shape, steps, d.guidance_scale != 1.0)
@@ -429,8 +434,25 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
         "ops": {op: {k: v for k, v in e.items()} for op, e in ops.items()},
         "generate": gen,
     }
+    if args.preset == "toy":
+        data["quality"] = measure_quality(backends, tokenizer, request, shape)
     data["figures"] = figures(data)
     return data
+
+
+def measure_quality(backends: dict, tokenizer, request_kwargs: dict, shape) -> dict:
+    """What each backend's video of the toy shows (tempomaster.toy.quality): presence, smoothness, blueprint PSNR."""
+    from tempomaster.runtime.video import to_uint8_frames
+    from tempomaster.toy.quality import measure_video
+
+    ratio = shape.intervals[0] // shape.intervals[-1]
+    out = {}
+    for name, backend in backends.items():
+        result = generate(backend, tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=True)
+        q = measure_video(to_uint8_frames(result.video.frames), request_kwargs["prompt"],
+                          blueprint=to_uint8_frames(result.stages[0].frames), ratio=ratio)
+        out[name] = q.as_dict()
+    return out
 
 
 def report(data: dict) -> None:
@@ -447,13 +469,13 @@ def report(data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tempomaster.models.tiny import build_tiny_models
+    from tempomaster.models.sources import load_model_set
 
     args = parse_args(argv)
     baseline = _read_json(args.check, "--check") if args.check is not None else None
     if args.results is not None:
         return _report_check(_read_json(args.results, "--results"), baseline, args)
-    models = build_tiny_models()
+    models = load_model_set(args.preset, None, None, torch.float32)
     torch_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -53,12 +53,18 @@ def quality_report(
     skip_blocks: Sequence[int] = (),
     scale_dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
+    held_out: Sequence[str] | None = None,
+    measure: Callable | None = None,
 ) -> dict:
     """Run the held-out generations and return the report (a JSON-ready dict).
 
     backend: a TorchBackend over `models` (one is made at the DiT's dtype if
     None). steps: steps per stage (default the calibration's). scale_dtype:
     the scales rounded as the deployed graph stores them (bf16 by default).
+    held_out: the prompts to report on (default: the built-in held-out set).
+    measure: ``measure(prompt, result) -> dict`` of figures read off a
+    generation (e.g. the toy's `quality.measure_video`); called on the
+    unquantized and on each FP8 video, reported under ``video_measures``.
     """
     from tqdm.auto import tqdm
 
@@ -71,13 +77,14 @@ def quality_report(
     backend = backend or TorchBackend(models, dtype=models.dit.dtype)
     dtype = backend.dtype
     steps = list(steps or calibration.data["settings"]["steps_per_stage"])
-    held = [p for p in HELD_OUT_PROMPTS if p not in set(exclude)][:prompts]
+    held = [p for p in (HELD_OUT_PROMPTS if held_out is None else held_out) if p not in set(exclude)][:prompts]
     if not held:
         raise ValueError("no held-out prompts left for the quality report")
     tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
     qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype) for k, t in tables.items()}
     errors = {k: [[[] for _ in range(n)] for n in steps] for k in VARIANTS}
     psnrs = {k: [] for k in VARIANTS}
+    measures = {}
     t0 = time.perf_counter()
     bar = tqdm(held, desc="quality report", unit="video", disable=not progress)
     for i, prompt in enumerate(bar):
@@ -90,9 +97,13 @@ def quality_report(
             return ref
 
         ref = generate(TrackingBackend(backend, steps, on_call=compare), models.tokenizer, request, progress=False)
+        if measure is not None:
+            measures[prompt] = {"unquantized": measure(prompt, ref)}
         for k, q in qdits.items():
             run = generate(TrackingBackend(backend, steps, velocity_fn=q), models.tokenizer, request, progress=False)
             psnrs[k].append(round(psnr(run.video.frames, ref.video.frames), 3))
+            if measure is not None:
+                measures[prompt][k] = measure(prompt, run)
     bar.close()
     variants = {}
     for k in VARIANTS:
@@ -121,6 +132,7 @@ def quality_report(
         "psnr_cap_db": PSNR_CAP_DB,
         "seconds": round(time.perf_counter() - t0, 2),
         "variants": variants,
+        **({"video_measures": measures} if measure is not None else {}),
     }
 
 

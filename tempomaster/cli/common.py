@@ -14,7 +14,7 @@ from typing import Callable
 from ..errors import TempoMasterError
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
-PRESETS = ("tiny", "wan-1.3b", "tempomaster-14b")
+PRESETS = ("toy", "tiny", "wan-1.3b", "tempomaster-14b")
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (as an unsigned value)
 
 
@@ -77,7 +77,8 @@ def bounded_int(low: int, high: int | None = None):
 
 
 def add_model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESETS, help="model preset (default: tiny when no checkpoints are given)")
+    p.add_argument("--preset", choices=PRESETS, help="model preset (default: toy, the trained toy that ships with the package, when no checkpoints are given; "
+                        "tiny: random weights)")
     p.add_argument("--checkpoints", type=Path, help="checkpoint directory in the release's layout")
     p.add_argument("--config", type=Path, help="the release's inference_configs.json (model_configs, inference settings, cases)")
 

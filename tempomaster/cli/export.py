@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new directory to create")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="weight seed (default: the tiny preset's own)")
 
+    p = sub.add_parser("train-toy", help="train the toy preset on synthetic clips (CPU, about 50 min on 2 cores; resumable)")
+    p.add_argument("--work", type=Path, required=True, help="folder for checkpoints, cached tasks and the loss log (rerun to resume)")
+    p.add_argument("--out", type=Path, required=True, help="where the trained set goes, in the release's layout (replaced when done)")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="seed of every random draw (default: the shipped toy's)")
+    p.add_argument("--vae-steps", type=bounded_int(1), default=None, help="VAE optimiser steps (default 1500)")
+    p.add_argument("--clips", type=bounded_int(1), default=None, help="synthetic clips whose tasks train the DiT (default 1000)")
+    p.add_argument("--dit-steps", type=bounded_int(1), default=None, help="DiT optimiser steps (default 7000)")
+    p.add_argument("--loss-png", type=Path, default=None, help="also write the loss curves (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("inspect", help="load all three models and print their sizes")
     add_model_source(p)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
@@ -131,6 +141,19 @@ def _init_tiny(args) -> int:
 
     out = write_tiny_checkpoints(args.out, seed=TINY_SEED if args.seed is None else args.seed)
     print(f"tiny checkpoint set written to {out} (config: {out / 'inference_configs.json'})")
+    return 0
+
+
+def _train_toy(args) -> int:
+    from dataclasses import replace
+
+    from ..toy.train import ToyTrainConfig, plot_losses, train_toy
+
+    given = {"seed": args.seed, "vae_steps": args.vae_steps, "clips": args.clips, "dit_steps": args.dit_steps}
+    cfg = replace(ToyTrainConfig(), **{k: v for k, v in given.items() if v is not None})
+    train_toy(args.work, args.out, cfg, progress=not args.no_progress)
+    if args.loss_png is not None:
+        print(f"loss curves written to {plot_losses(args.work, args.loss_png)}")
     return 0
 
 
@@ -223,7 +246,7 @@ def _calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"init-tiny": _init_tiny, "inspect": _inspect, "onnx": _onnx, "build": _build, "calibrate": _calibrate}
+COMMANDS = {"init-tiny": _init_tiny, "train-toy": _train_toy, "inspect": _inspect, "onnx": _onnx, "build": _build, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -345,10 +345,10 @@ def load_models_for_export(
     random_weights: bool = False,
     graphs: Iterable[str] | None = None,
 ):
-    """The ModelSet an export reads: checkpoints or the release config, random weights, or the built-in tiny set."""
+    """The ModelSet an export reads: checkpoints or the release config, random weights, or a preset's own (toy, tiny)."""
     from ..errors import CheckpointError
     from ..models.checkpoints import CheckpointPaths, load_models
-    from ..models.presets import get_preset
+    from ..models.presets import DEFAULT_PRESET, get_preset
     from ..models.sources import load_model_set, release_config_has_models
 
     dtype = TORCH_DTYPES[precision]
@@ -356,19 +356,19 @@ def load_models_for_export(
     if random_weights:
         if checkpoints or release_config_has_models(config):
             raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
-        return random_model_set(get_preset(preset or "tiny"), dtype, t5_dtype, graphs=graphs)
+        return random_model_set(get_preset(preset or DEFAULT_PRESET), dtype, t5_dtype, graphs=graphs)
     preset_obj = get_preset(preset) if preset else None
     if checkpoints or release_config_has_models(config):
         paths = CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
         # the release's DiT and umT5 files are bf16: load straight into the
         # build's dtypes, never an fp32 copy of a 14B model.
         return load_models(paths, preset_obj, dtype, t5_dtype=t5_dtype)
-    if preset_obj is not None and not preset_obj.builtin_weights:
+    if preset_obj is not None and not preset_obj.builtin_weights and preset_obj.packaged_weights is None:
         raise CheckpointError(
             f"--preset {preset_obj.name}: has no built-in weights; give --checkpoints DIR or --config inference_configs.json, "
             "or --random-weights to export random weights of that size"
         )
-    # built-in (tiny) weights: small, built in fp32 and cast per graph
+    # the preset's own weights (toy: shipped, tiny: built): small, loaded in fp32 and cast per graph
     return load_model_set(preset, None, None, torch.float32)
 
 

@@ -284,6 +284,7 @@ class WanDiT(nn.Module):
         rope_cos: torch.Tensor,
         rope_sin: torch.Tensor,
         sequence_parallel: SequenceParallel | None = None,
+        timestep_per_sample: bool = False,
     ) -> torch.Tensor:
         """Velocity for a batch of chunks.
 
@@ -295,15 +296,19 @@ class WanDiT(nn.Module):
         With ``sequence_parallel`` every process of its group passes the same
         full inputs and gets the same full output; each computes the blocks
         for its own token shard only.
+
+        ``timestep_per_sample`` (training only): ``timestep`` is ``[B]`` with
+        one value per chunk instead of one value for the whole batch.
         """
         dtype = self.dtype
         pt, ph, pw = self.cfg.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         b = x.shape[0]
 
-        t_emb = sinusoidal_embedding(timestep.reshape(-1)[:1], self.cfg.freq_dim).to(dtype)
-        t = self.time_embedding(t_emb)  # [1, dim]
-        t_mod = self.time_projection(t).unflatten(1, (6, self.cfg.dim))  # [1, 6, dim]
+        steps = timestep.reshape(-1) if timestep_per_sample else timestep.reshape(-1)[:1]
+        t_emb = sinusoidal_embedding(steps, self.cfg.freq_dim).to(dtype)
+        t = self.time_embedding(t_emb)  # [1 or B, dim]
+        t_mod = self.time_projection(t).unflatten(1, (6, self.cfg.dim))  # [1 or B, 6, dim]
         ctx = self.text_embedding(context.to(dtype))
 
         tokens = self.patchify(torch.cat([x, y], dim=1).to(dtype))

@@ -9,6 +9,7 @@ tell (the DiT's head count) and the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Preset:
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
     # The tiny preset builds its own weights and tokenizer; the others need files.
     builtin_weights: bool = False
+    # A preset whose trained weights ship inside the package: the folder's name
+    # under tempomaster/toy/ (the release's file layout).
+    packaged_weights: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -98,7 +102,22 @@ PRESETS: dict[str, Preset] = {
         ),
         builtin_weights=True,
     ),
+    # Trained on synthetic clips (tempomaster/toy): the default of `tm-run generate`.
+    "toy": Preset(
+        name="toy",
+        dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32),
+        vae=VAEConfig(dim=8),
+        t5=T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2),
+        defaults=GenerationDefaults(
+            height=64, width=96, num_frames=17, steps_per_stage=(16, 8, 8), guidance_scale=5.0
+        ),
+        packaged_weights="weights",
+    ),
 }
+
+
+# What `tm-run generate` and `tm-export` use when no preset, checkpoints or config is given.
+DEFAULT_PRESET = "toy"
 
 
 def get_preset(name: str) -> Preset:
@@ -110,4 +129,12 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
-__all__ = ["DiTConfig", "VAEConfig", "T5Config", "GenerationDefaults", "Preset", "PRESETS", "get_preset", "replace"]
+def packaged_weights_dir(preset: Preset) -> Path:
+    """Where a preset's shipped weights live (a folder under tempomaster/toy/, release layout)."""
+    if preset.packaged_weights is None:
+        raise ValueError(f"preset {preset.name!r} ships no weights")
+    # A data path only: the models layer never imports the toy package.
+    return Path(__file__).resolve().parents[1] / "toy" / preset.packaged_weights
+
+
+__all__ = ["DEFAULT_PRESET", "packaged_weights_dir", "DiTConfig", "VAEConfig", "T5Config", "GenerationDefaults", "Preset", "PRESETS", "get_preset", "replace"]

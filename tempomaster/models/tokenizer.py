@@ -167,9 +167,9 @@ _TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?;:'\"-()/&"
 _META = "\u2581"  # sentencepiece's word-start marker "▁"
 
 
-def _tiny_vocab(vocab_size: int = TINY_VOCAB_SIZE) -> list[tuple[str, float]]:
-    """Pieces and log-probability scores, fully determined by TINY_CORPUS."""
-    words = re.findall(r"[a-z0-9']+", TINY_CORPUS.lower())
+def _tiny_vocab(vocab_size: int = TINY_VOCAB_SIZE, corpus: str = TINY_CORPUS) -> list[tuple[str, float]]:
+    """Pieces and log-probability scores, fully determined by ``corpus``."""
+    words = re.findall(r"[a-z0-9']+", corpus.lower())
     counts = Counter(words)
     total = sum(counts.values())
 
@@ -196,11 +196,11 @@ def _tiny_vocab(vocab_size: int = TINY_VOCAB_SIZE) -> list[tuple[str, float]]:
     return vocab
 
 
-def _tiny_backend():
-    """The tiny tokenizer as a `tokenizers.Tokenizer`."""
+def _tiny_backend(corpus: str = TINY_CORPUS):
+    """The tiny tokenizer (or one like it made from another ``corpus``) as a `tokenizers.Tokenizer`."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.Unigram(_tiny_vocab(), unk_id=UNK_ID, byte_fallback=False))
+    tok = Tokenizer(models.Unigram(_tiny_vocab(corpus=corpus), unk_id=UNK_ID, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([
         normalizers.NFKC(),
         normalizers.Lowercase(),  # tiny vocabulary: one case only
@@ -233,26 +233,28 @@ _TINY_CONFIG = {
 }
 
 
-def _tiny_fast_tokenizer():
-    """The tiny tokenizer as a transformers fast tokenizer (in memory)."""
+def tiny_fast_tokenizer(corpus: str = TINY_CORPUS):
+    """The tiny tokenizer (or its twin over another ``corpus``) as a transformers fast tokenizer (in memory)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=_tiny_backend(), **_TINY_CONFIG)
+    return PreTrainedTokenizerFast(tokenizer_object=_tiny_backend(corpus), **_TINY_CONFIG)
 
 
-def build_tiny_tokenizer(out_dir: str | Path) -> Path:
+def build_tiny_tokenizer(out_dir: str | Path, corpus: str = TINY_CORPUS) -> Path:
     """Write the tiny preset's tokenizer dir and return it.
 
     Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json;
     loadable by `PromptTokenizer.from_dir` / `AutoTokenizer`. The files are
     written directly (not via `save_pretrained`) so their bytes do not depend
-    on the transformers version: the same bytes every time.
+    on the transformers version: the same bytes every time. The toy
+    preset's tokenizer is the same construction over a corpus that starts
+    with its captions' vocabulary.
     """
     import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _tiny_backend().save(str(out_dir / "tokenizer.json"), pretty=True)
+    _tiny_backend(corpus).save(str(out_dir / "tokenizer.json"), pretty=True)
     for name, content in (("tokenizer_config.json", _TINY_CONFIG),
                           ("special_tokens_map.json", _TINY_SPECIAL_MAP)):
         text = json.dumps(content, indent=2, sort_keys=True) + "\n"
@@ -262,4 +264,4 @@ def build_tiny_tokenizer(out_dir: str | Path) -> Path:
 
 def tiny_tokenizer(seq_len: int = 512) -> PromptTokenizer:
     """The tiny preset's tokenizer, built in memory (no files)."""
-    return PromptTokenizer(_tiny_fast_tokenizer(), seq_len=seq_len, source=TINY_TOKENIZER_SOURCE)
+    return PromptTokenizer(tiny_fast_tokenizer(), seq_len=seq_len, source=TINY_TOKENIZER_SOURCE)

@@ -426,7 +426,7 @@ def preset_defaults(options: GenerateOptions):
     from dataclasses import replace
 
     from ..errors import CheckpointError, ManifestError
-    from ..models.presets import get_preset
+    from ..models.presets import DEFAULT_PRESET, get_preset
 
     if options.engines is not None:
         # The build's own shape is the default: it is the one its graphs take.
@@ -465,7 +465,7 @@ def preset_defaults(options: GenerateOptions):
         except CheckpointError as err:
             raise UsageError(f"{flag}: {err}") from None
     elif options.config is None:
-        preset = get_preset("tiny")
+        preset = get_preset(DEFAULT_PRESET)
     else:
         preset = get_preset("tempomaster-14b")
     return preset.defaults, preset, None

@@ -1,0 +1,517 @@
+"""Train the toy TempoMaster on synthetic clips, on a CPU, in under an hour.
+
+Three phases, each resumable from its own checkpoint in a work folder:
+
+1. ``vae``: the Wan2.1 VAE at the toy width learns to reconstruct clips
+   (random crops of 1+4 frames at 24, 12 or 6 fps), with a penalty that keeps
+   its normalised latents near zero mean and unit variance (the DiT's noise
+   scale) and a little latent noise so the decoder tolerates imperfect DiT
+   output.
+2. ``latents``: every training task is built once, through the runtime's own
+   planner (`plan_stages`, `chunk_condition_video`, `stage0_condition_video`)
+   and the torch backend's VAE encoder and text encoder, and cached: a
+   stage-0 blueprint (6 fps) with or without a reference image at frame 0,
+   one chunk of stage 1 (6 -> 12 fps) and one chunk of stage 2 (12 -> 24 fps)
+   per clip, each with its mask and RoPE positions.
+3. ``dit``: flow matching (x_t = (1 - s) x0 + s e, target e - x0, s drawn
+   with the stage's inference shift) on those tasks, the caption replaced by
+   the empty prompt or the default negative prompt for a share of examples
+   so guidance has an unconditional model to push against; an EMA of the
+   weights is what ships.
+
+The text encoder is not trained: it is the toy preset's seeded random umT5,
+frozen (the DiT learns to read its outputs), so its file is the same bytes
+on every machine.
+
+Every random draw comes from a generator seeded by (seed, phase, step), so a
+resumed run takes the same path as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
+from ..models.presets import get_preset
+from ..planner import chunk_condition_video, plan_stages
+from ..rope import batched_rope_table
+from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, stage0_condition_video
+from .clips import all_captions, caption_vocabulary, object_centre, render_clip, sample_clip_spec
+
+__all__ = [
+    "ToyTrainConfig",
+    "toy_corpus",
+    "build_untrained_toy",
+    "train_toy",
+    "export_toy_weights",
+    "plot_losses",
+    "STAGE_SHIFTS",
+]
+
+TOY_PRESET = "toy"
+CLIP_FRAMES = 68  # 17 frames at 6 fps -> 34 at 12 -> 68 at 24: the toy's default video
+STAGE0_FRAMES = 17
+INTERVALS = (4, 2, 1)
+STAGE_SHIFTS = (5.0, 3.0, 3.0)  # the sigma shift each stage samples with (as the preset's inference)
+VAE_CROP = (32, 48)
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    seed: int = 20261124
+    vae_steps: int = 1500
+    vae_batch: int = 6
+    vae_frames: int = 9  # 1 + 4 + 4: the causal caches reach their steady state from the third chunk on
+    vae_lr: float = 1e-3
+    clips: int = 1000
+    dit_steps: int = 7000
+    dit_batch: int = 16
+    dit_lr: float = 5e-4
+    ema_decay: float = 0.999
+    text_dropout: float = 0.15
+    reference_share: float = 0.3  # stage-0 examples that condition on a reference image at frame 0
+    stage_shares: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    checkpoint_every: int = 250
+
+
+def toy_corpus() -> str:
+    """The toy tokenizer's corpus: the caption vocabulary first (so every word is one piece), then the tiny corpus."""
+    from ..models.tokenizer import TINY_CORPUS
+
+    words = " ".join(caption_vocabulary())
+    return "\n".join([words] * 40 + [TINY_CORPUS])
+
+
+def build_untrained_toy(seed: int) -> ModelSet:
+    """The toy architecture with seeded random weights (the T5 keeps these: it is frozen)."""
+    from ..models.dit import WanDiT
+    from ..models.t5 import UMT5Encoder
+    from ..models.tokenizer import PromptTokenizer, tiny_fast_tokenizer
+    from ..models.vae import WanVAE
+
+    preset = get_preset(TOY_PRESET)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dit, vae, t5 = WanDiT(preset.dit), WanVAE(preset.vae), UMT5Encoder(preset.t5)
+        with torch.no_grad():
+            dit.head.head.weight.zero_()  # start from a zero velocity, as Wan initialises its head
+            for p in t5.parameters():  # stored in bf16: keep the frozen encoder exactly what ships
+                p.copy_(p.to(torch.bfloat16).float())
+    tokenizer = PromptTokenizer(tiny_fast_tokenizer(toy_corpus()), source="<toy built-in>")
+    return ModelSet(preset=preset, dit=dit, vae=vae, t5=t5.eval(), tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: seeded generators, atomic saves, cosine schedules
+# ---------------------------------------------------------------------------
+
+def _rng(seed: int, phase: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, phase, step])
+
+
+def _torch_gen(seed: int, phase: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(_rng(seed, phase, step).integers(2**62)))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------
+# Phase 1: the VAE
+# ---------------------------------------------------------------------------
+
+def vae_training_batch(seed: int, step: int, batch: int, frames_per_clip: int = 9) -> torch.Tensor:
+    """[B, 3, frames, 32, 48]: frames at stride 1, 2 or 4 (24/12/6 fps), cropped around the object half the time."""
+    rng = _rng(seed, 1, step)
+    crop_h, crop_w = VAE_CROP
+    out = []
+    for _ in range(batch):
+        spec = sample_clip_spec(int(rng.integers(2**31)))
+        stride = int(rng.choice([1, 2, 4]))
+        span = (frames_per_clip - 1) * stride + 1
+        start = int(rng.integers(0, CLIP_FRAMES - span + 1))
+        frames = render_clip(spec, span, start)[:, ::stride]
+        if rng.random() < 0.5:
+            cx, cy = object_centre(spec, start)
+            top = int(np.clip(cy - crop_h / 2 + rng.integers(-8, 9), 0, spec.height - crop_h))
+            left = int(np.clip(cx - crop_w / 2 + rng.integers(-12, 13), 0, spec.width - crop_w))
+        else:
+            top = int(rng.integers(0, spec.height - crop_h + 1))
+            left = int(rng.integers(0, spec.width - crop_w + 1))
+        out.append(frames[:, :, top : top + crop_h, left : left + crop_w])
+    return torch.stack(out)
+
+
+def vae_encode_train(vae, video: torch.Tensor) -> torch.Tensor:
+    """The VAE's causal chunked encode, with gradients (encode() itself is inference-only)."""
+    cache = vae.new_encoder_cache(video.shape[0], video.shape[3], video.shape[4])
+    out = [vae.encode_chunk(video[:, :, :1], cache)]
+    for i in range(1, video.shape[2], vae.temporal_ratio):
+        out.append(vae.encode_chunk(video[:, :, i : i + vae.temporal_ratio], cache))
+    return torch.cat(out, dim=2)
+
+
+def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
+    cache = vae.new_decoder_cache(z.shape[0], z.shape[3], z.shape[4])
+    return torch.cat([vae.decode_chunk(z[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2)
+
+
+def vae_loss(vae, video: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    z = vae_encode_train(vae, video)  # normalised latents
+    recon = vae_decode_train(vae, z + 0.1 * torch.randn(z.shape, generator=gen))
+    # Objects are a few percent of the pixels: weigh saturated (object) pixels up.
+    saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
+    weight = 1.0 + 4.0 * (saturation > 0.4).float()
+    err = recon - video
+    rec = (weight * err.abs()).mean() + (weight * err.square()).mean()
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    moments = (mean.square() + (std - 1.0).square()).mean()
+    return rec + 0.05 * moments, {"rec": float(rec.detach()), "moments": float(moments.detach())}
+
+
+def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    path = work / "vae.pt"
+    vae = models.vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    state = _load(path)
+    log: list[dict] = []
+    start = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        log, start = state["log"], state["step"]
+    with tqdm(total=cfg.vae_steps, initial=start, desc="toy VAE", disable=not progress) as bar:
+        for step in range(start, cfg.vae_steps):
+            for group in opt.param_groups:
+                group["lr"] = _cosine_lr(cfg.vae_lr, step, cfg.vae_steps)
+            video = vae_training_batch(cfg.seed, step, cfg.vae_batch, cfg.vae_frames)
+            loss, parts = vae_loss(vae, video, _torch_gen(cfg.seed, 2, step))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            log.append({"step": step, "loss": loss.item(), **parts})
+            bar.update(1)
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+                _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
+    vae.eval()
+    return log
+
+
+# ---------------------------------------------------------------------------
+# Phase 2: the tasks the runtime poses, encoded once
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TaskSet:
+    """Cached training tasks, one row each.
+
+    x0:        float16 [N, 16, f, h, w] clean latents of the chunk to generate;
+    cond:      float16 [N, 16, f, h, w] VAE latents of its condition video;
+    mask:      float32 [N, 4, f] latent mask (the plan's);
+    rope:      int64 [N, f] temporal RoPE positions (the plan's);
+    stage:     int64 [N] stage index (its shift);
+    caption:   int64 [N] row of the caption in ``contexts``;
+    contexts:  float32 [C, 512, text_dim]: every caption, then "" and the default negative prompt.
+    """
+
+    x0: torch.Tensor
+    cond: torch.Tensor
+    mask: torch.Tensor
+    rope: torch.Tensor
+    stage: torch.Tensor
+    caption: torch.Tensor
+    contexts: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+
+def clip_tasks(clip: torch.Tensor, rng: np.random.Generator, reference: bool):
+    """The runtime's three kinds of task for one 68-frame 24 fps clip, built by the runtime's planner.
+
+    Yields ``(stage, chunk plan, target video [3, 17, H, W], condition video [3, 17, H, W])``:
+    the stage-0 blueprint (every 4th frame) with a reference image at frame 0
+    if ``reference``, one random chunk of stage 1 conditioned on the 6 fps
+    frames, one random chunk of stage 2 conditioned on the 12 fps frames.
+    """
+    height, width = clip.shape[-2:]
+    stages = plan_stages(STAGE0_FRAMES, INTERVALS, {0} if reference else ())
+    stage0 = stages[0]
+    blueprint = clip[:, :: INTERVALS[0]]  # [3, 17, H, W]
+    images = {0: blueprint[:, 0]} if reference else {}
+    yield stage0, stage0.chunks[0], blueprint, stage0_condition_video(stage0, images, height, width)[0]
+    for stage in stages[1:]:
+        previous = clip[:, :: stage.prev_interval]  # the previous stage's frames, ground truth
+        timeline = clip[:, :: stage.interval]
+        chunk = stage.chunks[int(rng.integers(len(stage.chunks)))]
+        target = timeline[:, chunk.start : chunk.start + chunk.num_frames]
+        yield stage, chunk, target, chunk_condition_video(previous, stage, chunk)
+
+
+def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True, encode_batch: int = 8) -> TaskSet:
+    """Encode every clip's tasks with the torch backend (the runtime's encoder path), in resumable shards."""
+    from tqdm.auto import tqdm
+
+    from ..runtime.backends.torch import TorchBackend
+    from ..runtime.pipeline import _BackendClock, encode_prompts
+
+    backend = TorchBackend(models)
+    captions = all_captions()
+    shard_size = 100
+    shards = []
+    with tqdm(total=cfg.clips, desc="toy tasks", disable=not progress) as bar:
+        for first in range(0, cfg.clips, shard_size):
+            path = work / f"tasks-{first:05d}.pt"
+            shard = _load(path)
+            if shard is None:
+                rows = {k: [] for k in ("x0", "cond", "mask", "rope", "stage", "caption")}
+                videos = []
+                for index in range(first, min(cfg.clips, first + shard_size)):
+                    rng = _rng(cfg.seed, 3, index)
+                    spec = sample_clip_spec(int(rng.integers(2**31)))
+                    clip = render_clip(spec, CLIP_FRAMES)
+                    reference = bool(rng.random() < cfg.reference_share)
+                    for stage, chunk, target, condition in clip_tasks(clip, rng, reference):
+                        videos += [target, condition]
+                        rows["mask"].append(chunk.latent_mask)
+                        rows["rope"].append(torch.tensor(chunk.rope_positions))
+                        rows["stage"].append(stage.index)
+                        rows["caption"].append(captions.index(spec.caption))
+                    bar.update(1)
+                latents = []
+                for i in range(0, len(videos), encode_batch):
+                    latents.append(backend.vae_encode(torch.stack(videos[i : i + encode_batch])).to(torch.float16))
+                latents = torch.cat(latents)
+                shard = {
+                    "x0": latents[0::2].clone(), "cond": latents[1::2].clone(),
+                    "mask": torch.stack(rows["mask"]), "rope": torch.stack(rows["rope"]),
+                    "stage": torch.tensor(rows["stage"]), "caption": torch.tensor(rows["caption"]),
+                }
+                _atomic_save(shard, path)
+            else:
+                bar.update(min(cfg.clips, first + shard_size) - first)
+            shards.append(shard)
+    clock = _BackendClock()
+    contexts = []
+    for text in captions + ["", DEFAULT_NEGATIVE_PROMPT]:
+        context, _ = encode_prompts(backend, models.tokenizer, text, None, clock)
+        contexts.append(context[0])
+    return TaskSet(
+        **{k: torch.cat([s[k] for s in shards]) for k in ("x0", "cond", "mask", "rope", "stage", "caption")},
+        contexts=torch.stack(contexts),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Phase 3: the DiT
+# ---------------------------------------------------------------------------
+
+def sample_sigmas(u: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """The inference schedule's shift applied to uniform draws: training spends its noise levels where sampling does."""
+    return shifts * u / (1.0 + (shifts - 1.0) * u)
+
+
+def condition_input(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """y = [mask (4) | condition latents (16)]: ``[B, 4, f]`` and ``[B, 16, f, h, w]`` -> ``[B, 20, f, h, w]``, as pipeline.condition_latents."""
+    n, _, f, h, w = latents.shape
+    return torch.cat([mask[:, :, :, None, None].expand(n, 4, f, h, w).to(latents.dtype), latents], dim=1)
+
+
+def dit_training_batch(tasks: TaskSet, cfg: ToyTrainConfig, step: int, head_dim: int):
+    """One batch: (x_t, y, sigma, context, cos, sin, target velocity)."""
+    rng = _rng(cfg.seed, 4, step)
+    gen = _torch_gen(cfg.seed, 5, step)
+    b = cfg.dit_batch
+    # pick tasks by stage share
+    stage_of_row = rng.choice(3, size=b, p=np.asarray(cfg.stage_shares) / sum(cfg.stage_shares))
+    rows = []
+    for s in stage_of_row:
+        candidates = np.flatnonzero(tasks.stage.numpy() == s)
+        rows.append(int(candidates[rng.integers(len(candidates))]))
+    rows = torch.tensor(rows)
+    x0 = tasks.x0[rows].float()
+    h, w = x0.shape[-2:]
+    y = condition_input(tasks.mask[rows], tasks.cond[rows].float())
+    caption = tasks.caption[rows].clone()
+    drop = torch.from_numpy(rng.random(b) < cfg.text_dropout)
+    # dropped text: the empty prompt or the runtime's default negative prompt, half each
+    null_rows = len(tasks.contexts) - 2 + torch.from_numpy(rng.integers(0, 2, size=b))
+    caption = torch.where(drop, null_rows, caption)
+    context = tasks.contexts[caption]
+    shifts = torch.tensor([STAGE_SHIFTS[s] for s in stage_of_row], dtype=torch.float32)
+    sigma = sample_sigmas(torch.rand(b, generator=gen), shifts)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1.0 - s) * x0 + s * noise
+    cos, sin = batched_rope_table(tasks.rope[rows].tolist(), h // 2, w // 2, head_dim)
+    return x_t, y, sigma, context, cos, sin, noise - x0
+
+
+def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Train, keep an EMA, checkpoint; returns the EMA state dict and the loss log."""
+    from tqdm.auto import tqdm
+
+    path = work / "dit.pt"
+    dit = models.dit.train()
+    opt = torch.optim.AdamW(dit.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    state = _load(path)
+    log: list[dict] = []
+    start = 0
+    if state is not None:
+        dit.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        ema, log, start = state["ema"], state["log"], state["step"]
+    head_dim = dit.cfg.head_dim
+    with tqdm(total=cfg.dit_steps, initial=start, desc="toy DiT", disable=not progress) as bar:
+        for step in range(start, cfg.dit_steps):
+            for group in opt.param_groups:
+                group["lr"] = _cosine_lr(cfg.dit_lr, step, cfg.dit_steps)
+            x_t, y, sigma, context, cos, sin, target = dit_training_batch(tasks, cfg, step, head_dim)
+            pred = dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True)
+            loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+            opt.step()
+            decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+            with torch.no_grad():
+                for k, v in dit.state_dict().items():
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+            log.append({"step": step, "loss": loss.item()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
+                _atomic_save({"model": dit.state_dict(), "opt": opt.state_dict(), "ema": ema, "log": log, "step": step + 1}, path)
+    dit.eval()
+    return ema, log
+
+
+# ---------------------------------------------------------------------------
+# The whole run, and what ships
+# ---------------------------------------------------------------------------
+
+def train_toy(
+    work: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: ToyTrainConfig = ToyTrainConfig(),
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """All three phases into ``work`` (resumable), then the release-layout weights into ``out``."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    saved = work / "config.json"
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        if previous != json.loads(json.dumps(asdict(cfg))):
+            raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
+    else:
+        saved.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    torch.manual_seed(cfg.seed)
+    models = build_untrained_toy(cfg.seed)
+    timings = {}
+    t0 = time.perf_counter()
+    vae_log = train_vae(models, cfg, work, progress)
+    timings["vae_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tasks = build_task_set(models, cfg, work, progress)
+    timings["tasks_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ema, dit_log = train_dit(models, tasks, cfg, work, progress)
+    timings["dit_s"] = time.perf_counter() - t0
+    models.dit.load_state_dict(ema)
+    out = export_toy_weights(models, out)
+    summary = {"timings": timings, "final_vae_loss": _tail_mean(vae_log), "final_dit_loss": _tail_mean(dit_log)}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
+    return summary
+
+
+def _tail_mean(log: list[dict], n: int = 100) -> float:
+    tail = [r["loss"] for r in log[-n:]]
+    return float(sum(tail) / len(tail)) if tail else float("nan")
+
+
+def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
+    """Write the set in the release's layout (DiT and T5 bf16, VAE float32, tokenizer dir), atomically."""
+    from ..models.tokenizer import build_tiny_tokenizer
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "encoders").mkdir()
+        bf16 = lambda m: {k: v.detach().to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
+        torch.save(bf16(models.dit), tmp / DIT_FILE)
+        torch.save(bf16(models.t5), tmp / T5_FILE)
+        torch.save({k: v.detach().float().contiguous() for k, v in models.vae.state_dict().items()}, tmp / VAE_FILE)
+        build_tiny_tokenizer(tmp / TOKENIZER_DIR, corpus=toy_corpus())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def plot_losses(work: str | os.PathLike, png: str | os.PathLike) -> Path:
+    """Loss per step of both trained phases (raw and a 50-step running mean) as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    work = Path(work)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, name, title in ((axes[0], "vae.pt", "toy VAE (weighted L1 + L2)"), (axes[1], "dit.pt", "toy DiT (flow-matching MSE)")):
+        state = _load(work / name)
+        if state is None:
+            continue
+        loss = np.asarray([r["loss"] for r in state["log"]])
+        ax.plot(loss, lw=0.5, alpha=0.4, color="tab:blue")
+        k = 50
+        if len(loss) >= k:
+            ax.plot(np.arange(k - 1, len(loss)), np.convolve(loss, np.ones(k) / k, mode="valid"), color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -1,0 +1,132 @@
+"""The toy's synthetic clips, its measurements, and that its training tasks are the runtime's own."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tempomaster.planner import plan_stages
+from tempomaster.runtime.video import to_uint8_frames
+from tempomaster.toy.clips import (
+    COLOURS,
+    MOTIONS,
+    all_captions,
+    caption_vocabulary,
+    object_centre,
+    object_centroids,
+    object_mask,
+    parse_caption,
+    render_clip,
+    sample_clip_spec,
+)
+from tempomaster.toy.quality import blueprint_psnr, measure_video, psnr
+
+
+def test_a_clip_is_a_function_of_its_seed():
+    a, b = render_clip(sample_clip_spec(123)), render_clip(sample_clip_spec(123))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, render_clip(sample_clip_spec(124)))
+    assert a.shape == (3, 68, 64, 96) and a.dtype == torch.float32
+    assert -1.0 <= float(a.min()) and float(a.max()) <= 1.0
+
+
+def test_render_start_offsets_the_same_motion():
+    spec = sample_clip_spec(7)
+    whole = render_clip(spec, 20)
+    assert torch.equal(render_clip(spec, 8, start=12), whole[:, 12:20])
+
+
+def test_captions_cover_the_grid_and_parse_back():
+    captions = all_captions()
+    assert len(captions) == len(set(captions)) == 4 * 3 * 6 * 3
+    for text in captions:
+        named = parse_caption(text)
+        from tempomaster.toy.clips import caption
+
+        assert caption(named["colour"], named["shape"], named["motion"], named["background"]) == text
+    assert parse_caption("A Blue square, sliding left!") == {"colour": "blue", "shape": "square", "motion": "sliding left"}
+    assert "circling" in caption_vocabulary() and "sliding" in caption_vocabulary()
+
+
+def test_fixed_fields_pin_the_spec():
+    spec = sample_clip_spec(5, colour="green", motion="sliding up", shape="triangle", background="striped")
+    assert (spec.colour, spec.motion, spec.shape, spec.background) == ("green", "sliding up", "triangle", "striped")
+    assert spec.caption == "a green triangle sliding up on a striped background"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_object_mask_finds_the_rendered_ball_at_its_centre(seed):
+    spec = sample_clip_spec(1000 + seed, shape="ball")
+    frames = to_uint8_frames(render_clip(spec, 9))
+    centroids = object_centroids(frames, spec.colour)
+    for i in range(9):
+        x, y = object_centre(spec, i)
+        # the ball is symmetric: its mask's centroid is its centre, up to pixel coverage
+        assert abs(centroids[i, 0] - (x - 0.5)) < 0.6 and abs(centroids[i, 1] - (y - 0.5)) < 0.6
+        area = math.pi * spec.half_size**2
+        assert 0.6 * area < object_mask(frames[i : i + 1], spec.colour).sum() < 1.3 * area
+    for other in COLOURS:
+        if other != spec.colour:
+            assert object_mask(frames, other).sum() == 0  # greys and the other colours never match
+
+
+def test_training_clips_are_smooth_and_follow_their_captions():
+    """The figures the quality thresholds are set from: 24 fps centroid steps of 3 px at most, motion as captioned."""
+    jumps = []
+    for seed in range(60):
+        spec = sample_clip_spec(2000 + seed, motion=MOTIONS[seed % len(MOTIONS)])
+        q = measure_video(to_uint8_frames(render_clip(spec)), spec.caption)
+        assert q.presence == 1.0
+        assert q.follows_motion in (None, True)
+        jumps.append(q.max_jump)
+    assert max(jumps) <= 3.0
+
+
+def test_measure_video_on_a_video_without_the_object():
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, size=(10, 64, 96, 1), dtype=np.uint8), 3, axis=-1)
+    q = measure_video(grey, "a red ball sliding left on a plain background")
+    assert q.presence == 0.0 and math.isnan(q.max_jump) and q.follows_motion is False
+
+
+def test_psnr_by_hand():
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255  # one pixel of 96 off by 255: mse = 255^2 / 96
+    assert psnr(a, b) == pytest.approx(10 * math.log10(96))
+    final = np.stack([np.full((4, 4, 3), v, np.uint8) for v in range(8)])
+    assert blueprint_psnr(final, final[::4], 4) == float("inf")
+
+
+def test_training_tasks_are_what_the_runtime_builds():
+    """y of every stage-1 and stage-2 chunk as the trainer builds it equals pipeline.condition_latents' y."""
+    from tempomaster.models.presets import get_preset
+    from tempomaster.runtime.backends.torch import TorchBackend
+    from tempomaster.runtime.pipeline import _BackendClock, condition_latents, stage0_condition_video
+    from tempomaster.planner import chunk_condition_video
+    from tempomaster.toy.train import INTERVALS, STAGE0_FRAMES, build_untrained_toy, clip_tasks, condition_input
+
+    models = build_untrained_toy(3)
+    backend = TorchBackend(models)
+    clip = render_clip(sample_clip_spec(99))
+    stages = plan_stages(STAGE0_FRAMES, INTERVALS, {0})
+    rng = np.random.default_rng(0)
+    tasks = list(clip_tasks(clip, rng, reference=True))
+    assert [t[0].index for t in tasks] == [0, 1, 2]
+    for stage, chunk, target, condition in tasks:
+        plan = stages[stage.index]
+        if stage.index == 0:
+            videos = [stage0_condition_video(plan, {0: clip[:, 0]}, 64, 96)]
+            # the blueprint: every 4th frame of the 24 fps clip
+            assert torch.equal(target, clip[:, ::4])
+        else:
+            previous = clip[:, :: plan.prev_interval]
+            videos = [chunk_condition_video(previous, plan, c)[None] for c in plan.active_chunks]
+            timeline = clip[:, :: plan.interval]
+            assert torch.equal(target, timeline[:, chunk.start : chunk.start + plan.chunk_frames])
+        y = condition_latents(backend, videos, plan, _BackendClock())
+        mine = condition_input(chunk.latent_mask[None], backend.vae_encode(condition[None]))
+        torch.testing.assert_close(mine[0], y[chunk.index], rtol=0, atol=0)
+    assert get_preset("toy").dit.in_dim == 36

@@ -1,0 +1,71 @@
+"""The toy trainer: a run resumed after an interruption ends where an uninterrupted one does, and what it writes loads."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempomaster.models.checkpoints import CheckpointPaths, load_models
+from tempomaster.models.presets import get_preset
+from tempomaster.toy import train
+from tempomaster.toy.train import ToyTrainConfig, sample_sigmas, train_toy
+
+SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, clips=2, dit_steps=5, dit_batch=2, checkpoint_every=2)
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    train_toy(tmp_path / "a", tmp_path / "a_out", SMALL, progress=False, echo=lambda m: None)
+
+    real = train.dit_training_batch
+    def interrupt(tasks, cfg, step, head_dim):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(tasks, cfg, step, head_dim)
+
+    monkeypatch.setattr(train, "dit_training_batch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
+    assert not (tmp_path / "b_out").exists()  # nothing shipped from a broken run
+    assert torch.load(tmp_path / "b" / "dit.pt", weights_only=False)["step"] == 2  # the last checkpoint before step 3
+    monkeypatch.setattr(train, "dit_training_batch", real)
+    train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
+
+    for rel in ("wan_video_dit_bf16.bin", "encoders/Wan2.1_VAE.pth", "encoders/models_t5_umt5-xxl-enc-bf16.pth"):
+        a, b = _state(tmp_path / "a_out" / rel), _state(tmp_path / "b_out" / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rel, k)
+    # the shipped set loads through the release loader as the toy preset
+    models = load_models(CheckpointPaths.from_dir(tmp_path / "a_out"), get_preset("toy"))
+    assert models.dit.cfg.dim == get_preset("toy").dit.dim
+    ids, _ = models.tokenizer(["a red ball bouncing on a striped background"])
+    assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
+    losses = [r["loss"] for r in torch.load(tmp_path / "a" / "dit.pt", weights_only=False)["log"]]
+    assert len(losses) == SMALL.dit_steps and all(l > 0 for l in losses)
+
+
+def test_a_work_folder_keeps_its_settings(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({"seed": 1}))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tm-export"), "train-toy", "--work", str(tmp_path / "w"),
+         "--out", str(tmp_path / "o"), "--no-progress"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--work" in proc.stderr and "other settings" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_sigmas_follow_the_inference_shift():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    # sigma = s u / (1 + (s - 1) u); s = 3: 0, 0.75/1.5, 1.5/2, 1
+    torch.testing.assert_close(sample_sigmas(u, torch.full((4,), 3.0)), torch.tensor([0.0, 0.5, 0.75, 1.0]))
