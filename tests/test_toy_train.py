@@ -69,3 +69,21 @@ def test_sigmas_follow_the_inference_shift():
     u = torch.tensor([0.0, 0.25, 0.5, 1.0])
     # sigma = s u / (1 + (s - 1) u); s = 3: 0, 0.75/1.5, 1.5/2, 1
     torch.testing.assert_close(sample_sigmas(u, torch.full((4,), 3.0)), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+
+
+def test_folding_the_latent_statistics_keeps_the_round_trip_and_normalises():
+    from tempomaster.toy.clips import render_clip, sample_clip_spec
+    from tempomaster.toy.train import build_untrained_toy, fold_latent_statistics, latent_statistics
+
+    vae = build_untrained_toy(11).vae.double()
+    video = render_clip(sample_clip_spec(3), 9)[None].double()
+    with torch.no_grad():
+        before = vae.decode(vae.encode(video), clamp=False)
+        mean, std = latent_statistics(vae, seed=5, clips=4)
+        assert (std - 1).abs().max() > 0.05 or mean.abs().max() > 0.05  # a random VAE is not normalised already
+        fold_latent_statistics(vae, mean, std)
+        after = vae.decode(vae.encode(video), clamp=False)
+        mean2, std2 = latent_statistics(vae, seed=5, clips=4)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # normalize() computes in float32
+    torch.testing.assert_close(mean2, torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(std2, torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-5)

@@ -183,17 +183,56 @@ def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(vae, video: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Weighted L1 + L2 reconstruction through slightly noisy latents.
+
+    No penalty on the latents' statistics: one pulling them to unit variance
+    during training collapses the encoder to a fixed pattern (measured: the
+    latents stop depending on the input within 20 steps). The statistics are
+    set afterwards, exactly, by `fold_latent_statistics`.
+    """
     z = vae_encode_train(vae, video)  # normalised latents
-    recon = vae_decode_train(vae, z + 0.1 * torch.randn(z.shape, generator=gen))
+    recon = vae_decode_train(vae, z + 0.05 * torch.randn(z.shape, generator=gen))
     # Objects are a few percent of the pixels: weigh saturated (object) pixels up.
     saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
     weight = 1.0 + 4.0 * (saturation > 0.4).float()
     err = recon - video
     rec = (weight * err.abs()).mean() + (weight * err.square()).mean()
-    mean = z.mean(dim=(0, 2, 3, 4))
-    std = z.std(dim=(0, 2, 3, 4))
-    moments = (mean.square() + (std - 1.0).square()).mean()
-    return rec + 0.05 * moments, {"rec": float(rec.detach()), "moments": float(moments.detach())}
+    return rec, {"latent_std": float(z.detach().std())}
+
+
+@torch.no_grad()
+def latent_statistics(vae, seed: int, clips: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the normalised latents of ``clips`` 17-frame clips at 6 and 24 fps."""
+    latents = []
+    for i in range(clips):
+        spec = sample_clip_spec(int(_rng(seed, 6, i).integers(2**31)))
+        clip = render_clip(spec, CLIP_FRAMES)
+        video = clip[:, :: INTERVALS[0]] if i % 2 == 0 else clip[:, :STAGE0_FRAMES]
+        latents.append(vae.encode(video[None]))
+    z = torch.cat(latents).double()
+    return z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+
+
+@torch.no_grad()
+def fold_latent_statistics(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Rescale the VAE so its normalised latents get zero mean and unit std per channel; decode(encode(x)) is unchanged.
+
+    The latent normalisation (z = (mu - M) / S, Wan2.1's 16 constants) is
+    fixed, so the correction z' = (z - m) / s goes into the weights: the
+    encoder's 1x1x1 ``conv1`` (its mu half) emits mu' = M + (mu - M - m S) / s,
+    and the decoder's 1x1x1 ``conv2`` takes mu' back to mu = M + s (mu' - M) + m S.
+    """
+    z_dim = vae.z_dim
+    M = vae.latents_mean.double()
+    S = vae.latents_std.double()
+    m, s = mean.double(), std.double()
+    w1, b1 = vae.conv1.weight, vae.conv1.bias  # [2z, 2z, 1, 1, 1]
+    w1.data[:z_dim] = (w1.data[:z_dim].double() / s.view(-1, 1, 1, 1, 1)).to(w1.dtype)
+    b1.data[:z_dim] = (b1.data[:z_dim].double() / s + M * (1 - 1 / s) - m * S / s).to(b1.dtype)
+    w2, b2 = vae.conv2.weight, vae.conv2.bias  # [z, z, 1, 1, 1]
+    shift = m * S + M - s * M  # mu = s * mu' + shift
+    b2.data = (b2.data.double() + w2.data.double()[:, :, 0, 0, 0] @ shift).to(b2.dtype)
+    w2.data = (w2.data.double() * s.view(1, -1, 1, 1, 1)).to(w2.dtype)
 
 
 def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
@@ -225,6 +264,11 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
                 _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
     vae.eval()
+    if not (state or {}).get("folded"):
+        mean, std = latent_statistics(vae, cfg.seed)
+        fold_latent_statistics(vae, mean, std)
+        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": cfg.vae_steps,
+                      "folded": True, "latent_mean": mean, "latent_std": std}, path)
     return log
 
 
