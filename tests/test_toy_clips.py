@@ -130,3 +130,15 @@ def test_training_tasks_are_what_the_runtime_builds():
         mine = condition_input(chunk.latent_mask[None], backend.vae_encode(condition[None]))
         torch.testing.assert_close(mine[0], y[chunk.index], rtol=0, atol=0)
     assert get_preset("toy").dit.in_dim == 36
+
+
+def test_largest_blob_by_hand():
+    from tempomaster.toy.clips import largest_blob
+
+    mask = np.zeros((6, 8), bool)
+    mask[0, 0] = True  # a speck
+    mask[2:5, 3:6] = True  # a 3x3 block
+    mask[5, 6] = True  # touches the block diagonally: 8-connected, so part of it
+    blob = largest_blob(mask)
+    assert blob.sum() == 10 and not blob[0, 0] and blob[5, 6]
+    assert largest_blob(np.zeros((3, 3), bool)).sum() == 0

@@ -35,6 +35,7 @@ __all__ = [
     "sample_clip_spec",
     "render_clip",
     "object_mask",
+    "largest_blob",
     "object_centroids",
     "max_centroid_speed",
 ]
@@ -257,14 +258,46 @@ def object_mask(frames: np.ndarray | torch.Tensor, colour: str, tolerance: float
     return (distance < tolerance) & (saturation > 0.25)
 
 
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean ``[H, W]`` mask (ties: the first found in raster order)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, stack = [], [start]
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
 def object_centroids(frames: np.ndarray | torch.Tensor, colour: str, min_pixels: int = 12) -> np.ndarray:
-    """float ``[T, 2]`` (x, y) centroid of the colour mask per frame; NaN where fewer than ``min_pixels`` match."""
+    """float ``[T, 2]`` (x, y) centroid of the largest blob of the colour per frame; NaN where it has fewer than ``min_pixels``.
+
+    The largest blob is the object: a stray speck of the colour elsewhere
+    would otherwise pull the centroid of the whole mask across the frame.
+    """
     mask = object_mask(frames, colour)
     t, h, w = mask.shape
     out = np.full((t, 2), np.nan)
     ys, xs = np.mgrid[0:h, 0:w]
     for i in range(t):
-        m = mask[i]
+        m = largest_blob(mask[i])
         if int(m.sum()) >= min_pixels:
             out[i] = (xs[m].mean(), ys[m].mean())
     return out
