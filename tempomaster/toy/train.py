@@ -531,6 +531,9 @@ def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
         torch.save(bf16(models.t5), tmp / T5_FILE)
         torch.save({k: v.detach().float().contiguous() for k, v in models.vae.state_dict().items()}, tmp / VAE_FILE)
         build_tiny_tokenizer(tmp / TOKENIZER_DIR, corpus=toy_corpus())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the finished set gets a new folder's mode
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
