@@ -1,13 +1,14 @@
-"""Train the toy TempoMaster on synthetic clips, on a CPU, in under an hour.
+"""Train the toy TempoMaster on synthetic clips, on a CPU, in about an hour (2 cores).
 
 Three phases, each resumable from its own checkpoint in a work folder:
 
 1. ``vae``: the Wan2.1 VAE at the toy width learns to reconstruct clips
-   (random crops of 1+4 frames at 24, 12 or 6 fps), with a penalty that keeps
-   its normalised latents near zero mean and unit variance (the DiT's noise
-   scale) and a little latent noise so the decoder tolerates imperfect DiT
-   output.
-2. ``latents``: every training task is built once, through the runtime's own
+   (random crops of 9-frame windows at 24, 12 or 6 fps, then of whole
+   17-frame windows) through slightly noisy latents, so the decoder tolerates
+   imperfect DiT output; afterwards the latents' statistics are folded into
+   its weights so that they are zero-mean and unit-variance (the DiT's noise
+   scale).
+2. ``tasks``: every training task is built once, through the runtime's own
    planner (`plan_stages`, `chunk_condition_video`, `stage0_condition_video`)
    and the torch backend's VAE encoder and text encoder, and cached: a
    stage-0 blueprint (6 fps) with or without a reference image at frame 0,
