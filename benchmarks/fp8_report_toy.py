@@ -7,19 +7,20 @@ beside the velocity error and PSNR what `tempomaster.toy.quality` finds in
 each video: is the object there, does it move smoothly, does the video keep
 its blueprint.
 
-    python benchmarks/fp8_report_toy.py [--calib-prompts 12] [--report-prompts 4]
+    python -m benchmarks.fp8_report_toy [--calib-prompts 12] [--report-prompts 4]
         [--out benchmarks/results/fp8_report_toy.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.bench_backends import write_json
 
 
 def toy_prompt_split(calib: int, report: int) -> tuple[list[str], list[str]]:
@@ -46,18 +47,14 @@ def main(argv=None) -> int:
     from tempomaster.calibration.report import format_report, quality_report
     from tempomaster.export.shapes import ExportShape
     from tempomaster.models.sources import load_model_set
-    from tempomaster.runtime.video import to_uint8_frames
-    from tempomaster.toy.quality import measure_video
+    from tempomaster.toy.quality import measure_generation
 
     models = load_model_set("toy", None, None, torch.float32)
     shape = ExportShape.from_preset(models.preset)
     calib, held = toy_prompt_split(args.calib_prompts, args.report_prompts)
-    ratio = shape.intervals[0] // shape.intervals[-1]
 
     def measure(prompt, result) -> dict:
-        q = measure_video(to_uint8_frames(result.video.frames), prompt,
-                          blueprint=to_uint8_frames(result.stages[0].frames), ratio=ratio)
-        return q.as_dict()
+        return measure_generation(result, prompt).as_dict()
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -73,10 +70,7 @@ def main(argv=None) -> int:
                   f"blueprint PSNR {q['blueprint_psnr']:.2f} dB  follows motion {q['follows_motion']}")
     out = {"note": __doc__.split("\n\n")[1].replace("\n", " "), "calibration_prompts": calib,
            "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1), "report": report}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(out, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    write_json(out, args.out)
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return 0
 

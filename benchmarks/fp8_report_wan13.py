@@ -8,7 +8,7 @@ and minutes per prompt on a CPU while saying nothing more (it is not
 quantized). Random weights make the numbers a statement about the arithmetic,
 not about picture quality.
 
-    python benchmarks/fp8_report_wan13.py [--out benchmarks/results/fp8_report_wan-1.3b.json]
+    python -m benchmarks.fp8_report_wan13 [--out benchmarks/results/fp8_report_wan-1.3b.json]
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from benchmarks.bench_backends import write_json
 
 
 def main(argv=None) -> int:
@@ -65,10 +67,7 @@ def main(argv=None) -> int:
     out = {"note": __doc__.split("\n\n")[1].replace("\n", " "), "shape": vars(shape) | {"intervals": list(shape.intervals)},
            "steps": list(steps), "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1),
            "report": report}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(out, indent=1) + "\n")
-    tmp_out.replace(args.out)
+    write_json(out, args.out)
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return 0
 

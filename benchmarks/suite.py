@@ -435,23 +435,19 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
         "generate": gen,
     }
     if args.preset == "toy":
-        data["quality"] = measure_quality(backends, tokenizer, request, shape)
+        data["quality"] = measure_quality(backends, tokenizer, request)
     data["figures"] = figures(data)
     return data
 
 
-def measure_quality(backends: dict, tokenizer, request_kwargs: dict, shape) -> dict:
+def measure_quality(backends: dict, tokenizer, request_kwargs: dict) -> dict:
     """What each backend's video of the toy shows (tempomaster.toy.quality): presence, smoothness, blueprint PSNR."""
-    from tempomaster.runtime.video import to_uint8_frames
-    from tempomaster.toy.quality import measure_video
+    from tempomaster.toy.quality import measure_generation
 
-    ratio = shape.intervals[0] // shape.intervals[-1]
     out = {}
     for name, backend in backends.items():
         result = generate(backend, tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=True)
-        q = measure_video(to_uint8_frames(result.video.frames), request_kwargs["prompt"],
-                          blueprint=to_uint8_frames(result.stages[0].frames), ratio=ratio)
-        out[name] = q.as_dict()
+        out[name] = measure_generation(result, request_kwargs["prompt"]).as_dict()
     return out
 
 

@@ -12,7 +12,8 @@ import torch
 from tempomaster.models.checkpoints import CheckpointPaths, load_models
 from tempomaster.models.presets import get_preset
 from tempomaster.toy import train
-from tempomaster.toy.train import ToyTrainConfig, sample_sigmas, train_toy
+from tempomaster.runtime.schedule import shift_sigmas
+from tempomaster.toy.train import ToyTrainConfig, train_toy
 
 SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, clips=2, dit_steps=5, dit_batch=2, checkpoint_every=2)
 
@@ -65,10 +66,11 @@ def test_a_work_folder_keeps_its_settings(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
 
 
-def test_sigmas_follow_the_inference_shift():
-    u = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    # sigma = s u / (1 + (s - 1) u); s = 3: 0, 0.75/1.5, 1.5/2, 1
-    torch.testing.assert_close(sample_sigmas(u, torch.full((4,), 3.0)), torch.tensor([0.0, 0.5, 0.75, 1.0]))
+def test_per_example_shifts_by_hand():
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0, 0.25])
+    # sigma = s u / (1 + (s - 1) u); s = 3: 0, 0.75/1.5, 1.5/2, 1; s = 5 at u = 0.25: 1.25/2
+    shifts = torch.tensor([3.0, 3.0, 3.0, 3.0, 5.0])
+    torch.testing.assert_close(shift_sigmas(u, shifts), torch.tensor([0.0, 0.5, 0.75, 1.0, 0.625]))
 
 
 def test_folding_the_latent_statistics_keeps_the_round_trip_and_normalises():

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "flow_match_sigmas",
+    "shift_sigmas",
     "sigmas_to_timesteps",
     "StageSchedule",
     "euler_step",
@@ -47,8 +48,16 @@ def flow_match_sigmas(
     # N + 1 points from 1 to 0, last (sigma = 0, the clean sample) dropped: the
     # step after the last sigma goes to 0 implicitly (see StageSchedule.sigma_next).
     unshifted = torch.linspace(1.0, 0.0, num_steps + 1, dtype=dtype)[:-1]
-    # The shift keeps sigma in [0, 1] and spends more steps at high noise.
-    return shift * unshifted / (1.0 + (shift - 1.0) * unshifted)
+    return shift_sigmas(unshifted, shift)
+
+
+def shift_sigmas(u: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """``shift * u / (1 + (shift - 1) * u)``: keeps sigma in [0, 1] and spends more of it at high noise.
+
+    ``shift`` may be a tensor broadcasting with ``u`` (a trainer drawing one
+    sigma per example, each with its stage's shift).
+    """
+    return shift * u / (1.0 + (shift - 1.0) * u)
 
 
 def sigmas_to_timesteps(sigmas: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .clips import max_centroid_speed, object_centroids, object_mask, parse_caption
 
-__all__ = ["VideoQuality", "measure_video", "psnr", "blueprint_psnr", "MOTION_AXES"]
+__all__ = ["VideoQuality", "measure_video", "measure_generation", "psnr", "blueprint_psnr", "MOTION_AXES"]
 
 # The coordinate and the sign of its change that each sliding motion asks for ((x, y) image coordinates).
 MOTION_AXES = {
@@ -85,3 +85,12 @@ def measure_video(frames: np.ndarray, prompt: str, blueprint: np.ndarray | None 
         displacement=displacement,
         blueprint_psnr=None if blueprint is None else blueprint_psnr(frames, blueprint, ratio),
     )
+
+
+def measure_generation(result, prompt: str) -> VideoQuality:
+    """`measure_video` of a `pipeline.GenerationResult` kept with all its stages: its final video against its blueprint."""
+    from ..runtime.video import to_uint8_frames
+
+    first, last = result.stages[0], result.stages[-1]
+    return measure_video(to_uint8_frames(last.frames), prompt, blueprint=to_uint8_frames(first.frames),
+                         ratio=first.interval // last.interval)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from .quality import VideoQuality, measure_video
+from .quality import VideoQuality, measure_generation
 
 __all__ = ["QUICKSTART_PROMPT", "ToyVideo", "generate_toy_video", "frame_strip"]
 
@@ -22,28 +22,30 @@ QUICKSTART_PROMPT = "a red ball bouncing on a striped background"
 @dataclass
 class ToyVideo:
     prompt: str
-    stages: list[np.ndarray]  # uint8 [T, H, W, 3] per stage, lowest frame rate first
-    intervals: tuple[int, ...]
-    seconds: float
+    result: object  # the pipeline's GenerationResult, every stage kept
+
+    @property
+    def stages(self) -> list[np.ndarray]:
+        """uint8 ``[T, H, W, 3]`` per stage, lowest frame rate first."""
+        from ..runtime.video import to_uint8_frames
+
+        return [to_uint8_frames(s.frames) for s in self.result.stages]
 
     @property
     def final(self) -> np.ndarray:
         return self.stages[-1]
 
     def measure(self) -> VideoQuality:
-        ratio = self.intervals[0] // self.intervals[-1]
-        return measure_video(self.final, self.prompt, blueprint=self.stages[0], ratio=ratio)
+        return measure_generation(self.result, self.prompt)
 
 
-def load_backend(preset: str = "toy", threads: int | None = None):
+def load_backend(preset: str = "toy"):
     """(torch backend, tokenizer) over a preset's own weights, fp32 on the CPU."""
     import torch
 
     from ..models.sources import load_model_set
     from ..runtime.backends.torch import TorchBackend
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     models = load_model_set(preset, None, None, torch.float32)
     return TorchBackend(models), models.tokenizer
 
@@ -56,24 +58,15 @@ def generate_toy_video(
     steps: tuple[int, ...] | None = None,
     backend=None,
 ) -> ToyVideo:
-    """One generation at the preset's defaults (those tm-run generate uses), every stage kept."""
+    """One generation with the request `tm-run generate` builds from these flags, every stage kept."""
     from ..models.presets import get_preset
-    from ..runtime.pipeline import GenerationRequest, generate
-    from ..runtime.video import to_uint8_frames
+    from ..runtime.jobs import GenerateOptions, build_jobs
+    from ..runtime.pipeline import generate
 
-    d = get_preset(preset).defaults
-    if backend is None:
-        backend, tokenizer = load_backend(preset)
-    else:
-        backend, tokenizer = backend
-    request = GenerationRequest(
-        prompt=prompt, height=d.height, width=d.width, num_frames=d.num_frames,
-        frame_intervals=d.frame_intervals, steps_per_stage=steps or d.steps_per_stage,
-        shift_per_stage=d.shift_per_stage, guidance_scale=d.guidance_scale if guidance is None else guidance,
-        use_apg=d.use_apg, seed=seed, save_fps=d.save_fps,
-    )
-    result = generate(backend, tokenizer, request, progress=False, keep_stages=True)
-    return ToyVideo(prompt, [to_uint8_frames(s.frames) for s in result.stages], tuple(d.frame_intervals), result.seconds)
+    backend, tokenizer = backend if backend is not None else load_backend(preset)
+    options = GenerateOptions(prompt=prompt, seed=seed, guidance=guidance, steps=steps, preset=preset)
+    (job,) = build_jobs(options, get_preset(preset).defaults)
+    return ToyVideo(prompt, generate(backend, tokenizer, job.request, progress=False, keep_stages=True))
 
 
 def frame_strip(stages: list[np.ndarray], columns: int = 12, scale: int = 2, gap: int = 4):

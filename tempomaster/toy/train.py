@@ -48,6 +48,7 @@ from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, Mod
 from ..models.presets import get_preset
 from ..planner import chunk_condition_video, plan_stages
 from ..rope import batched_rope_table
+from ..runtime.schedule import shift_sigmas
 from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, stage0_condition_video
 from .clips import all_captions, caption_vocabulary, object_centre, render_clip, sample_clip_spec
 
@@ -390,11 +391,6 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
 # Phase 3: the DiT
 # ---------------------------------------------------------------------------
 
-def sample_sigmas(u: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """The inference schedule's shift applied to uniform draws: training spends its noise levels where sampling does."""
-    return shifts * u / (1.0 + (shifts - 1.0) * u)
-
-
 def condition_input(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """y = [mask (4) | condition latents (16)]: ``[B, 4, f]`` and ``[B, 16, f, h, w]`` -> ``[B, 20, f, h, w]``, as pipeline.condition_latents."""
     n, _, f, h, w = latents.shape
@@ -423,7 +419,8 @@ def dit_training_batch(tasks: TaskSet, cfg: ToyTrainConfig, step: int, head_dim:
     caption = torch.where(drop, null_rows, caption)
     context = tasks.contexts[caption]
     shifts = torch.tensor([STAGE_SHIFTS[s] for s in stage_of_row], dtype=torch.float32)
-    sigma = sample_sigmas(torch.rand(b, generator=gen), shifts)
+    # the inference schedule's shift on uniform draws: training spends its noise levels where sampling does
+    sigma = shift_sigmas(torch.rand(b, generator=gen), shifts)
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1.0 - s) * x0 + s * noise
