@@ -79,6 +79,9 @@ class Preset:
     packaged_weights: str | None = None
 
 
+# umT5 at toy width: the tiny preset's (random) and the toy's (frozen at its seeded weights).
+_SMALL_T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
+
 PRESETS: dict[str, Preset] = {
     "tempomaster-14b": Preset(
         name="tempomaster-14b",
@@ -96,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         name="tiny",
         dit=DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
         vae=VAEConfig(dim=8),
-        t5=T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2),
+        t5=_SMALL_T5,
         defaults=GenerationDefaults(
             height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)
         ),
@@ -107,7 +110,7 @@ PRESETS: dict[str, Preset] = {
         name="toy",
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32),
         vae=VAEConfig(dim=8),
-        t5=T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2),
+        t5=_SMALL_T5,
         defaults=GenerationDefaults(
             height=64, width=96, num_frames=17, steps_per_stage=(16, 8, 8), guidance_scale=5.0
         ),

@@ -59,14 +59,15 @@ __all__ = [
     "train_toy",
     "export_toy_weights",
     "plot_losses",
-    "STAGE_SHIFTS",
 ]
 
 TOY_PRESET = "toy"
-CLIP_FRAMES = 68  # 17 frames at 6 fps -> 34 at 12 -> 68 at 24: the toy's default video
-STAGE0_FRAMES = 17
-INTERVALS = (4, 2, 1)
-STAGE_SHIFTS = (5.0, 3.0, 3.0)  # the sigma shift each stage samples with (as the preset's inference)
+# The tasks are those of the preset's default video: 17 frames at 6 fps -> 34 at 12 -> 68 at 24.
+_DEFAULTS = get_preset(TOY_PRESET).defaults
+STAGE0_FRAMES = _DEFAULTS.num_frames
+INTERVALS = tuple(_DEFAULTS.frame_intervals)
+STAGE_SHIFTS = tuple(_DEFAULTS.shift_per_stage)  # each stage's sigmas are drawn with its inference shift
+CLIP_FRAMES = STAGE0_FRAMES * INTERVALS[0] // INTERVALS[-1]  # the final video's frames at 24 fps
 VAE_CROP = (32, 48)
 
 
@@ -147,6 +148,16 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
 
 def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict | None, list[dict], int]:
+    """(checkpoint or None, loss log, first step) of a phase; the model and optimiser take the checkpoint's state."""
+    state = _load(path)
+    if state is None:
+        return None, [], 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    return state, state["log"], state["step"]
 
 
 # ---------------------------------------------------------------------------
@@ -248,13 +259,7 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
     path = work / "vae.pt"
     vae = models.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    state = _load(path)
-    log: list[dict] = []
-    start = 0
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        log, start = state["log"], state["step"]
+    state, log, start = _resume(path, vae, opt)
     with tqdm(total=cfg.vae_steps, initial=start, desc="toy VAE", disable=not progress) as bar:
         for step in range(start, cfg.vae_steps):
             for group in opt.param_groups:
@@ -309,6 +314,10 @@ class TaskSet:
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])
+
+    def __post_init__(self) -> None:
+        # the rows of each stage, looked up by every training step
+        self.rows_by_stage = [np.flatnonzero(self.stage.numpy() == s) for s in range(len(INTERVALS))]
 
 
 def clip_tasks(clip: torch.Tensor, rng: np.random.Generator, reference: bool):
@@ -403,10 +412,10 @@ def dit_training_batch(tasks: TaskSet, cfg: ToyTrainConfig, step: int, head_dim:
     gen = _torch_gen(cfg.seed, 5, step)
     b = cfg.dit_batch
     # pick tasks by stage share
-    stage_of_row = rng.choice(3, size=b, p=np.asarray(cfg.stage_shares) / sum(cfg.stage_shares))
+    stage_of_row = rng.choice(len(INTERVALS), size=b, p=np.asarray(cfg.stage_shares) / sum(cfg.stage_shares))
     rows = []
     for s in stage_of_row:
-        candidates = np.flatnonzero(tasks.stage.numpy() == s)
+        candidates = tasks.rows_by_stage[s]
         rows.append(int(candidates[rng.integers(len(candidates))]))
     rows = torch.tensor(rows)
     x0 = tasks.x0[rows].float()
@@ -435,14 +444,8 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
     path = work / "dit.pt"
     dit = models.dit.train()
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
-    ema = {k: v.detach().clone() for k, v in dit.state_dict().items()}
-    state = _load(path)
-    log: list[dict] = []
-    start = 0
-    if state is not None:
-        dit.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        ema, log, start = state["ema"], state["log"], state["step"]
+    state, log, start = _resume(path, dit, opt)
+    ema = state["ema"] if state is not None else {k: v.detach().clone() for k, v in dit.state_dict().items()}
     head_dim = dit.cfg.head_dim
     with tqdm(total=cfg.dit_steps, initial=start, desc="toy DiT", disable=not progress) as bar:
         for step in range(start, cfg.dit_steps):
