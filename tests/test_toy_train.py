@@ -89,3 +89,44 @@ def test_folding_the_latent_statistics_keeps_the_round_trip_and_normalises():
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)  # normalize() computes in float32
     torch.testing.assert_close(mean2, torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-5)
     torch.testing.assert_close(std2, torch.ones(16, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def _train_toy_cli(*flags):
+    return subprocess.run([str(Path(sys.executable).parent / "tm-export"), "train-toy", "--no-progress", *flags],
+                          capture_output=True, text=True)
+
+
+def test_an_out_folder_that_is_not_a_toy_set_is_refused_before_training(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    proc = _train_toy_cli("--work", str(tmp_path / "w"), "--out", str(precious))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--out" in proc.stderr and "Traceback" not in proc.stderr
+    assert (precious / "notes.txt").read_text() == "keep me" and not (tmp_path / "w").exists()
+
+
+def test_a_work_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "w").write_text("x")
+    proc = _train_toy_cli("--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--work" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_loss_png_without_matplotlib_stops_before_training(tmp_path):
+    # matplotlib hidden from the child by a stub that makes find_spec fail
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "sitecustomize.py").write_text(
+        "import importlib.util as u\n_f = u.find_spec\n"
+        "u.find_spec = lambda name, *a, **k: None if name == 'matplotlib' else _f(name, *a, **k)\n"
+    )
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(stub))
+    proc = subprocess.run([str(Path(sys.executable).parent / "tm-export"), "train-toy", "--no-progress", "--work",
+                           str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--loss-png", str(tmp_path / "l.png")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert "matplotlib" in proc.stderr and ".[train]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()

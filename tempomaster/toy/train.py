@@ -482,15 +482,24 @@ def train_toy(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """All three phases into ``work`` (resumable), then the release-layout weights into ``out``."""
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    """All three phases into ``work`` (resumable), then the release-layout weights into ``out``.
+
+    Both folders are checked before any training: ``out`` is replaced at the
+    end, so it must be new, empty, or an earlier toy set; ``work`` must be a
+    folder whose saved settings (if any) are these.
+    """
+    work, out = Path(work), Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / DIT_FILE).is_file())):
+        raise UsageError(f"--out: {out} exists and is not a toy weight set (it would be replaced); choose a new folder")
+    if work.exists() and not work.is_dir():
+        raise UsageError(f"--work: {work} exists and is not a folder")
     saved = work / "config.json"
     if saved.is_file():
         previous = json.loads(saved.read_text())
         if previous != json.loads(json.dumps(asdict(cfg))):
             raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
     else:
+        work.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     models = build_untrained_toy(cfg.seed)
@@ -544,8 +553,19 @@ def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
     return out
 
 
+def require_matplotlib() -> None:
+    """Refuse before an hour of training, not after, when the loss curves cannot be drawn."""
+    import importlib.util
+
+    from ..errors import MissingDependencyError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("--loss-png needs matplotlib: pip install -e '.[train]'")
+
+
 def plot_losses(work: str | os.PathLike, png: str | os.PathLike) -> Path:
     """Loss per step of both trained phases (raw and a 50-step running mean) as a PNG (needs matplotlib)."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
