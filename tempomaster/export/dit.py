@@ -6,7 +6,7 @@ h x w latent pixels, L = f*(h/2)*(w/2) tokens, D = head_dim / 2):
     inputs   x         [B, 16, f, h, w]     precision dtype
              y         [B, 20, f, h, w]     precision dtype (mask 4 + condition 16)
              timestep  [1]                  float32 (one timestep for the batch)
-             context   [B, 512, text_dim]   precision dtype
+             context   [B, text_len, text_dim]   precision dtype
              rope_cos  [B, L, D]            float32
              rope_sin  [B, L, D]            float32
     outputs  velocity  [B, 16, f, h, w]     precision dtype

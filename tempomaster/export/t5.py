@@ -1,8 +1,8 @@
 """umT5 encoder -> t5.onnx.
 
-    inputs   ids         [B, 512] int64
-             mask        [B, 512] int64 (1 = real token, 0 = padding)
-    outputs  embeddings  [B, 512, dim]   graph dtype, zero where mask == 0
+    inputs   ids         [B, text_len] int64 (512; the toy preset 32)
+             mask        [B, text_len] int64 (1 = real token, 0 = padding)
+    outputs  embeddings  [B, text_len, dim]   graph dtype, zero where mask == 0
 
 B is dynamic. umT5-XXL overflows float16, so the graph is float32 or
 bfloat16 only: a float16 build exports it in bfloat16 (`T5_PRECISION_FOR`,

@@ -289,7 +289,7 @@ class WanDiT(nn.Module):
         """Velocity for a batch of chunks.
 
         x: [B, 16, f, h, w] noisy latents; y: [B, 20, f, h, w] mask + condition
-        latents; timestep: [1] (or [B], all equal) float; context: [B, 512, text_dim];
+        latents; timestep: [1] (or [B], all equal) float; context: [B, text_len, text_dim];
         rope_cos, rope_sin: [B, f*(h/2)*(w/2), head_dim/2] float32.
         Returns [B, 16, f, h, w] in the model dtype.
 

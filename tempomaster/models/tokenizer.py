@@ -240,7 +240,7 @@ def tiny_fast_tokenizer(corpus: str = TINY_CORPUS):
     return PreTrainedTokenizerFast(tokenizer_object=_tiny_backend(corpus), **_TINY_CONFIG)
 
 
-def build_tiny_tokenizer(out_dir: str | Path, corpus: str = TINY_CORPUS) -> Path:
+def build_tiny_tokenizer(out_dir: str | Path, corpus: str = TINY_CORPUS, model_max_length: int = 512) -> Path:
     """Write the tiny preset's tokenizer dir and return it.
 
     Files: tokenizer.json, tokenizer_config.json, special_tokens_map.json;
@@ -248,14 +248,15 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: str = TINY_CORPUS) -> Path
     written directly (not via `save_pretrained`) so their bytes do not depend
     on the transformers version: the same bytes every time. The toy
     preset's tokenizer is the same construction over a corpus that starts
-    with its captions' vocabulary.
+    with its captions' vocabulary, and its preset's text length.
     """
     import json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _tiny_backend(corpus).save(str(out_dir / "tokenizer.json"), pretty=True)
-    for name, content in (("tokenizer_config.json", _TINY_CONFIG),
+    config = {**_TINY_CONFIG, "model_max_length": model_max_length}
+    for name, content in (("tokenizer_config.json", config),
                           ("special_tokens_map.json", _TINY_SPECIAL_MAP)):
         text = json.dumps(content, indent=2, sort_keys=True) + "\n"
         (out_dir / name).write_text(text, encoding="utf-8")

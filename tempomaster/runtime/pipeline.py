@@ -177,7 +177,7 @@ def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: S
 
 
 def encode_prompts(backend: Backend, tokenizer, prompt: str, negative: str | None, clock: _BackendClock):
-    """[1, 512, D] for the prompt and, if guidance is on, the negative prompt (one call)."""
+    """[1, text_len, D] (512; the toy 32) for the prompt and, if guidance is on, the negative prompt (one call)."""
     texts = [prompt] if negative is None else [prompt, negative]
     ids, mask = tokenizer(texts)
     with clock.timing():

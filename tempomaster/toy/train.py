@@ -84,7 +84,7 @@ class ToyTrainConfig:
     vae_long_batch: int = 3
     vae_lr: float = 1e-3
     clips: int = 1000
-    dit_steps: int = 7000
+    dit_steps: int = 11000
     dit_batch: int = 16
     dit_lr: float = 5e-4
     ema_decay: float = 0.999
@@ -117,7 +117,7 @@ def build_untrained_toy(seed: int) -> ModelSet:
             dit.head.head.weight.zero_()  # start from a zero velocity, as Wan initialises its head
             for p in t5.parameters():  # stored in bf16: keep the frozen encoder exactly what ships
                 p.copy_(p.to(torch.bfloat16).float())
-    tokenizer = PromptTokenizer(tiny_fast_tokenizer(toy_corpus()), source="<toy built-in>")
+    tokenizer = PromptTokenizer(tiny_fast_tokenizer(toy_corpus()), seq_len=preset.t5.text_len, source="<toy built-in>")
     return ModelSet(preset=preset, dit=dit, vae=vae, t5=t5.eval(), tokenizer=tokenizer)
 
 
@@ -301,7 +301,7 @@ class TaskSet:
     rope:      int64 [N, f] temporal RoPE positions (the plan's);
     stage:     int64 [N] stage index (its shift);
     caption:   int64 [N] row of the caption in ``contexts``;
-    contexts:  float32 [C, 512, text_dim]: every caption, then "" and the default negative prompt.
+    contexts:  float32 [C, text_len, text_dim]: every caption, then "" and the default negative prompt.
     """
 
     x0: torch.Tensor
@@ -540,7 +540,7 @@ def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
         torch.save(bf16(models.dit), tmp / DIT_FILE)
         torch.save(bf16(models.t5), tmp / T5_FILE)
         torch.save({k: v.detach().float().contiguous() for k, v in models.vae.state_dict().items()}, tmp / VAE_FILE)
-        build_tiny_tokenizer(tmp / TOKENIZER_DIR, corpus=toy_corpus())
+        build_tiny_tokenizer(tmp / TOKENIZER_DIR, corpus=toy_corpus(), model_max_length=models.preset.t5.text_len)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the finished set gets a new folder's mode

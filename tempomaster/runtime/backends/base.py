@@ -51,7 +51,7 @@ class Backend(ABC):
 
     @abstractmethod
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask int64 [B, 512] -> embeddings [B, 512, text_dim], zero past each prompt."""
+        """ids, mask int64 [B, text_len] -> embeddings [B, text_len, text_dim], zero past each prompt."""
 
     @abstractmethod
     def velocity(
