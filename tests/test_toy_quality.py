@@ -10,14 +10,15 @@ What the toy does today (see the README) and what it does not:
 - it draws the prompt's object in the prompt's colour on the prompt's
   background, moves it the way a "sliding ..." prompt asks, and the final
   video keeps its 6 fps blueprint;
-- its object does not move smoothly: the toy VAE (base width 8) decodes each
-  latent frame's four pixel frames as nearly one still picture, so the 6 fps
-  blueprint advances in steps of one latent frame (measured: up to 38 px),
-  and the later stages keep those known frames instead of spreading the step
-  over the frames between them. The smoothness bound the training clips
-  justify (3 px per frame at most in every training clip, twice that
-  allowed) is therefore not met: a strict xfail, which fails the day a
-  better toy meets it (then drop the mark).
+- its object does not move smoothly: inside one latent frame (four pixel
+  frames) it hardly moves (the toy VAE keeps about half of the true motion
+  there, and the DiT's generated latent frames decode to nearly still
+  pictures), so the 6 fps blueprint advances in steps of one latent frame
+  (measured: up to 38 px), and the later stages keep those known frames
+  instead of spreading the step over the frames between them. The
+  smoothness bound the training clips justify (3 px per frame at most in
+  every training clip, twice that allowed) is therefore not met: a strict
+  xfail, which fails the day a better toy meets it (then drop the mark).
 """
 from __future__ import annotations
 
