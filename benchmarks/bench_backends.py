@@ -13,7 +13,7 @@ never timed):
                 the stage's real RoPE table and first timestep
     vae_decode  one chunk: [1, 16, f, h, w] latents
     vae_encode  one chunk: [1, 3, L, H, W] frames
-    text        encode_text on [2, 512] ids/mask (prompt + negative prompt)
+    text        encode_text on [2, text_len] ids/mask (prompt + negative prompt)
     generate    the whole generation (--generate-repeats runs), with the share of
                 time spent outside backend calls
 
@@ -151,8 +151,8 @@ def dit_inputs(info, stage, shape, steps: int, shift: float, gen: torch.Generato
     latents = torch.randn(n, info.z_dim, f, h, w, generator=gen)
     mask = stage.latent_masks()[:, :, :, None, None].expand(n, 4, f, h, w)
     y = torch.cat([mask, latents], dim=1)
-    context = torch.randn(1, 512, info.text_dim, generator=gen).expand(n, -1, -1)
-    negative = torch.randn(1, 512, info.text_dim, generator=gen).expand(n, -1, -1)
+    context = torch.randn(1, info.text_len, info.text_dim, generator=gen).expand(n, -1, -1)
+    negative = torch.randn(1, info.text_len, info.text_dim, generator=gen).expand(n, -1, -1)
     _, ph, pw = info.patch_size
     cos, sin = batched_rope_table(stage.rope_table().tolist(), h // ph, w // pw, info.head_dim)
     timestep = model_timestep(StageSchedule.create(steps, shift).timestep(0), info.dit_dtype, False)

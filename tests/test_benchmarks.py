@@ -104,3 +104,22 @@ def test_suite_smoke(tiny_build, tmp_path, capsys):
     help_text = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True,
                                cwd=Path(__file__).resolve().parents[1]).stdout
     assert "--check BASELINE" in help_text and "--record-baseline" in help_text
+
+
+def test_op_inputs_take_the_presets_text_length():
+    """The toy's text is 32 tokens: the timed DiT call gets a context of that length, as the pipeline's."""
+    import torch
+
+    from tempomaster.export.shapes import ExportShape
+    from tempomaster.models.sources import load_model_set
+    from tempomaster.runtime.backends.torch import TorchBackend
+
+    bb = _load_script()
+    models = load_model_set("toy", None, None)
+    backend = TorchBackend(models)
+    d = models.preset.defaults
+    inputs = bb.make_inputs(backend.info, models.tokenizer, ExportShape.from_preset(models.preset),
+                            d.steps_per_stage, d.shift_per_stage, seed=0)
+    assert inputs["text"]["ids"].shape[1] == inputs["dit"]["context"].shape[1] == models.preset.t5.text_len == 32
+    velocity = backend.velocity(**inputs["dit"])
+    assert velocity.shape == inputs["dit"]["x"].shape and torch.isfinite(velocity).all()

@@ -48,6 +48,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     models = load_models(CheckpointPaths.from_dir(tmp_path / "a_out"), get_preset("toy"))
     assert models.dit.cfg.dim == get_preset("toy").dit.dim
     ids, _ = models.tokenizer(["a red ball bouncing on a striped background"])
+    assert ids.shape == (1, get_preset("toy").t5.text_len) == (1, 32)  # the preset's text length, not the release's 512
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
     losses = [r["loss"] for r in torch.load(tmp_path / "a" / "dit.pt", weights_only=False)["log"]]
     assert len(losses) == SMALL.dit_steps and all(l > 0 for l in losses)
@@ -64,6 +65,19 @@ def test_a_work_folder_keeps_its_settings(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--work" in proc.stderr and "other settings" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_work_folder_made_at_another_text_length_is_refused(tmp_path):
+    from dataclasses import asdict
+
+    from tempomaster.errors import UsageError
+    from tempomaster.toy.train import ToyTrainConfig, train_toy
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**asdict(ToyTrainConfig()), "text_len": 512}))
+    with pytest.raises(UsageError, match="other settings"):
+        train_toy(tmp_path / "w", tmp_path / "o", progress=False, echo=lambda m: None)
+    assert not (tmp_path / "o").exists()
 
 
 def test_per_example_shifts_by_hand():

@@ -494,13 +494,15 @@ def train_toy(
     if work.exists() and not work.is_dir():
         raise UsageError(f"--work: {work} exists and is not a folder")
     saved = work / "config.json"
+    # the preset's text length shapes the DiT's inputs: a DiT checkpoint made at another is not resumable
+    settings = {**asdict(cfg), "text_len": get_preset(TOY_PRESET).t5.text_len}
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        if previous != json.loads(json.dumps(asdict(cfg))):
+        if previous != json.loads(json.dumps(settings)):
             raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
     else:
         work.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        saved.write_text(json.dumps(settings, indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     models = build_untrained_toy(cfg.seed)
     timings = {}
