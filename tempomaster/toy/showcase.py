@@ -10,6 +10,7 @@ its first frame, so the top row spans four times the time of the bottom one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 import numpy as np
 
 from .quality import VideoQuality, measure_generation
@@ -24,9 +25,9 @@ class ToyVideo:
     prompt: str
     result: object  # the pipeline's GenerationResult, every stage kept
 
-    @property
+    @cached_property
     def stages(self) -> list[np.ndarray]:
-        """uint8 ``[T, H, W, 3]`` per stage, lowest frame rate first."""
+        """uint8 ``[T, H, W, 3]`` per stage, lowest frame rate first (converted once)."""
         from ..runtime.video import to_uint8_frames
 
         return [to_uint8_frames(s.frames) for s in self.result.stages]
