@@ -15,7 +15,8 @@ from tempomaster.toy import train
 from tempomaster.runtime.schedule import shift_sigmas
 from tempomaster.toy.train import ToyTrainConfig, train_toy
 
-SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, clips=2, dit_steps=5, dit_batch=2, checkpoint_every=2)
+SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, clips=2,
+                       stage0_clips=3, dit_steps=5, dit_batch=2, checkpoint_every=2)
 
 
 def _state(path):
