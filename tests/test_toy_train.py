@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
+
+from tempomaster.errors import UsageError
 import torch
 
 from tempomaster.models.checkpoints import CheckpointPaths, load_models
@@ -15,8 +18,8 @@ from tempomaster.toy import train
 from tempomaster.runtime.schedule import shift_sigmas
 from tempomaster.toy.train import ToyTrainConfig, train_toy
 
-SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, clips=2,
-                       stage0_clips=3, dit_steps=5, dit_batch=2, checkpoint_every=2)
+SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, clips=2, dit_steps=5,
+                       dit_batch=2, checkpoint_every=2)
 
 
 def _state(path):
@@ -51,6 +54,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     ids, _ = models.tokenizer(["a red ball bouncing on a striped background"])
     assert ids.shape == (1, get_preset("toy").t5.text_len) == (1, 32)  # the preset's text length, not the release's 512
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
+    motion = torch.load(tmp_path / "a" / "vae-motion.pt", weights_only=False)  # the optional VAE fine-tune ran and folded
+    assert motion["folded"] and [r["step"] for r in motion["log"]] == [0, 1] and all(r["motion"] > 0 for r in motion["log"])
     losses = [r["loss"] for r in torch.load(tmp_path / "a" / "dit.pt", weights_only=False)["log"]]
     assert len(losses) == SMALL.dit_steps and all(l > 0 for l in losses)
 
@@ -145,3 +150,41 @@ def test_loss_png_without_matplotlib_stops_before_training(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "matplotlib" in proc.stderr and ".[train]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_the_motion_term_is_the_error_of_the_frame_differences():
+    from tempomaster.toy.clips import render_clip, sample_clip_spec
+    from tempomaster.toy.train import motion_error
+
+    clip = render_clip(sample_clip_spec(5, motion="sliding right"), 9)[None]  # [1, 3, 9, 64, 96]
+    weight = 1.0 + torch.rand(1, 1, 9, 64, 96, generator=torch.Generator().manual_seed(0))
+    assert motion_error(clip, clip, weight) == 0
+    still = clip[:, :, :1].expand_as(clip)  # the first frame held: no motion at all
+    by_hand = (torch.maximum(weight[:, :, 1:], weight[:, :, :-1]) * (clip[:, :, 1:] - clip[:, :, :-1]).abs()).mean()
+    torch.testing.assert_close(motion_error(still, clip, weight), by_hand)
+    assert by_hand > 1e-3
+
+
+def test_without_the_motion_fine_tune_no_phase_runs(tmp_path):
+    from tempomaster.toy.train import build_untrained_toy, train_vae_motion
+
+    models = build_untrained_toy(3)
+    before = {k: v.clone() for k, v in models.vae.state_dict().items()}
+    assert train_vae_motion(models, ToyTrainConfig(), tmp_path, progress=False) == []
+    assert not any(tmp_path.iterdir())
+    assert all(torch.equal(before[k], v) for k, v in models.vae.state_dict().items())
+
+
+def test_a_work_folder_from_before_the_motion_fine_tune_is_resumable(tmp_path):
+    from dataclasses import asdict
+
+    from tempomaster.toy.train import ToyTrainConfig, train_toy
+
+    older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_motion")}
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
+    # accepted with the fine-tune off (its default); refused with it on
+    with pytest.raises(UsageError, match="other settings"):
+        train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
+    train_toy(tmp_path / "w", tmp_path / "o", replace(SMALL, vae_motion_steps=0, vae_motion_batch=ToyTrainConfig().vae_motion_batch), progress=False, echo=lambda m: None)
+    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-motion.pt").exists()

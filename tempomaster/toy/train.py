@@ -1,25 +1,22 @@
 """Train the toy TempoMaster on synthetic clips, on a CPU, in about an hour (2 cores).
 
-Four phases, each resumable from its own checkpoint in a work folder:
+Three phases, each resumable from its own checkpoint in a work folder:
 
 1. ``vae``: the Wan2.1 VAE at the toy width learns to reconstruct clips
    (random crops of 9-frame windows at 24, 12 or 6 fps, then of whole
    17-frame windows) through slightly noisy latents, so the decoder tolerates
    imperfect DiT output; afterwards the latents' statistics are folded into
    its weights so that they are zero-mean and unit-variance (the DiT's noise
-   scale).
-2. ``vae-motion``: a short fine-tune of that VAE on 17-frame windows that
-   also matches the frame-to-frame differences, so the four pixel frames of a
-   latent frame keep their motion instead of decoding nearly still; its
-   statistics are folded again.
-3. ``tasks``: every training task is built once, through the runtime's own
+   scale). An optional fine-tune (``vae_motion_steps``, off by default)
+   then also matches the frame-to-frame differences, so the four pixel
+   frames of a latent frame keep more of their motion.
+2. ``tasks``: every training task is built once, through the runtime's own
    planner (`plan_stages`, `chunk_condition_video`, `stage0_condition_video`)
    and the torch backend's VAE encoder and text encoder, and cached: a
-   stage-0 blueprint (6 fps) with or without a reference image at frame 0
-   per clip of ``stage0_clips``, and for the first ``clips`` of them one
-   chunk of stage 1 (6 -> 12 fps) and one chunk of stage 2 (12 -> 24 fps),
-   each with its mask and RoPE positions.
-4. ``dit``: flow matching (x_t = (1 - s) x0 + s e, target e - x0, s drawn
+   stage-0 blueprint (6 fps) with or without a reference image at frame 0,
+   one chunk of stage 1 (6 -> 12 fps) and one chunk of stage 2 (12 -> 24 fps)
+   per clip, each with its mask and RoPE positions.
+3. ``dit``: flow matching (x_t = (1 - s) x0 + s e, target e - x0, s drawn
    with the stage's inference shift) on those tasks, the caption replaced by
    the empty prompt or the default negative prompt for a share of examples
    so guidance has an unconditional model to push against; an EMA of the
@@ -88,27 +85,24 @@ class ToyTrainConfig:
     vae_long_frames: int = 17
     vae_long_batch: int = 3
     vae_lr: float = 1e-3
-    # then a fine-tune of the folded VAE on 17-frame windows that also matches the frame-to-frame
-    # differences: plain reconstruction kept about half the motion inside a latent frame
-    # (measured at 6 fps: median 0.47 of the true displacement), so decoded latent frames
-    # moved in steps; the motion term raised that to 0.60 in 200 steps at the same PSNR
-    vae_motion_steps: int = 400
+    # Optional (off: the shipped toy was trained without it): a fine-tune of the folded VAE on
+    # 17-frame windows that also matches the frame-to-frame differences. Plain reconstruction
+    # keeps about half the motion inside a latent frame; 400 steps of this raised that from
+    # 0.47 to 0.58 (median, 6 fps) and cut the largest 24 fps round-trip step from 5.3 to 4.2 px
+    # at a higher PSNR, but a DiT trained on it (with 3000 stage-0 clips) was no smoother
+    # (README, "What it can and cannot do").
+    vae_motion_steps: int = 0
     vae_motion_batch: int = 3
     vae_motion_lr: float = 3e-4
     vae_motion_weight: float = 1.0
-    # clips with stage-1/2 tasks; stage-0 blueprints come from ``stage0_clips`` clips (the first
-    # ``clips`` of them have all three tasks): with 1000 blueprints (4.6 per caption) the DiT's
-    # blueprints switched between the positions of a caption's few training clips from one
-    # latent frame to the next
-    clips: int = 800
-    stage0_clips: int = 3000
-    dit_steps: int = 10500
+    clips: int = 1000
+    dit_steps: int = 11000
     dit_batch: int = 16
     dit_lr: float = 5e-4
     ema_decay: float = 0.999
     text_dropout: float = 0.15
     reference_share: float = 0.3  # stage-0 examples that condition on a reference image at frame 0
-    stage_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    stage_shares: tuple[float, float, float] = (0.4, 0.3, 0.3)
     checkpoint_every: int = 250
 
 
@@ -220,7 +214,7 @@ def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
 
 def vae_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted L1 + L2 reconstruction through slightly noisy latents, plus ``motion_weight`` times
-    the weighted L1 error of the frame-to-frame differences (the fine-tune's motion term).
+    `motion_error` (the optional fine-tune's term).
 
     No penalty on the latents' statistics: one pulling them to unit variance
     during training collapses the encoder to a fixed pattern (measured: the
@@ -236,12 +230,21 @@ def vae_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: floa
     rec = (weight * err.abs()).mean() + (weight * err.square()).mean()
     parts = {"latent_std": float(z.detach().std())}
     if motion_weight:
-        # a still reconstruction of a moving object has zero differences where the true ones are large
-        diff_weight = torch.maximum(weight[:, :, 1:], weight[:, :, :-1])
-        motion = (diff_weight * (recon.diff(dim=2) - video.diff(dim=2)).abs()).mean()
+        motion = motion_error(recon, video, weight)
         parts["motion"] = float(motion.detach())
         rec = rec + motion_weight * motion
     return rec, parts
+
+
+def motion_error(recon: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 error of the frame-to-frame differences of ``[B, 3, T, H, W]`` videos.
+
+    A reconstruction that holds a moving object still has zero differences
+    where the true ones are large, which plain reconstruction error punishes
+    little when the object is small.
+    """
+    diff_weight = torch.maximum(weight[:, :, 1:], weight[:, :, :-1])
+    return (diff_weight * (recon.diff(dim=2) - video.diff(dim=2)).abs()).mean()
 
 
 @torch.no_grad()
@@ -314,9 +317,11 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
 
 
 def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
-    """Fine-tune the folded VAE with the motion term on 17-frame windows, then fold its statistics again."""
+    """The optional fine-tune (``vae_motion_steps`` > 0): the motion term on 17-frame windows, then the statistics folded again."""
     from tqdm.auto import tqdm
 
+    if cfg.vae_motion_steps <= 0:
+        return []
     path = work / "vae-motion.pt"
     vae = models.vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_motion_lr, weight_decay=0.0)
@@ -325,6 +330,7 @@ def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress
         for step in range(start, cfg.vae_motion_steps):
             for group in opt.param_groups:
                 group["lr"] = _cosine_lr(cfg.vae_motion_lr, step, cfg.vae_motion_steps, warmup=20)
+            # batches drawn apart from phase 1's (its steps are below 100000)
             video = vae_training_batch(cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames)
             loss, parts = vae_loss(vae, video, _torch_gen(cfg.seed, 7, step), cfg.vae_motion_weight)
             opt.zero_grad(set_to_none=True)
@@ -378,14 +384,13 @@ class TaskSet:
         self.rows_by_stage = [np.flatnonzero(self.stage.numpy() == s) for s in range(len(INTERVALS))]
 
 
-def clip_tasks(clip: torch.Tensor, rng: np.random.Generator, reference: bool, later_stages: bool = True):
+def clip_tasks(clip: torch.Tensor, rng: np.random.Generator, reference: bool):
     """The runtime's three kinds of task for one 68-frame 24 fps clip, built by the runtime's planner.
 
     Yields ``(stage, chunk plan, target video [3, 17, H, W], condition video [3, 17, H, W])``:
     the stage-0 blueprint (every 4th frame) with a reference image at frame 0
-    if ``reference``, and if ``later_stages`` one random chunk of stage 1
-    conditioned on the 6 fps frames and one random chunk of stage 2
-    conditioned on the 12 fps frames.
+    if ``reference``, one random chunk of stage 1 conditioned on the 6 fps
+    frames, one random chunk of stage 2 conditioned on the 12 fps frames.
     """
     height, width = clip.shape[-2:]
     stages = plan_stages(STAGE0_FRAMES, INTERVALS, {0} if reference else ())
@@ -393,8 +398,6 @@ def clip_tasks(clip: torch.Tensor, rng: np.random.Generator, reference: bool, la
     blueprint = clip[:, :: INTERVALS[0]]  # [3, 17, H, W]
     images = {0: blueprint[:, 0]} if reference else {}
     yield stage0, stage0.chunks[0], blueprint, stage0_condition_video(stage0, images, height, width)[0]
-    if not later_stages:
-        return
     for stage in stages[1:]:
         previous = clip[:, :: stage.prev_interval]  # the previous stage's frames, ground truth
         timeline = clip[:, :: stage.interval]
@@ -412,53 +415,39 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
 
     backend = TorchBackend(models)
     captions = all_captions()
-    total = max(cfg.clips, cfg.stage0_clips)
-    # Without a reference image the stage-0 condition video is all zeros: encoded once, not per clip.
-    blank = None
     shard_size = 100
     shards = []
-    with tqdm(total=total, desc="toy tasks", disable=not progress) as bar:
-        for first in range(0, total, shard_size):
+    with tqdm(total=cfg.clips, desc="toy tasks", disable=not progress) as bar:
+        for first in range(0, cfg.clips, shard_size):
             path = work / f"tasks-{first:05d}.pt"
             shard = _load(path)
             if shard is None:
-                rows = {k: [] for k in ("mask", "rope", "stage", "caption")}
-                targets, conditions = [], []  # a condition of None is the blank one
-                for index in range(first, min(total, first + shard_size)):
+                rows = {k: [] for k in ("x0", "cond", "mask", "rope", "stage", "caption")}
+                videos = []
+                for index in range(first, min(cfg.clips, first + shard_size)):
                     rng = _rng(cfg.seed, 3, index)
                     spec = sample_clip_spec(int(rng.integers(2**31)))
                     clip = render_clip(spec, CLIP_FRAMES)
                     reference = bool(rng.random() < cfg.reference_share)
-                    for stage, chunk, target, condition in clip_tasks(clip, rng, reference, index < cfg.clips):
-                        if index >= cfg.stage0_clips and stage.index == 0:
-                            continue
-                        targets.append(target)
-                        conditions.append(None if stage.index == 0 and not reference else condition)
+                    for stage, chunk, target, condition in clip_tasks(clip, rng, reference):
+                        videos += [target, condition]
                         rows["mask"].append(chunk.latent_mask)
                         rows["rope"].append(torch.tensor(chunk.rope_positions))
                         rows["stage"].append(stage.index)
                         rows["caption"].append(captions.index(spec.caption))
                     bar.update(1)
-                if blank is None and any(c is None for c in conditions):
-                    stage0 = plan_stages(STAGE0_FRAMES, INTERVALS, ())[0]
-                    blank = backend.vae_encode(stage0_condition_video(stage0, {}, *clip.shape[-2:])).to(torch.float16)[0]
-
-                def encode(videos: list[torch.Tensor]) -> torch.Tensor:
-                    return torch.cat([backend.vae_encode(torch.stack(videos[i : i + encode_batch])).to(torch.float16)
-                                      for i in range(0, len(videos), encode_batch)])
-
-                x0 = encode(targets)
-                given = [c for c in conditions if c is not None]
-                given_latents = iter(encode(given) if given else [])
-                cond = torch.stack([blank if c is None else next(given_latents) for c in conditions])
+                latents = []
+                for i in range(0, len(videos), encode_batch):
+                    latents.append(backend.vae_encode(torch.stack(videos[i : i + encode_batch])).to(torch.float16))
+                latents = torch.cat(latents)
                 shard = {
-                    "x0": x0, "cond": cond,
+                    "x0": latents[0::2].clone(), "cond": latents[1::2].clone(),
                     "mask": torch.stack(rows["mask"]), "rope": torch.stack(rows["rope"]),
                     "stage": torch.tensor(rows["stage"]), "caption": torch.tensor(rows["caption"]),
                 }
                 _atomic_save(shard, path)
             else:
-                bar.update(min(total, first + shard_size) - first)
+                bar.update(min(cfg.clips, first + shard_size) - first)
             shards.append(shard)
     clock = _BackendClock()
     contexts = []
@@ -573,6 +562,8 @@ def train_toy(
     settings = {**asdict(cfg), "text_len": get_preset(TOY_PRESET).t5.text_len}
     if saved.is_file():
         previous = json.loads(saved.read_text())
+        # a folder from before a setting existed ran with that setting's default (e.g. no VAE motion fine-tune)
+        previous = {**{k: v for k, v in json.loads(json.dumps(asdict(ToyTrainConfig()))).items() if k not in previous}, **previous}
         if previous != json.loads(json.dumps(settings)):
             raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
     else:
@@ -585,7 +576,7 @@ def train_toy(
     vae_log = train_vae(models, cfg, work, progress)
     timings["vae_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vae_motion_log = train_vae_motion(models, cfg, work, progress)
+    train_vae_motion(models, cfg, work, progress)
     timings["vae_motion_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -596,10 +587,9 @@ def train_toy(
     timings["dit_s"] = time.perf_counter() - t0
     models.dit.load_state_dict(ema)
     out = export_toy_weights(models, out)
-    summary = {"timings": timings, "final_vae_loss": _tail_mean(vae_log), "final_vae_motion_loss": _tail_mean(vae_motion_log),
-               "final_dit_loss": _tail_mean(dit_log)}
+    summary = {"timings": timings, "final_vae_loss": _tail_mean(vae_log), "final_dit_loss": _tail_mean(dit_log)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, VAE motion {timings['vae_motion_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
+    echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
     return summary
 
 
@@ -653,14 +643,13 @@ def plot_losses(work: str | os.PathLike, png: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     work = Path(work)
-    panels = (("vae.pt", "toy VAE (weighted L1 + L2)"), ("vae-motion.pt", "toy VAE fine-tune (+ motion term)"),
-              ("dit.pt", "toy DiT (flow-matching MSE)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 3.6))
+    panels = [("vae.pt", "toy VAE (weighted L1 + L2)"), ("dit.pt", "toy DiT (flow-matching MSE)")]
+    if (work / "vae-motion.pt").is_file():
+        panels.insert(1, ("vae-motion.pt", "toy VAE fine-tune (+ motion term)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (name, title) in zip(axes, panels):
         state = _load(work / name)
-        ax.set_title(title)
-        if state is None or not state["log"]:
-            ax.text(0.5, 0.5, "no loss log in this work folder", ha="center", va="center", transform=ax.transAxes)
+        if state is None:
             continue
         loss = np.asarray([r["loss"] for r in state["log"]])
         ax.plot(loss, lw=0.5, alpha=0.4, color="tab:blue")
@@ -669,6 +658,7 @@ def plot_losses(work: str | os.PathLike, png: str | os.PathLike) -> Path:
             ax.plot(np.arange(k - 1, len(loss)), np.convolve(loss, np.ones(k) / k, mode="valid"), color="tab:blue")
         ax.set_yscale("log")
         ax.set_xlabel("step")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     png = Path(png)
