@@ -282,73 +282,62 @@ def fold_latent_statistics(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
     w2.data = (w2.data.double() * s.view(1, -1, 1, 1, 1)).to(w2.dtype)
 
 
-def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
+def _train_vae_phase(
+    vae, cfg: ToyTrainConfig, path: Path, steps: int, lr: float, warmup: int, desc: str,
+    batch: Callable[[int], torch.Tensor], loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]], progress: bool,
+) -> list[dict]:
+    """One resumable VAE phase: ``steps`` AdamW steps on ``loss(batch(step), step)``, then the latents' statistics folded."""
     from tqdm.auto import tqdm
 
-    path = work / "vae.pt"
-    vae = models.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     state, log, start = _resume(path, vae, opt)
-    with tqdm(total=cfg.vae_steps, initial=start, desc="toy VAE", disable=not progress) as bar:
-        for step in range(start, cfg.vae_steps):
+    with tqdm(total=steps, initial=start, desc=desc, disable=not progress) as bar:
+        for step in range(start, steps):
             for group in opt.param_groups:
-                group["lr"] = _cosine_lr(cfg.vae_lr, step, cfg.vae_steps)
-            if step < cfg.vae_long_from:
-                video = vae_training_batch(cfg.seed, step, cfg.vae_batch, cfg.vae_frames)
-            else:
-                video = vae_training_batch(cfg.seed, step, cfg.vae_long_batch, cfg.vae_long_frames)
-            loss, parts = vae_loss(vae, video, _torch_gen(cfg.seed, 2, step))
+                group["lr"] = _cosine_lr(lr, step, steps, warmup)
+            value, parts = loss(batch(step), step)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
-            log.append({"step": step, "loss": loss.item(), **parts})
+            log.append({"step": step, "loss": value.item(), **parts})
             bar.update(1)
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
     vae.eval()
     if not (state or {}).get("folded"):
         mean, std = latent_statistics(vae, cfg.seed)
         fold_latent_statistics(vae, mean, std)
-        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": cfg.vae_steps,
+        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": steps,
                       "folded": True, "latent_mean": mean, "latent_std": std}, path)
     return log
+
+
+def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
+    def batch(step: int) -> torch.Tensor:
+        if step < cfg.vae_long_from:
+            return vae_training_batch(cfg.seed, step, cfg.vae_batch, cfg.vae_frames)
+        return vae_training_batch(cfg.seed, step, cfg.vae_long_batch, cfg.vae_long_frames)
+
+    return _train_vae_phase(
+        models.vae, cfg, work / "vae.pt", cfg.vae_steps, cfg.vae_lr, 100, "toy VAE", batch,
+        lambda video, step: vae_loss(models.vae, video, _torch_gen(cfg.seed, 2, step)), progress,
+    )
 
 
 def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
     """The optional fine-tune (``vae_motion_steps`` > 0): the motion term on 17-frame windows, then the statistics folded again."""
-    from tqdm.auto import tqdm
-
     if cfg.vae_motion_steps <= 0:
         return []
-    path = work / "vae-motion.pt"
-    vae = models.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_motion_lr, weight_decay=0.0)
-    state, log, start = _resume(path, vae, opt)
-    with tqdm(total=cfg.vae_motion_steps, initial=start, desc="toy VAE motion", disable=not progress) as bar:
-        for step in range(start, cfg.vae_motion_steps):
-            for group in opt.param_groups:
-                group["lr"] = _cosine_lr(cfg.vae_motion_lr, step, cfg.vae_motion_steps, warmup=20)
-            # batches drawn apart from phase 1's (its steps are below 100000)
-            video = vae_training_batch(cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames)
-            loss, parts = vae_loss(vae, video, _torch_gen(cfg.seed, 7, step), cfg.vae_motion_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            log.append({"step": step, "loss": loss.item(), **parts})
-            bar.update(1)
-            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_motion_steps:
-                _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
-    vae.eval()
-    if not (state or {}).get("folded"):
-        mean, std = latent_statistics(vae, cfg.seed)
-        fold_latent_statistics(vae, mean, std)
-        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": cfg.vae_motion_steps,
-                      "folded": True, "latent_mean": mean, "latent_std": std}, path)
-    return log
+    return _train_vae_phase(
+        models.vae, cfg, work / "vae-motion.pt", cfg.vae_motion_steps, cfg.vae_motion_lr, 20, "toy VAE motion",
+        # batches drawn apart from phase 1's (its steps are below 100000)
+        lambda step: vae_training_batch(cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames),
+        lambda video, step: vae_loss(models.vae, video, _torch_gen(cfg.seed, 7, step), cfg.vae_motion_weight),
+        progress,
+    )
 
 
 # ---------------------------------------------------------------------------
