@@ -19,8 +19,8 @@ What the toy does today (see the README) and what it does not:
   smoothness bound the training clips justify (3 px per frame at most in
   every training clip, twice that allowed) is therefore not met: a strict
   xfail, which fails the day a better toy meets it (then drop the mark).
-  Traced step by step, the blueprint's layout is fixed in the first steps
-  (sigma >= 0.94), and a large displacement is drawn as a cross-fade between
+  Traced step by step, the blueprint's layout is fixed within the first
+  five of 16 steps (by sigma 0.94), and a large displacement is drawn as a cross-fade between
   two copies of the object; a retrain with three times the stage-0 clips
   and a VAE that keeps more motion inside a latent frame did not change that
   (README).

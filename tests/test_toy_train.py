@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
-from dataclasses import replace
+import torch
 
 from tempomaster.errors import UsageError
-import torch
 
 from tempomaster.models.checkpoints import CheckpointPaths, load_models
 from tempomaster.models.presets import get_preset
@@ -176,15 +176,12 @@ def test_without_the_motion_fine_tune_no_phase_runs(tmp_path):
 
 
 def test_a_work_folder_from_before_the_motion_fine_tune_is_resumable(tmp_path):
-    from dataclasses import asdict
-
-    from tempomaster.toy.train import ToyTrainConfig, train_toy
-
     older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_motion")}
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
     # accepted with the fine-tune off (its default); refused with it on
     with pytest.raises(UsageError, match="other settings"):
         train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
-    train_toy(tmp_path / "w", tmp_path / "o", replace(SMALL, vae_motion_steps=0, vae_motion_batch=ToyTrainConfig().vae_motion_batch), progress=False, echo=lambda m: None)
+    without = replace(SMALL, vae_motion_steps=0, vae_motion_batch=ToyTrainConfig().vae_motion_batch)
+    train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
     assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-motion.pt").exists()
