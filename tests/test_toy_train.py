@@ -116,6 +116,16 @@ def _train_toy_cli(*flags):
                           capture_output=True, text=True)
 
 
+def test_train_toy_help_states_the_trainers_defaults():
+    from tempomaster.cli.export import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train-toy"]
+    helps = {a.dest: a.help for a in sub._actions}
+    defaults = ToyTrainConfig()
+    for name in ("vae_steps", "clips", "dit_steps"):
+        assert f"(default {getattr(defaults, name)})" in helps[name], (name, helps[name])
+
+
 def test_an_out_folder_that_is_not_a_toy_set_is_refused_before_training(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="seed of every random draw (default: the shipped toy's)")
     p.add_argument("--vae-steps", type=bounded_int(1), default=None, help="VAE optimiser steps (default 1500)")
     p.add_argument("--clips", type=bounded_int(1), default=None, help="synthetic clips whose tasks train the DiT (default 1000)")
-    p.add_argument("--dit-steps", type=bounded_int(1), default=None, help="DiT optimiser steps (default 7000)")
+    p.add_argument("--dit-steps", type=bounded_int(1), default=None, help="DiT optimiser steps (default 11000)")
     p.add_argument("--loss-png", type=Path, default=None, help="also write the loss curves (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
