@@ -84,6 +84,23 @@ def test_training_clips_are_smooth_and_follow_their_captions():
     assert max(jumps) <= 3.0
 
 
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_a_caption_names_one_path(motion):
+    """Clips of one motion follow one path up to a few pixels, start to end, and stay inside the frame."""
+    tracks = []
+    for seed in range(100):
+        spec = sample_clip_spec(3000 + seed, motion=motion)
+        track = np.array([object_centre(spec, t) for t in range(68)])  # [68, (x, y)]
+        r = spec.half_size
+        assert (track[:, 0] >= r).all() and (track[:, 0] <= spec.width - r).all()
+        assert (track[:, 1] >= r).all() and (track[:, 1] <= spec.height - r).all()
+        tracks.append(track)
+    tracks = np.stack(tracks)
+    spread = np.linalg.norm(tracks - tracks.mean(axis=0), axis=-1)  # each clip's distance from the mean path
+    assert np.percentile(spread, 95) <= 8.0, np.percentile(spread, 95)
+    assert np.linalg.norm(tracks.mean(axis=0)[1:] - tracks.mean(axis=0)[:-1], axis=-1).sum() >= 30.0  # the path moves
+
+
 def test_measure_video_on_a_video_without_the_object():
     rng = np.random.default_rng(0)
     grey = np.repeat(rng.integers(0, 256, size=(10, 64, 96, 1), dtype=np.uint8), 3, axis=-1)

@@ -53,13 +53,19 @@ SHAPES = ("ball", "square", "triangle")
 MOTIONS = ("bouncing", "sliding left", "sliding right", "sliding up", "sliding down", "circling")
 BACKGROUNDS = ("plain", "gradient", "striped")
 
-# Object half-size in pixels at the toy's 64x96, and how far it travels in a 68-frame clip.
-_HALF_SIZE = (7.0, 10.0)
-_SLIDE_SPEED = (0.7, 1.1)  # pixels per 24 fps frame
-_CIRCLE_RADIUS = (14.0, 20.0)
-_BOUNCE_PERIOD = (28.0, 40.0)  # frames per bounce
-_BOUNCE_HEIGHT = (18.0, 28.0)
-_CIRCLE_PERIOD = (60.0, 90.0)  # frames per turn
+# Each motion follows one path, up to a few pixels of jitter: a caption names a single trajectory,
+# not a family of them. With start points drawn across the frame (as the first toy was trained),
+# the toy DiT drew the average of a caption's paths: two copies of the object cross-fading
+# between the family's start and end points, or drifting sideways (README).
+_HALF_SIZE = (8.0, 10.0)  # object half-size in pixels at the toy's 64x96
+_JITTER = 3.0  # pixels either way around a path's start or centre line
+_SPEED_SCALE = (0.95, 1.0)  # a slide covers this share of the frame, margin to margin, in 68 frames
+_CIRCLE_RADIUS = (17.0, 19.0)
+_CIRCLE_PERIOD = (66.0, 70.0)  # frames per turn
+_CIRCLE_PHASE = 0.2  # radians either way around 0 (the turn starts at the centre's right)
+_BOUNCE_HEIGHT = (24.0, 28.0)
+_BOUNCE_PERIOD = (31.0, 33.0)  # frames per bounce
+_BOUNCE_PHASE = 0.15  # the first arc starts this close to the floor (radians)
 
 
 @dataclass(frozen=True)
@@ -131,35 +137,30 @@ def sample_clip_spec(seed: int, height: int = 64, width: int = 96, **fixed) -> C
     background = fixed.get("background") or pick(BACKGROUNDS)
     half = float(rng.uniform(*_HALF_SIZE))
     margin = half + 2.0
-    speed = float(rng.uniform(*_SLIDE_SPEED))
-    radius = float(rng.uniform(*_CIRCLE_RADIUS))
-    phase = float(rng.uniform(0.0, 2.0 * math.pi))
-    travel = speed * 67.0
-    if motion == "sliding left":
-        x0 = float(rng.uniform(min(width - margin, margin + travel), width - margin))
-        y0 = float(rng.uniform(margin, height - margin))
-    elif motion == "sliding right":
-        x0 = float(rng.uniform(margin, max(margin, width - margin - travel)))
-        y0 = float(rng.uniform(margin, height - margin))
-    elif motion == "sliding up":
-        x0 = float(rng.uniform(margin, width - margin))
-        y0 = float(rng.uniform(height - margin - 4.0, height - margin))
-    elif motion == "sliding down":
-        x0 = float(rng.uniform(margin, width - margin))
-        y0 = float(rng.uniform(margin, margin + 4.0))
+    jitter = lambda: float(rng.uniform(-_JITTER, _JITTER))  # noqa: E731
+    centre_x, centre_y = width / 2.0 + jitter(), height / 2.0 + jitter()
+    radius, period, phase = 0.0, 0.0, 0.0
+    if motion in ("sliding left", "sliding right"):
+        # from one side to the other: the speed is set by the travel
+        speed = float(rng.uniform(*_SPEED_SCALE)) * (width - 2.0 * margin - _JITTER) / 67.0
+        start = width - margin - abs(jitter())
+        x0, y0 = (start, centre_y) if motion == "sliding left" else (width - start, centre_y)
+    elif motion in ("sliding up", "sliding down"):
+        speed = float(rng.uniform(*_SPEED_SCALE)) * (height - 2.0 * margin - _JITTER) / 67.0
+        start = height - margin - abs(jitter())
+        x0, y0 = (centre_x, start) if motion == "sliding up" else (centre_x, height - start)
     elif motion == "circling":
-        radius = min(radius, height / 2 - margin, width / 2 - margin)
-        x0 = float(rng.uniform(margin + radius, width - margin - radius))
-        y0 = height / 2.0
-    else:  # bouncing: y0 is the floor
-        radius = float(rng.uniform(*_BOUNCE_HEIGHT))
-        x0 = float(rng.uniform(margin, width - margin))
-        y0 = float(height - margin)
-        radius = min(radius, y0 - margin)
-    period = float(rng.uniform(*(_CIRCLE_PERIOD if motion == "circling" else _BOUNCE_PERIOD)))
-    if motion in ("sliding up", "sliding down"):
-        # a short frame: the clip covers most of the height at a slower speed
-        speed = min(speed, (height - 2 * margin) / 67.0)
+        speed = 0.0
+        radius = min(float(rng.uniform(*_CIRCLE_RADIUS)), height / 2.0 - margin - _JITTER)
+        period = float(rng.uniform(*_CIRCLE_PERIOD))
+        phase = float(rng.uniform(-_CIRCLE_PHASE, _CIRCLE_PHASE))
+        x0, y0 = centre_x, centre_y
+    else:  # bouncing: y0 is the floor, radius the height of an arc
+        speed = 0.0
+        x0, y0 = centre_x, float(height - margin)
+        radius = min(float(rng.uniform(*_BOUNCE_HEIGHT)), y0 - margin)
+        period = float(rng.uniform(*_BOUNCE_PERIOD))
+        phase = float(rng.uniform(0.0, _BOUNCE_PHASE))
     grey_a, grey_b = (float(v) for v in rng.uniform(0.25, 0.75, size=2))
     if background != "plain" and abs(grey_a - grey_b) < 0.2:
         grey_b = grey_a + 0.25 if grey_a < 0.5 else grey_a - 0.25
