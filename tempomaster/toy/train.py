@@ -1,4 +1,4 @@
-"""Train the toy TempoMaster on synthetic clips, on a CPU, in about an hour (2 cores).
+"""Train the toy TempoMaster on synthetic clips, on a CPU, in about 80 minutes (2 cores).
 
 Three phases, each resumable from its own checkpoint in a work folder:
 
@@ -7,9 +7,10 @@ Three phases, each resumable from its own checkpoint in a work folder:
    17-frame windows) through slightly noisy latents, so the decoder tolerates
    imperfect DiT output; afterwards the latents' statistics are folded into
    its weights so that they are zero-mean and unit-variance (the DiT's noise
-   scale). An optional fine-tune (``vae_motion_steps``, off by default)
-   then also matches the frame-to-frame differences, so the four pixel
-   frames of a latent frame keep more of their motion.
+   scale). A fine-tune (``vae_motion_steps``; 0 turns it off) then also
+   matches the frame-to-frame differences, so the four pixel frames of a
+   latent frame keep more of their motion, and the statistics are folded
+   again.
 2. ``tasks``: every training task is built once, through the runtime's own
    planner (`plan_stages`, `chunk_condition_video`, `stage0_condition_video`)
    and the torch backend's VAE encoder and text encoder, and cached: a
@@ -85,16 +86,15 @@ class ToyTrainConfig:
     vae_long_frames: int = 17
     vae_long_batch: int = 3
     vae_lr: float = 1e-3
-    # Optional (off: the shipped toy was trained without it): a fine-tune of the folded VAE on
-    # 17-frame windows that also matches the frame-to-frame differences. Plain reconstruction
-    # keeps about half the motion inside a latent frame; 400 steps of this raised that from
-    # 0.47 to 0.58 (median, 6 fps) and cut the largest 24 fps round-trip step from 5.3 to 4.2 px
-    # at a higher PSNR, but a DiT trained on it (with 3000 stage-0 clips) was no smoother
-    # (README, "What changed from the first toy"), nor was one trained on the present clips
-    # (within 6 px on 2 of the 6 test prompts, against 3 of 6 without it).
-    vae_motion_steps: int = 0
+    # A fine-tune of the folded VAE on 17-frame windows that also matches the frame-to-frame
+    # differences (0 steps: off). Plain reconstruction keeps about half the motion inside a
+    # latent frame. These 1000 steps cut the largest 24 fps step of a ground-truth round trip
+    # from 4.5 to 3.0 px (median of 16 clips) and a DiT trained on the result is smoother on
+    # 24 prompts (11 within 6 px against 6; README). 400 steps at 3e-4 gave DiTs no smoother
+    # than without (README, "What changed from the first toy").
+    vae_motion_steps: int = 1000
     vae_motion_batch: int = 3
-    vae_motion_lr: float = 3e-4
+    vae_motion_lr: float = 5e-4
     vae_motion_weight: float = 1.0
     clips: int = 1000
     dit_steps: int = 11000
@@ -552,9 +552,7 @@ def train_toy(
     settings = {**asdict(cfg), "text_len": get_preset(TOY_PRESET).t5.text_len}
     if saved.is_file():
         previous = json.loads(saved.read_text())
-        # a folder from before a setting existed ran with that setting's default (e.g. no VAE motion fine-tune)
-        previous = {**{k: v for k, v in json.loads(json.dumps(asdict(ToyTrainConfig()))).items() if k not in previous}, **previous}
-        if previous != json.loads(json.dumps(settings)):
+        if _comparable_settings(previous) != _comparable_settings(json.loads(json.dumps(settings))):
             raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
     else:
         work.mkdir(parents=True, exist_ok=True)
@@ -581,6 +579,19 @@ def train_toy(
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
     return summary
+
+
+# What a setting was before it existed: a folder from then ran without the VAE motion fine-tune.
+_SETTINGS_BEFORE_THEY_EXISTED = {"vae_motion_steps": 0}
+
+
+def _comparable_settings(settings: dict) -> dict:
+    """A saved run's settings, with those it predates filled in, and the fine-tune's own dropped when it is off."""
+    defaults = json.loads(json.dumps(asdict(ToyTrainConfig())))
+    filled = {**{k: _SETTINGS_BEFORE_THEY_EXISTED.get(k, v) for k, v in defaults.items() if k not in settings}, **settings}
+    if filled.get("vae_motion_steps") == 0:  # the fine-tune's batch, rate and weight are then never used
+        filled = {k: v for k, v in filled.items() if not k.startswith("vae_motion_") or k == "vae_motion_steps"}
+    return filled
 
 
 def _tail_mean(log: list[dict], n: int = 100) -> float:
