@@ -215,7 +215,10 @@ def test_a_graph_modified_after_its_hash_was_dropped_is_refused(tiny_build, tmp_
 def _interrupt(args: list[str], wait_for, workdir: Path, timeout: float = 240.0) -> subprocess.CompletedProcess:
     """Start a CLI, send SIGINT once `wait_for()` holds, collect the result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal survives exec:
+    # the CLI would rightly not hear Ctrl+C. Give the child the default disposition a terminal gives.
+    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while not wait_for() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
