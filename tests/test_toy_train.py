@@ -189,7 +189,7 @@ def test_a_work_folder_from_before_the_motion_fine_tune_is_resumable(tmp_path):
     older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_motion")}
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
-    # it ran without the fine-tune: accepted with the fine-tune off, refused with it on (the default now)
+    # it ran without the fine-tune: accepted with the fine-tune off (its other settings then unused), refused with it on
     with pytest.raises(UsageError, match="other settings"):
         train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
     without = replace(SMALL, vae_motion_steps=0, vae_motion_batch=7, vae_motion_lr=1e-2)  # unused when off

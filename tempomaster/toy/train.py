@@ -215,7 +215,7 @@ def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
 
 def vae_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted L1 + L2 reconstruction through slightly noisy latents, plus ``motion_weight`` times
-    `motion_error` (the optional fine-tune's term).
+    `motion_error` (the fine-tune's term).
 
     No penalty on the latents' statistics: one pulling them to unit variance
     during training collapses the encoder to a fixed pattern (measured: the
@@ -329,7 +329,7 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
 
 
 def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> list[dict]:
-    """The optional fine-tune (``vae_motion_steps`` > 0): the motion term on 17-frame windows, then the statistics folded again."""
+    """The fine-tune (skipped when ``vae_motion_steps`` is 0): the motion term on 17-frame windows, then the statistics folded again."""
     if cfg.vae_motion_steps <= 0:
         return []
     return _train_vae_phase(
