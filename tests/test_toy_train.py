@@ -18,8 +18,8 @@ from tempomaster.toy import train
 from tempomaster.runtime.schedule import shift_sigmas
 from tempomaster.toy.train import ToyTrainConfig, train_toy
 
-SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, clips=2, dit_steps=5,
-                       dit_batch=2, checkpoint_every=2)
+SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, vae_decoder_steps=2,
+                       vae_decoder_batch=1, clips=2, dit_steps=5, dit_batch=2, checkpoint_every=2)
 
 
 def _state(path):
@@ -56,6 +56,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
     motion = torch.load(tmp_path / "a" / "vae-motion.pt", weights_only=False)  # the optional VAE fine-tune ran and folded
     assert motion["folded"] and [r["step"] for r in motion["log"]] == [0, 1] and all(r["motion"] > 0 for r in motion["log"])
+    decoder = torch.load(tmp_path / "a" / "vae-decoder.pt", weights_only=False)  # the decoder fine-tune ran, unfolded
+    assert not decoder.get("folded") and [r["step"] for r in decoder["log"]] == [0, 1]
+    assert all(r["centroid_px"] >= 0 and r["motion"] > 0 for r in decoder["log"])
+    for k, v in motion["model"].items():  # it trained the decoder alone: the latents the tasks were encoded with hold
+        assert torch.equal(decoder["model"][k], v) == (not k.startswith(("decoder.", "conv2."))), k
     losses = [r["loss"] for r in torch.load(tmp_path / "a" / "dit.pt", weights_only=False)["log"]]
     assert len(losses) == SMALL.dit_steps and all(l > 0 for l in losses)
 
@@ -195,3 +200,45 @@ def test_a_work_folder_from_before_the_motion_fine_tune_is_resumable(tmp_path):
     without = replace(SMALL, vae_motion_steps=0, vae_motion_batch=7, vae_motion_lr=1e-2)  # unused when off
     train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
     assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-motion.pt").exists()
+
+
+def test_the_soft_centroid_finds_the_object_where_the_colour_mask_does():
+    from tempomaster.runtime.video import to_uint8_frames
+    from tempomaster.toy.clips import object_centroids, render_clip, sample_clip_spec
+    from tempomaster.toy.train import centroid_error, soft_object_centroids
+
+    spec = sample_clip_spec(12, motion="sliding right", background="striped")
+    clip = render_clip(spec, 9)  # [3, 9, 64, 96]
+    soft, mass = soft_object_centroids(clip[None])
+    hard = object_centroids(to_uint8_frames(clip), spec.colour)
+    assert (mass > 30).all()
+    torch.testing.assert_close(soft[0].double(), torch.from_numpy(hard).double(), atol=0.5, rtol=0)
+    # the same clip moved 3 px right and 2 px down is 5 px away (L1) in every frame; itself, 0
+    moved = torch.roll(clip, shifts=(2, 3), dims=(-2, -1))[None]
+    torch.testing.assert_close(centroid_error(moved, clip[None]), torch.tensor(5.0), atol=0.3, rtol=0)
+    assert centroid_error(clip[None], clip[None]) == 0
+
+
+def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
+    from tempomaster.toy.train import build_untrained_toy, train_vae_decoder
+
+    models = build_untrained_toy(4)
+    before = {k: v.clone() for k, v in models.vae.state_dict().items()}
+    log = train_vae_decoder(models, replace(SMALL, vae_decoder_steps=2), tmp_path, progress=False)
+    assert len(log) == 2 and (tmp_path / "vae-decoder.pt").is_file()
+    after = models.vae.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "conv2.")) for k in changed)
+    assert train_vae_decoder(build_untrained_toy(4), replace(SMALL, vae_decoder_steps=0), tmp_path / "off", progress=False) == []
+    assert not (tmp_path / "off").exists()
+
+
+def test_a_work_folder_from_before_the_decoder_fine_tune_is_resumable(tmp_path):
+    older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_decoder")}
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
+    with pytest.raises(UsageError, match="other settings"):
+        train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
+    without = replace(SMALL, vae_decoder_steps=0, vae_decoder_lr=1e-2, vae_decoder_centroid_weight=3.0)  # unused when off
+    train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
+    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-decoder.pt").exists()
