@@ -190,18 +190,6 @@ def test_without_the_motion_fine_tune_no_phase_runs(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in models.vae.state_dict().items())
 
 
-def test_a_work_folder_from_before_the_motion_fine_tune_is_resumable(tmp_path):
-    older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_motion")}
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
-    # it ran without the fine-tune: accepted with the fine-tune off (its other settings then unused), refused with it on
-    with pytest.raises(UsageError, match="other settings"):
-        train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
-    without = replace(SMALL, vae_motion_steps=0, vae_motion_batch=7, vae_motion_lr=1e-2)  # unused when off
-    train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
-    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-motion.pt").exists()
-
-
 def test_the_soft_centroid_finds_the_object_where_the_colour_mask_does():
     from tempomaster.runtime.video import to_uint8_frames
     from tempomaster.toy.clips import object_centroids, render_clip, sample_clip_spec
@@ -233,12 +221,17 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
-def test_a_work_folder_from_before_the_decoder_fine_tune_is_resumable(tmp_path):
-    older = {k: v for k, v in asdict(SMALL).items() if not k.startswith("vae_decoder")}
+@pytest.mark.parametrize("prefix, unused, checkpoint", [
+    ("vae_motion_", {"vae_motion_batch": 7, "vae_motion_lr": 1e-2}, "vae-motion.pt"),
+    ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.pt"),
+])
+def test_a_work_folder_from_before_a_fine_tune_is_resumable(tmp_path, prefix, unused, checkpoint):
+    older = {k: v for k, v in asdict(SMALL).items() if not k.startswith(prefix)}
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
+    # it ran without the fine-tune: accepted with the fine-tune off (its other settings then unused), refused with it on
     with pytest.raises(UsageError, match="other settings"):
         train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
-    without = replace(SMALL, vae_decoder_steps=0, vae_decoder_lr=1e-2, vae_decoder_centroid_weight=3.0)  # unused when off
+    without = replace(SMALL, **{prefix + "steps": 0}, **unused)
     train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
-    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / "vae-decoder.pt").exists()
+    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / checkpoint).exists()
