@@ -239,17 +239,22 @@ def vae_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: floa
     """
     z = vae_encode_train(vae, video)  # normalised latents
     recon = vae_decode_train(vae, z + 0.05 * torch.randn(z.shape, generator=gen))
-    # Objects are a few percent of the pixels: weigh saturated (object) pixels up.
-    saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
-    weight = 1.0 + 4.0 * (saturation > 0.4).float()
-    err = recon - video
-    rec = (weight * err.abs()).mean() + (weight * err.square()).mean()
+    rec, weight = reconstruction_error(recon, video)
     parts = {"latent_std": float(z.detach().std())}
     if motion_weight:
         motion = motion_error(recon, video, weight)
         parts["motion"] = float(motion.detach())
         rec = rec + motion_weight * motion
     return rec, parts
+
+
+def reconstruction_error(recon: torch.Tensor, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted L1 + L2 error of ``[B, 3, T, H, W]`` videos, and the per-pixel weight ``[B, 1, T, H, W]`` it used."""
+    # Objects are a few percent of the pixels: weigh saturated (object) pixels up.
+    saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
+    weight = 1.0 + 4.0 * (saturation > 0.4).float()
+    err = recon - video
+    return (weight * err.abs()).mean() + (weight * err.square()).mean(), weight
 
 
 def motion_error(recon: torch.Tensor, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -391,12 +396,10 @@ def decoder_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: 
     with torch.no_grad():
         z = vae_encode_train(vae, video)
     recon = vae_decode_train(vae, z + 0.05 * torch.randn(z.shape, generator=gen))
-    saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
-    weight = 1.0 + 4.0 * (saturation > 0.4).float()
-    err = recon - video
+    rec, weight = reconstruction_error(recon, video)
     motion = motion_error(recon, video, weight)
     centroid = centroid_error(recon, video)
-    value = (weight * err.abs()).mean() + (weight * err.square()).mean() + motion_weight * motion + centroid_weight * centroid
+    value = rec + motion_weight * motion + centroid_weight * centroid
     return value, {"motion": float(motion.detach()), "centroid_px": float(centroid.detach())}
 
 
