@@ -54,7 +54,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     ids, _ = models.tokenizer(["a red ball bouncing on a striped background"])
     assert ids.shape == (1, get_preset("toy").t5.text_len) == (1, 32)  # the preset's text length, not the release's 512
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
-    motion = torch.load(tmp_path / "a" / "vae-motion.pt", weights_only=False)  # the optional VAE fine-tune ran and folded
+    motion = torch.load(tmp_path / "a" / "vae-motion.pt", weights_only=False)  # the motion fine-tune ran and folded
     assert motion["folded"] and [r["step"] for r in motion["log"]] == [0, 1] and all(r["motion"] > 0 for r in motion["log"])
     decoder = torch.load(tmp_path / "a" / "vae-decoder.pt", weights_only=False)  # the decoder fine-tune ran, unfolded
     assert not decoder.get("folded") and [r["step"] for r in decoder["log"]] == [0, 1]
@@ -212,7 +212,7 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
 
     models = build_untrained_toy(4)
     before = {k: v.clone() for k, v in models.vae.state_dict().items()}
-    log = train_vae_decoder(models, replace(SMALL, vae_decoder_steps=2), tmp_path, progress=False)
+    log = train_vae_decoder(models, SMALL, tmp_path, progress=False)  # 2 steps
     assert len(log) == 2 and (tmp_path / "vae-decoder.pt").is_file()
     after = models.vae.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -75,6 +75,8 @@ INTERVALS = tuple(_DEFAULTS.frame_intervals)
 STAGE_SHIFTS = tuple(_DEFAULTS.shift_per_stage)  # each stage's sigmas are drawn with its inference shift
 CLIP_FRAMES = STAGE0_FRAMES * INTERVALS[0] // INTERVALS[-1]  # the final video's frames at 24 fps
 VAE_CROP = (32, 48)
+# Object pixels: saturated colours on grey backgrounds (`clips`), so max - min over RGB (in [-1, 1]) above this.
+OBJECT_SATURATION = 0.4
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ def reconstruction_error(recon: torch.Tensor, video: torch.Tensor) -> tuple[torc
     """Weighted L1 + L2 error of ``[B, 3, T, H, W]`` videos, and the per-pixel weight ``[B, 1, T, H, W]`` it used."""
     # Objects are a few percent of the pixels: weigh saturated (object) pixels up.
     saturation = video.amax(dim=1, keepdim=True) - video.amin(dim=1, keepdim=True)
-    weight = 1.0 + 4.0 * (saturation > 0.4).float()
+    weight = 1.0 + 4.0 * (saturation > OBJECT_SATURATION).float()
     err = recon - video
     return (weight * err.abs()).mean() + (weight * err.square()).mean(), weight
 
@@ -271,11 +273,10 @@ def motion_error(recon: torch.Tensor, video: torch.Tensor, weight: torch.Tensor)
 def soft_object_centroids(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable object centroids of ``[B, 3, T, H, W]`` videos in [-1, 1]: ``([B, T, 2] (x, y) px, [B, T] mass)``.
 
-    The objects are saturated and the backgrounds grey (`clips`), so a soft
-    threshold on saturation (max - min over RGB) is the object's mask.
+    A soft threshold at `OBJECT_SATURATION` is the object's mask.
     """
     saturation = video.amax(dim=1) - video.amin(dim=1)
-    p = torch.sigmoid((saturation - 0.4) * 20.0)  # [B, T, H, W]
+    p = torch.sigmoid((saturation - OBJECT_SATURATION) * 20.0)  # [B, T, H, W]
     h, w = p.shape[-2:]
     ys = torch.arange(h, dtype=p.dtype, device=p.device).view(h, 1)
     xs = torch.arange(w, dtype=p.dtype, device=p.device).view(1, w)
