@@ -117,36 +117,55 @@ def test_psnr_by_hand():
     assert blueprint_psnr(final, final[::4], 4) == float("inf")
 
 
-def test_training_tasks_are_what_the_runtime_builds():
-    """y of every stage-1 and stage-2 chunk as the trainer builds it equals pipeline.condition_latents' y."""
-    from tempomaster.models.presets import get_preset
+@pytest.mark.parametrize("round_trip", [False, True])
+def test_training_tasks_are_what_the_runtime_builds(round_trip):
+    """y of every task as the trainer builds it equals pipeline.condition_latents' y for the runtime's own
+    condition videos: on the ground truth's frames, or on the frames `decode_stage` makes of the stage above's
+    target latents (what the runtime would condition on had the DiT produced exactly those)."""
     from tempomaster.runtime.backends.torch import TorchBackend
-    from tempomaster.runtime.pipeline import _BackendClock, condition_latents, stage0_condition_video
+    from tempomaster.runtime.pipeline import _BackendClock, condition_latents, decode_stage, stage0_condition_video
     from tempomaster.planner import chunk_condition_video
-    from tempomaster.toy.train import INTERVALS, STAGE0_FRAMES, build_untrained_toy, clip_tasks, condition_input
+    from tempomaster.toy.train import INTERVALS, STAGE0_FRAMES, build_clip_tasks, build_untrained_toy, condition_input
 
-    models = build_untrained_toy(3)
-    backend = TorchBackend(models)
-    clip = render_clip(sample_clip_spec(99))
-    stages = plan_stages(STAGE0_FRAMES, INTERVALS, {0})
-    rng = np.random.default_rng(0)
-    tasks = list(clip_tasks(clip, rng, reference=True))
-    assert [t[0].index for t in tasks] == [0, 1, 2]
-    for stage, chunk, target, condition in tasks:
-        plan = stages[stage.index]
-        if stage.index == 0:
-            videos = [stage0_condition_video(plan, {0: clip[:, 0]}, 64, 96)]
-            # the blueprint: every 4th frame of the 24 fps clip
-            assert torch.equal(target, clip[:, ::4])
-        else:
-            previous = clip[:, :: plan.prev_interval]
-            videos = [chunk_condition_video(previous, plan, c)[None] for c in plan.active_chunks]
+    backend = TorchBackend(build_untrained_toy(3))
+    clips = [render_clip(sample_clip_spec(99)), render_clip(sample_clip_spec(7))]
+    references = [True, False]
+    stages_of = [plan_stages(STAGE0_FRAMES, INTERVALS, {0} if r else ()) for r in references]
+    rows = build_clip_tasks(backend, clips, [np.random.default_rng(s) for s in (0, 1)], references, [round_trip] * 2, encode_batch=3)
+    assert rows["stage"].tolist() == [0, 0, 1, 1, 2, 2] and rows["clip"].tolist() == [0, 1] * 3
+    clock = _BackendClock()
+    for i, clip in enumerate(clips):
+        previous = None
+        for s, row in ((s, 2 * s + i) for s in range(len(INTERVALS))):
+            plan = stages_of[i][s]
+            chunk = next(c for c in plan.chunks if torch.equal(c.latent_mask, rows["mask"][row])
+                         and list(c.rope_positions) == rows["rope"][row].tolist())
             timeline = clip[:, :: plan.interval]
-            assert torch.equal(target, timeline[:, chunk.start : chunk.start + plan.chunk_frames])
-        y = condition_latents(backend, videos, plan, _BackendClock())
-        mine = condition_input(chunk.latent_mask[None], backend.vae_encode(condition[None]))
-        torch.testing.assert_close(mine[0], y[chunk.index], rtol=0, atol=0)
-    assert get_preset("toy").dit.in_dim == 36
+            target = timeline[:, chunk.start : chunk.start + plan.chunk_frames]
+            torch.testing.assert_close(rows["x0"][row], backend.vae_encode(target[None])[0].half(), rtol=0, atol=2e-3)
+            if s == 0:
+                videos = [stage0_condition_video(plan, {0: clip[:, 0]} if references[i] else {}, 64, 96)]
+            else:
+                # stage 2's chunk takes all its known frames from the stage-1 chunk trained on
+                assert all(above.start <= src < above.start + above.num_valid for _, src in chunk.known_frames)
+                videos = [chunk_condition_video(previous, plan, c)[None] for c in plan.active_chunks]
+            y = condition_latents(backend, videos, plan, clock)
+            mine = condition_input(rows["mask"][row][None], rows["cond"][row][None].float())
+            torch.testing.assert_close(mine[0], y[chunk.index], rtol=0, atol=2e-3)  # float16 storage
+            # the frames the next stage conditions on
+            previous = timeline.clone()
+            if round_trip:
+                decoded = decode_stage(backend, backend.vae_encode(target[None]), _one_chunk_stage(plan, chunk), clock)
+                assert not torch.equal(decoded, target[:, : chunk.num_valid])
+                previous[:, chunk.start : chunk.start + chunk.num_valid] = decoded
+            above = chunk
+
+
+def _one_chunk_stage(plan, chunk):
+    """A stage plan of ``chunk`` alone, so `decode_stage` decodes and trims just that chunk."""
+    from dataclasses import replace
+
+    return replace(plan, chunks=(chunk,), total_frames=chunk.num_valid)
 
 
 def test_largest_blob_by_hand():
