@@ -250,20 +250,25 @@ def denoise_stage(
     return x, calls
 
 
-def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
-    """Decode into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU.
+def decode_chunks(backend: Backend, latents: torch.Tensor, clock: _BackendClock, batch: int | None = None) -> list[torch.Tensor]:
+    """Each chunk's frames ``[3, L, H, W]``, float32 in [-1, 1] on the CPU, ``batch`` chunks per call.
 
-    `backend.vae_batch` chunks per call (1 for one device: the least device
-    memory; a backend that spreads a batch over ranks asks for one per rank).
+    ``batch`` defaults to `backend.vae_batch` (1 for one device: the least
+    device memory; a backend that spreads a batch over ranks asks for one per rank).
     """
     pieces = []
-    step = max(1, int(getattr(backend, "vae_batch", 1)))
+    step = max(1, int(batch or getattr(backend, "vae_batch", 1)))
     for c in range(0, latents.shape[0], step):
         with clock.timing():
             frames = backend.vae_decode(latents[c : c + step])
         pieces += [f.float().clamp(-1, 1).cpu() for f in frames]
         del frames
-    return trim_stage_frames(torch.cat(pieces, dim=1), stage)
+    return pieces
+
+
+def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+    """Decode into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU."""
+    return trim_stage_frames(torch.cat(decode_chunks(backend, latents, clock), dim=1), stage)
 
 
 def count_reference_dit_calls(request: GenerationRequest) -> int:

@@ -56,7 +56,7 @@ from ..models.presets import get_preset
 from ..planner import chunk_condition_video, plan_stages
 from ..rope import batched_rope_table
 from ..runtime.schedule import shift_sigmas
-from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, stage0_condition_video
+from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, _BackendClock, decode_chunks, stage0_condition_video
 from .clips import all_captions, caption_vocabulary, object_centre, render_clip, sample_clip_spec
 
 __all__ = [
@@ -478,14 +478,6 @@ def clip_task_chunks(stages, rng: np.random.Generator) -> list:
     return chunks
 
 
-def decoded_frames(backend, latents: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
-    """``[N, 16, f, h, w]`` chunk latents as the runtime's `decode_stage` turns them into frames: float, clamped to [-1, 1]."""
-    out = []
-    for i in range(0, latents.shape[0], batch):
-        out += [f.float().clamp(-1, 1) for f in backend.vae_decode(latents[i : i + batch])]
-    return out
-
-
 def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Generator], references: list[bool],
                      round_trips: list[bool], encode_batch: int = 8) -> dict[str, torch.Tensor]:
     """The runtime's three kinds of task for each 68-frame 24 fps clip, built by the runtime's planner and encoded.
@@ -535,7 +527,8 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         rows["cond"].append(encode(conditions).to(torch.float16))
         if s + 1 < len(INTERVALS):
             picked = [i for i in range(len(clips)) if round_trips[i]]
-            decoded = dict(zip(picked, decoded_frames(backend, x0[picked]))) if picked else {}
+            # as the runtime decodes a stage (a batch of 8: the toy's chunks are small)
+            decoded = dict(zip(picked, decode_chunks(backend, x0[picked], _BackendClock(), batch=8))) if picked else {}
             for i, (clip, (stages, chunks)) in enumerate(zip(clips, plans)):
                 frames = clip[:, :: stages[s].interval]
                 if i in decoded:
@@ -555,7 +548,7 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
     from tqdm.auto import tqdm
 
     from ..runtime.backends.torch import TorchBackend
-    from ..runtime.pipeline import _BackendClock, encode_prompts
+    from ..runtime.pipeline import encode_prompts
 
     backend = TorchBackend(models)
     captions = all_captions()
