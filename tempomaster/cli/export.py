@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=bounded_int(1), default=None, help="synthetic clips whose tasks train the DiT (default 1000)")
     p.add_argument("--dit-steps", type=bounded_int(1), default=None, help="DiT optimiser steps (default 11000)")
     p.add_argument("--loss-png", type=Path, default=None, help="also write the loss curves (needs matplotlib)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="train the DiT without torch.compile (slower; compiling needs a C++ compiler, and falls back to this without one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("inspect", help="load all three models and print their sizes")
@@ -153,7 +155,7 @@ def _train_toy(args) -> int:
         require_matplotlib()
     given = {"seed": args.seed, "vae_steps": args.vae_steps, "clips": args.clips, "dit_steps": args.dit_steps}
     cfg = replace(ToyTrainConfig(), **{k: v for k, v in given.items() if v is not None})
-    train_toy(args.work, args.out, cfg, progress=not args.no_progress)
+    train_toy(args.work, args.out, cfg, progress=not args.no_progress, compile_dit=not args.no_compile)
     if args.loss_png is not None:
         print(f"loss curves written to {plot_losses(args.work, args.loss_png)}")
     return 0

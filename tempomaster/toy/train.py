@@ -36,6 +36,7 @@ resumed run takes the same path as an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from ..errors import UsageError
 from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from ..models.presets import get_preset
 from ..planner import chunk_condition_video, plan_stages
-from ..rope import batched_rope_table
+from ..rope import rope_table
 from ..runtime.schedule import shift_sigmas
 from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, _BackendClock, decode_chunks, stage0_condition_video
 from .clips import all_captions, caption_vocabulary, object_centre, render_clip, sample_clip_spec
@@ -502,8 +503,19 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         plans.append((stages, clip_task_chunks(stages, rng)))
 
     def encode(videos: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([backend.vae_encode(torch.stack(videos[i : i + encode_batch]))
-                          for i in range(0, len(videos), encode_batch)])
+        # Stage 0 without a reference image conditions on an all-zero video (most clips): encoded once.
+        blank = [not v.any() for v in videos]
+        rest = [v for v, b in zip(videos, blank) if not b]
+        parts = [backend.vae_encode(torch.stack(rest[i : i + encode_batch])) for i in range(0, len(rest), encode_batch)]
+        if not any(blank):
+            return torch.cat(parts)
+        encoded = torch.cat(parts) if parts else None
+        blank_latents = backend.vae_encode(torch.zeros_like(videos[blank.index(True)])[None])[0]
+        out, k = [], 0
+        for b in blank:
+            out.append(blank_latents if b else encoded[k])
+            k += not b
+        return torch.stack(out)
 
     rows = {k: [] for k in ("x0", "cond", "mask", "rope", "stage", "clip")}
     previous = [None] * len(clips)  # each clip's frames the next stage conditions on
@@ -621,16 +633,41 @@ def dit_training_batch(tasks: TaskSet, cfg: ToyTrainConfig, step: int, head_dim:
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1.0 - s) * x0 + s * noise
-    cos, sin = batched_rope_table(tasks.rope[rows].tolist(), h // 2, w // 2, head_dim)
+    tables = [_rope_table(tuple(p), h // 2, w // 2, head_dim) for p in tasks.rope[rows].tolist()]
+    cos, sin = torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
     return x_t, y, sigma, context, cos, sin, noise - x0
 
 
-def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Train, keep an EMA, checkpoint; returns the EMA state dict and the loss log."""
+@functools.lru_cache(maxsize=64)
+def _rope_table(positions: tuple[int, ...], height: int, width: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The tasks hold a handful of distinct position lists (7 at the toy's default video): built once each.
+    return rope_table(positions, height, width, head_dim)
+
+
+def _loss_and_grads(dit, opt: torch.optim.Optimizer, batch: tuple) -> torch.Tensor:
+    """The flow-matching loss of one `dit_training_batch`, its gradients left in the parameters."""
+    x_t, y, sigma, context, cos, sin, target = batch
+    pred = dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True)
+    loss = F.mse_loss(pred.float(), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+
+def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path, progress: bool = True,
+              compile_dit: bool = False, echo: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+    """Train, keep an EMA, checkpoint; returns the EMA state dict and the loss log.
+
+    ``compile_dit``: the training forward goes through ``torch.compile`` (its
+    first step compiles, about 40 s on 2 cores, then a step is about 15%
+    faster); if compiling fails (no C++ compiler, for one), the run says so
+    and goes on eagerly.
+    """
     from tqdm.auto import tqdm
 
     path = work / "dit.pt"
     dit = models.dit.train()
+    forward = torch.compile(dit, dynamic=False) if compile_dit else dit
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
     state, log, start = _resume(path, dit, opt)
     ema = state["ema"] if state is not None else {k: v.detach().clone() for k, v in dit.state_dict().items()}
@@ -639,11 +676,16 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
         for step in range(start, cfg.dit_steps):
             for group in opt.param_groups:
                 group["lr"] = _cosine_lr(cfg.dit_lr, step, cfg.dit_steps)
-            x_t, y, sigma, context, cos, sin, target = dit_training_batch(tasks, cfg, step, head_dim)
-            pred = dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True)
-            loss = F.mse_loss(pred.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch = dit_training_batch(tasks, cfg, step, head_dim)
+            try:  # the compiled backward is built at the first backward: both are inside
+                loss = _loss_and_grads(forward, opt, batch)
+            except Exception as err:  # only a failed compile falls back: an eager error is raised as it is
+                if forward is dit:
+                    raise
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                echo(f"torch.compile failed ({type(err).__name__}: {first_line}); training the DiT without it")
+                forward = dit
+                loss = _loss_and_grads(dit, opt, batch)
             torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
             opt.step()
             decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
@@ -669,8 +711,12 @@ def train_toy(
     cfg: ToyTrainConfig = ToyTrainConfig(),
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    compile_dit: bool = False,
 ) -> dict:
     """All three phases into ``work`` (resumable), then the release-layout weights into ``out``.
+
+    ``compile_dit``: train the DiT through ``torch.compile`` (`train_dit`;
+    ``tm-export train-toy`` does unless told ``--no-compile``).
 
     Both folders are checked before any training: ``out`` is replaced at the
     end, so it must be new, empty, or an earlier toy set; ``work`` must be a
@@ -693,6 +739,7 @@ def train_toy(
         saved.write_text(json.dumps(settings, indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     models = build_untrained_toy(cfg.seed)
+    _channels_last_convs(models.vae)
     timings = {}
     t0 = time.perf_counter()
     vae_log = train_vae(models, cfg, work, progress)
@@ -708,7 +755,7 @@ def train_toy(
         tasks = build_task_set(models, cfg, work, progress)
     timings["tasks_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ema, dit_log = train_dit(models, tasks, cfg, work, progress)
+    ema, dit_log = train_dit(models, tasks, cfg, work, progress, compile_dit, echo)
     timings["dit_s"] = time.perf_counter() - t0
     models.dit.load_state_dict(ema)
     out = export_toy_weights(models, out)
@@ -716,6 +763,18 @@ def train_toy(
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
     return summary
+
+
+def _channels_last_convs(vae: torch.nn.Module) -> None:
+    """Put the VAE's 3-D convolution weights in channels-last order (values unchanged).
+
+    On a CPU oneDNN then runs them faster: a training step about 12% faster,
+    an encode of 8 toy clips 0.52 -> 0.40 s (decode unchanged). The shipped
+    weights are written contiguous (`export_toy_weights`).
+    """
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.to(memory_format=torch.channels_last_3d)
 
 
 # What a setting was before it existed: a folder from then ran without the VAE fine-tunes, on
