@@ -235,3 +235,64 @@ def test_a_work_folder_from_before_a_fine_tune_is_resumable(tmp_path, prefix, un
     without = replace(SMALL, **{prefix + "steps": 0}, **unused)
     train_toy(tmp_path / "w", tmp_path / "o", without, progress=False, echo=lambda m: None)
     assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file() and not (tmp_path / "w" / checkpoint).exists()
+
+
+def _train_dit_again(tmp_path, source: str, name: str, **kwargs) -> tuple[dict, list[str]]:
+    """Rerun only the DiT phase of the run in ``source`` (its VAE and tasks reused) into a new work folder."""
+    import shutil
+
+    shutil.copytree(tmp_path / source, tmp_path / name, ignore=shutil.ignore_patterns("dit.pt", "summary.json"))
+    said = []
+    train_toy(tmp_path / name, tmp_path / f"{name}_out", SMALL, progress=False, echo=said.append, **kwargs)
+    return torch.load(tmp_path / name / "dit.pt", weights_only=False), said
+
+
+def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
+    train_toy(tmp_path / "eager", tmp_path / "eager_out", SMALL, progress=False, echo=lambda m: None)
+    eager = torch.load(tmp_path / "eager" / "dit.pt", weights_only=False)
+
+    def compile_without_a_compiler(model, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no working C++ compiler found\n(details)")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", compile_without_a_compiler)
+    fallback, said = _train_dit_again(tmp_path, "eager", "fallback", compile_dit=True)
+    assert any("torch.compile failed (RuntimeError: no working C++ compiler found); training the DiT without it" in m
+               for m in said)
+    assert [r["loss"] for r in fallback["log"]] == [r["loss"] for r in eager["log"]]
+    for k, v in eager["model"].items():
+        assert torch.equal(fallback["model"][k], v), k
+
+
+def test_an_eager_error_is_not_taken_for_a_failed_compile(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_loss_and_grads", lambda *a: (_ for _ in ()).throw(ValueError("a real bug")))
+    with pytest.raises(ValueError, match="a real bug"):
+        train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None, compile_dit=True)
+
+
+@pytest.mark.slow
+def test_the_compiled_dit_has_the_eager_loss_and_gradients():
+    """torch.compile (about a minute to compile on 2 cores) changes a training step only by float rounding."""
+    from tempomaster.rope import batched_rope_table
+    from tempomaster.toy.train import build_untrained_toy
+
+    dit = build_untrained_toy(5).dit.train()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # the head starts at zero, which would leave every other gradient zero
+        dit.head.head.weight.normal_(0.0, 0.02, generator=gen)
+    f, h, w = 5, 8, 12
+    text = get_preset("toy").t5
+    cos, sin = batched_rope_table([[0, 1, 2, 3, 4], [0, 4, 8, 12, 16]], h // 2, w // 2, dit.cfg.head_dim)
+    batch = (torch.randn(2, 16, f, h, w, generator=gen), torch.randn(2, 20, f, h, w, generator=gen),
+             torch.rand(2, generator=gen), torch.randn(2, text.text_len, dit.cfg.text_dim, generator=gen), cos, sin,
+             torch.randn(2, 16, f, h, w, generator=gen))
+    opt = torch.optim.SGD(dit.parameters(), lr=0.0)
+    eager_loss = train._loss_and_grads(dit, opt, batch)
+    eager = {n: p.grad.clone() for n, p in dit.named_parameters()}
+    compiled_loss = train._loss_and_grads(torch.compile(dit, dynamic=False), opt, batch)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    for n, p in dit.named_parameters():
+        scale = float(eager[n].abs().max())
+        assert scale > 0, n
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-3, atol=1e-3 * scale, msg=n)

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="new directory to create")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="weight seed (default: the tiny preset's own)")
 
-    p = sub.add_parser("train-toy", help="train the toy preset on synthetic clips (CPU, about 70 minutes on 2 cores; resumable)")
+    p = sub.add_parser("train-toy", help="train the toy preset on synthetic clips (CPU, about 60 minutes on 2 cores; resumable)")
     p.add_argument("--work", type=Path, required=True, help="folder for checkpoints, cached tasks and the loss log (rerun to resume)")
     p.add_argument("--out", type=Path, required=True, help="where the trained set goes, in the release's layout (replaced when done)")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=None, help="seed of every random draw (default: the shipped toy's)")

@@ -1,4 +1,4 @@
-"""Train the toy TempoMaster on synthetic clips, on a CPU, in about 70 minutes (2 cores).
+"""Train the toy TempoMaster on synthetic clips, on a CPU, in under an hour (58 minutes measured on 2 cores).
 
 Three phases, each resumable from its own checkpoint in a work folder:
 
@@ -125,8 +125,9 @@ class ToyTrainConfig:
     # clips whose stage-1 and stage-2 chunks condition on decoded (VAE round-tripped) known
     # frames, as at inference, rather than the ground truth (`build_clip_tasks`). With it, stage 1
     # run on round-tripped 6 fps frames misplaced the object by 5.2 px instead of 7.3 (median of 10
-    # clips' largest error; 8500 DiT steps), and the shipped toy stays within 6 px per frame on 15
-    # of 24 prompts against 11 (README, "What changed from the first toy").
+    # clips' largest error; 8500 DiT steps), and the first toy trained so stayed within 6 px per frame
+    # on 15 of 24 prompts against 11 (the shipped one, its compiled rerun: 10 of 24, but a worst test
+    # prompt of 6.6 px against 9.3; README).
     round_trip_share: float = 1.0
     stage_shares: tuple[float, float, float] = (0.4, 0.3, 0.3)
     checkpoint_every: int = 250
