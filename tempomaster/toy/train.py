@@ -504,19 +504,14 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         plans.append((stages, clip_task_chunks(stages, rng)))
 
     def encode(videos: list[torch.Tensor]) -> torch.Tensor:
-        # Stage 0 without a reference image conditions on an all-zero video (most clips): encoded once.
+        # Stage 0 without a reference image conditions on an all-zero video (most clips): encoded once, alone.
         blank = [not v.any() for v in videos]
         rest = [v for v, b in zip(videos, blank) if not b]
-        parts = [backend.vae_encode(torch.stack(rest[i : i + encode_batch])) for i in range(0, len(rest), encode_batch)]
-        if not any(blank):
-            return torch.cat(parts)
-        encoded = torch.cat(parts) if parts else None
-        blank_latents = backend.vae_encode(torch.zeros_like(videos[blank.index(True)])[None])[0]
-        out, k = [], 0
-        for b in blank:
-            out.append(blank_latents if b else encoded[k])
-            k += not b
-        return torch.stack(out)
+        latents = [backend.vae_encode(torch.stack(rest[i : i + encode_batch])) for i in range(0, len(rest), encode_batch)]
+        if any(blank):
+            latents.append(backend.vae_encode(videos[blank.index(True)][None]))  # row len(rest)
+        rest_rows = iter(range(len(rest)))
+        return torch.cat(latents)[[len(rest) if b else next(rest_rows) for b in blank]]
 
     rows = {k: [] for k in ("x0", "cond", "mask", "rope", "stage", "clip")}
     previous = [None] * len(clips)  # each clip's frames the next stage conditions on
@@ -680,10 +675,10 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
             batch = dit_training_batch(tasks, cfg, step, head_dim)
             try:  # the compiled backward is built at the first backward: both are inside
                 loss = _loss_and_grads(forward, opt, batch)
-            except Exception as err:  # only a failed compile falls back: an eager error is raised as it is
+            except Exception as err:  # the compiled step failed: retried eagerly, where a real error raises again
                 if forward is dit:
                     raise
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                first_line = (str(err).strip().splitlines() or [""])[0]
                 echo(f"torch.compile failed ({type(err).__name__}: {first_line}); training the DiT without it")
                 forward = dit
                 loss = _loss_and_grads(dit, opt, batch)
