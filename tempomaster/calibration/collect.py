@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import UsageError
+from ..interrupts import raise_if_interrupted
 from .fp8 import BLOCK_LINEARS, quantizable_layers
 from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
 from .trajectory import TrackingBackend, make_request  # noqa: F401  (re-exported for callers)
@@ -285,6 +286,7 @@ def calibrate(
     try:
         bar = tqdm(prompt_list, desc="calibrate", unit="video", disable=not progress, file=sys.stderr)
         for i, prompt in enumerate(bar):
+            raise_if_interrupted()
             tracker.reset()
             v0 = time.perf_counter()
             request = make_request(prompt, shape, preset, steps, seed + i)

@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..interrupts import raise_if_interrupted
+
 VARIANTS = ("all_stages", "stage0_only")
 PSNR_CAP_DB = 100.0
 
@@ -88,6 +90,7 @@ def quality_report(
     t0 = time.perf_counter()
     bar = tqdm(held, desc="quality report", unit="video", disable=not progress)
     for i, prompt in enumerate(bar):
+        raise_if_interrupted()
         request = make_request(CalibrationPrompt(prompt), shape, models.preset, steps, seed + i)
 
         def compare(stage, step, args):

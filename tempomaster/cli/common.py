@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import TempoMasterError
+from ..interrupts import catch_interrupts
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 PRESETS = ("toy", "tiny", "wan-1.3b", "tempomaster-14b")
@@ -93,7 +94,8 @@ def add_shape(p: argparse.ArgumentParser, what: str) -> None:
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Call `command`; a user error is one line with its exit code, Ctrl-C one line and 130."""
     try:
-        return command()
+        with catch_interrupts():
+            return command()
     except TempoMasterError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import ExportError, MissingDependencyError, UsageError
+from ..interrupts import raise_if_interrupted
 from .manifest import load_manifest, sha256_file, verify_files
 from .plans import (
     ENGINE_DIR, ENGINES_KEY, HARDWARE_COMPAT, TIMING_CACHE, engines_section, plan_file, write_manifest,
@@ -216,6 +217,7 @@ def build_engines(
     entries: dict[str, dict] = {}
     try:
         for k, name in enumerate(names, 1):
+            raise_if_interrupted()
             graph = manifest.graph(name)
             onnx_path = manifest.path(name)
             prof = profiles[name]
@@ -264,6 +266,7 @@ def build_engines(
             }
             log(f"[I] [{k}/{len(names)}] {name}: built in {seconds:.1f}s -> {plan_file(name)} ({_gb(size)}), "
                 f"elapsed {time.perf_counter() - t_all:.1f}s")
+        raise_if_interrupted()
         # every plan built: only now do they replace the previous ones
         for name, tmp in temps.items():
             os.replace(tmp, root / plan_file(name))

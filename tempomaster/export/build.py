@@ -29,6 +29,7 @@ import torch
 
 from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file
 from ..errors import UsageError
+from ..interrupts import raise_if_interrupted
 from ..models.vae_tiling import TileSpec, resolve_tile, tile_shapes
 from .onnx_utils import TORCH_DTYPES, GraphRecord, export_graph
 from .shapes import VAE_SPATIAL, ExportShape
@@ -198,6 +199,7 @@ def export_onnx(
         with tqdm(total=total, desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
             for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy, tiling, graph_overrides):
                 for spec in make():
+                    raise_if_interrupted()
                     bar.set_postfix_str(spec.name)
                     rec = export_graph(spec, onnx_dir, opset=opset, log=(bar.write if progress else None))
                     del spec
@@ -251,6 +253,7 @@ def export_onnx(
             d["external_data"] = f"onnx/{r.external_data}" if r.external_data else None
             manifest["graphs"][r.name] = d
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        raise_if_interrupted()  # a press some library swallowed: the old build stays
         _swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

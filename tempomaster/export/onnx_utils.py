@@ -54,6 +54,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 
 from ..errors import ExportError  # noqa: E402
+from ..interrupts import raise_if_interrupted  # noqa: E402
 
 
 @dataclass
@@ -253,6 +254,7 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
     try:
         program = _quiet_export(spec.module, spec.args, spec, opset)
     except Exception as err:  # torch.export / translation failures are long; keep the head
+        raise_if_interrupted()  # Ctrl-C that the exporter turned into an error of its own
         raise ExportError(f"{spec.name}: torch.onnx.export failed: {type(err).__name__}: {str(err)[:2000]}") from err
     model = program.model
     _check_io_names(model, spec)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..interrupts import raise_if_interrupted
 from ..rope import batched_rope_table
 from .backends.base import Backend
 from .guidance import APGState, guided_velocity
@@ -245,6 +246,7 @@ def denoise_stage(
             v_cond, v_uncond = v.chunk(2)
             v = guided_velocity(x, v_cond, v_uncond, host_timesteps[i], request.guidance_scale, request.use_apg, apg)
         x = euler_step(x, v, schedule.sigma(i), schedule.sigma_next(i))
+        raise_if_interrupted()
         if on_step is not None:
             on_step()
     return x, calls

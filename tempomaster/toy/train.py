@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..interrupts import raise_if_interrupted
 from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from ..models.presets import get_preset
 from ..planner import chunk_condition_video, plan_stages
@@ -355,6 +356,7 @@ def _train_vae_phase(
     state, log, start = _resume(path, vae, opt)
     with tqdm(total=steps, initial=start, desc=desc, disable=not progress) as bar:
         for step in range(start, steps):
+            raise_if_interrupted()
             for group in opt.param_groups:
                 group["lr"] = _cosine_lr(lr, step, steps, warmup)
             value, parts = loss(batch(step), step)
@@ -564,6 +566,7 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
     shards = []
     with tqdm(total=cfg.clips, desc="toy tasks", disable=not progress) as bar:
         for first in range(0, cfg.clips, shard_size):
+            raise_if_interrupted()
             path = work / f"tasks-{first:05d}.pt"
             shard = _load(path)
             if shard is None:
@@ -670,12 +673,14 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
     head_dim = dit.cfg.head_dim
     with tqdm(total=cfg.dit_steps, initial=start, desc="toy DiT", disable=not progress) as bar:
         for step in range(start, cfg.dit_steps):
+            raise_if_interrupted()
             for group in opt.param_groups:
                 group["lr"] = _cosine_lr(cfg.dit_lr, step, cfg.dit_steps)
             batch = dit_training_batch(tasks, cfg, step, head_dim)
             try:  # the compiled backward is built at the first backward: both are inside
                 loss = _loss_and_grads(forward, opt, batch)
             except Exception as err:  # the compiled step failed: retried eagerly, where a real error raises again
+                raise_if_interrupted()  # not a compile failure: Ctrl-C that the compiler turned into an error
                 if forward is dit:
                     raise
                 first_line = (str(err).strip().splitlines() or [""])[0]
