@@ -183,14 +183,14 @@ def export_onnx(
     _prepare_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would become the build's mode
-    onnx_dir = staging / "onnx"
-    onnx_dir.mkdir()
     t0 = time.perf_counter()
     records: list[GraphRecord] = []
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would become the build's mode
+        onnx_dir = staging / "onnx"
+        onnx_dir.mkdir()
         from tqdm.auto import tqdm
 
         vae_count = len([g for g in wanted if g.startswith("vae_")])
