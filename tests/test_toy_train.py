@@ -299,3 +299,25 @@ def test_the_compiled_dit_has_the_eager_loss_and_gradients():
         scale = float(eager[n].abs().max())
         assert scale > 0, n
         torch.testing.assert_close(p.grad, eager[n], rtol=1e-3, atol=1e-3 * scale, msg=n)
+
+
+def test_the_motion_fine_tune_draws_its_windows_at_the_strides_asked():
+    from tempomaster.toy.train import vae_training_batch
+
+    def mean_step(strides):  # mean absolute change between consecutive frames over 8 batches
+        return sum(float(vae_training_batch(5, s, 4, 9, strides).diff(dim=2).abs().mean()) for s in range(8))
+
+    # 6 fps windows move four times as far per frame as 24 fps ones (rendered from the same clip family)
+    assert mean_step((4,)) > 2.0 * mean_step((1,))
+
+
+def test_a_work_folder_from_before_the_motion_strides_is_resumable(tmp_path):
+    older = {k: v for k, v in asdict(SMALL).items() if k != "vae_motion_strides"}
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
+    # it ran at every stride: refused with 6 fps windows only, accepted at the default
+    with pytest.raises(UsageError, match="other settings"):
+        train_toy(tmp_path / "w", tmp_path / "o", replace(SMALL, vae_motion_strides=(4,)), progress=False, echo=lambda m: None)
+    assert SMALL.vae_motion_strides == (1, 2, 4)
+    train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
+    assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file()
