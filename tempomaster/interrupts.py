@@ -4,8 +4,8 @@ Python raises KeyboardInterrupt in whatever code the main thread runs when
 SIGINT arrives. Two places can lose it: a finaliser (`__del__`, a weakref
 callback the garbage collector runs), where Python prints "Exception ignored"
 and goes on, and a library that turns it into an ordinary exception and
-recovers (torch.onnx.export tries its next capture strategy on any error).
-A command then runs to its end after the user pressed Ctrl-C.
+recovers (torch.onnx.export tries its next capture strategy on any error of
+the one before). A command then runs to its end after the user pressed Ctrl-C.
 
 So the CLI's handler also records the press, long loops call
 `raise_if_interrupted()` between units of work (a graph, a denoising step, a
@@ -33,8 +33,10 @@ def _on_sigint(signum, frame):
 
 def _quiet_about_interrupts(default_hook):
     def hook(unraisable):
+        global _pressed
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            return  # recorded in _pressed; the next checkpoint raises it
+            _pressed = True  # (already, when the handler raised it) the next checkpoint raises it
+            return
         default_hook(unraisable)
 
     return hook

@@ -119,3 +119,16 @@ def test_an_export_whose_press_was_swallowed_stops_and_keeps_nothing(tmp_path, m
         build_mod.export_onnx(micro_models(), "fp32", micro_shape(), tmp_path / "b", graphs=["t5", "dit"], progress=False)
     assert len(exported) == 1  # stopped before the second graph
     assert list(tmp_path.iterdir()) == []  # no build, no staging
+
+
+def test_a_keyboard_interrupt_a_finaliser_raises_itself_is_recorded_too(unraisable):
+    class RaisesIt:
+        def __del__(self):
+            raise KeyboardInterrupt  # not through the handler: only the unraisable hook sees it
+
+    with catch_interrupts():
+        obj = RaisesIt()
+        del obj
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()
+    assert unraisable == []
