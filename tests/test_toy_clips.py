@@ -125,7 +125,8 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import _BackendClock, condition_latents, decode_stage, stage0_condition_video
     from tempomaster.planner import chunk_condition_video
-    from tempomaster.toy.train import INTERVALS, STAGE0_FRAMES, build_clip_tasks, build_untrained_toy, condition_input
+    from tempomaster.toy.train import (INTERVALS, STAGE0_FRAMES, build_clip_tasks, build_untrained_toy, condition_input,
+                                       object_latent_cover)
 
     backend = TorchBackend(build_untrained_toy(3))
     clips = [render_clip(sample_clip_spec(99)), render_clip(sample_clip_spec(7))]
@@ -143,6 +144,7 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
             timeline = clip[:, :: plan.interval]
             target = timeline[:, chunk.start : chunk.start + plan.chunk_frames]
             torch.testing.assert_close(rows["x0"][row], backend.vae_encode(target[None])[0].half(), rtol=0, atol=2e-3)
+            assert torch.equal(rows["object"][row], object_latent_cover(target))
             if s == 0:
                 videos = [stage0_condition_video(plan, {0: clip[:, 0]} if references[i] else {}, 64, 96)]
             else:
@@ -166,6 +168,27 @@ def _one_chunk_stage(plan, chunk):
     from dataclasses import replace
 
     return replace(plan, chunks=(chunk,), total_frames=chunk.num_valid)
+
+
+def test_object_latent_cover_by_hand():
+    """A 3x3-pixel red square on grey: in frame 0 at pixels (10..12, 20..22), in frames 5-8 (latent frame 2)
+    at (40..42, 60..62) in frame 7 only. Latent pixel (h, w) holds pixels (8h..8h+7, 8w..8w+7); a covered
+    latent pixel and its 8 neighbours count."""
+    from tempomaster.toy.train import object_latent_cover
+
+    frames = torch.full((3, 17, 64, 96), -0.2)
+    frames[:, :, ::2, ::3] = 0.4  # grey texture, no colour
+    red = torch.tensor([0.8, -0.7, -0.7])[:, None, None]
+    frames[:, 0, 10:13, 20:23] = red  # latent (1, 2)
+    frames[:, 7, 40:43, 60:63] = red  # latent (5, 7)
+    cover = object_latent_cover(frames)
+    expected = torch.zeros(5, 8, 12, dtype=torch.bool)
+    expected[0, 0:3, 1:4] = True
+    expected[2, 4:7, 6:9] = True
+    assert torch.equal(cover, expected)
+    frames[:, 0, 14:17, 20:23] = red  # rows 14..16 cross into latent row 2
+    expected[0, 0:4, 1:4] = True
+    assert torch.equal(object_latent_cover(frames), expected)
 
 
 def test_largest_blob_by_hand():

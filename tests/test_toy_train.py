@@ -289,7 +289,7 @@ def test_the_compiled_dit_has_the_eager_loss_and_gradients():
     cos, sin = batched_rope_table([[0, 1, 2, 3, 4], [0, 4, 8, 12, 16]], h // 2, w // 2, dit.cfg.head_dim)
     batch = (torch.randn(2, 16, f, h, w, generator=gen), torch.randn(2, 20, f, h, w, generator=gen),
              torch.rand(2, generator=gen), torch.randn(2, text.text_len, dit.cfg.text_dim, generator=gen), cos, sin,
-             torch.randn(2, 16, f, h, w, generator=gen))
+             torch.randn(2, 16, f, h, w, generator=gen), 1.0 + torch.rand(2, 1, f, h, w, generator=gen))
     opt = torch.optim.SGD(dit.parameters(), lr=0.0)
     eager_loss = train._loss_and_grads(dit, opt, batch)
     eager = {n: p.grad.clone() for n, p in dit.named_parameters()}
@@ -321,3 +321,55 @@ def test_a_work_folder_from_before_the_motion_strides_is_resumable(tmp_path):
     assert SMALL.vae_motion_strides == (1, 2, 4)
     train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
     assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file()
+
+
+def test_the_weighted_loss_by_hand():
+    """The object-weighted flow-matching loss is sum(w e^2) / sum(w) over every element (float64 by hand);
+    with no weight (object_loss_weight 0) it is the plain mean squared error."""
+    from tempomaster.rope import batched_rope_table
+    from tempomaster.toy.train import build_untrained_toy
+
+    dit = build_untrained_toy(5).dit.train()
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        dit.head.head.weight.normal_(0.0, 0.02, generator=gen)
+    f, h, w = 5, 8, 12
+    cos, sin = batched_rope_table([[0, 1, 2, 3, 4], [0, 4, 8, 12, 16]], h // 2, w // 2, dit.cfg.head_dim)
+    inputs = (torch.randn(2, 16, f, h, w, generator=gen), torch.randn(2, 20, f, h, w, generator=gen),
+              torch.rand(2, generator=gen), torch.randn(2, get_preset("toy").t5.text_len, dit.cfg.text_dim, generator=gen),
+              cos, sin)
+    target = torch.randn(2, 16, f, h, w, generator=gen)
+    weight = 1.0 + 4.0 * (torch.rand(2, 1, f, h, w, generator=gen) < 0.25).float()
+    opt = torch.optim.SGD(dit.parameters(), lr=0.0)
+    with torch.no_grad():
+        x_t, y, sigma, context, cos, sin = inputs  # the model takes the timestep as 1000 sigma
+        error = (dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True).double() - target.double()) ** 2
+    by_hand = float((error * weight.double()).sum() / (weight.double().expand_as(error)).sum())
+    assert abs(train._loss_and_grads(dit, opt, (*inputs, target, weight)).item() - by_hand) < 1e-5 * by_hand
+    plain = train._loss_and_grads(dit, opt, (*inputs, target, None)).item()
+    assert abs(plain - float(error.mean())) < 1e-5 * plain and abs(plain - by_hand) > 1e-3 * plain
+
+
+def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
+    """Every DiT batch weighs the latent pixels its rows' object covers 1 + object_loss_weight, the rest 1;
+    a shard written before the object maps gets them drawn again, equal to those a fresh build makes."""
+    from tempomaster.toy.train import build_task_set, build_untrained_toy, dit_training_batch
+
+    cfg = replace(SMALL, clips=3, object_loss_weight=4.0)
+    models = build_untrained_toy(cfg.seed)
+    with torch.no_grad():
+        tasks = build_task_set(models, cfg, tmp_path, progress=False)
+    assert tasks.object.shape == (9, 5, 8, 12) and tasks.object.dtype == torch.bool
+    assert 0.05 < float(tasks.object.float().mean()) < 0.6  # a small object on a large background
+    for step in range(3):
+        *_, weight = dit_training_batch(tasks, cfg, step, models.dit.cfg.head_dim)
+        assert set(weight.unique().tolist()) <= {1.0, 5.0} and (weight == 5.0).any()
+    assert dit_training_batch(tasks, replace(cfg, object_loss_weight=0.0), 0, models.dit.cfg.head_dim)[-1] is None
+    shard = tmp_path / "tasks-00000.pt"
+    older = torch.load(shard, weights_only=False)
+    fresh = older.pop("object")
+    torch.save(older, shard)
+    with torch.no_grad():
+        again = build_task_set(models, cfg, tmp_path, progress=False)
+    assert torch.equal(again.object, fresh) and "object" in torch.load(shard, weights_only=False)
+    assert torch.equal(again.x0, tasks.x0)
