@@ -42,6 +42,15 @@ def _swallow_in_a_library():
             pass
 
 
+@pytest.fixture(autouse=True)
+def python_s_own_sigint_handler():
+    """Every test starts from Python's default SIGINT handler, whatever the suite was launched with
+    (a background job starts with SIGINT ignored, which catch_interrupts leaves alone by design)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture()
 def unraisable(monkeypatch):
     """What Python would print as "Exception ignored in ...", recorded instead."""
