@@ -55,7 +55,7 @@ from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from ..models.presets import get_preset
-from ..planner import chunk_condition_video, plan_stages
+from ..planner import VAE_TEMPORAL_FACTOR, chunk_condition_video, plan_stages
 from ..rope import rope_table
 from ..runtime.schedule import shift_sigmas
 from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, _BackendClock, decode_chunks, stage0_condition_video
@@ -491,7 +491,7 @@ def object_latent_cover(frames: torch.Tensor) -> torch.Tensor:
     """
     saturated = (frames.amax(0) - frames.amin(0)) > 0.3  # [F, H, W]; a grey's channels are equal
     first, rest = saturated[:1], saturated[1:]
-    per_latent_frame = torch.cat([first, rest.reshape(-1, 4, *rest.shape[1:]).any(1)]).float()  # [f, H, W]
+    per_latent_frame = torch.cat([first, rest.reshape(-1, VAE_TEMPORAL_FACTOR, *rest.shape[1:]).any(1)]).float()  # [f, H, W]
     cover = F.max_pool2d(per_latent_frame[:, None], 8)  # [f, 1, H/8, W/8]
     return F.max_pool2d(cover, 3, stride=1, padding=1)[:, 0] > 0
 
@@ -550,10 +550,9 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         targets, conditions = [], []
         for i, (clip, (stages, chunks)) in enumerate(zip(clips, plans)):
             stage, chunk = stages[s], chunks[s]
-            timeline = clip[:, :: stage.interval]
-            targets.append(timeline[:, chunk.start : chunk.start + chunk.num_frames])
+            targets.append(task_target(clip, stage, chunk))
             if s == 0:
-                images = {0: timeline[:, 0]} if references[i] else {}
+                images = {0: clip[:, 0]} if references[i] else {}
                 conditions.append(stage0_condition_video(stage, images, height, width)[0])
             else:
                 conditions.append(chunk_condition_video(previous[i], stage, chunk))
@@ -591,10 +590,15 @@ def plan_clip_tasks(rngs: list[np.random.Generator], references: list[bool]) -> 
     return plans
 
 
+def task_target(clip: torch.Tensor, stage, chunk) -> torch.Tensor:
+    """The pixel frames a task's chunk generates: ``clip`` at the stage's frame rate, the chunk's span."""
+    return clip[:, :: stage.interval][:, chunk.start : chunk.start + chunk.num_frames]
+
+
 def task_object_cover(clips: list[torch.Tensor], plans: list[tuple]) -> torch.Tensor:
     """`object_latent_cover` of every task's target chunk, rows grouped by stage as `build_clip_tasks`'s."""
     return torch.stack([
-        object_latent_cover(clip[:, :: stages[s].interval][:, chunks[s].start : chunks[s].start + chunks[s].num_frames])
+        object_latent_cover(task_target(clip, stages[s], chunks[s]))
         for s in range(len(INTERVALS)) for clip, (stages, chunks) in zip(clips, plans)
     ])
 
