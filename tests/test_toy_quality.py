@@ -20,7 +20,7 @@ What the toy does today (see the README) and what it does not:
   shuffle's first 24): a strict xfail, which fails the day a better toy
   meets it (then drop the mark). The toy before it (a faster circle, no
   object weight in the DiT's loss) met it on 4 of 6 (10 of 24), failing on
-  the circling prompt as every earlier toy did; earlier ones on 4, 2, 3 and
+  the circling prompt as the toys before it did; earlier ones on 4, 2, 3 and
   1 of 6 (README).
 """
 from __future__ import annotations

@@ -61,8 +61,9 @@ _HALF_SIZE = (8.0, 10.0)  # object half-size in pixels at the toy's 64x96
 _JITTER = 3.0  # pixels either way around a path's start or centre line
 _SPEED_SCALE = (0.95, 1.0)  # a slide covers this share of the frame, margin to margin, in 68 frames
 _CIRCLE_RADIUS = (17.0, 19.0)
-# Frames per turn: 1.0-1.15 px per frame, about a slide's speed (0.6-1.1). At 66-70 (1.5-1.8 px
-# per frame, ~29 px per stage-0 latent frame) every toy's circling blueprint stepped 17-24 px at 6 fps.
+# Frames per turn: 0.95-1.15 px per frame, a sideways slide's speed (1.0-1.1; up/down 0.5-0.6).
+# At 66-70 (1.5-1.8 px per frame, up to ~29 px per stage-0 latent frame) the toys trained on it
+# drew circling blueprints that stepped 17-24 px at 6 fps.
 _CIRCLE_PERIOD = (104.0, 112.0)
 _CIRCLE_PHASE = 0.2  # radians either way around 0 (the turn starts at the centre's right)
 _BOUNCE_HEIGHT = (24.0, 28.0)
