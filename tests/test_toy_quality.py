@@ -104,7 +104,6 @@ def test_guidance_helps(toy, toy_unguided, tiny):
     assert not guidance_ok(tiny, tiny)  # equal sums are not "more"
 
 
-@pytest.mark.xfail(strict=True, reason="the toy's object steps where latent frames meet and can fade at a chunk's first frame (measured: up to 7.3 px); see the module docstring")
 def test_the_object_moves_smoothly(toy):
     assert smooth_ok(toy), [round(q.max_jump, 1) for q in toy]
 

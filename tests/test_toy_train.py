@@ -351,7 +351,8 @@ def test_the_weighted_loss_by_hand():
 
 
 def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
-    """Every DiT batch weighs the latent pixels its rows' object covers 1 + object_loss_weight, the rest 1;
+    """Every DiT batch weighs the latent pixels its rows' object covers 1 + object_loss_weight, the rest 1,
+    and each row's first latent frame 1 + first_frame_loss_weight times that;
     a shard written before the object maps gets them drawn again, equal to those a fresh build makes."""
     from tempomaster.toy.train import build_task_set, build_untrained_toy, dit_training_batch
 
@@ -363,8 +364,15 @@ def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
     assert 0.05 < float(tasks.object.float().mean()) < 0.6  # a small object on a large background
     for step in range(3):
         *_, weight = dit_training_batch(tasks, cfg, step, models.dit.cfg.head_dim)
-        assert set(weight.unique().tolist()) <= {1.0, 5.0} and (weight == 5.0).any()
-    assert dit_training_batch(tasks, replace(cfg, object_loss_weight=0.0), 0, models.dit.cfg.head_dim)[-1] is None
+        later, first = weight[:, :, 1:], weight[:, :, 0]
+        assert set(later.unique().tolist()) <= {1.0, 5.0} and (later == 5.0).any()
+        # the first latent frame: 1 + first_frame_loss_weight (4) times the object's weight
+        assert set(first.unique().tolist()) <= {5.0, 25.0} and (first == 5.0).any()
+    assert cfg.first_frame_loss_weight == 4.0
+    unweighted = replace(cfg, object_loss_weight=0.0, first_frame_loss_weight=0.0)
+    assert dit_training_batch(tasks, unweighted, 0, models.dit.cfg.head_dim)[-1] is None
+    *_, first_only = dit_training_batch(tasks, replace(cfg, object_loss_weight=0.0), 0, models.dit.cfg.head_dim)
+    assert (first_only[:, :, 0] == 5.0).all() and (first_only[:, :, 1:] == 1.0).all()
     shard = tmp_path / "tasks-00000.pt"
     older = torch.load(shard, weights_only=False)
     fresh = older.pop("object")
@@ -373,3 +381,15 @@ def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
         again = build_task_set(models, cfg, tmp_path, progress=False)
     assert torch.equal(again.object, fresh) and "object" in torch.load(shard, weights_only=False)
     assert torch.equal(again.x0, tasks.x0)
+
+
+def test_a_work_folder_from_before_the_loss_weights_reads_them_as_off():
+    """A run saved before the object and first-frame weights existed trained without them: its folder
+    matches settings with both at 0 and no others (so it resumes only as what it was)."""
+    settings = json.loads(json.dumps({**asdict(ToyTrainConfig()), "text_len": 32}))
+    older = {k: v for k, v in settings.items() if k not in ("object_loss_weight", "first_frame_loss_weight")}
+    off = {**settings, "object_loss_weight": 0.0, "first_frame_loss_weight": 0.0}
+    assert train._comparable_settings(older) == train._comparable_settings(off)
+    assert train._comparable_settings(older) != train._comparable_settings(settings)
+    first_only = {k: v for k, v in settings.items() if k != "first_frame_loss_weight"}
+    assert train._comparable_settings(first_only) == train._comparable_settings({**settings, "first_frame_loss_weight": 0.0})
