@@ -16,6 +16,7 @@ from tempomaster.models.checkpoints import CheckpointPaths, load_models
 from tempomaster.models.presets import get_preset
 from tempomaster.toy import train
 from tempomaster.runtime.schedule import shift_sigmas
+from tempomaster.toy.state_files import load_state
 from tempomaster.toy.train import ToyTrainConfig, train_toy
 
 SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, vae_decoder_steps=2,
@@ -39,7 +40,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
     assert not (tmp_path / "b_out").exists()  # nothing shipped from a broken run
-    assert torch.load(tmp_path / "b" / "dit.pt", weights_only=False)["step"] == 2  # the last checkpoint before step 3
+    assert load_state(tmp_path / "b" / "dit.safetensors")["step"] == 2  # the last checkpoint before step 3
     monkeypatch.setattr(train, "dit_training_batch", real)
     train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
 
@@ -54,14 +55,14 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     ids, _ = models.tokenizer(["a red ball bouncing on a striped background"])
     assert ids.shape == (1, get_preset("toy").t5.text_len) == (1, 32)  # the preset's text length, not the release's 512
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
-    motion = torch.load(tmp_path / "a" / "vae-motion.pt", weights_only=False)  # the motion fine-tune ran and folded
+    motion = load_state(tmp_path / "a" / "vae-motion.safetensors")  # the motion fine-tune ran and folded
     assert motion["folded"] and [r["step"] for r in motion["log"]] == [0, 1] and all(r["motion"] > 0 for r in motion["log"])
-    decoder = torch.load(tmp_path / "a" / "vae-decoder.pt", weights_only=False)  # the decoder fine-tune ran, unfolded
+    decoder = load_state(tmp_path / "a" / "vae-decoder.safetensors")  # the decoder fine-tune ran, unfolded
     assert not decoder.get("folded") and [r["step"] for r in decoder["log"]] == [0, 1]
     assert all(r["centroid_px"] >= 0 and r["motion"] > 0 for r in decoder["log"])
     for k, v in motion["model"].items():  # it trained the decoder alone: the latents the tasks were encoded with hold
         assert torch.equal(decoder["model"][k], v) == (not k.startswith(("decoder.", "conv2."))), k
-    losses = [r["loss"] for r in torch.load(tmp_path / "a" / "dit.pt", weights_only=False)["log"]]
+    losses = [r["loss"] for r in load_state(tmp_path / "a" / "dit.safetensors")["log"]]
     assert len(losses) == SMALL.dit_steps and all(l > 0 for l in losses)
 
 
@@ -213,7 +214,7 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
     models = build_untrained_toy(4)
     before = {k: v.clone() for k, v in models.vae.state_dict().items()}
     log = train_vae_decoder(models, SMALL, tmp_path, progress=False)  # 2 steps
-    assert len(log) == 2 and (tmp_path / "vae-decoder.pt").is_file()
+    assert len(log) == 2 and (tmp_path / "vae-decoder.safetensors").is_file()
     after = models.vae.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("decoder.", "conv2.")) for k in changed)
@@ -222,8 +223,8 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
 
 
 @pytest.mark.parametrize("prefix, unused, checkpoint", [
-    ("vae_motion_", {"vae_motion_batch": 7, "vae_motion_lr": 1e-2}, "vae-motion.pt"),
-    ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.pt"),
+    ("vae_motion_", {"vae_motion_batch": 7, "vae_motion_lr": 1e-2}, "vae-motion.safetensors"),
+    ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.safetensors"),
 ])
 def test_a_work_folder_from_before_a_fine_tune_is_resumable(tmp_path, prefix, unused, checkpoint):
     older = {k: v for k, v in asdict(SMALL).items() if not k.startswith(prefix)}
@@ -241,15 +242,15 @@ def _train_dit_again(tmp_path, source: str, name: str, **kwargs) -> tuple[dict, 
     """Rerun only the DiT phase of the run in ``source`` (its VAE and tasks reused) into a new work folder."""
     import shutil
 
-    shutil.copytree(tmp_path / source, tmp_path / name, ignore=shutil.ignore_patterns("dit.pt", "summary.json"))
+    shutil.copytree(tmp_path / source, tmp_path / name, ignore=shutil.ignore_patterns("dit.safetensors", "summary.json"))
     said = []
     train_toy(tmp_path / name, tmp_path / f"{name}_out", SMALL, progress=False, echo=said.append, **kwargs)
-    return torch.load(tmp_path / name / "dit.pt", weights_only=False), said
+    return load_state(tmp_path / name / "dit.safetensors"), said
 
 
 def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
     train_toy(tmp_path / "eager", tmp_path / "eager_out", SMALL, progress=False, echo=lambda m: None)
-    eager = torch.load(tmp_path / "eager" / "dit.pt", weights_only=False)
+    eager = load_state(tmp_path / "eager" / "dit.safetensors")
 
     def compile_without_a_compiler(model, **kwargs):
         def fail(*args, **kw):
@@ -373,13 +374,15 @@ def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
     assert dit_training_batch(tasks, unweighted, 0, models.dit.cfg.head_dim)[-1] is None
     *_, first_only = dit_training_batch(tasks, replace(cfg, object_loss_weight=0.0), 0, models.dit.cfg.head_dim)
     assert (first_only[:, :, 0] == 5.0).all() and (first_only[:, :, 1:] == 1.0).all()
-    shard = tmp_path / "tasks-00000.pt"
-    older = torch.load(shard, weights_only=False)
+    # a shard an earlier version pickled, from before the object maps: read safely, completed, saved anew
+    shard = tmp_path / "tasks-00000.safetensors"
+    older = load_state(shard)
     fresh = older.pop("object")
-    torch.save(older, shard)
+    shard.unlink()
+    torch.save(older, tmp_path / "tasks-00000.pt")
     with torch.no_grad():
         again = build_task_set(models, cfg, tmp_path, progress=False)
-    assert torch.equal(again.object, fresh) and "object" in torch.load(shard, weights_only=False)
+    assert torch.equal(again.object, fresh) and "object" in load_state(shard)
     assert torch.equal(again.x0, tasks.x0)
 
 

@@ -60,6 +60,8 @@ from ..rope import rope_table
 from ..runtime.schedule import shift_sigmas
 from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, _BackendClock, decode_chunks, stage0_condition_video
 from .clips import all_captions, caption_vocabulary, object_centre, render_clip, sample_clip_spec
+from .state_files import SUFFIX as STATE_SUFFIX
+from .state_files import load_state, save_state
 
 __all__ = [
     "ToyTrainConfig",
@@ -183,7 +185,7 @@ def build_untrained_toy(seed: int) -> ModelSet:
 
 
 # ---------------------------------------------------------------------------
-# Small helpers: seeded generators, atomic saves, cosine schedules
+# Small helpers: seeded generators, saved states, cosine schedules
 # ---------------------------------------------------------------------------
 
 def _rng(seed: int, phase: int, step: int) -> np.random.Generator:
@@ -194,12 +196,6 @@ def _torch_gen(seed: int, phase: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(_rng(seed, phase, step).integers(2**62)))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -207,8 +203,33 @@ def _cosine_lr(base: float, step: int, total: int, warmup: int = 100) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def _state_file(work: Path, name: str) -> Path:
+    """Where a phase (or task shard) ``name`` keeps its state in the work folder."""
+    return work / f"{name}{STATE_SUFFIX}"
+
+
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    """The state at ``path``, or the pickled one an earlier version left beside it (``NAME.pt``), or None."""
+    if path.is_file():
+        return load_state(path)
+    legacy = path.with_suffix(".pt")
+    return _load_legacy(legacy) if legacy.is_file() else None
+
+
+def _load_legacy(path: Path):
+    """An earlier version's ``.pt`` state, through torch's tensors-only unpickler: its states hold only
+    tensors, containers and scalars, so they resume; anything else in it is refused, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"--work: {path} is not a training state that can be read safely ({type(err).__name__}: "
+                         f"{first}); remove it to redo that part") from None
+
+
+def _has_state(work: Path, name: str) -> bool:
+    path = _state_file(work, name)
+    return path.is_file() or path.with_suffix(".pt").is_file()
 
 
 def _resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict | None, list[dict], int]:
@@ -390,12 +411,12 @@ def _train_vae_phase(
             bar.update(1)
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
+                save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
     vae.eval()
     if fold and not (state or {}).get("folded"):
         mean, std = latent_statistics(vae, cfg.seed)
         fold_latent_statistics(vae, mean, std)
-        _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": steps,
+        save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": steps,
                       "folded": True, "latent_mean": mean, "latent_std": std}, path)
     return log
 
@@ -407,7 +428,7 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
         return vae_training_batch(cfg.seed, step, cfg.vae_long_batch, cfg.vae_long_frames)
 
     return _train_vae_phase(
-        models.vae, cfg, work / "vae.pt", cfg.vae_steps, cfg.vae_lr, 100, "toy VAE", batch,
+        models.vae, cfg, _state_file(work, "vae"), cfg.vae_steps, cfg.vae_lr, 100, "toy VAE", batch,
         lambda video, step: vae_loss(models.vae, video, _torch_gen(cfg.seed, 2, step)), progress,
     )
 
@@ -417,7 +438,7 @@ def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress
     if cfg.vae_motion_steps <= 0:
         return []
     return _train_vae_phase(
-        models.vae, cfg, work / "vae-motion.pt", cfg.vae_motion_steps, cfg.vae_motion_lr, 20, "toy VAE motion",
+        models.vae, cfg, _state_file(work, "vae-motion"), cfg.vae_motion_steps, cfg.vae_motion_lr, 20, "toy VAE motion",
         # batches drawn apart from phase 1's (its steps are below 100000)
         lambda step: vae_training_batch(cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames,
                                         cfg.vae_motion_strides),
@@ -446,7 +467,7 @@ def train_vae_decoder(models: ModelSet, cfg: ToyTrainConfig, work: Path, progres
     # the encoder runs under no_grad (decoder_loss) and only the decoder's side is optimised
     params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
     return _train_vae_phase(
-        vae, cfg, work / "vae-decoder.pt", cfg.vae_decoder_steps, cfg.vae_decoder_lr, 20, "toy VAE decoder",
+        vae, cfg, _state_file(work, "vae-decoder"), cfg.vae_decoder_steps, cfg.vae_decoder_lr, 20, "toy VAE decoder",
         # batches drawn apart from the other phases' (their steps are below 200000)
         lambda step: vae_training_batch(cfg.seed, 200_000 + step, cfg.vae_decoder_batch, cfg.vae_long_frames),
         lambda video, step: decoder_loss(vae, video, _torch_gen(cfg.seed, 8, step),
@@ -641,17 +662,17 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
     with tqdm(total=cfg.clips, desc="toy tasks", disable=not progress) as bar:
         for first in range(0, cfg.clips, shard_size):
             raise_if_interrupted()
-            path = work / f"tasks-{first:05d}.pt"
+            path = _state_file(work, f"tasks-{first:05d}")
             shard = _load(path)
             if shard is None:
                 clips, rngs, references, round_trips, caption_rows = _draw_shard_clips(cfg, first, min(cfg.clips, first + shard_size))
                 shard = build_clip_tasks(backend, clips, rngs, references, round_trips, encode_batch)
                 shard["caption"] = torch.tensor(caption_rows)[shard.pop("clip")]
-                _atomic_save(shard, path)
+                save_state(shard, path)
             elif "object" not in shard:  # a shard made before the object maps: they are drawn again, not encoded
                 clips, rngs, references, _, _ = _draw_shard_clips(cfg, first, min(cfg.clips, first + shard_size))
                 shard["object"] = task_object_cover(clips, plan_clip_tasks(rngs, references))
-                _atomic_save(shard, path)
+                save_state(shard, path)
             bar.update(min(cfg.clips, first + shard_size) - first)
             shards.append(shard)
     clock = _BackendClock()
@@ -746,7 +767,7 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
     """
     from tqdm.auto import tqdm
 
-    path = work / "dit.pt"
+    path = _state_file(work, "dit")
     dit = models.dit.train()
     forward = torch.compile(dit, dynamic=False) if compile_dit else dit
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.dit_lr, weight_decay=0.01)
@@ -779,7 +800,7 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
             bar.update(1)
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
-                _atomic_save({"model": dit.state_dict(), "opt": opt.state_dict(), "ema": ema, "log": log, "step": step + 1}, path)
+                save_state({"model": dit.state_dict(), "opt": opt.state_dict(), "ema": ema, "log": log, "step": step + 1}, path)
     dit.eval()
     return ema, log
 
@@ -926,14 +947,14 @@ def plot_losses(work: str | os.PathLike, png: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     work = Path(work)
-    panels = [("vae.pt", "toy VAE (weighted L1 + L2)"), ("dit.pt", "toy DiT (flow-matching MSE)")]
-    if (work / "vae-motion.pt").is_file():
-        panels.insert(1, ("vae-motion.pt", "toy VAE fine-tune (+ motion term)"))
-    if (work / "vae-decoder.pt").is_file():
-        panels.insert(-1, ("vae-decoder.pt", "toy VAE decoder (+ motion, centroid)"))
+    panels = [("vae", "toy VAE (weighted L1 + L2)"), ("dit", "toy DiT (flow-matching MSE)")]
+    if _has_state(work, "vae-motion"):
+        panels.insert(1, ("vae-motion", "toy VAE fine-tune (+ motion term)"))
+    if _has_state(work, "vae-decoder"):
+        panels.insert(-1, ("vae-decoder", "toy VAE decoder (+ motion, centroid)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (name, title) in zip(axes, panels):
-        state = _load(work / name)
+        state = _load(_state_file(work, name))
         if state is None:
             continue
         loss = np.asarray([r["loss"] for r in state["log"]])
