@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .limits import MAX_FRAME_INTERVAL, MAX_SIDE, MAX_STEPS_PER_STAGE, MAX_VIDEO_FRAMES
+
 __all__ = [
     "VAE_TEMPORAL_FACTOR",
     "SIZE_MULTIPLE",
@@ -46,7 +48,9 @@ __all__ = [
     "validate_stage_lists",
     "validate_size",
     "validate_ref_frames",
+    "validate_video_length",
     "validate_run_config",
+    "video_frame_count",
 ]
 
 VAE_TEMPORAL_FACTOR = 4  # pixel frames per latent frame (after the first)
@@ -309,6 +313,7 @@ def plan_stages(
     stage's trimmed output, so every stage's input is exactly T frames.
     """
     intervals = validate_frame_intervals(frame_intervals)
+    validate_video_length(num_frames, intervals)
     frames = round_num_frames(num_frames)
     stages = [plan_stage0(frames, intervals[0], ref_frames)]
     for s in range(1, len(intervals)):
@@ -380,9 +385,29 @@ def _is_int(x) -> bool:
 
 
 def validate_num_frames(num_frames: int) -> int:
-    if not _is_int(num_frames) or num_frames < 1:
-        raise ValueError(f"{FLAG_NUM_FRAMES} must be an integer >= 1 (rounded up to 4k+1), got {num_frames!r}")
+    if not _is_int(num_frames) or not 1 <= num_frames <= MAX_VIDEO_FRAMES:
+        raise ValueError(
+            f"{FLAG_NUM_FRAMES} must be an integer in [1, {MAX_VIDEO_FRAMES}] (rounded up to 4k+1), got {num_frames!r}"
+        )
     return num_frames
+
+
+def video_frame_count(num_frames: int, frame_intervals: Sequence[int]) -> int:
+    """Frames of the finished video, by arithmetic alone: each stage multiplies the previous one's
+    frames by its interval ratio, so stage 0's (4k + 1) frames x first interval / last interval."""
+    return round_num_frames(num_frames) * frame_intervals[0] // frame_intervals[-1]
+
+
+def validate_video_length(num_frames: int, frame_intervals: Sequence[int]) -> int:
+    """The finished video's frame count, refused past ``MAX_VIDEO_FRAMES`` before anything is planned."""
+    validate_frame_intervals(frame_intervals)
+    frames = video_frame_count(num_frames, frame_intervals)
+    if frames > MAX_VIDEO_FRAMES:
+        raise ValueError(
+            f"{FLAG_NUM_FRAMES} {num_frames} with {FLAG_INTERVALS} {','.join(map(str, frame_intervals))} makes a video "
+            f"of {frames} frames; at most {MAX_VIDEO_FRAMES} are accepted"
+        )
+    return frames
 
 
 def validate_frame_intervals(frame_intervals: Sequence[int]) -> list[int]:
@@ -391,6 +416,8 @@ def validate_frame_intervals(frame_intervals: Sequence[int]) -> list[int]:
     intervals = list(frame_intervals)
     if not intervals or not all(_is_int(i) and i >= 1 for i in intervals):
         raise ValueError(f"{FLAG_INTERVALS} must be {accepted}; got {intervals}")
+    if max(intervals) > MAX_FRAME_INTERVAL:
+        raise ValueError(f"{FLAG_INTERVALS} values must be at most {MAX_FRAME_INTERVAL}; got {intervals}")
     for prev, cur in zip(intervals, intervals[1:]):
         if not cur < prev or prev % cur != 0:
             raise ValueError(f"{FLAG_INTERVALS} must be {accepted}; got {intervals} ({prev} then {cur})")
@@ -407,16 +434,16 @@ def validate_stage_lists(
         raise ValueError(f"{FLAG_STEPS} needs one value per frame interval ({n}), got {len(steps)}: {steps}")
     if len(shifts) != n:
         raise ValueError(f"{FLAG_SHIFTS} needs one value per frame interval ({n}), got {len(shifts)}: {shifts}")
-    if not all(_is_int(s) and s >= 1 for s in steps):
-        raise ValueError(f"{FLAG_STEPS} must be integers >= 1, got {steps}")
+    if not all(_is_int(s) and 1 <= s <= MAX_STEPS_PER_STAGE for s in steps):
+        raise ValueError(f"{FLAG_STEPS} must be integers in [1, {MAX_STEPS_PER_STAGE}], got {steps}")
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in shifts):
         raise ValueError(f"{FLAG_SHIFTS} must be numbers > 0, got {shifts}")
 
 
 def validate_size(height: int, width: int) -> None:
     for flag, value in ((FLAG_HEIGHT, height), (FLAG_WIDTH, width)):
-        if not _is_int(value) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE != 0:
-            raise ValueError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, got {value!r}")
+        if not _is_int(value) or not SIZE_MULTIPLE <= value <= MAX_SIDE or value % SIZE_MULTIPLE != 0:
+            raise ValueError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIDE}, got {value!r}")
 
 
 def validate_ref_frames(ref_frames: Iterable[int], num_frames: int) -> frozenset[int]:
@@ -443,6 +470,6 @@ def validate_run_config(
     """All the checks at once, before any model is loaded."""
     validate_num_frames(num_frames)
     validate_size(height, width)
-    validate_frame_intervals(frame_intervals)
+    validate_video_length(num_frames, frame_intervals)
     validate_stage_lists(frame_intervals, steps_per_stage, shift_per_stage)
     validate_ref_frames(ref_frames, round_num_frames(num_frames))

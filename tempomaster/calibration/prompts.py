@@ -110,12 +110,15 @@ def parse_prompt_line(line: str, base: Path, where: str) -> CalibrationPrompt | 
 def read_prompt_file(path: str | Path) -> list[CalibrationPrompt]:
     """The prompts of a ``--calib-prompts`` file (format in the module docstring)."""
     from ..errors import UsageError
+    from ..limits import MAX_PROMPTS, MAX_PROMPTS_FILE_BYTES, TooLarge, read_limited
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--calib-prompts {path}: file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_limited(path, MAX_PROMPTS_FILE_BYTES).decode("utf-8").splitlines()
+    except TooLarge as err:
+        raise UsageError(f"--calib-prompts {path}: {err}, the most a prompts file may hold") from None
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"--calib-prompts {path}: unreadable ({type(err).__name__}: {err})") from None
     prompts = []
@@ -125,6 +128,8 @@ def read_prompt_file(path: str | Path) -> list[CalibrationPrompt]:
             prompts.append(p)
     if not prompts:
         raise UsageError(f"--calib-prompts {path}: no prompts (the file is empty or only comments)")
+    if len(prompts) > MAX_PROMPTS:
+        raise UsageError(f"--calib-prompts {path}: {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted")
     return prompts
 
 

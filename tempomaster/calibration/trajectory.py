@@ -73,8 +73,9 @@ def fit_image(path: Path, height: int, width: int):
     """A reference image cropped to the build's aspect and size, so the generation keeps the build's shape."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        return ImageOps.fit(im.convert("RGB"), (width, height), Image.LANCZOS)
+    from ..reference_images import open_reference_image
+
+    return ImageOps.fit(open_reference_image(path, "--calib-prompts"), (width, height), Image.LANCZOS)
 
 
 def make_request(prompt: CalibrationPrompt, shape, preset, steps: Sequence[int], seed: int):

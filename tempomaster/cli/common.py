@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import TempoMasterError
 from ..interrupts import catch_interrupts
+from ..limits import MAX_FRAME_INTERVAL, MAX_SIDE, MAX_VIDEO_FRAMES
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 PRESETS = ("toy", "tiny", "wan-1.3b", "tempomaster-14b")
@@ -26,8 +27,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def number_list(flag: str, kind=int, example: str = "4,2,1"):
-    """argparse type for comma-separated values, e.g. --steps 50,32,32."""
+def number_list(flag: str, kind=int, example: str = "4,2,1", low=None, high=None):
+    """argparse type for comma-separated values, e.g. --steps 50,32,32, each within [low, high] when given."""
     noun = "integers" if kind is int else "numbers"
 
     def parse(text: str) -> tuple:
@@ -39,6 +40,10 @@ def number_list(flag: str, kind=int, example: str = "4,2,1"):
             raise argparse.ArgumentTypeError(f"expected at least one value such as {example}, got {text!r}")
         if kind is float and not all(math.isfinite(v) for v in values):
             raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+        if (low is not None and min(values) < low) or (high is not None and max(values) > high):
+            bounds = " and ".join(b for b in (f"at least {low}" if low is not None else "",
+                                              f"at most {high}" if high is not None else "") if b)
+            raise argparse.ArgumentTypeError(f"expected {noun} of {bounds}, got {text!r}")
         return values
 
     return parse
@@ -85,10 +90,11 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def add_shape(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--num-frames", type=bounded_int(1), help=f"stage-0 frames {what} (rounded up to 4k+1)")
-    p.add_argument("--height", type=bounded_int(16), help=f"output height in pixels {what} (a multiple of 16)")
-    p.add_argument("--width", type=bounded_int(16), help=f"output width in pixels {what} (a multiple of 16)")
-    p.add_argument("--intervals", type=number_list("--intervals"), help=f"frame interval per stage {what}, e.g. 4,2,1")
+    p.add_argument("--num-frames", type=bounded_int(1, MAX_VIDEO_FRAMES), help=f"stage-0 frames {what} (rounded up to 4k+1)")
+    p.add_argument("--height", type=bounded_int(16, MAX_SIDE), help=f"output height in pixels {what} (a multiple of 16)")
+    p.add_argument("--width", type=bounded_int(16, MAX_SIDE), help=f"output width in pixels {what} (a multiple of 16)")
+    p.add_argument("--intervals", type=number_list("--intervals", low=1, high=MAX_FRAME_INTERVAL),
+                   help=f"frame interval per stage {what}, e.g. 4,2,1")
 
 
 def run_command(prog: str, command: Callable[[], int]) -> int:

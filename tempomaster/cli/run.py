@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..limits import MAX_STEPS_PER_STAGE
 from .common import (
     PRESETS, SEED_MAX, OneLineParser, add_model_source, add_shape, bounded_int, finite_number, number_list, run_command,
 )
@@ -20,7 +21,7 @@ def _add_request(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="FRAME:PATH",
                    help="reference image at a stage-0 frame index, negative from the end (repeatable)")
     add_shape(p, "to generate")
-    p.add_argument("--steps", type=number_list("--steps", int, "50,32,32"), help="denoising steps per stage, e.g. 50,32,32")
+    p.add_argument("--steps", type=number_list("--steps", int, "50,32,32", low=1, high=MAX_STEPS_PER_STAGE), help="denoising steps per stage, e.g. 50,32,32")
     p.add_argument("--shifts", type=number_list("--shifts", float, "5,3,3"), help="flow-match shift per stage, e.g. 5,3,3")
     p.add_argument("--guidance", type=finite_number(0, low_inclusive=False),
                    help="guidance scale (1 = no guidance, one DiT call per step; default 8)")

@@ -214,20 +214,40 @@ class CheckpointPaths:
         for field, key in (("t5", "wan_video_text_encoder_path"), ("vae", "wan_video_vae_path"), ("dit", "wan_video_dit_path")):
             if key not in models:
                 raise CheckpointError(f"{config_path}: model_configs has no {key!r}")
+            if not isinstance(models[key], str) or not models[key].strip():
+                raise CheckpointError(
+                    f"{config_path}: model_configs.{key} must be a file path (a non-empty string), got {models[key]!r}"
+                )
             paths[field] = resolve_release_path(models[key], config_path)
+        dit_config = models.get("wan_video_dit_config")
+        if dit_config is not None and not isinstance(dit_config, Mapping):
+            raise CheckpointError(f"{config_path}: model_configs.wan_video_dit_config must be an object, got {dit_config!r}")
         # The release puts the tokenizer beside the text encoder file.
         tokenizer = paths["t5"].parent / "google" / "umt5-xxl"
-        return cls(tokenizer=tokenizer, dit_config=models.get("wan_video_dit_config"), **paths)
+        return cls(tokenizer=tokenizer, dit_config=dit_config, **paths)
 
 
 def read_json(path: Path) -> dict:
+    """A JSON config file holding one object; at most ``MAX_CONFIG_FILE_BYTES`` are read."""
+    from ..limits import MAX_CONFIG_FILE_BYTES, TooLarge, read_limited
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        config = json.loads(read_limited(path, MAX_CONFIG_FILE_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a JSON config file") from None
+    except TooLarge as err:
+        raise CheckpointError(f"{path}: {err}, the most a config file may hold") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the config file ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a JSON text file (not UTF-8)") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def resolve_release_path(value: str, config_path: Path) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
+from ..reference_images import open_reference_image
 from .video import write_result
 
 SEED_MAX = 2**64 - 1
@@ -199,17 +200,6 @@ def resolve_frame_indices(refs: dict[str, Path], num_frames: int, where: str) ->
     return out
 
 
-def _open_image(path: Path, flag: str):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UsageError(f"{flag}: cannot read image {path} ({err.__class__.__name__}: {err})") from None
-
-
 def _check_scalars(settings: dict, seed: int) -> None:
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (torch's generator seed range), got {seed!r}")
@@ -297,10 +287,14 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     clip_frames = round_num_frames(settings["num_frames"])
 
     jobs = []
+    opened: dict[Path, object] = {}  # one decoded copy of a file, however many videos use it (--prompts with --image)
     for name, prompt, refs in cases:
         where = "--image" if refs is flag_images else f"--config: inference_cases.{name}.ref_images"
         frames = resolve_frame_indices(refs, clip_frames, where)
-        images = {frame: _open_image(path, where) for frame, path in frames.items()}
+        for path in frames.values():
+            if path not in opened:
+                opened[path] = open_reference_image(path, where)
+        images = {frame: opened[path] for frame, path in frames.items()}
         request = GenerationRequest(
             prompt=prompt, ref_images=images, seed=options.seed, cast_timestep=options.cast_timestep, **settings
         )
@@ -504,9 +498,10 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     runs_graphs = manifest is not None and options.backend != "torch"
     dtype = resolve_dtype(options, device, manifest.precision if runs_graphs else None)
 
-    from .memory import check_fits, estimate_peak_memory
+    from .memory import check_fits, check_video_fits, estimate_peak_memory
 
     for job in jobs:
+        check_video_fits(job.request, where=f"[{job.name}]")  # arithmetic only: before the stages are planned
         estimate = estimate_peak_memory(preset, job.request, dtype=dtype, device=device, manifest=manifest)
         check_fits(estimate, where=f"[{job.name}]")
 

@@ -10,7 +10,12 @@ The estimate adds, for the device that runs the networks and for the host:
   batch) and of one VAE step at full resolution;
 - on the host, the frames: the previous stage's decoded video, the current
   stage's decoded chunks and their concatenation (frames never live on an
-  accelerator), and one condition video being built.
+  accelerator), and one condition video being built;
+- on the host, the reference images' preparation: each image as float32 and
+  its cover-resize (an image far from the output's aspect is resized to
+  far more pixels than the output has), and the prepared frames.
+Before any of this is planned, ``check_video_fits`` refuses by arithmetic
+alone a video whose finished frames cannot fit (planning is linear in them).
 Activation factors are counted per live tensor of the widest layer; they are
 an upper-leaning estimate, checked against measured peaks in the tests.
 """
@@ -99,6 +104,51 @@ def _vae_step_bytes(vae_cfg, height: int, width: int, width_bytes: int) -> int:
     return VAE_LIVE_WIDTHS * top_channels * 4 * height * width * width_bytes
 
 
+def _float32_frame_bytes(height: int, width: int) -> int:
+    return 3 * height * width * 4
+
+
+def reference_image_bytes(request) -> int:
+    """Host bytes of preparing the request's reference images (pipeline.cover_resize_center_crop).
+
+    One image at a time: its float32 copy and two temporaries of its size,
+    then its cover-resize to ``(int(h*s), int(w*s))``; each prepared
+    ``[3, H, W]`` frame is kept.  The decoded images themselves are already
+    in this process (``current_rss``).
+    """
+    if not request.ref_images:
+        return 0
+    height, width = request.output_size()
+    largest = 0
+    for image in request.ref_images.values():
+        h, w = image.height, image.width
+        scale = max(height / h, width / w)
+        resized = max(height, int(h * scale)) * max(width, int(w * scale))
+        largest = max(largest, 3 * _float32_frame_bytes(h, w) + _float32_frame_bytes(1, resized))
+    return largest + len(request.ref_images) * _float32_frame_bytes(height, width)
+
+
+def check_video_fits(request, where: str = "") -> None:
+    """Refuse, by arithmetic alone, a video whose finished frames (float32 on the host) exceed the memory
+    available: one line naming --num-frames and the most that fit, before any stage is planned."""
+    from ..planner import video_frame_count
+
+    height, width = request.output_size()
+    frames = video_frame_count(request.num_frames, request.frame_intervals)
+    needed = frames * _float32_frame_bytes(height, width)
+    have = available_host_bytes()
+    if needed <= have:
+        return
+    growth = request.frame_intervals[0] // request.frame_intervals[-1]  # finished frames per stage-0 frame
+    most = max(0, (have // _float32_frame_bytes(height, width) - 1) // growth)
+    prefix = f"{where} " if where else ""
+    raise UsageError(
+        f"{prefix}--num-frames {request.num_frames}: the finished video alone ({frames} frames of {width}x{height}, "
+        f"float32 on the host) needs {needed / GIB:.1f} GiB of host memory and {have / GIB:.1f} GiB is available; "
+        f"reduce --num-frames (this bound alone allows at most {most} at this size) or --height/--width"
+    )
+
+
 def stage_working_set(preset, request, dtype: str, dit_batch_cap: int | None = None) -> list[dict]:
     """Per stage: bytes of latents, one DiT call, one VAE step, and host frames."""
     from ..planner import plan_stages
@@ -149,14 +199,16 @@ def estimate_peak_memory(preset, request, *, dtype: str, device: str, manifest=N
     worst = max(stages, key=lambda s: s["latents"] + max(s["dit call"], s["vae step"]))
     compute = worst["latents"] + max(worst["dit call"], worst["vae step"])
     host_frames = max(s["host frames"] for s in stages)
+    references = reference_image_bytes(request)
     base = current_rss()
     parts = {"process now": base, "runtime libraries": RUNTIME_ALLOWANCE, **weights,
-             "stage working set": compute, "frames on the host": host_frames}
+             "stage working set": compute, "frames on the host": host_frames, "reference images": references}
     if on_host:
-        host = base + RUNTIME_ALLOWANCE + sum(weights.values()) + compute + host_frames
+        host = base + RUNTIME_ALLOWANCE + sum(weights.values()) + compute + host_frames + references
         return MemoryEstimate(host_bytes=host, device_bytes=0, device=device, parts=parts)
     device_bytes = sum(weights.values()) + compute
-    return MemoryEstimate(host_bytes=base + RUNTIME_ALLOWANCE + host_frames, device_bytes=device_bytes, device=device, parts=parts)
+    return MemoryEstimate(host_bytes=base + RUNTIME_ALLOWANCE + host_frames + references, device_bytes=device_bytes,
+                          device=device, parts=parts)
 
 
 def check_fits(estimate: MemoryEstimate, where: str = "") -> None:
@@ -165,10 +217,13 @@ def check_fits(estimate: MemoryEstimate, where: str = "") -> None:
     needed_host = estimate.host_bytes - estimate.parts.get("process now", 0)
     have_host = available_host_bytes()
     if needed_host > have_host:
+        images = estimate.parts.get("reference images", 0) * 2 > needed_host
+        remedy = ("use reference images (--image) nearer the output's size and aspect ratio" if images
+                  else "reduce --num-frames, --height/--width or the number of stages")
         raise UsageError(
             f"{prefix}this request needs about {estimate.host_bytes / GIB:.1f} GiB of host memory "
             f"({needed_host / GIB:.1f} GiB more than this process holds), and {have_host / GIB:.1f} GiB is available: "
-            f"reduce --num-frames, --height/--width or the number of stages ({estimate.describe()})"
+            f"{remedy} ({estimate.describe()})"
         )
     if estimate.device_bytes:
         import torch
@@ -187,6 +242,6 @@ def format_bytes(n: int) -> str:
 
 
 __all__ = [
-    "MemoryEstimate", "estimate_peak_memory", "check_fits", "current_rss", "available_host_bytes",
-    "weight_bytes", "stage_working_set", "format_bytes",
+    "MemoryEstimate", "estimate_peak_memory", "check_fits", "check_video_fits", "current_rss", "available_host_bytes",
+    "weight_bytes", "stage_working_set", "reference_image_bytes", "format_bytes",
 ]
