@@ -7,6 +7,7 @@ Ulysses check uses the 2-rank subgroups of that 4-rank world.
 """
 import os
 import signal
+import sys
 import time
 from dataclasses import replace
 
@@ -108,7 +109,7 @@ def world_checks(world, jobs_single, jobs_many):
 
 
 class _FaultyBackend:
-    """A torch backend whose rank `rank` dies (SIGKILL) or hangs at its `at`-th DiT call."""
+    """A torch backend whose rank `rank` dies (SIGKILL), is stopped (SIGSTOP) or hangs at its `at`-th DiT call."""
 
     def __init__(self, inner, rank, at, how):
         self.inner, self.rank, self.at, self.how, self.calls = inner, rank, at, how, 0
@@ -122,6 +123,8 @@ class _FaultyBackend:
         if self.calls == self.at and int(os.environ["RANK"]) == self.rank:
             if self.how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3600)
         return self.inner.velocity(*args)
 
@@ -273,7 +276,9 @@ def test_many_videos_on_groups_of_ranks(four_ranks, many_singles):
     assert not np.allclose(produced[1][1][-1], produced[2][1][-1])
 
 
-@pytest.mark.parametrize("how, expected", [("kill", "rank 1 died"), ("hang", "rank 1 hangs")])
+@pytest.mark.parametrize("how, expected", [
+    ("kill", "rank 1 died"), ("hang", "rank 1 hangs"), ("stop", "rank 1 does not answer"),
+])
 def test_failed_rank_stops_all_with_one_line(tmp_path, how, expected):
     out = tmp_path / "v.mp4"
     jobs = [VideoJob("v", GenerationRequest(prompt="x", seed=1, **FAST), out)]
@@ -284,6 +289,27 @@ def test_failed_rank_stops_all_with_one_line(tmp_path, how, expected):
     assert expected in message and "\n" not in message and info.value.culprit == 1
     assert time.perf_counter() - start < 30
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_stopped_rank_is_not_reported_dead():
+    from tempomaster.runtime.distributed import pid_namespace, process_state
+
+    host = pid_namespace()
+    child = __import__("subprocess").Popen(["sleep", "30"])
+    try:
+        assert process_state(f"{host} {child.pid}") == "alive"
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert process_state(f"{host} {child.pid}") == "stopped"
+        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert process_state(f"{host} {child.pid}") == "gone"  # a zombie until reaped
+        child.wait()
+        assert process_state(f"{host} {child.pid}") == "gone"
+        assert process_state(f"another-{host} {child.pid}") == "unknown"  # another host: cannot tell
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_ctrl_c_in_launcher_stops_every_rank():
@@ -369,3 +395,125 @@ def test_plan_for_request_plans_the_output_size():
     assert [(s.placement.groups, s.placement.sp_degree) for s in plan.stages] == [(2, 2), (4, 1), (4, 1)]
     # 2 steps of 1/2 forward, then 1 step of 1, then 1 step of 2
     assert plan.seconds() == pytest.approx((2 * 0.5 + 1 + 2) * 0.5)
+
+
+# ----------------------------------------------------------------------------
+# What a run listens on
+# ----------------------------------------------------------------------------
+
+LISTEN_SCRIPT = """
+import time
+
+import torch
+import torch.distributed as dist
+
+from tempomaster.runtime.workers import launch
+
+
+def exchange(world):
+    flag = torch.full((1,), float(world.rank + 1))
+    dist.all_reduce(flag)
+    time.sleep(2)  # the run's sockets stay open while the test looks
+    return float(flag)
+
+
+if __name__ == "__main__":
+    print("RESULT", launch(exchange, devices=[torch.device("cpu")] * 2, timeout=60))
+"""
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _listening_sockets(pids) -> set[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket in LISTEN state that one of ``pids`` holds (/proc/net/tcp, tcp6)."""
+    import ipaddress
+
+    owner = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            rows = fh.read().splitlines()[1:]
+        for row in rows:
+            fields = row.split()
+            if fields[3] != "0A" or fields[9] not in owner:  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = bytes.fromhex(host)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((owner[fields[9]], str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def _routable_interface() -> str | None:
+    for name in sorted(os.listdir("/sys/class/net")):
+        try:
+            flags = int(open(f"/sys/class/net/{name}/flags").read(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & 0x1 and not flags & 0x8:  # IFF_UP, not IFF_LOOPBACK
+            return name
+    return None
+
+
+def test_a_run_listens_on_loopback_only(tmp_path):
+    """During a 2-rank gloo run, every listening socket of the launcher, its fork server and its ranks (the
+    rendezvous store, gloo's) is on a loopback address, even when the user's shell names another interface
+    for gloo (where this machine has one)."""
+    import subprocess
+
+    env = dict(os.environ)
+    interface = _routable_interface()
+    if interface is not None:
+        env["GLOO_SOCKET_IFNAME"] = interface
+    script = tmp_path / "run.py"
+    script.write_text(LISTEN_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[tuple[int, str, int]] = set()
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= _listening_sockets(_process_tree(proc.pid))
+        time.sleep(0.05)
+    proc.kill()
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "RESULT [3.0, 3.0]" in out
+    exposed = sorted(s for s in seen if not _is_loopback(s[1]))
+    assert not exposed, exposed
+    # not vacuous: the launcher's store and the ranks' gloo sockets were seen
+    assert proc.pid in {pid for pid, _, _ in seen} and len({pid for pid, _, _ in seen}) >= 2, seen

@@ -16,12 +16,23 @@ same numbers everywhere and the video equals the one-process video:
 Faults: every rank beats a heartbeat into the rendezvous store and marks
 there when it waits in a collective.  When a collective fails (a peer's
 socket closed, or nothing arrived within the timeout) the rank reads the
-store and names, in one line, the rank that died (no heartbeat) or hangs
-(alive, but not waiting in any collective when the others gave up).
+store and names, in one line, the rank that died (no heartbeat, its process
+gone), does not answer (no heartbeat, its process stopped or out of reach:
+SIGSTOP, Ctrl-Z, a host that vanished) or hangs (alive, but not waiting in
+any collective when the others gave up).
+
+Network: a single-host run (the master address is a loopback address, as
+our launcher's always is) listens on loopback only: the rendezvous store is
+handed a socket bound there (TCPStore's own server binds every interface),
+and gloo's and NCCL's sockets are put on the loopback interface.  A run
+across hosts (torchrun with a routable master address) listens where the
+user's master address says; torchrun's own agent store is torchrun's.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -93,16 +104,86 @@ class World:
             dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------
+# Where the run listens
+# ----------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback one (127.0.0.0/8, ::1): a single-host run."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface (Linux: the one flagged IFF_LOOPBACK; ``lo`` by default)."""
+    try:
+        for name in sorted(os.listdir("/sys/class/net")):
+            with open(f"/sys/class/net/{name}/flags") as fh:
+                if int(fh.read().strip(), 16) & 0x8:  # IFF_LOOPBACK
+                    return name
+    except (OSError, ValueError):
+        pass
+    return "lo"
+
+
+def keep_collectives_on_loopback(force: bool) -> None:
+    """gloo's and NCCL's own listening sockets on the loopback interface.
+
+    ``force``: our launcher's ranks, always on one host, override any
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME of the user's shell; under
+    torchrun with a loopback master address a value the user set is kept.
+    """
+    interface = loopback_interface()
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if force:
+            os.environ[name] = interface
+        else:
+            os.environ.setdefault(name, interface)
+
+
+def host_store(host: str, port: int, world_size: int | None, timeout: float):
+    """The rendezvous store's server, listening on ``host`` only when it is a loopback address.
+
+    torch's TCPStore server binds every interface whatever host it is given;
+    handed an already-listening socket (``master_listen_fd``) it serves on
+    that one.  A routable ``host`` (a run across machines) keeps torch's own
+    binding: the master address is then the user's choice.
+    """
+    import torch.distributed as dist
+
+    if not is_loopback(host):
+        return dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    family, _, _, _, address = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0]
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+        bound_port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    fd = listener.detach()  # the store owns and closes it from here on
+    try:
+        return dist.TCPStore(host, bound_port, world_size, is_master=True, timeout=timedelta(seconds=timeout),
+                             wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _connect_store(rank: int, world_size: int, timeout: float):
     import torch.distributed as dist
 
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     # torchrun's agent, or our launcher, already hosts the store; plain env:// has rank 0 host it.
     hosted = os.environ.get(STORE_HOSTED_ENV) == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return dist.TCPStore(
-        host, port, world_size, is_master=(rank == 0 and not hosted), timeout=timedelta(seconds=timeout),
-        wait_for_workers=False,
-    )
+    if rank == 0 and not hosted:
+        return host_store(host, port, world_size, timeout)
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout), wait_for_workers=False)
 
 
 def join_from_env(timeout: float = 600.0, device: str | torch.device | None = None) -> World:
@@ -122,6 +203,8 @@ def join_from_env(timeout: float = 600.0, device: str | torch.device | None = No
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if is_loopback(os.environ["MASTER_ADDR"]):  # one host: nothing of the run listens beyond it
+        keep_collectives_on_loopback(force=os.environ.get(STORE_HOSTED_ENV) == "1")
     if backend == "nccl":
         # A timed-out NCCL collective then raises in this process (as gloo's do) instead of the
         # watchdog aborting it, so the rank at fault can be named.
@@ -132,8 +215,32 @@ def join_from_env(timeout: float = 600.0, device: str | torch.device | None = No
         timeout=timedelta(seconds=timeout),
     )
     world = World(rank, size, local_rank, device, store, timeout, backend)
+    store.set(f"tm/process/{rank}", f"{pid_namespace()} {os.getpid()}")  # whom a peer looks at when it is silent
     world._beat = _start_heartbeat(store, rank)
     return world
+
+
+def pid_namespace() -> str:
+    """Where a pid means the same process: this boot of this machine and this pid namespace (Linux), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return f"{fh.read().strip()}/{os.readlink('/proc/self/ns/pid')}".replace(" ", "")
+    except OSError:
+        return socket.gethostname().replace(" ", "")
+
+
+def process_state(record: str) -> str:
+    """``gone``, ``stopped``, ``alive``, or ``unknown`` (another machine or pid namespace) for a rank's
+    "NAMESPACE PID" record."""
+    namespace, _, pid = record.partition(" ")
+    if namespace != pid_namespace() or not pid.isdigit():
+        return "unknown"
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rpartition(")")[2].split()[0]  # the field after "(comm)"
+    except (OSError, IndexError):
+        return "gone"
+    return {"Z": "gone", "X": "gone", "T": "stopped", "t": "stopped"}.get(state, "alive")
 
 
 def _start_heartbeat(store, rank: int) -> threading.Event:
@@ -197,7 +304,7 @@ class RankGroup:
         # A peer's death shows at once (its sockets close) but its heartbeat needs a moment to go stale.
         deadline = time.monotonic() + (0 if timed_out else _DEAD_AFTER_SECONDS + 2 * _HEARTBEAT_SECONDS)
         while True:
-            dead, running = [], []
+            silent, running = [], []
             try:
                 now = time.time()
                 for r in self.ranks:
@@ -206,13 +313,14 @@ class RankGroup:
                     alive = float(store.get(f"tm/alive/{r}").decode()) if store.check([f"tm/alive/{r}"]) else 0.0
                     state = store.get(f"tm/state/{r}").decode() if store.check([f"tm/state/{r}"]) else "run"
                     if now - alive > _DEAD_AFTER_SECONDS:
-                        dead.append(r)
+                        process = store.get(f"tm/process/{r}").decode() if store.check([f"tm/process/{r}"]) else ""
+                        silent.append((r, now - alive, process_state(process), process.partition(" ")[2]))
                     elif state == "run":
                         running.append(r)
             except Exception:
                 return WorkerError(f"rank {me} lost the rendezvous store during {what}: the process hosting it died", None)
-            if dead:
-                return WorkerError(f"rank {dead[0]} died during {what}; rank {me} stopped", dead[0])
+            if silent:
+                return self._silent_rank(what, timed_out, *silent[0])
             if time.monotonic() >= deadline:
                 if running and timed_out:
                     return WorkerError(
@@ -222,6 +330,22 @@ class RankGroup:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 return WorkerError(f"rank {me}: {what} failed: {first}", None)
             time.sleep(_HEARTBEAT_SECONDS)
+
+
+    def _silent_rank(self, what: str, timed_out: bool, rank: int, quiet: float, process: str, pid: str) -> WorkerError:
+        """A rank without a heartbeat: dead (its process gone, or its sockets closed at once), or not
+        answering (its process stopped, or the collective timed out with nothing known of it)."""
+        me = self.world.rank
+        if process == "stopped":
+            return WorkerError(f"rank {rank} does not answer during {what}: its process {pid} is stopped "
+                               f"(SIGSTOP or Ctrl-Z; no heartbeat for {quiet:.0f} s); rank {me} stopped", rank)
+        if process == "gone" or (process == "unknown" and not timed_out):
+            return WorkerError(f"rank {rank} died during {what}; rank {me} stopped", rank)
+        if process == "alive":
+            return WorkerError(f"rank {rank} does not answer during {what}: its process {pid} runs but sent no "
+                               f"heartbeat for {quiet:.0f} s; rank {me} stopped", rank)
+        return WorkerError(f"rank {rank} does not answer during {what}: no heartbeat for {quiet:.0f} s "
+                           f"(its process stopped, or its host unreachable); rank {me} stopped", rank)
 
 
 def _watched_sequence_parallel(group: RankGroup, pg, rank: int, size: int):

@@ -13,7 +13,6 @@ import queue as queue_module
 import signal
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -28,6 +27,7 @@ from .distributed import (
     RankGroup,
     World,
     WorkerError,
+    host_store,
     join_from_env,
     supports_sequence_parallel,
     torchrun_environment,
@@ -138,7 +138,6 @@ def launch(
     dies or hangs, every rank is stopped and ``WorkerError`` names it; Ctrl-C
     stops every rank and re-raises.
     """
-    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     devices = [torch.device(d) for d in devices]
@@ -148,7 +147,7 @@ def launch(
     # interpreter per rank, and safe: nothing in it has started threads or touched CUDA).
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "tempomaster.runtime.workers"])
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    store = host_store("127.0.0.1", 0, None, timeout)  # loopback only: the ranks are all on this host
     results = ctx.Queue()
     world = len(devices)
     procs = [
@@ -211,6 +210,10 @@ def _stop(procs) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
+            try:  # a stopped rank (SIGSTOP, Ctrl-Z) acts on the SIGTERM only once it runs again
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + 3.0
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
