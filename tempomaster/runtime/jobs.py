@@ -398,7 +398,7 @@ def resolve_dtype(options: GenerateOptions, device: str, build_precision: str | 
     return "bf16" if device.startswith("cuda") else "fp32"
 
 
-def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int, preset_name: str | None = None):
+def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int):
     """The torch backend over the named models, or onnxruntime / tensorrt over a build's graphs."""
     import torch
 
@@ -417,7 +417,8 @@ def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int
     from .backends.torch import TorchBackend
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    models = load_model_set(options.preset or preset_name, options.checkpoints, options.config, torch_dtype)
+    # only a preset the user typed is a claim about the files (checked); a guessed one lent defaults only
+    models = load_model_set(options.preset, options.checkpoints, options.config, torch_dtype)
     return TorchBackend(models, torch_dtype, device=device, tile=bool(options.tile)), models.tokenizer
 
 
@@ -445,30 +446,46 @@ def preset_defaults(options: GenerateOptions):
             preset.defaults, height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
             frame_intervals=tuple(shape["intervals"]),
         )
-        return defaults, preset, manifest
-    from ..models.checkpoints import CheckpointPaths, preset_for_dit_file
+        return defaults, models_of_build(manifest, preset), manifest
+    from ..models.checkpoints import CheckpointPaths, checkpoint_preset
     from ..models.sources import release_config_has_models
 
     try:
         config_has_models = release_config_has_models(options.config)
     except CheckpointError as err:
         raise UsageError(f"--config: {err}") from None
-    if options.preset:
-        preset = get_preset(options.preset)
-    elif options.checkpoints is not None or config_has_models:
-        # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
+    typed = get_preset(options.preset) if options.preset else None
+    if options.checkpoints is not None or config_has_models:
+        # Every dimension from the files (memory-mapped: only the headers are read); a typed
+        # --preset is checked against them, a guessed one lends its defaults only.
         flag = "--checkpoints" if options.checkpoints is not None else "--config"
         try:
             paths = (CheckpointPaths.from_dir(options.checkpoints) if options.checkpoints is not None
                      else CheckpointPaths.from_release_config(options.config))
-            preset = preset_for_dit_file(paths.dit)
+            preset = checkpoint_preset(paths, typed)
         except CheckpointError as err:
             raise UsageError(f"{flag}: {err}") from None
+    elif typed is not None:
+        preset = typed
     elif options.config is None:
         preset = get_preset(DEFAULT_PRESET)
     else:
         preset = get_preset("tempomaster-14b")
     return preset.defaults, preset, None
+
+
+def models_of_build(manifest, preset):
+    """`preset` with the model dimensions the build recorded: its name lent the defaults, its files their sizes."""
+    from dataclasses import fields, replace
+
+    recorded = manifest.data.get("models") or {}
+    parts = {}
+    for name in ("dit", "vae", "t5"):
+        cfg, found = getattr(preset, name), recorded.get(name)
+        if isinstance(found, dict):
+            known = {f.name for f in fields(cfg)}
+            parts[name] = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if k in known})
+    return replace(preset, **parts)
 
 
 # ----------------------------------------------------------------------------
@@ -515,7 +532,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     torch.set_num_threads(threads)
     if options.devices is not None or _under_torchrun():
         return _run_distributed(options, jobs, preset, dtype, threads, echo)
-    backend, tokenizer = make_backend(options, dtype, device, threads, preset.name)
+    backend, tokenizer = make_backend(options, dtype, device, threads)
     if hasattr(backend, "check_request"):
         for job in jobs:
             h, w = job.request.output_size()
@@ -571,7 +588,7 @@ def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: s
     if options.engines is not None and options.backend != "torch":
         factory = OnnxRuntimeBackendFactory(options.engines, options.checkpoints, options.config, threads, bool(options.tile))
     else:
-        factory = TorchBackendFactory(options.preset or preset.name, options.checkpoints, options.config, dtype, bool(options.tile))
+        factory = TorchBackendFactory(options.preset, options.checkpoints, options.config, dtype, bool(options.tile))
     several = len(jobs) > 1
     video_jobs = []
     for job in jobs:
