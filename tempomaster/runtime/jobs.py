@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
-from .video import write_result
+from .video import VIDEO_SUFFIXES, foreign_frames_folder, is_video_file, unsupported_suffix, write_result
 
 SEED_MAX = 2**64 - 1
 FPS_MAX = 1000.0
@@ -317,30 +317,40 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
 # ----------------------------------------------------------------------------
 
 def output_targets(out: Path, job_name: str, several: bool, num_stages: int) -> tuple[Path, list[Path]]:
-    """(final video path, a path for each stage but the last) for `--out` as an .mp4 file or a directory.
+    """(final video path, a path for each stage but the last) for `--out` as a video file or a directory.
 
     The last stage is the video itself: `--save-stages` does not write it twice.
     """
-    if out.suffix.lower() == ".mp4":
+    if is_video_file(out):
         stem = f"{out.stem}_{job_name}" if several else out.stem
-        final = out.with_name(stem + ".mp4")
-        return final, [out.with_name(f"{stem}_stage{s}.mp4") for s in range(num_stages - 1)]
+        final = out.with_name(stem + out.suffix)
+        return final, [out.with_name(f"{stem}_stage{s}{out.suffix}") for s in range(num_stages - 1)]
     final = out / job_name
     return final, [out / f"{job_name}_stage{s}" for s in range(num_stages - 1)]
 
 
 def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
-    """Refuse an --out that cannot be written, before anything is computed; leaves nothing on disk."""
-    is_file = out.suffix.lower() == ".mp4"
+    """Refuse an --out that cannot be written, before anything is computed; leaves nothing on disk.
+
+    A PNG folder that exists is replaced only when tm-run wrote it; anything
+    else there (a user's folder, a user's file in our folder) is refused.
+    """
+    suffix = unsupported_suffix(out)
+    if suffix is not None:
+        raise UsageError(f"--out {out}: tm-run does not write {suffix} files; give a path ending in "
+                         f"{' or '.join(VIDEO_SUFFIXES)}, or a directory for PNG frames")
+    is_file = is_video_file(out)
     if is_file and out.is_dir():
-        raise UsageError(f"--out: {out} is an existing directory; give an .mp4 path or a directory without .mp4")
+        raise UsageError(f"--out: {out} is an existing directory; give an {' or '.join(VIDEO_SUFFIXES)} path "
+                         f"or a directory without such a suffix")
     if not is_file and out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory (accepted: an .mp4 path or a directory)")
+        raise UsageError(f"--out: {out} exists and is not a directory (accepted: a video file or a directory)")
     for target in targets:
         if is_file and target.is_dir():
             raise UsageError(f"--out: {target} is an existing directory, where a video would be written")
-        if not is_file and target.exists() and not target.is_dir():
-            raise UsageError(f"--out: {target} exists and is not a directory, where PNG frames would be written")
+        problem = None if is_file else foreign_frames_folder(target)
+        if problem is not None:
+            raise UsageError(f"--out: {target} {problem}: refusing to replace it; move it away or choose another --out")
     folder = out.parent if is_file else out
     probe = folder
     while not probe.exists() and probe != probe.parent:
