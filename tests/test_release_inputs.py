@@ -139,3 +139,44 @@ def test_loader_takes_the_full_width_vae_as_it_is(release_set):
     models = load_models(CheckpointPaths.from_dir(root))
     assert models.vae.cfg.dim == 96
     assert models.dit.cfg.num_layers == 3 and models.dit.cfg.ffn_dim == 96
+
+
+def test_loader_reads_a_diffusers_made_standard_width_vae_put_in_the_release_layout(release_set, tmp_path):
+    """A VAE made by diffusers (the peer), renamed to Wan2.1_VAE.pth's keys, loads through the checkpoint loader
+    beside a DiT of another preset's width, and decodes as diffusers does."""
+    import shutil
+
+    from tempomaster.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, wan_vae_to_diffusers
+
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKLWan(base_dim=96, z_dim=16)
+        ours_meta = WanVAE(VAE)
+    # the release's key of every diffusers key, from our renaming (a bijection)
+    release_keys = list(ours_meta.state_dict())
+    markers = {k: torch.tensor(i) for i, k in enumerate(release_keys)}
+    to_release = {d: release_keys[int(v)] for d, v in wan_vae_to_diffusers(markers).items()}
+    gen = torch.Generator().manual_seed(11)
+    state = {}
+    for name, p in ref.state_dict().items():
+        if p.is_floating_point() and name in to_release:
+            scale = 0.1 if name.endswith("gamma") else 0.05
+            state[name] = (1.0 if name.endswith("gamma") else 0.0) + scale * torch.randn(p.shape, generator=gen)
+    assert set(state) == set(to_release)
+    ref.load_state_dict(state, strict=False, assign=True)
+    ref.eval()
+
+    root, _ = release_set
+    folder = tmp_path / "set"
+    shutil.copytree(root, folder)
+    torch.save({to_release[k]: v for k, v in state.items()}, folder / VAE_FILE)
+    models = load_models(CheckpointPaths.from_dir(folder))
+    assert (models.vae.cfg.dim, models.dit.cfg.dim) == (96, 64)
+
+    latents = torch.randn(1, 16, 2, 2, 2, generator=gen)
+    mean, std = torch.tensor(LATENTS_MEAN).view(1, -1, 1, 1, 1), torch.tensor(LATENTS_STD).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        expected = ref.decode(latents * std + mean).sample
+        got = models.vae.decode(latents)
+    assert got.shape == expected.shape == (1, 3, 5, 16, 16)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
