@@ -43,3 +43,13 @@ class MissingDependencyError(TempoMasterError, RuntimeError):
     """
 
     exit_code = 3
+
+
+class OutputError(TempoMasterError, RuntimeError):
+    """An output could not be written (a full disk, a quota, a failed encoder).
+
+    Exit code 1: the temporary file was removed and the previous output, if
+    any, is left as it was; the message names the output.
+    """
+
+    exit_code = 1

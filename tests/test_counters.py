@@ -2,8 +2,9 @@
 
 The expected values are worked out by hand from the stage plan (SPEC 3): one
 text call; per stage one DiT call per step on all active chunks and their
-unconditional twins, one VAE encode and one VAE decode per active chunk (chunks
-of nothing but padding are skipped). Real generations with the tiny preset at
+unconditional twins, one VAE encode of all its active chunks (as the release
+makes) and one VAE decode per active chunk (chunks of nothing but padding are
+skipped). Real generations with the tiny preset at
 16x16 pixels (the call structure does not depend on the resolution) must make
 exactly those calls.
 """
@@ -28,22 +29,22 @@ RELEASE = dict(num_frames=109, frame_intervals=(4, 2, 1), steps_per_stage=(50, 3
 # Hand-worked (README of the planner: stage 0 is one chunk, stage s has max(4 // interval, 1) chunks).
 HAND = {
     # 50 + 32 + 32 steps, one batched call each; the release runs cond and uncond apart: 2 x 114;
-    # 1 + 2 + 4 chunks, each encoded and decoded on its own
-    "release defaults": (RELEASE, BackendCalls(text=1, dit=114, vae_encode=7, vae_decode=7, dit_batches=(2, 4, 8),
+    # 1 + 2 + 4 chunks, encoded in one call per stage, each decoded on its own
+    "release defaults": (RELEASE, BackendCalls(text=1, dit=114, vae_encode=3, vae_decode=7, dit_batches=(2, 4, 8),
                                                vae_encode_items=7, vae_decode_items=7, release_dit=228)),
     # [4, 1]: stage 1 at interval 1 has 4 chunks; 50 + 32 steps
     "[4,1]": (dict(RELEASE, frame_intervals=(4, 1), steps_per_stage=(50, 32)),
-              BackendCalls(1, 82, 5, 5, (2, 8), 5, 5, 164)),
+              BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164)),
     # [2, 1]: the same chunk counts as [4, 1] (stage 0 is always one chunk)
     "[2,1]": (dict(RELEASE, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
-              BackendCalls(1, 82, 5, 5, (2, 8), 5, 5, 164)),
+              BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164)),
     # [2, 1] at 5 frames: 10 frames in 4 chunks of 5, chunks 2 and 3 all padding: a DiT batch of 4, not 8
     "[2,1] 5 frames": (dict(RELEASE, num_frames=5, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
-                       BackendCalls(1, 82, 3, 3, (2, 4), 3, 3, 164)),
+                       BackendCalls(1, 82, 2, 3, (2, 4), 3, 3, 164)),
     # no unconditional twins: half the DiT batch, the same number of calls; the release needs one per step too
-    "guidance 1": (dict(RELEASE, guidance_scale=1.0), BackendCalls(1, 114, 7, 7, (1, 2, 4), 7, 7, 114)),
+    "guidance 1": (dict(RELEASE, guidance_scale=1.0), BackendCalls(1, 114, 3, 7, (1, 2, 4), 7, 7, 114)),
     # four times the frames: longer chunks, not more calls
-    "long video": (dict(RELEASE, num_frames=433), BackendCalls(1, 114, 7, 7, (2, 4, 8), 7, 7, 228)),
+    "long video": (dict(RELEASE, num_frames=433), BackendCalls(1, 114, 3, 7, (2, 4, 8), 7, 7, 228)),
 }
 
 

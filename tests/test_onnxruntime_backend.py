@@ -102,3 +102,16 @@ def test_tm_run_on_engines_uses_the_build_shape(tiny_build, tmp_path):
     assert rc == 0
     frames, fps = read_video_frames(tmp_path / "v.mp4")
     assert frames.shape == (36, 32, 48, 3) and fps == 24
+
+
+def test_sessions_are_open_before_the_first_call(tiny_build, monkeypatch):
+    """Opening the backend creates every graph's session: a generation's clock never includes one."""
+    import onnxruntime as ort
+
+    backend = OnnxRuntimeBackend.from_build(tiny_build, threads=1)
+    assert all(g._session is not None for g in backend.graphs.values())
+    created = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: created.append(a) or pytest.fail("a session made late"))
+    backend.encode_text(torch.ones(2, backend.info.text_len, dtype=torch.int64),
+                        torch.ones(2, backend.info.text_len, dtype=torch.int64))
+    assert created == []

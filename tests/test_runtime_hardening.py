@@ -272,8 +272,9 @@ def test_memory_estimate_against_the_measured_peak():
     assert 1.0 <= ratio <= 1.5, res.stdout
 
 
-def test_condition_videos_are_built_one_chunk_at_a_time(tiny_models, monkeypatch):
-    """Each later stage builds a chunk's condition video only when the previous one has been encoded."""
+def test_condition_videos_are_built_one_encode_call_at_a_time(tiny_models, monkeypatch):
+    """A later stage builds its chunks' condition videos only for the encode call that takes them: with
+    `vae_encode_batch` 1, each only once the previous one has been encoded."""
     from tempomaster.runtime import pipeline
 
     built = []
@@ -286,6 +287,8 @@ def test_condition_videos_are_built_one_chunk_at_a_time(tiny_models, monkeypatch
     monkeypatch.setattr(pipeline, "chunk_condition_video", counting)
 
     class Checking(RecordingBackend):
+        vae_encode_batch = 1
+
         def vae_encode(self, video):
             later = [b for b in built if b[0] > 0]
             encoded_later = len(self.encoded) - 1  # stage 0's video is not built by chunk_condition_video

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from ..atomic_write import write_bytes
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from .fp8 import BLOCK_LINEARS, quantizable_layers
@@ -76,15 +76,7 @@ def _describe_shape(d: Mapping) -> str:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes(path, data)
 
 
 def _file_sha256(path: Path) -> str:

@@ -6,6 +6,7 @@ torch or onnx is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from ..interrupts import catch_interrupts
 from ..limits import MAX_FRAME_INTERVAL, MAX_SIDE, MAX_VIDEO_FRAMES
 
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+# Errors of the disk, not of the program: one line and exit 1 from any writer the atomic helpers do not wrap.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 PRESETS = ("toy", "tiny", "wan-1.3b", "tempomaster-14b")
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (as an unsigned value)
 
@@ -110,6 +113,12 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"{prog}: error: cannot write{where}: {err.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing half-written was kept", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=finite_number(0, low_inclusive=False), default=600.0,
                    help="seconds a rank waits for the others at any exchange (model loading included) before all stop, "
                         "naming the rank that died or hangs (default 600)")
-    p.add_argument("--out", type=Path, default=Path("out/video.mp4"), help="an .mp4 file or a directory (PNG frames)")
+    p.add_argument("--out", type=Path, default=Path("out/video.mp4"),
+                   help="an .mp4 or .gif file, or a directory: one folder of PNG frames per video, replaced only when tm-run wrote it")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="write a torch.profiler Chrome trace (trace.json), breakdown.json and a per-stage bar chart "
                         "(stages.png) to DIR; one subdirectory per video when there are several")

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..atomic_write import fsync_file, output_error, write_bytes
 from ..errors import ExportError, MissingDependencyError, UsageError
 from ..interrupts import raise_if_interrupted
 from .manifest import load_manifest, sha256_file, verify_files
@@ -169,13 +170,6 @@ def _config(trt, builder, options: EngineOptions, profile: GraphProfile, cache_b
     return config
 
 
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def build_engines(
     build_dir: str | os.PathLike,
     options: EngineOptions = EngineOptions(),
@@ -237,12 +231,16 @@ def build_engines(
             if plan is None:
                 raise ExportError(f"{name}: TensorRT could not build a plan: " + ("; ".join(logger.errors[-5:]) or "no reason logged"))
             cache_blob = bytes(config.get_timing_cache().serialize())
-            _write_atomic(cache_path, cache_blob)
+            write_bytes(cache_path, cache_blob)
             final = root / plan_file(name)
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             temps[name] = tmp
-            with open(tmp, "wb") as f:
-                f.write(plan)
+            try:  # every plan is staged first and all replace the previous ones together below
+                with open(tmp, "wb") as f:
+                    f.write(plan)
+                fsync_file(tmp)
+            except OSError as err:
+                raise output_error(final, err) from None
             del plan, config, parser, network, builder
             seconds = time.perf_counter() - t0
             size = tmp.stat().st_size

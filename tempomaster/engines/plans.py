@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from ..atomic_write import write_text
 from ..errors import ManifestError
 from .manifest import MANIFEST_FILE, Manifest, sha256_file
 
@@ -134,7 +135,4 @@ def check_plan(manifest: Manifest, name: str, *, tensorrt_version: str, compute_
 
 def write_manifest(build_dir: str | os.PathLike, data: Mapping) -> None:
     """manifest.json through a temporary name and a rename: never half-written."""
-    path = Path(build_dir) / MANIFEST_FILE
-    tmp = path.with_name(f".{MANIFEST_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(Path(build_dir) / MANIFEST_FILE, json.dumps(data, indent=1) + "\n")

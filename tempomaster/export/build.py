@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from ..atomic_write import output_error
 from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
@@ -255,8 +256,10 @@ def export_onnx(
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         raise_if_interrupted()  # a press some library swallowed: the old build stays
         _swap_in(staging, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a quota: the previous build is untouched
+            raise output_error(out_dir, err) from None
         raise
     return manifest
 

@@ -26,7 +26,7 @@ VAE_FILE = "encoders/Wan2.1_VAE.pth"
 TOKENIZER_DIR = "encoders/google/umt5-xxl"
 
 
-from ..errors import CheckpointError  # noqa: E402  (re-exported: the loaders raise it)
+from ..errors import CheckpointError, UsageError  # noqa: E402  (CheckpointError re-exported: the loaders raise it)
 
 
 # ----------------------------------------------------------------------------
@@ -271,33 +271,20 @@ def load_dit(
     source: str = "wan_video_dit_config",
     state: Mapping[str, torch.Tensor] | None = None,
 ):
-    """Load the DiT; `declared` (a release dit config or a preset's fields) must agree with the tensors."""
+    """Load the DiT alone; `declared` (a release dit config) must agree with the tensors."""
     from .dit import WanDiT
 
     state = read_state_dict(path) if state is None else state
     cfg = infer_dit_config(state, num_heads, path, eps=float((declared or {}).get("eps", 1e-6)))
     if declared:
         check_dit_config_against(cfg, declared, source, path)
-    if cfg.dim % num_heads:
-        raise CheckpointError(f"{path}: DiT dim {cfg.dim} (from the checkpoint) is not divisible by num_heads {num_heads}")
+    _check_heads(cfg, path)
     return load_into(lambda: WanDiT(cfg), state, path, f"DiT ({_describe(cfg)})", dtype)
 
 
-def load_vae(path, preset: Preset, dtype=torch.float32):
-    from .vae import WanVAE
-
-    state = read_state_dict(path)
-    cfg = replace(preset.vae, **_fields(infer_vae_config(state, path), ("dim", "z_dim")))
-    return load_into(lambda: WanVAE(cfg), state, path, f"VAE of preset {preset.name!r} ({_describe(cfg)})", dtype)
-
-
-def load_t5(path, preset: Preset, dtype=torch.float32):
-    from .t5 import UMT5Encoder, check_t5_dtype
-
-    check_t5_dtype(dtype)
-    state = read_state_dict(path)
-    cfg = replace(preset.t5, **_fields(infer_t5_config(state, path), ("vocab_size", "dim", "dim_attn", "dim_ffn", "num_heads", "num_buckets", "num_layers")))
-    return load_into(lambda: UMT5Encoder(cfg), state, path, f"umT5 encoder of preset {preset.name!r} ({_describe(cfg)})", dtype)
+def _check_heads(cfg: DiTConfig, path) -> None:
+    if cfg.dim % cfg.num_heads:
+        raise CheckpointError(f"{path}: DiT dim {cfg.dim} (from the checkpoint) is not divisible by num_heads {cfg.num_heads}")
 
 
 def _fields(cfg, names) -> dict:
@@ -324,22 +311,79 @@ class ModelSet:
     tokenizer: object
 
 
-def _preset_by_width(dim: int, path) -> Preset:
+def preset_of_width(dim: int) -> Preset | None:
+    """The built-in preset whose DiT has this width, if any: a source of generation defaults only."""
     from .presets import PRESETS
 
-    for preset in PRESETS.values():
-        if preset.dit.dim == dim:
-            return preset
-    widths = ", ".join(f"{p.name}: {p.dit.dim}" for p in PRESETS.values())
-    raise CheckpointError(
-        f"{path}: DiT width {dim} matches no preset ({widths}); give the head count with "
-        "--config (model_configs.wan_video_dit_config.num_heads)"
-    )
+    return next((p for p in PRESETS.values() if p.dit.dim == dim), None)
 
 
-def preset_for_dit_file(path) -> Preset:
-    state = read_state_dict(path)
-    return _preset_by_width(int(_need(state, "patch_embedding.weight", path).shape[0]), path)
+_VAE_FIELDS = ("dim", "z_dim")
+_T5_FIELDS = ("vocab_size", "dim", "dim_attn", "dim_ffn", "num_heads", "num_buckets", "num_layers")
+
+
+def checkpoint_preset(
+    paths: CheckpointPaths,
+    typed: Preset | None = None,
+    dit_state: Mapping[str, torch.Tensor] | None = None,
+) -> Preset:
+    """The preset a checkpoint set runs as: every model dimension from the files.
+
+    Dimensions come from the tensors (and the release's `wan_video_dit_config`,
+    which must agree with them). `typed` is a preset the user named (`--preset`):
+    its dimensions must agree with the files, and the refusal names the flag.
+    Without one, the built-in preset whose DiT width the files have lends its
+    name and generation defaults (sizes, steps) and nothing else; a width no
+    preset has takes the release's defaults. Only the files are read (memory-mapped).
+    """
+    dit_state = read_state_dict(paths.dit) if dit_state is None else dit_state
+    dim = int(_need(dit_state, "patch_embedding.weight", paths.dit).shape[0])
+    guessed = preset_of_width(dim)
+    lender = typed or guessed or get_preset("tempomaster-14b")
+    declared = dict(paths.dit_config) if paths.dit_config else {}
+    if "num_heads" in declared:
+        num_heads = int(declared["num_heads"])
+    elif typed is not None or guessed is not None:
+        num_heads = lender.dit.num_heads
+    else:
+        raise CheckpointError(
+            f"{paths.dit}: DiT width {dim} matches no preset "
+            f"({', '.join(f'{p.name}: {p.dit.dim}' for p in _presets())}); give the head count with "
+            "--config (model_configs.wan_video_dit_config.num_heads)"
+        )
+    dit = infer_dit_config(dit_state, num_heads, paths.dit, eps=float(declared.get("eps", 1e-6)))
+    if declared:
+        check_dit_config_against(dit, declared, "wan_video_dit_config", paths.dit)
+    vae = replace(VAEConfig(), **_fields(infer_vae_config(read_state_dict(paths.vae), paths.vae), _VAE_FIELDS))
+    t5 = replace(T5Config(), **_fields(infer_t5_config(read_state_dict(paths.t5), paths.t5), _T5_FIELDS))
+    if typed is not None:
+        _check_typed_preset(typed, paths, dit, vae, t5)
+    _check_heads(dit, paths.dit)
+    # The text length is no tensor's dimension: the toy's umT5 was trained on 32
+    # tokens, the release's on 512. A preset lends its own only to its own umT5.
+    if typed is not None or _fields(t5, _T5_FIELDS) == _fields(lender.t5, _T5_FIELDS):
+        t5 = replace(t5, text_len=lender.t5.text_len)
+    return replace(lender, dit=dit, vae=vae, t5=t5)
+
+
+def _presets():
+    from .presets import PRESETS
+
+    return PRESETS.values()
+
+
+def _check_typed_preset(typed: Preset, paths: CheckpointPaths, dit: DiTConfig, vae: VAEConfig, t5: T5Config) -> None:
+    """A --preset the user typed is a claim about the files: any dimension it states must be theirs."""
+    checks = [("DiT", paths.dit, dit, typed.dit, tuple(f for f in _DIT_CONFIG_FIELDS if f != "eps")),
+              ("VAE", paths.vae, vae, typed.vae, _VAE_FIELDS),
+              ("umT5", paths.t5, t5, typed.t5, _T5_FIELDS)]
+    for what, path, have, want, names in checks:
+        for name in names:
+            if getattr(have, name) != getattr(want, name):
+                raise UsageError(
+                    f"--preset {typed.name}: the preset says {what} {name}={getattr(want, name)!r} but {path} "
+                    f"has {name}={getattr(have, name)!r}; leave --preset out to run the files as they are"
+                )
 
 
 def load_models(
@@ -348,37 +392,25 @@ def load_models(
     dtype: torch.dtype = torch.float32,
     t5_dtype: torch.dtype | None = None,
 ) -> ModelSet:
-    """Load the release's checkpoint set.
+    """Load the release's checkpoint set as `checkpoint_preset` reads it.
 
-    The DiT's head count comes from the release config if given, else from the
-    named preset, else from the preset whose width the checkpoint has. Any
-    dimension the config or the named preset states must agree with the files.
+    `preset` is one the user named (or the one a shipped set belongs to): its
+    dimensions must agree with the files. Without it every dimension is the files'.
     """
+    from .dit import WanDiT
+    from .t5 import UMT5Encoder, check_t5_dtype
     from .tokenizer import PromptTokenizer
+    from .vae import WanVAE
 
     dit_state = read_state_dict(paths.dit)
-    dim = int(_need(dit_state, "patch_embedding.weight", paths.dit).shape[0])
-    if paths.dit_config:
-        declared, source = dict(paths.dit_config), "wan_video_dit_config"
-    elif preset is not None:
-        declared = {f: getattr(preset.dit, f) for f in _DIT_CONFIG_FIELDS}
-        source = f"preset {preset.name!r}"
-    else:
-        declared, source = None, ""
-    chosen = preset or _preset_by_width(dim, paths.dit)
-    num_heads = int(declared["num_heads"]) if declared and "num_heads" in declared else chosen.dit.num_heads
-    dit = load_dit(paths.dit, num_heads, dtype, declared, source, state=dit_state)
+    chosen = checkpoint_preset(paths, preset, dit_state)
+    dit = load_into(lambda: WanDiT(chosen.dit), dit_state, paths.dit, f"DiT ({_describe(chosen.dit)})", dtype)
     del dit_state
-    vae = load_vae(paths.vae, chosen, dtype)
+    vae = load_into(lambda: WanVAE(chosen.vae), read_state_dict(paths.vae), paths.vae, f"VAE ({_describe(chosen.vae)})", dtype)
     # umT5 overflows in fp16: it stays in fp32 unless bf16 is asked for.
-    t5 = load_t5(paths.t5, chosen, t5_dtype or (torch.float32 if dtype == torch.float16 else dtype))
-    if preset is not None:
-        for what, have, want, path in (("VAE", vae.cfg, preset.vae, paths.vae), ("umT5", t5.cfg, preset.t5, paths.t5)):
-            for name in ("dim", "z_dim", "dim_ffn", "num_heads", "num_layers", "vocab_size"):
-                if hasattr(want, name) and getattr(have, name) != getattr(want, name):
-                    raise CheckpointError(
-                        f"{path}: preset {preset.name!r} says {what} {name}={getattr(want, name)} "
-                        f"but the checkpoint has {name}={getattr(have, name)}"
-                    )
+    t5_dtype = t5_dtype or (torch.float32 if dtype == torch.float16 else dtype)
+    check_t5_dtype(t5_dtype)
+    t5 = load_into(lambda: UMT5Encoder(chosen.t5), read_state_dict(paths.t5), paths.t5,
+                   f"umT5 encoder ({_describe(chosen.t5)})", t5_dtype)
     tokenizer = PromptTokenizer.from_dir(paths.tokenizer, seq_len=chosen.t5.text_len)
     return ModelSet(preset=chosen, dit=dit, vae=vae, t5=t5, tokenizer=tokenizer)

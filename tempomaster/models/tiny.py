@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_write import output_error
 from ..errors import UsageError
 from .checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from .presets import get_preset
@@ -114,8 +115,10 @@ def write_tiny_checkpoints(out_dir: str | os.PathLike, seed: int = TINY_SEED) ->
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk: nothing is left behind
+            raise output_error(out_dir, err) from None
         raise
     return out_dir
 

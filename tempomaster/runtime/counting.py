@@ -48,12 +48,14 @@ def expected_backend_calls(
     steps_per_stage: Sequence[int],
     guidance_scale: float,
     vae_batch: int = 1,
+    vae_encode_batch: int | None = None,
 ) -> BackendCalls:
     """What `pipeline.generate` must make for these settings, from the stage plan alone.
 
     One text call for prompt and negative prompt together; per stage one DiT
     call per step on its active chunks (with their unconditional twins unless
-    the guidance scale is 1), and VAE encodes and decodes of `vae_batch`
+    the guidance scale is 1), VAE encodes of `vae_encode_batch` active chunks
+    each (None: the whole stage in one call) and VAE decodes of `vae_batch`
     active chunks each (one chunk per call on one device). Chunks of nothing
     but padding are never sent.
     """
@@ -61,12 +63,13 @@ def expected_backend_calls(
     guided = guidance_scale != 1.0
     per_dit = 2 if guided else 1
     active = [len(s.active_chunks) for s in stages]
-    calls = sum(-(-n // vae_batch) for n in active)
+    encodes = sum(-(-n // (vae_encode_batch or n)) for n in active)
+    decodes = sum(-(-n // vae_batch) for n in active)
     return BackendCalls(
         text=1,
         dit=sum(steps_per_stage),
-        vae_encode=calls,
-        vae_decode=calls,
+        vae_encode=encodes,
+        vae_decode=decodes,
         dit_batches=tuple(per_dit * n for n in active),
         vae_encode_items=sum(active),
         vae_decode_items=sum(active),

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..errors import UsageError
 from ..reference_images import open_reference_image
-from .video import write_result
+from .video import VIDEO_SUFFIXES, foreign_frames_folder, is_video_file, unsupported_suffix, write_result
 
 SEED_MAX = 2**64 - 1
 FPS_MAX = 1000.0
@@ -311,30 +311,40 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
 # ----------------------------------------------------------------------------
 
 def output_targets(out: Path, job_name: str, several: bool, num_stages: int) -> tuple[Path, list[Path]]:
-    """(final video path, a path for each stage but the last) for `--out` as an .mp4 file or a directory.
+    """(final video path, a path for each stage but the last) for `--out` as a video file or a directory.
 
     The last stage is the video itself: `--save-stages` does not write it twice.
     """
-    if out.suffix.lower() == ".mp4":
+    if is_video_file(out):
         stem = f"{out.stem}_{job_name}" if several else out.stem
-        final = out.with_name(stem + ".mp4")
-        return final, [out.with_name(f"{stem}_stage{s}.mp4") for s in range(num_stages - 1)]
+        final = out.with_name(stem + out.suffix)
+        return final, [out.with_name(f"{stem}_stage{s}{out.suffix}") for s in range(num_stages - 1)]
     final = out / job_name
     return final, [out / f"{job_name}_stage{s}" for s in range(num_stages - 1)]
 
 
 def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
-    """Refuse an --out that cannot be written, before anything is computed; leaves nothing on disk."""
-    is_file = out.suffix.lower() == ".mp4"
+    """Refuse an --out that cannot be written, before anything is computed; leaves nothing on disk.
+
+    A PNG folder that exists is replaced only when tm-run wrote it; anything
+    else there (a user's folder, a user's file in our folder) is refused.
+    """
+    suffix = unsupported_suffix(out)
+    if suffix is not None:
+        raise UsageError(f"--out {out}: tm-run does not write {suffix} files; give a path ending in "
+                         f"{' or '.join(VIDEO_SUFFIXES)}, or a directory for PNG frames")
+    is_file = is_video_file(out)
     if is_file and out.is_dir():
-        raise UsageError(f"--out: {out} is an existing directory; give an .mp4 path or a directory without .mp4")
+        raise UsageError(f"--out: {out} is an existing directory; give an {' or '.join(VIDEO_SUFFIXES)} path "
+                         f"or a directory without such a suffix")
     if not is_file and out.exists() and not out.is_dir():
-        raise UsageError(f"--out: {out} exists and is not a directory (accepted: an .mp4 path or a directory)")
+        raise UsageError(f"--out: {out} exists and is not a directory (accepted: a video file or a directory)")
     for target in targets:
         if is_file and target.is_dir():
             raise UsageError(f"--out: {target} is an existing directory, where a video would be written")
-        if not is_file and target.exists() and not target.is_dir():
-            raise UsageError(f"--out: {target} exists and is not a directory, where PNG frames would be written")
+        problem = None if is_file else foreign_frames_folder(target)
+        if problem is not None:
+            raise UsageError(f"--out: {target} {problem}: refusing to replace it; move it away or choose another --out")
     folder = out.parent if is_file else out
     probe = folder
     while not probe.exists() and probe != probe.parent:
@@ -392,7 +402,7 @@ def resolve_dtype(options: GenerateOptions, device: str, build_precision: str | 
     return "bf16" if device.startswith("cuda") else "fp32"
 
 
-def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int, preset_name: str | None = None):
+def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int):
     """The torch backend over the named models, or onnxruntime / tensorrt over a build's graphs."""
     import torch
 
@@ -411,7 +421,8 @@ def make_backend(options: GenerateOptions, dtype: str, device: str, threads: int
     from .backends.torch import TorchBackend
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    models = load_model_set(options.preset or preset_name, options.checkpoints, options.config, torch_dtype)
+    # only a preset the user typed is a claim about the files (checked); a guessed one lent defaults only
+    models = load_model_set(options.preset, options.checkpoints, options.config, torch_dtype)
     return TorchBackend(models, torch_dtype, device=device, tile=bool(options.tile)), models.tokenizer
 
 
@@ -439,30 +450,46 @@ def preset_defaults(options: GenerateOptions):
             preset.defaults, height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
             frame_intervals=tuple(shape["intervals"]),
         )
-        return defaults, preset, manifest
-    from ..models.checkpoints import CheckpointPaths, preset_for_dit_file
+        return defaults, models_of_build(manifest, preset), manifest
+    from ..models.checkpoints import CheckpointPaths, checkpoint_preset
     from ..models.sources import release_config_has_models
 
     try:
         config_has_models = release_config_has_models(options.config)
     except CheckpointError as err:
         raise UsageError(f"--config: {err}") from None
-    if options.preset:
-        preset = get_preset(options.preset)
-    elif options.checkpoints is not None or config_has_models:
-        # The preset whose DiT width the checkpoint has (memory-mapped: nothing is read but the header).
+    typed = get_preset(options.preset) if options.preset else None
+    if options.checkpoints is not None or config_has_models:
+        # Every dimension from the files (memory-mapped: only the headers are read); a typed
+        # --preset is checked against them, a guessed one lends its defaults only.
         flag = "--checkpoints" if options.checkpoints is not None else "--config"
         try:
             paths = (CheckpointPaths.from_dir(options.checkpoints) if options.checkpoints is not None
                      else CheckpointPaths.from_release_config(options.config))
-            preset = preset_for_dit_file(paths.dit)
+            preset = checkpoint_preset(paths, typed)
         except CheckpointError as err:
             raise UsageError(f"{flag}: {err}") from None
+    elif typed is not None:
+        preset = typed
     elif options.config is None:
         preset = get_preset(DEFAULT_PRESET)
     else:
         preset = get_preset("tempomaster-14b")
     return preset.defaults, preset, None
+
+
+def models_of_build(manifest, preset):
+    """`preset` with the model dimensions the build recorded: its name lent the defaults, its files their sizes."""
+    from dataclasses import fields, replace
+
+    recorded = manifest.data.get("models") or {}
+    parts = {}
+    for name in ("dit", "vae", "t5"):
+        cfg, found = getattr(preset, name), recorded.get(name)
+        if isinstance(found, dict):
+            known = {f.name for f in fields(cfg)}
+            parts[name] = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if k in known})
+    return replace(preset, **parts)
 
 
 # ----------------------------------------------------------------------------
@@ -510,7 +537,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     torch.set_num_threads(threads)
     if options.devices is not None or _under_torchrun():
         return _run_distributed(options, jobs, preset, dtype, threads, echo)
-    backend, tokenizer = make_backend(options, dtype, device, threads, preset.name)
+    backend, tokenizer = make_backend(options, dtype, device, threads)
     if hasattr(backend, "check_request"):
         for job in jobs:
             h, w = job.request.output_size()
@@ -566,7 +593,7 @@ def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: s
     if options.engines is not None and options.backend != "torch":
         factory = OnnxRuntimeBackendFactory(options.engines, options.checkpoints, options.config, threads, bool(options.tile))
     else:
-        factory = TorchBackendFactory(options.preset or preset.name, options.checkpoints, options.config, dtype, bool(options.tile))
+        factory = TorchBackendFactory(options.preset, options.checkpoints, options.config, dtype, bool(options.tile))
     several = len(jobs) > 1
     video_jobs = []
     for job in jobs:

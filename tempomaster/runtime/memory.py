@@ -7,10 +7,11 @@ The estimate adds, for the device that runs the networks and for the host:
 - the weights (parameter counts of the preset's models, or the build's files);
 - the largest working set of any stage: its latents and guidance temporaries,
   the activations of one DiT call (the whole stage batch, or the build's safe
-  batch) and of one VAE step at full resolution;
+  batch) and of one VAE step at full resolution (an encode step carries all
+  the stage's chunks: one encode call per stage);
 - on the host, the frames: the previous stage's decoded video, the current
   stage's decoded chunks and their concatenation (frames never live on an
-  accelerator), and one condition video being built;
+  accelerator), and the stage's condition videos being built;
 - on the host, the reference images' preparation: each image as float32 and
   its cover-resize (an image far from the output's aspect is resized to
   far more pixels than the output has), and the prepared frames.
@@ -173,9 +174,10 @@ def stage_working_set(preset, request, dtype: str, dit_batch_cap: int | None = N
         # x in the model dtype for both halves of the batch: about 10 stage latents
         latents = 10 * latent
         dit_call = call_batch * tokens * (DIT_LIVE_WIDTHS * dit.dim + FFN_LIVE_WIDTHS * dit.ffn_dim) * width_bytes
-        vae_step = _vae_step_bytes(preset.vae, height, width, width_bytes)
+        # encode: the stage's chunks in one call; decode: one chunk per call
+        vae_step = n * _vae_step_bytes(preset.vae, height, width, width_bytes)
         decoded = stage.padded_frames * frame_bytes
-        host_frames = previous_frames * frame_bytes + 2 * decoded + stage.chunk_frames * frame_bytes
+        host_frames = previous_frames * frame_bytes + 2 * decoded + n * stage.chunk_frames * frame_bytes
         out.append({
             "stage": stage.index, "latents": latents, "dit call": dit_call, "vae step": vae_step,
             "host frames": host_frames,

@@ -157,15 +157,22 @@ def _groups(items: Iterable, size: int) -> Iterator[list]:
         yield group
 
 
+def encode_batch(backend: Backend, stage: StagePlan) -> int:
+    """Chunks per VAE encode call: the backend's limit, else the stage's active chunks."""
+    limit = getattr(backend, "vae_encode_batch", None)
+    return max(1, int(limit)) if limit else max(1, len(stage.active_chunks))
+
+
 def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
     """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
 
     `videos` yields one host-side [1, 3, L, H, W] condition video per active
-    chunk; `backend.vae_batch` of them (1 on one device) are moved, encoded
-    and dropped before the next are built.
+    chunk; `backend.vae_encode_batch` of them (all of the stage's by default:
+    one encode call per stage, as the release makes) are moved, encoded and
+    dropped before the next are built.
     """
     latents = []
-    for group in _groups(videos, max(1, int(getattr(backend, "vae_batch", 1)))):
+    for group in _groups(videos, encode_batch(backend, stage)):
         batch = torch.cat(group).to(backend.device)
         del group
         with clock.timing():

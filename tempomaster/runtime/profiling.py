@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+from ..atomic_write import staged_file, write_text
 from ..errors import UsageError
 from .backends.base import Backend
 
@@ -205,17 +205,6 @@ class GenerationProfile:
         return self.timer.breakdown()
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def profile_generation(out_dir: str | os.PathLike, device: str | torch.device = "cpu", trace: bool = True,
                        title: str | None = None) -> Iterator[GenerationProfile]:
@@ -246,10 +235,9 @@ def profile_generation(out_dir: str | os.PathLike, device: str | torch.device = 
     breakdown = prof.breakdown()
     if profiler is not None:
         profiler.__exit__(None, None, None)
-        tmp = out / ".trace.json.tmp"
-        profiler.export_chrome_trace(str(tmp))
-        os.replace(tmp, out / "trace.json")
-    _write_text(out / "breakdown.json", json.dumps({"seconds": breakdown, "device": str(device)}, indent=1) + "\n")
+        with staged_file(out / "trace.json", suffix=".json") as tmp:
+            profiler.export_chrome_trace(str(tmp))
+    write_text(out / "breakdown.json", json.dumps({"seconds": breakdown, "device": str(device)}, indent=1) + "\n")
     plot_breakdown(breakdown, out / "stages.png", title=title or "where the time went")
 
 
@@ -313,7 +301,6 @@ def plot_breakdown(breakdown: dict[str, dict[str, float]], path: str | os.PathLi
         draw.text((x + 16, legend_y), cat, fill="black", font=font)
         x += 24 + int(draw.textlength(cat, font=font)) + 12
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with staged_file(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
     return path

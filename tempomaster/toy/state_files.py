@@ -9,17 +9,17 @@ and raw tensor bytes only, so a crafted file in a work folder cannot run
 code, and every value comes back exactly (tensors bit for bit, floats via
 their shortest repr, int dict keys and tuples as they were).
 
-One file per state, written to a temporary name and renamed: a killed run
-leaves the previous state or the new one, never half of one.
+One file per state, written through ``atomic_write.staged_file``: a killed
+run leaves the previous state or the new one, never half of one.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..atomic_write import staged_file
 from ..errors import UsageError
 
 SUFFIX = ".safetensors"
@@ -35,13 +35,8 @@ def save_state(state, path: Path) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     nest = json.dumps(_encode(state, tensors), allow_nan=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with staged_file(path, suffix=SUFFIX) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": FORMAT_VERSION, "state": nest})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: Path):

@@ -45,9 +45,14 @@ class Backend(ABC):
     name: str = "abstract"
     device: torch.device = torch.device("cpu")
     info: ModelInfo
-    # Chunks per VAE call the pipeline sends: 1 keeps one chunk's activations on the
+    # Chunks per VAE decode call the pipeline sends: 1 keeps one chunk's activations on the
     # device; a backend that spreads a batch over ranks asks for one chunk per rank.
     vae_batch: int = 1
+    # Chunks per VAE encode call: None sends a stage's active chunks in one call, as the
+    # release does (one encode per stage); a backend splits it further where a graph's
+    # safe batch or profile needs. Batched, the CPU runs the encoder's convolutions on
+    # oneDNN instead of torch's per-sample im2col path (benchmarks/bench_vae_conv.py).
+    vae_encode_batch: int | None = None
 
     @abstractmethod
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The onnxruntime backend: a build's exported graphs behind the same seam.
 
-Sessions are created lazily, on first use of each graph. Inputs and outputs
+Every graph's session is created when the backend opens (`from_build`), so
+that a generation's clock never includes it. Inputs and outputs
 are bound to torch tensors' memory through IOBinding (no copies on either
 side), the VAE's causal caches ping-pong between two sets of preallocated
 tensors, and a batch larger than a graph's recorded safe batch is split into
@@ -51,7 +52,7 @@ def _providers() -> tuple[list, torch.device]:
 
 
 class GraphRunner:
-    """One ONNX graph: a lazily created session and calls bound to torch tensors."""
+    """One ONNX graph: its session (created by `open()`, or on first use) and calls bound to torch tensors."""
 
     def __init__(self, manifest: Manifest, name: str, providers: list, device: torch.device, threads: int = 0):
         self.name = name
@@ -64,6 +65,10 @@ class GraphRunner:
         self._providers = providers
         self._device = device
         self._session = None
+
+    def open(self) -> None:
+        """Create the session now (loading and optimizing the graph), not in the first call."""
+        self.session  # noqa: B018 - the property creates it
 
     @property
     def session(self):
@@ -200,7 +205,14 @@ class OnnxRuntimeBackend(Backend):
             raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
         if verify:
             verify_files(manifest)
-        return cls(manifest, threads, tile)
+        backend = cls(manifest, threads, tile)
+        backend.open_sessions()
+        return backend
+
+    def open_sessions(self) -> None:
+        """Create every graph's session: the backend opens ready, the first calls run at full speed."""
+        for graph in self.graphs.values():
+            graph.open()
 
     def check_request(self, height: int, width: int, num_frames: int, intervals: Sequence[int]) -> None:
         from ...engines.manifest import check_request

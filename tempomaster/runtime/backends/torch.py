@@ -20,6 +20,8 @@ class TorchBackend(Backend):
         # Weights move to the device once, here; the calls below only move their inputs.
         self.dit = models.dit.to(self.device, dtype).eval()
         self.vae = models.vae.to(self.device, dtype).eval()
+        # where it applies (float32 on a CPU), the 3D convolutions on oneDNN: benchmarks/bench_vae_conv.py
+        self.vae.use_onednn()
         self.t5 = models.t5.to(self.device, t5_dtype).eval()
         cfg = self.dit.cfg
         self.info = ModelInfo(
