@@ -25,12 +25,12 @@ Compatibility rules (TensorRT's own, see the engine-compatibility guide):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Mapping
 
+from ..build_format import manifest_text
 from ..errors import ManifestError
 from .manifest import MANIFEST_FILE, Manifest, sha256_file
 
@@ -136,5 +136,5 @@ def write_manifest(build_dir: str | os.PathLike, data: Mapping) -> None:
     """manifest.json through a temporary name and a rename: never half-written."""
     path = Path(build_dir) / MANIFEST_FILE
     tmp = path.with_name(f".{MANIFEST_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(manifest_text(data), encoding="utf-8")  # sealed anew: the engines section is part of it
     os.replace(tmp, path)
