@@ -95,6 +95,14 @@ def test_manifest_json_that_only_looks_like_ours_is_refused(tiny_build, tmp_path
     assert json.loads((cal / "calibration" / "amax.json").read_text()) == {"lens": "wide"}
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_loading(tmp_path, capsys, no_model_loads):
+    _refused_fast(capsys, ["onnx", "--preset", "tiny", "--out", "/proc/tm-export-test/build"], "--out: cannot write under /proc")
+    (tmp_path / "notes.txt").write_text("mine")
+    _refused_fast(capsys, ["build", "--preset", "tiny", "--out", str(tmp_path / "notes.txt" / "build")],
+                  f"--out: {tmp_path / 'notes.txt'} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_folders_of_ours_may_be_replaced(tiny_build, tmp_path):
     check_replaceable(tmp_path / "new")  # absent
     (tmp_path / "empty").mkdir()

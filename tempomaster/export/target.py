@@ -15,6 +15,8 @@ renamed over DIR only once complete. So that nothing of the user's is lost:
   this DIR, written on this host, by a process that no longer runs. A folder
   without a readable marker, from another host or of a live process is left
   alone.
+- All of this, and whether DIR can be written at all, is settled before any
+  model loads.
 """
 from __future__ import annotations
 
@@ -77,8 +79,8 @@ def check_replaceable(out_dir: Path) -> None:
     """UsageError naming the file unless `out_dir` is absent, empty, or provably a build of ours."""
     try:
         st = os.lstat(out_dir)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there to replace (check_creatable says whether it can be made)
     if stat.S_ISLNK(st.st_mode):
         raise UsageError(f"--out: {out_dir} is a symbolic link; give the build directory itself")
     if not stat.S_ISDIR(st.st_mode):
@@ -183,9 +185,24 @@ def remove_stale_staging(out_dir: Path, log: Callable[[str], None] = _stderr) ->
     return stale
 
 
+def check_creatable(out_dir: Path) -> None:
+    """UsageError unless the staging folder beside `out_dir` can be made; leaves nothing on disk."""
+    probe = out_dir.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out: {probe} is not a directory, so {out_dir} cannot be created")
+    try:
+        # the only honest test is to try: root passes os.access everywhere, /proc refuses anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".tm-export-probe-", dir=probe))
+    except OSError as err:
+        raise UsageError(f"--out: cannot write under {probe} ({err.strerror or err})") from None
+
+
 def prepare_target(out_dir: Path, log: Callable[[str], None] = _stderr) -> None:
-    """Before anything is loaded: refuse a DIR that is not ours, then clear a killed export's staging."""
+    """Before anything is loaded: refuse a DIR that is not ours or cannot be written, then clear a killed export's staging."""
     check_replaceable(out_dir)
+    check_creatable(out_dir)
     remove_stale_staging(out_dir, log)
 
 
