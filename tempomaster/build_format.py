@@ -6,11 +6,35 @@ runtime read, without export importing either of them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from typing import Mapping
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "tempomaster-build"
 FORMAT_VERSION = 1
+# The manifest's own checksum, a key of the manifest: sha256 of its other keys
+# as canonical JSON. Inside the file rather than beside it, so the manifest and
+# its checksum are written by one rename and can never disagree after a crash.
+MANIFEST_SHA256_KEY = "manifest_sha256"
+# `tm-export calibrate` writes BUILD/calibration/amax.json in this format.
+CALIBRATION_DIR = "calibration"
+CALIBRATION_FILE = "amax.json"
+CALIBRATION_FORMAT = "tempomaster-fp8-calibration"
+
+
+def manifest_sha256(data: Mapping) -> str:
+    """The checksum a manifest carries: every key but the checksum, sorted, compact, UTF-8."""
+    body = {k: v for k, v in data.items() if k != MANIFEST_SHA256_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_text(data: Mapping) -> str:
+    """The manifest.json text of `data`, sealed with its checksum (what every writer of a manifest writes)."""
+    sealed = {k: v for k, v in data.items() if k != MANIFEST_SHA256_KEY}
+    sealed[MANIFEST_SHA256_KEY] = manifest_sha256(sealed)
+    return json.dumps(sealed, indent=1) + "\n"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:

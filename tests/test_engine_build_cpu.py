@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from tempomaster.build_format import manifest_text
 from tempomaster.engines.build import ENGINE_REQUEST_KEY, check_engine_precision, export_and_build, resume_build
 from tempomaster.engines.builder import EngineOptions, build_engines, parse_size
 from tempomaster.engines.manifest import load_manifest, verify_files
@@ -59,6 +60,37 @@ def test_resume_checks_the_onnx_then_stops_with_exit_3(tiny_build, tmp_path):
         resume_build(build, overrides={"opt_level": 9}, log=lambda _l: None)
     with pytest.raises(UsageError, match="unknown engine options"):
         resume_build(build, overrides={"fp16": True}, log=lambda _l: None)
+
+
+def _edit_manifest(build, edit) -> None:
+    path = build / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(manifest_text(data))  # sealed: as a tool of another version might have written it
+
+
+def test_resume_names_the_manifest_field_not_a_flag_never_given(tiny_build, tmp_path, capsys):
+    from tempomaster.cli import export_main
+
+    build = shutil.copytree(tiny_build, tmp_path / "b")
+    _edit_manifest(build, lambda d: d.update(precision="int4"))
+    with pytest.raises(ManifestError) as info:
+        resume_build(build, log=lambda _l: None)
+    assert f"{build / 'manifest.json'}: precision 'int4'" in str(info.value) and "--precision" not in str(info.value)
+
+    _edit_manifest(build, lambda d: d.update(precision="fp32", **{ENGINE_REQUEST_KEY: {"opt_level": 9, "hardware_compat": "all"}}))
+    assert export_main(["build", "--resume", str(build)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{ENGINE_REQUEST_KEY}.opt_level must be an integer 0..5" in err and "--opt-level" not in err
+    # a flag given with --resume replaces the recorded value: then the other recorded field is the one named
+    with pytest.raises(ManifestError, match=f"{ENGINE_REQUEST_KEY}.hardware_compat must be one of"):
+        resume_build(build, overrides={"opt_level": 2}, log=lambda _l: None)
+    with pytest.raises(MissingDependencyError):
+        resume_build(build, overrides={"opt_level": 2, "hardware_compat": "none"}, log=lambda _l: None)
+    _edit_manifest(build, lambda d: d.update(**{ENGINE_REQUEST_KEY: [3]}))
+    with pytest.raises(ManifestError, match=f"{ENGINE_REQUEST_KEY} must be an object, got list"):
+        resume_build(build, log=lambda _l: None)
 
 
 def test_resume_refuses_a_tampered_onnx(tiny_build, tmp_path):

@@ -194,3 +194,92 @@ def test_call_counts_and_unknown_axes():
     entry = _batch_entry({"ids": ["batch", "seq"]}, 4)
     with pytest.raises(ManifestError, match="seq"):
         graph_profile("t5", entry, shape)
+
+
+# ----------------------------------------------------------------------------
+# Dimension expressions come from files: parsed, never eval'd
+# ----------------------------------------------------------------------------
+
+def _run_bounded(code: str, timeout: float = 60.0) -> str:
+    """Run `code` in a fresh interpreter; a hang fails the test instead of stalling the suite."""
+    import subprocess
+    import sys
+
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout:.0f}s: {code}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_a_huge_power_in_a_manifest_dimension_is_refused_at_once():
+    out = _run_bounded(
+        "import time\n"
+        "from tempomaster.engines.profiles import eval_dim, graph_profile\n"
+        "from tempomaster.errors import ManifestError\n"
+        "t = time.perf_counter()\n"
+        "for dim in ('batch*9**9**9', '2**2**40*batch', '__import__(\"os\").getpid()'):\n"
+        "    try:\n"
+        "        eval_dim(dim, {'batch': 2})\n"
+        "    except ManifestError as err:\n"
+        "        print('refused', err)\n"
+        "seconds = time.perf_counter() - t  # the profile below imports the planner: not timed\n"
+        "entry = {'max_batch': 4, 'inputs': [{'name': 'ids', 'shape': ['batch*9**9**9', 8]}]}\n"
+        "shape = {'num_frames': 9, 'intervals': [4, 2, 1]}\n"
+        "try:\n"
+        "    graph_profile('t5', entry, shape)\n"
+        "except ManifestError as err:\n"
+        "    print('refused', err)\n"
+        "print('seconds', seconds)\n"
+    )
+    lines = out.splitlines()
+    assert sum(line.startswith("refused dimension") for line in lines) == 4, out
+    assert float(lines[-1].split()[1]) < 1.0
+
+
+def test_a_huge_power_in_an_onnx_dim_param_is_not_computed():
+    """The export side reads dim_params of ONNX files (safe batch, FLOP count): same grammar, same bounds."""
+    out = _run_bounded(
+        "import onnx\n"
+        "from onnx import TensorProto, helper\n"
+        "from tempomaster.export.onnx_utils import _eval_dim, largest_batch\n"
+        "x = helper.make_tensor_value_info('x', TensorProto.FLOAT, ['batch', 8])\n"
+        "y = helper.make_tensor_value_info('y', TensorProto.FLOAT, ['batch*9**9**9', 8])\n"
+        "g = helper.make_graph([helper.make_node('Identity', ['x'], ['y'])], 'g', [x], [y])\n"
+        "batch, info = largest_batch(helper.make_model(g))\n"
+        "print(batch, info.get('unsized_tensors'), _eval_dim('frames*9**9**9', {'frames': 3}))\n"
+    )
+    batch, unsized, value = out.split()
+    assert int(batch) > 1 and unsized == "1" and value == "None"
+
+
+@pytest.mark.parametrize("dim, value", [
+    ("batch", lambda b, f: b),
+    ("2*batch", lambda b, f: 2 * b),
+    ("4*batch", lambda b, f: 4 * b),
+    ("6*frames", lambda b, f: 6 * f),
+    ("120*frames", lambda b, f: 120 * f),
+    ("batch*frames", lambda b, f: b * f),
+    ("(frames - 1)//4 + 1", lambda b, f: (f - 1) // 4 + 1),
+    ("-1 + 2*frames", lambda b, f: 2 * f - 1),
+])
+def test_the_dimensions_exports_write_still_evaluate(dim, value):
+    import random
+
+    from tempomaster.engines.profiles import eval_dim
+    from tempomaster.export.onnx_utils import _eval_dim
+
+    rng = random.Random()
+    for _ in range(20):
+        b, f = rng.randint(1, 1024), rng.randint(1, 200)
+        assert eval_dim(dim, {"batch": b, "frames": f}) == value(b, f)
+        assert _eval_dim(dim, {"batch": b, "frames": f}) == value(b, f)
+
+
+@pytest.mark.parametrize("dim", ["batch/2", "1.5", "batch if 1 else 2", "batch.real", "[batch][0]", "True", "9" * 30, "frames//0"])
+def test_dimensions_outside_the_grammar_are_refused(dim):
+    from tempomaster.engines.profiles import eval_dim
+
+    with pytest.raises(ManifestError, match="dimension"):
+        eval_dim(dim, {"batch": 3, "frames": 5})

@@ -1,11 +1,13 @@
 """Manifest verification (engines.manifest) and the build's all-or-nothing swap."""
 import json
+import shutil
 
 import onnx
 import pytest
 
 from export_helpers import build, copy_build, micro_models, micro_shape
 
+from tempomaster.build_format import manifest_text
 from tempomaster.errors import UsageError
 from tempomaster.engines.manifest import (
     ManifestError,
@@ -56,7 +58,7 @@ def test_renamed_input_is_detected(build_copy):
     from tempomaster.engines.manifest import sha256_file
 
     m.data["files"]["onnx/dit.onnx"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    (build_copy / "manifest.json").write_text(json.dumps(m.data))
+    (build_copy / "manifest.json").write_text(manifest_text(m.data))
     with pytest.raises(ManifestError) as err:
         verify_build(build_copy)
     msg = str(err.value)
@@ -132,3 +134,152 @@ def test_cli_export_tiny_t5(tmp_path, capsys):
     assert m.shape["height"] == 64 and m.shape["width"] == 96 and m.shape["num_frames"] == 17  # preset defaults
     assert "op audit" in capsys.readouterr().out
     assert export_main(["onnx", "--preset", "tiny", "--graphs", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------
+# Nothing outside the build folder: paths, links, the manifest's own checksum
+# ----------------------------------------------------------------------------
+
+@pytest.fixture
+def outside(tmp_path):
+    """A file elsewhere on the machine, of a random size no message may reveal."""
+    import os
+
+    import numpy as np
+
+    path = tmp_path / "elsewhere" / "secret.bin"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(int(np.random.default_rng().integers(1000, 90000))))
+    return path
+
+
+@pytest.fixture
+def watch_outside(monkeypatch, outside):
+    """Every stat, lstat and open of the outside file, recorded."""
+    import builtins
+    import os
+
+    touched = []
+    secret = str(outside)
+
+    def spy(real):
+        def call(path, *a, **k):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith("secret.bin"):
+                touched.append((real.__name__, os.fspath(path)))
+            return real(path, *a, **k)
+        return call
+
+    for name in ("stat", "lstat", "open"):
+        monkeypatch.setattr(os, name, spy(getattr(os, name)))
+    monkeypatch.setattr(builtins, "open", spy(builtins.open))
+    assert secret  # the fixture is about this file
+    return touched
+
+
+def _reseal(build_dir, edit) -> None:
+    """Edit the manifest and seal it again, as someone crafting a build would."""
+    path = build_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(manifest_text(data))
+
+
+def _point_dit_at(data, rel, size=1):
+    data["graphs"]["dit"]["file"] = rel
+    data["files"][rel] = {"sha256": "0" * 64, "bytes": size}
+
+
+@pytest.mark.parametrize("how, field", [
+    ("dotdot", "graphs.dit.file"),
+    ("absolute", "graphs.dit.file"),
+    ("files-only", "files["),
+    ("external-data", "graphs.dit.external_data"),
+    ("plan", "engines.plans.dit.file"),
+    ("calibration", "fp8.calibration.file"),
+])
+def test_a_manifest_path_out_of_the_build_is_refused_without_looking_at_it(how, field, build_copy, outside, watch_outside):
+    import os
+
+    size = len(outside.read_bytes())
+    watch_outside.clear()
+    rel_up = os.path.relpath(outside, build_copy)  # ../elsewhere/secret.bin
+    edits = {
+        "dotdot": lambda d: _point_dit_at(d, rel_up),
+        "absolute": lambda d: _point_dit_at(d, str(outside)),
+        "files-only": lambda d: d["files"].update({rel_up: {"sha256": "0" * 64, "bytes": 1}}),
+        "external-data": lambda d: (d["graphs"]["dit"].update(external_data=rel_up),
+                                    d["files"].update({rel_up: {"sha256": "0" * 64, "bytes": 1}})),
+        "plan": lambda d: d.update(engines={"plans": {"dit": {"file": str(outside), "sha256": "0" * 64, "bytes": 1}}}),
+        "calibration": lambda d: d.update(fp8={"calibration": {"file": rel_up}}),
+    }
+    _reseal(build_copy, edits[how])
+    with pytest.raises(ManifestError) as err:
+        verify_files(load_manifest(build_copy))
+    msg = str(err.value)
+    assert field in msg and "refusing the build" in msg
+    assert str(size) not in msg.replace(str(outside), "")
+    assert watch_outside == []
+
+
+@pytest.mark.parametrize("link", ["absolute", "relative", "folder"])
+def test_a_link_out_of_the_build_is_refused_even_when_its_bytes_match(link, build_copy, tmp_path, watch_outside):
+    """A graph swapped for a link to an identical copy elsewhere: the hash alone would accept it."""
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    if link == "folder":
+        shutil.copytree(build_copy / "onnx", elsewhere / "onnx")
+        shutil.rmtree(build_copy / "onnx")
+        (build_copy / "onnx").symlink_to(elsewhere / "onnx")
+    else:
+        shutil.copy(build_copy / "onnx" / "t5.onnx", elsewhere / "t5.onnx")
+        (build_copy / "onnx" / "t5.onnx").unlink()
+        target = elsewhere / "t5.onnx" if link == "absolute" else os.path.relpath(elsewhere / "t5.onnx", build_copy / "onnx")
+        (build_copy / "onnx" / "t5.onnx").symlink_to(target)
+    with pytest.raises(ManifestError, match="symbolic link") as err:
+        verify_files(load_manifest(build_copy))
+    assert ("onnx/t5.onnx" if link != "folder" else "'onnx/") in str(err.value)
+    assert not [t for t in watch_outside if "elsewhere" in t[1]]
+
+
+def test_a_link_that_stays_inside_the_build_is_followed(build_copy):
+    real = build_copy / "onnx" / "t5-v1.onnx"
+    (build_copy / "onnx" / "t5.onnx").rename(real)
+    (build_copy / "onnx" / "t5.onnx").symlink_to("t5-v1.onnx")
+    (build_copy / "graphs").symlink_to("onnx", target_is_directory=True)
+    _reseal(build_copy, lambda d: d["graphs"]["vae_decoder"].update(file="graphs/vae_decoder.onnx")
+            or d["files"].update({"graphs/vae_decoder.onnx": d["files"]["onnx/vae_decoder.onnx"]}))
+    verify_files(load_manifest(build_copy))
+
+
+def test_manifest_json_linked_from_elsewhere_is_not_read(build_copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.move(build_copy / "manifest.json", elsewhere)
+    (build_copy / "manifest.json").symlink_to(elsewhere)
+    with pytest.raises(ManifestError, match="symbolic link"):
+        load_manifest(build_copy)
+
+
+def test_an_edited_manifest_is_refused_and_an_older_one_still_reads(build_copy):
+    path = build_copy / "manifest.json"
+    sealed = json.loads(path.read_text())
+    assert sealed["manifest_sha256"]
+    for edit in (lambda d: d["shape"].update(num_frames=d["shape"]["num_frames"] + 4),
+                 lambda d: d["graphs"]["dit"].update(max_batch=d["graphs"]["dit"]["max_batch"] + 1),
+                 lambda d: d.update(note="hand-edited")):
+        data = json.loads(json.dumps(sealed))
+        edit(data)
+        path.write_text(json.dumps(data, indent=1))
+        with pytest.raises(ManifestError, match="edited after tm-export wrote it"):
+            load_manifest(build_copy)
+    # reformatted but not changed: the checksum is over the content, not the layout
+    path.write_text(json.dumps(sealed, indent=4, sort_keys=True))
+    verify_files(load_manifest(build_copy))
+    # written before manifests carried a checksum: read, with every other check
+    older = {k: v for k, v in sealed.items() if k != "manifest_sha256"}
+    path.write_text(json.dumps(older, indent=1))
+    verify_files(load_manifest(build_copy))
+    older["graphs"]["t5"]["file"] = "../t5.onnx"
+    path.write_text(json.dumps(older, indent=1))
+    with pytest.raises(ManifestError, match="graphs.t5.file"):
+        load_manifest(build_copy)

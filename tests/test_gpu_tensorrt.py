@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from tempomaster.build_format import manifest_text
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 
 pytestmark = [
@@ -143,7 +144,7 @@ def test_foreign_plans_are_refused(engine_build, tmp_path):
         copy = shutil.copytree(build, tmp_path / f"{key}")
         data = json.loads((copy / "manifest.json").read_text())
         data["engines"]["plans"]["dit"][key] = value
-        (copy / "manifest.json").write_text(json.dumps(data))
+        (copy / "manifest.json").write_text(manifest_text(data))
         with pytest.raises(ManifestError, match=needle):
             TensorRTBackend.from_build(copy)
     copy = shutil.copytree(build, tmp_path / "tampered")

@@ -5,6 +5,7 @@ deserialised, so they need neither TensorRT nor a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,13 +13,17 @@ import os
 import pytest
 import torch
 
+from tempomaster.build_format import manifest_text
 from tempomaster.engines.manifest import load_manifest
 from tempomaster.engines.plans import check_plan, check_plan_compat, has_plans, plan_file, version_tuple
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
+from tempomaster.models.presets import get_preset
 from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, choose_backend, open_engine_backend
 
 BUILT = {"tensorrt_version": "11.4.0.106", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
+# the model settings a tiny export records (load_manifest checks those the runtime reads)
+TINY_MODELS = json.loads(json.dumps({k: dataclasses.asdict(getattr(get_preset("tiny"), k)) for k in ("dit", "vae", "t5")}))
 
 
 def _manifest(build, engines: bool = True) -> None:
@@ -39,11 +44,11 @@ def _manifest(build, engines: bool = True) -> None:
         }
     # the ONNX files are listed (load_manifest requires every graph file hashed) but never read here
     files = {g["file"]: {"sha256": "0" * 64, "bytes": 1} for g in graphs.values()}
-    data = {"format": "tempomaster-build", "format_version": 1, "preset": "tiny", "precision": "fp16", "models": {},
+    data = {"format": "tempomaster-build", "format_version": 1, "preset": "tiny", "precision": "fp16", "models": TINY_MODELS,
             "shape": {"height": 32, "width": 48, "num_frames": 9, "intervals": [4, 2, 1]}, "graphs": graphs, "files": files}
     if engines:
         data["engines"] = {**BUILT, "plans": plans}
-    (build / "manifest.json").write_text(json.dumps(data))
+    (build / "manifest.json").write_text(manifest_text(data))
 
 
 def _with_plans(tmp_path):

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from tempomaster.build_format import manifest_text
 from tempomaster.engines.manifest import ManifestError, load_manifest
 from tempomaster.export.build import export_onnx, tiling_record
 from tempomaster.export.shapes import ExportShape
@@ -48,7 +49,7 @@ def release_tiled_tiny(tiny_build, tmp_path):
     build = shutil.copytree(tiny_build, tmp_path / "b")
     manifest = json.loads((build / "manifest.json").read_text())
     manifest["tiling"] = tiling_record(RELEASE_TILE, ExportShape(32, 48, 9, (4, 2, 1)))
-    (build / "manifest.json").write_text(json.dumps(manifest))
+    (build / "manifest.json").write_text(manifest_text(manifest))
     return build
 
 

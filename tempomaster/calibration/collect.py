@@ -30,16 +30,17 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..atomic_write import write_bytes
+from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from .fp8 import BLOCK_LINEARS, quantizable_layers
 from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
 from .trajectory import TrackingBackend, make_request  # noqa: F401  (re-exported for callers)
 
-FORMAT = "tempomaster-fp8-calibration"
+# the names a build folder knows its calibration by (build_format: export reads them too)
+FORMAT = CALIBRATION_FORMAT
 FORMAT_VERSION = 1
-CALIBRATION_DIR = "calibration"
-AMAX_FILE = "amax.json"
+AMAX_FILE = CALIBRATION_FILE
 WEIGHT_AMAX_FILE = "weight_amax.safetensors"
 REPORT_FILE = "report.json"
 

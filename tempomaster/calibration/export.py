@@ -133,9 +133,9 @@ def export_fp8_onnx(
     except ValueError as err:
         raise UsageError(str(err)) from None
     wanted = set(graphs) if graphs is not None else None
-    from ..export.build import _prepare_target
+    from ..export.target import prepare_target
 
-    _prepare_target(out_dir)  # before minutes of calibration, not after
+    prepare_target(out_dir)  # before minutes of calibration, not after
     cal = None
     if wanted is None or "dit" in wanted:
         cal = resolve_calibration(
@@ -242,12 +242,12 @@ def calibrate_build(
     progress: bool = True,
 ) -> Calibration:
     """`tm-export calibrate`: amax over whole generations into BUILD/calibration/ (and the quality report)."""
-    from ..export.build import _prepare_target
+    from ..export.target import prepare_target
 
+    prepare_target(Path(out).absolute())  # before any model loads
     models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config, random_weights=False,
                                       height=height, width=width, num_frames=num_frames, intervals=intervals,
                                       precision=dtype, t5_precision="fp32" if dtype == "fp32" else "bf16")
-    _prepare_target(Path(out).absolute())
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
     return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, seed=seed,
                      report=report_prompts > 0, report_prompts=report_prompts, progress=progress)
@@ -287,6 +287,9 @@ def fp8_build(
     if base not in FP8_BASES:
         raise UsageError(f"--fp8-base: {base!r} is not one of {', '.join(FP8_BASES)}")
     graphs = parse_graph_names(graphs)
+    from ..export.target import prepare_target
+
+    prepare_target(Path(out).absolute())  # before any model loads
     load_precision = "fp32" if twin else base
     t5_precision = t5_precision or T5_PRECISION_FOR[load_precision]
     models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config,

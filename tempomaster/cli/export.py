@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8"], default="fp32",
                    help="the graphs' dtype (TensorRT 11 networks are strongly typed); fp8: a calibrated Q/DQ DiT")
     add_shape(p, "the build serves (default: the preset's)")
-    p.add_argument("--out", type=Path, required=True, help="build directory (replaced only when the export completes)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="build directory: new, empty or an earlier tm-export build, replaced only when the export "
+                        "completes (any other folder is refused)")
     p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23 for Attention and RMSNormalization)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
     p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8"], default="bf16",
                    help="the graphs' dtype; TensorRT 11 networks are strongly typed, so this decides the engines' precision")
     add_shape(p, "the build serves (default: the preset's)")
-    p.add_argument("--out", type=Path, help="build directory (required unless --resume)")
+    p.add_argument("--out", type=Path, help="build directory: new, empty or an earlier tm-export build (any other folder is refused); required unless --resume")
     p.add_argument("--resume", type=Path, metavar="BUILD",
                    help="reuse the hash-checked ONNX of BUILD (from a build that stopped at exit 3, or tm-export onnx) and build the plans")
     p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23)")
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="FP8 calibration alone: amax over whole generations into BUILD/calibration/")
     add_model_source(p)
     add_shape(p, "the build serves (default: the preset's)")
-    p.add_argument("--out", type=Path, required=True, help="build directory; writes BUILD/calibration/")
+    p.add_argument("--out", type=Path, required=True, help="build directory (new, empty or a tm-export build); writes BUILD/calibration/")
     _add_calibration_flags(p)
     p.add_argument("--calib-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype the models run in while calibrating (default fp32; bf16 as the deployed DiT sees it)")

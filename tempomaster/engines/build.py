@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..errors import UsageError
+from ..errors import ManifestError, UsageError
 from .builder import EngineOptions, _stderr, build_engines
-from .manifest import load_manifest, verify_files
+from .manifest import MANIFEST_FILE, load_manifest, verify_files
 
 # The one place that says which precisions an engine build accepts.
 ENGINE_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
@@ -93,9 +93,11 @@ def export_and_build(
     from ..export.build import export_onnx, load_models_for_export, parse_graph_names
     from ..export.shapes import ExportShape
     from ..export.t5 import T5_PRECISION_FOR
+    from ..export.target import prepare_target
 
     check_engine_precision(precision)
     options = options.validate()
+    prepare_target(Path(out).absolute())  # before any model loads: a refusal costs nothing
     if precision == "fp8":
         return _fp8_export_and_build(out, options, fp8 or {}, log=log, progress=progress, preset=preset,
                                      checkpoints=checkpoints, config=config, random_weights=random_weights,
@@ -144,6 +146,18 @@ def _fp8_export_and_build(out, options: EngineOptions, fp8: Mapping[str, object]
     return BuildResult(Path(out), "fp8", onnx_seconds, time.perf_counter() - t1, section)
 
 
+def _recorded_options(manifest, where: Path, overridden: set[str]) -> EngineOptions:
+    """The engine options the build was exported with; a bad recorded value is named as the manifest's field."""
+    recorded = manifest.data.get(ENGINE_REQUEST_KEY)
+    if recorded is not None and not isinstance(recorded, dict):
+        raise ManifestError(f"{where}: {ENGINE_REQUEST_KEY} must be an object, got {type(recorded).__name__}")
+    options = EngineOptions.from_dict({k: v for k, v in (recorded or {}).items() if k not in overridden})
+    try:
+        return options.validate(name=lambda field: f"{where}: {ENGINE_REQUEST_KEY}.{field}")
+    except UsageError as err:
+        raise ManifestError(str(err)) from None
+
+
 def resume_build(
     build_dir: str | os.PathLike,
     options: EngineOptions | None = None,
@@ -158,15 +172,21 @@ def resume_build(
     engine flags given with --resume) applied on top.
     """
     manifest = load_manifest(build_dir)
-    check_engine_precision(manifest.precision)
+    where = Path(build_dir) / MANIFEST_FILE
+    if manifest.precision not in ENGINE_PRECISIONS:  # the build's field, not a flag the user gave
+        raise ManifestError(f"{where}: precision {manifest.precision!r} has no TensorRT engines "
+                            f"(they are built for {', '.join(ENGINE_PRECISIONS)})")
     verify_files(manifest)  # the ONNX (and tokenizer) exactly as exported, before anything else
-    if options is None:
-        options = EngineOptions.from_dict(manifest.data.get(ENGINE_REQUEST_KEY))
     if overrides:
         unknown = sorted(set(overrides) - set(EngineOptions.__dataclass_fields__))
         if unknown:
             raise UsageError(f"unknown engine options {unknown}; known: {', '.join(EngineOptions.__dataclass_fields__)}")
-        options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        replace(EngineOptions(), **overrides).validate()  # a bad flag is named as the flag
+    if options is None:
+        options = _recorded_options(manifest, where, set(overrides or ()))
+    if overrides:
+        options = replace(options, **overrides)
     t1 = time.perf_counter()
     section = build_engines(build_dir, options, log=log)
     return BuildResult(Path(build_dir), manifest.precision, None, time.perf_counter() - t1, section)

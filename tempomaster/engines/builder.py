@@ -62,13 +62,14 @@ class EngineOptions:
     guidance: bool = True  # profiles for guided generation (cond + uncond in one DiT batch)
     verbose: bool = False  # TensorRT's INFO / VERBOSE messages too
 
-    def validate(self) -> "EngineOptions":
+    def validate(self, name: Callable[[str], str] = lambda field: "--" + field.replace("_", "-")) -> "EngineOptions":
+        """Self, or UsageError naming the bad field as `name(field)` says (the flag by default)."""
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
-            raise UsageError(f"--opt-level must be an integer 0..5 (TensorRT's builder optimization level), got {self.opt_level!r}")
+            raise UsageError(f"{name('opt_level')} must be an integer 0..5 (TensorRT's builder optimization level), got {self.opt_level!r}")
         if self.workspace is not None and (not isinstance(self.workspace, int) or self.workspace <= 0):
-            raise UsageError(f"--workspace must be a positive size such as 8GiB, got {self.workspace!r}")
-        if self.hardware_compat not in HARDWARE_COMPAT:
-            raise UsageError(f"--hardware-compat must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
+            raise UsageError(f"{name('workspace')} must be a positive size such as 8GiB, got {self.workspace!r}")
+        if not isinstance(self.hardware_compat, str) or self.hardware_compat not in HARDWARE_COMPAT:
+            raise UsageError(f"{name('hardware_compat')} must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
         return self
 
     def as_dict(self) -> dict:

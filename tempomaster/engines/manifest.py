@@ -25,10 +25,19 @@ Format (format_version 1):
                         "max_batch", "largest_activation", "ops", "weight_bytes", "meta"}},
       "files": {RELPATH: {"sha256", "bytes"}},
       "op_audit": {"tensorrt_version", "source", "ok", "graphs": {NAME: {"ok","unsupported"}}},
-      "versions": {"tempomaster","torch","onnx","onnxruntime","onnxscript","python"}
+      "versions": {"tempomaster","torch","onnx","onnxruntime","onnxscript","python"},
+      "manifest_sha256": sha256 of every other key as canonical JSON (build_format.manifest_sha256)
     }
 
 Shapes list ints and symbol names ("batch", "frames", "24*frames").
+
+What a manifest is trusted with: nothing outside its build folder. Every path
+it names (files, graph files, plans, the timing cache, the calibration) must
+resolve inside the folder, symbolic links followed (engines.build_paths),
+before any file is looked at; the fields the runtime reads are checked for
+kind; and a manifest whose checksum does not match its content was edited
+and is refused. A manifest without a checksum (written before manifests
+carried one) is read with the same checks.
 """
 from __future__ import annotations
 
@@ -38,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file  # noqa: F401  (part of this module's API)
+from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SHA256_KEY, manifest_sha256, sha256_file  # noqa: F401  (part of this module's API)
+from .build_paths import OutsideBuild, resolve_inside
 
 # onnxruntime's type strings -> manifest dtype names
 ORT_DTYPES = {
@@ -89,6 +99,10 @@ class Manifest:
 def load_manifest(build_dir: str | os.PathLike) -> Manifest:
     root = Path(build_dir)
     path = root / MANIFEST_FILE
+    try:
+        resolve_inside(root, MANIFEST_FILE)  # a manifest.json linked from elsewhere is not read
+    except OutsideBuild as err:
+        raise ManifestError(f"{path}: {err}; refusing the build") from None
     if not path.is_file():
         raise ManifestError(f"{root}: no {MANIFEST_FILE}; not a tm-export build directory")
     try:
@@ -101,8 +115,22 @@ def load_manifest(build_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
     if data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+    _check_seal(data, path)
     _check_structure(data, path)
+    _check_models(data, path)
+    _check_paths(data, root, path)
     return Manifest(data, root)
+
+
+def _check_seal(data: dict, path: Path) -> None:
+    """The manifest is as tm-export wrote it (when it carries a checksum: older builds do not)."""
+    if MANIFEST_SHA256_KEY not in data:
+        return
+    if data[MANIFEST_SHA256_KEY] != manifest_sha256(data):
+        raise ManifestError(
+            f"{path}: edited after tm-export wrote it (its {MANIFEST_SHA256_KEY} does not match its content); "
+            "refusing the build: re-export it with tm-export instead of editing its manifest"
+        )
 
 
 def _check_structure(data: dict, path: Path) -> None:
@@ -116,6 +144,7 @@ def _check_structure(data: dict, path: Path) -> None:
     shape_missing = [k for k in ("height", "width", "num_frames", "intervals") if k not in data["shape"]]
     if shape_missing:
         raise ManifestError(f"{path}: shape lacks {', '.join(shape_missing)}")
+    _check_objects(data, path)
     for name, graph in data["graphs"].items():
         if not isinstance(graph, dict):
             raise ManifestError(f"{path}: graph {name!r} must be an object")
@@ -124,11 +153,103 @@ def _check_structure(data: dict, path: Path) -> None:
                 raise ManifestError(f"{path}: graph {name!r} lacks {key}")
         if not isinstance(graph["max_batch"], int) or graph["max_batch"] < 1:
             raise ManifestError(f"{path}: graph {name!r} has max_batch {graph['max_batch']!r}, expected an integer >= 1")
+        for key in ("inputs", "outputs"):
+            _check_tensors(graph[key], f"graphs.{name}.{key}", path)
         # A file a graph names but the hash list omits would load unchecked.
         for key in ("file", "external_data"):
             rel = graph.get(key)
+            if not (isinstance(rel, str) or (key == "external_data" and rel is None)):
+                raise ManifestError(f"{path}: graphs.{name}.{key} must be a path, got {rel!r}")
             if rel and rel not in data["files"]:
-                raise ManifestError(f"{path}: graph {name!r} names {rel}, which has no sha256 in files")
+                raise ManifestError(f"{path}: graphs.{name}.{key} names {rel}, which has no sha256 in files")
+
+
+def _check_objects(data: dict, path: Path) -> None:
+    """The optional sections that name paths are objects where they are present."""
+    for field, value in (("engines", data.get("engines")), ("fp8", data.get("fp8"))):
+        if value is not None and not isinstance(value, dict):
+            raise ManifestError(f"{path}: {field} must be an object, got {type(value).__name__}")
+    plans = (data.get("engines") or {}).get("plans")
+    if plans is not None and not (isinstance(plans, dict) and all(isinstance(p, dict) for p in plans.values())):
+        raise ManifestError(f"{path}: engines.plans must map graph names to objects")
+    calibration = (data.get("fp8") or {}).get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise ManifestError(f"{path}: fp8.calibration must be an object, got {type(calibration).__name__}")
+
+
+def _positive_int(value) -> bool:
+    return type(value) is int and value > 0
+
+
+def _check_tensors(tensors, field: str, path: Path) -> None:
+    if not isinstance(tensors, list):
+        raise ManifestError(f"{path}: {field} must be a list, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
+                and isinstance(t.get("shape"), list)
+                and all(d is None or isinstance(d, (int, str)) for d in t["shape"])):
+            raise ManifestError(f"{path}: {field}[{i}] must be an object with a name, a dtype and a shape list")
+
+
+# The model fields the runtime reads (runtime.backends.base.model_info_from_manifest), per graph that needs them.
+MODEL_FIELDS = {"dit": ("dim", "num_heads", "text_dim", "out_dim"), "t5": ("text_len",)}
+
+
+def _check_models(data: dict, path: Path) -> None:
+    """Shape and models fields of the right kind: a bad value is named here, not met as a traceback later."""
+    shape = data["shape"]
+    for key in ("height", "width", "num_frames"):
+        if not _positive_int(shape[key]):
+            raise ManifestError(f"{path}: shape.{key} must be a positive integer, got {shape[key]!r}")
+    if not (isinstance(shape["intervals"], list) and shape["intervals"] and all(_positive_int(i) for i in shape["intervals"])):
+        raise ManifestError(f"{path}: shape.intervals must be a list of positive integers, got {shape['intervals']!r}")
+    for model, fields in MODEL_FIELDS.items():
+        if model not in data["graphs"]:
+            continue
+        cfg = data["models"].get(model)
+        if not isinstance(cfg, dict):
+            raise ManifestError(f"{path}: models.{model} must be the {model} model's settings (an object), got {cfg!r}")
+        for key in fields:
+            if not _positive_int(cfg.get(key)):
+                got = "nothing" if key not in cfg else repr(cfg[key])
+                raise ManifestError(f"{path}: models.{model}.{key} must be a positive integer, got {got}")
+    if "dit" in data["graphs"]:
+        patch = data["models"]["dit"].get("patch_size")
+        if not (isinstance(patch, list) and len(patch) == 3 and all(_positive_int(p) for p in patch)):
+            raise ManifestError(f"{path}: models.dit.patch_size must be a list of 3 positive integers, got {patch!r}")
+
+
+def _named_paths(data: dict) -> list[tuple[str, object]]:
+    """(manifest field, path) for every path the manifest names."""
+    named = []
+    for name, graph in data["graphs"].items():
+        named.append((f"graphs.{name}.file", graph["file"]))
+        if graph.get("external_data") is not None:
+            named.append((f"graphs.{name}.external_data", graph["external_data"]))
+    engines = data.get("engines") or {}
+    for name, plan in (engines.get("plans") or {}).items():
+        named.append((f"engines.plans.{name}.file", plan.get("file")))
+    if engines.get("timing_cache") is not None:
+        named.append(("engines.timing_cache", engines["timing_cache"]))
+    calibration = (data.get("fp8") or {}).get("calibration") or {}
+    if calibration.get("file") is not None:
+        named.append(("fp8.calibration.file", calibration["file"]))
+    return named + [(f"files[{rel!r}]", rel) for rel in data["files"]]
+
+
+def _check_paths(data: dict, root: Path, path: Path) -> None:
+    """Every path the manifest names resolves inside the build folder, and every listed file has its sha256."""
+    for field, rel in _named_paths(data):
+        try:
+            resolve_inside(root, rel)
+        except OutsideBuild as err:
+            raise ManifestError(f"{path}: {field}: {err}; refusing the build (its files must lie inside {root})") from None
+    for rel, info in data["files"].items():
+        sha = info.get("sha256") if isinstance(info, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ManifestError(f"{path}: files[{rel!r}].sha256 must be 64 hexadecimal digits")
+        if "bytes" in info and not (type(info["bytes"]) is int and info["bytes"] >= 0):
+            raise ManifestError(f"{path}: files[{rel!r}].bytes must be a byte count, got {info['bytes']!r}")
 
 
 def verify_files(manifest: Manifest, names: Iterable[str] | None = None) -> None:

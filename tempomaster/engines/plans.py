@@ -25,13 +25,13 @@ Compatibility rules (TensorRT's own, see the engine-compatibility guide):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Mapping
 
 from ..atomic_write import write_text
+from ..build_format import manifest_text
 from ..errors import ManifestError
 from .manifest import MANIFEST_FILE, Manifest, sha256_file
 
@@ -135,4 +135,5 @@ def check_plan(manifest: Manifest, name: str, *, tensorrt_version: str, compute_
 
 def write_manifest(build_dir: str | os.PathLike, data: Mapping) -> None:
     """manifest.json through a temporary name and a rename: never half-written."""
-    write_text(Path(build_dir) / MANIFEST_FILE, json.dumps(data, indent=1) + "\n")
+    # sealed anew: the engines section is part of it
+    write_text(Path(build_dir) / MANIFEST_FILE, manifest_text(data))

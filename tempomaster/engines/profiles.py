@@ -30,16 +30,15 @@ call. Pure functions of the manifest's data: no TensorRT needed.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ..errors import ManifestError
+from ..shape_expr import eval_dim_expr, symbols_in
 
 BATCH = "batch"
 FRAMES = "frames"
-_SAFE_EXPR = re.compile(r"^[A-Za-z0-9_+\-*/() ]+$")
 
 
 @dataclass(frozen=True)
@@ -78,11 +77,10 @@ def eval_dim(dim, symbols: Mapping[str, int]) -> int:
     if isinstance(dim, str):
         if dim in symbols:
             return int(symbols[dim])
-        if _SAFE_EXPR.match(dim):
-            try:
-                return int(eval(dim, {"__builtins__": {}}, dict(symbols)))  # noqa: S307 (checked charset)
-            except Exception:
-                pass
+        try:
+            return eval_dim_expr(dim, symbols)
+        except ValueError as err:
+            raise ManifestError(f"{err}; cannot be resolved from {sorted(symbols)}") from None
     raise ManifestError(f"dimension {dim!r} cannot be resolved from {sorted(symbols)}")
 
 
@@ -90,7 +88,7 @@ def _symbols_of(dims: Sequence) -> set[str]:
     out = set()
     for d in dims:
         if isinstance(d, str):
-            out.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", d))
+            out.update(symbols_in(d))
         elif d is None or (isinstance(d, int) and d < 0):
             out.add("?")
     return out

@@ -6,20 +6,19 @@
     BUILD/onnx/vae_decoder_first.onnx, vae_decoder.onnx
     BUILD/onnx/t5.onnx
 
-The build is assembled in a temporary directory beside BUILD and swapped in
+The build is assembled in a staging directory beside BUILD and swapped in
 only once every graph has exported, passed the checker and the op audit, and
-been hashed: a failed export leaves any previous BUILD as it was.
+been hashed: a failed export leaves any previous BUILD as it was. BUILD is
+replaced only when it is a build of ours (export.target says what that is).
 """
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,12 +27,13 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..atomic_write import output_error
-from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256_file
+from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, manifest_text, sha256_file
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from ..models.vae_tiling import TileSpec, resolve_tile, tile_shapes
 from .onnx_utils import TORCH_DTYPES, GraphRecord, export_graph
 from .shapes import VAE_SPATIAL, ExportShape
+from .target import STAGING_MARKER, make_staging, prepare_target, swap_in, unmark_staging
 
 ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -103,36 +103,6 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
         yield "t5", lambda: [t5_spec(models.t5, t5_precision, copy=copy)]
 
 
-# What `tm-export calibrate --out BUILD` leaves in a build directory before its first export.
-CALIBRATION_DIR = "calibration"
-
-
-def _prepare_target(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UsageError(f"--out: {out_dir} exists and is not a directory")
-        entries = [p.name for p in out_dir.iterdir()]
-        if entries and entries != [CALIBRATION_DIR] and not (out_dir / MANIFEST_FILE).is_file():
-            raise UsageError(
-                f"--out: {out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; give a new or build directory"
-            )
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{int(time.time())}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_onnx(
     models,
     precision: str,
@@ -181,9 +151,9 @@ def export_onnx(
     shape.validate()
     tiling = tiling_record(resolve_tile(tile), shape)
     out_dir = Path(out_dir).absolute()
-    _prepare_target(out_dir)
+    prepare_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = make_staging(out_dir)
     t0 = time.perf_counter()
     records: list[GraphRecord] = []
     try:
@@ -219,7 +189,7 @@ def export_onnx(
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         files = {}
-        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != STAGING_MARKER):
             rel = path.relative_to(staging).as_posix()
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         src = load_table()["source"]
@@ -253,9 +223,10 @@ def export_onnx(
             d["file"] = f"onnx/{r.file}"
             d["external_data"] = f"onnx/{r.external_data}" if r.external_data else None
             manifest["graphs"][r.name] = d
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        (staging / MANIFEST_FILE).write_text(manifest_text(manifest), encoding="utf-8")
         raise_if_interrupted()  # a press some library swallowed: the old build stays
-        _swap_in(staging, out_dir)
+        unmark_staging(staging)
+        swap_in(staging, out_dir)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):  # a full disk, a quota: the previous build is untouched
@@ -415,6 +386,7 @@ def export_build(
 
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
     graphs = parse_graph_names(graphs)
+    prepare_target(Path(out).absolute())  # a refusal costs nothing: no model is loaded yet
     models = load_models_for_export(
         preset=preset, checkpoints=checkpoints, config=config, precision=precision,
         t5_precision=t5_precision, random_weights=random_weights, graphs=graphs,

@@ -27,7 +27,6 @@ import dataclasses
 import gc
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -55,6 +54,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 from ..errors import ExportError  # noqa: E402
 from ..interrupts import raise_if_interrupted  # noqa: E402
+from ..shape_expr import eval_dim_expr  # noqa: E402
 
 
 @dataclass
@@ -357,9 +357,6 @@ def _all_op_types(graph, domain_prefix: bool = True):
                 yield from _all_op_types(g, domain_prefix)
 
 
-_SAFE_EXPR = re.compile(r"^[A-Za-z0-9_+\-*/() ]+$")
-
-
 def _eval_dim(d, symbols: Mapping[str, int]) -> int | None:
     if isinstance(d, int):
         return d
@@ -367,12 +364,10 @@ def _eval_dim(d, symbols: Mapping[str, int]) -> int | None:
         return None
     if d in symbols:
         return symbols[d]
-    if _SAFE_EXPR.match(d):  # derived axes come out as expressions, e.g. "120*frames"
-        try:
-            return int(eval(d, {"__builtins__": {}}, dict(symbols)))  # noqa: S307 (checked charset)
-        except Exception:
-            return None
-    return None
+    try:  # derived axes come out as expressions, e.g. "120*frames"
+        return eval_dim_expr(d, symbols)
+    except ValueError:
+        return None
 
 
 def largest_batch(proto, batch_symbol: str = "batch", symbol_sizes: Mapping[str, int] | None = None,
