@@ -178,3 +178,21 @@ def test_out_with_an_unsupported_video_suffix_is_refused(name, tmp_path, capsys,
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "--out" in err and ".mp4 or .gif" in err and Path(name).suffix.lower() in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_toy_out_never_deletes_a_users_files_beside_a_weight_file(tmp_path, capsys):
+    """A folder that merely holds a file named like the DiT's is not a weight set: refused before any training."""
+    from tempomaster.cli import export_main
+    from tempomaster.models.checkpoints import DIT_FILE
+
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / DIT_FILE).write_bytes(b"x" * 16)
+    notes = out / "notes.txt"
+    notes.write_text("mine")
+    rc = export_main(["train-toy", "--work", str(tmp_path / "work"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--out" in err and "notes.txt" in err
+    assert notes.read_text() == "mine" and (out / DIT_FILE).read_bytes() == b"x" * 16
+    assert not (tmp_path / "work").exists()

@@ -827,8 +827,7 @@ def train_toy(
     folder whose saved settings (if any) are these.
     """
     work, out = Path(work), Path(out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / DIT_FILE).is_file())):
-        raise UsageError(f"--out: {out} exists and is not a toy weight set (it would be replaced); choose a new folder")
+    check_weights_target(out)
     if work.exists() and not work.is_dir():
         raise UsageError(f"--work: {work} exists and is not a folder")
     saved = work / "config.json"
@@ -902,11 +901,26 @@ def _tail_mean(log: list[dict], n: int = 100) -> float:
     return float(sum(tail) / len(tail)) if tail else float("nan")
 
 
+def check_weights_target(out: Path) -> None:
+    """`out` is replaced whole at the end: it must be new, empty, or hold nothing but a weight set's files."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder; choose a new folder")
+    ours = {DIT_FILE, T5_FILE, VAE_FILE}
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink() or (path.is_file() and rel not in ours and not rel.startswith(TOKENIZER_DIR + "/")):
+            raise UsageError(f"--out: {out} holds {rel}, which a toy weight set does not (it would be deleted); "
+                             "choose a new folder")
+
+
 def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
     """Write the set in the release's layout (DiT and T5 bf16, VAE float32, tokenizer dir), atomically."""
     from ..models.tokenizer import build_tiny_tokenizer
 
     out = Path(out).resolve()
+    check_weights_target(out)  # again: the folder may have changed during training
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
