@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError
+from .errors import OutputError, UsageError
 
 
 def _umask() -> int:
@@ -121,3 +121,19 @@ def swap_in_dir(staging: Path, target: Path) -> Path | None:
         os.replace(aside, target)
         raise
     return aside
+
+
+def check_writable_folder(folder: Path, target: Path | None = None, flag: str = "--out") -> None:
+    """UsageError naming `flag` unless something can be created in `folder` (or its nearest existing parent,
+    where `target` will be made); leaves nothing on disk."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag}: {probe} is not a directory, so {target or folder} cannot be created")
+    try:
+        # the only honest test is to try: root passes os.access everywhere, /proc refuses anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".tm-probe-", dir=probe))
+    except OSError as err:
+        raise UsageError(f"{flag}: cannot write under {probe} ({err.strerror or err})") from None
+

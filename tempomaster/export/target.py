@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..atomic_write import check_writable_folder
+
 from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT, FORMAT, MANIFEST_FILE
 from ..errors import UsageError
 
@@ -187,16 +189,7 @@ def remove_stale_staging(out_dir: Path, log: Callable[[str], None] = _stderr) ->
 
 def check_creatable(out_dir: Path) -> None:
     """UsageError unless the staging folder beside `out_dir` can be made; leaves nothing on disk."""
-    probe = out_dir.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--out: {probe} is not a directory, so {out_dir} cannot be created")
-    try:
-        # the only honest test is to try: root passes os.access everywhere, /proc refuses anyway
-        os.rmdir(tempfile.mkdtemp(prefix=".tm-export-probe-", dir=probe))
-    except OSError as err:
-        raise UsageError(f"--out: cannot write under {probe} ({err.strerror or err})") from None
+    check_writable_folder(out_dir.parent, out_dir)
 
 
 def prepare_target(out_dir: Path, log: Callable[[str], None] = _stderr) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -345,17 +344,9 @@ def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
         problem = None if is_file else foreign_frames_folder(target)
         if problem is not None:
             raise UsageError(f"--out: {target} {problem}: refusing to replace it; move it away or choose another --out")
-    folder = out.parent if is_file else out
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--out: {probe} is not a directory, so {folder} cannot be created")
-    try:
-        # The only honest test is to try: root passes os.access everywhere, /proc refuses anyway.
-        os.rmdir(tempfile.mkdtemp(prefix=".tm-run-probe-", dir=probe))
-    except OSError as err:
-        raise UsageError(f"--out: cannot write under {probe} ({err.strerror or err})") from None
+    from ..atomic_write import check_writable_folder
+
+    check_writable_folder(out.parent if is_file else out)
 
 
 # ----------------------------------------------------------------------------
