@@ -92,8 +92,8 @@ def test_extra_dit_call_is_caught(tiny_models, monkeypatch):
     """Regression: one more DiT call per stage (e.g. a warm-up call left in) breaks the count."""
     original = pipeline.denoise_stage
 
-    def with_extra_call(backend, stage, y, context, negative_context, request, schedule, clock, on_step=None):
-        x, calls = original(backend, stage, y, context, negative_context, request, schedule, clock, on_step)
+    def with_extra_call(backend, stage, y, context, negative_context, request, schedule, clock, on_step_end=None):
+        x, calls = original(backend, stage, y, context, negative_context, request, schedule, clock, on_step_end)
         n = y.shape[0]
         backend.velocity(x, y, torch.ones(1), context.expand(n, -1, -1), *_rope(backend, stage, y))
         return x, calls

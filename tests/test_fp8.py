@@ -526,7 +526,8 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import GenerationRequest, generate
-    from tempomaster.calibration.collect import TrackingBackend, load_calibration
+    from tempomaster.calibration.collect import load_calibration
+    from tempomaster.calibration.trajectory import VelocityOverride
     from tempomaster.calibration.fp8 import quantize_dit
     from tempomaster.calibration.report import psnr, rel_error
 
@@ -545,15 +546,12 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     q = quantize_dit(tiny_models.dit, cal.layer_table(), torch.float32, scale_dtype=torch.bfloat16)
     errors = []
 
-    def compare(stage, step, args):
-        v = backend.velocity(*args)
+    def compare(event):
         with torch.no_grad():
-            errors.append(rel_error(v, q(*args)))
-        return v
+            errors.append(rel_error(event.velocity, q(*event.inputs)))
 
-    got = generate(TrackingBackend(backend, (2, 2, 2), on_call=compare), backend.tokenizer(), request, progress=False)
-    want = generate(TrackingBackend(TorchBackend(tiny_models), (2, 2, 2), velocity_fn=q), tiny_models.tokenizer,
-                    request, progress=False)
+    got = generate(backend, backend.tokenizer(), request, progress=False, on_step_end=compare)
+    want = generate(VelocityOverride(TorchBackend(tiny_models), q), tiny_models.tokenizer, request, progress=False)
     assert [s.frames.shape for s in got.stages] == [s.frames.shape for s in want.stages]
     assert torch.isfinite(got.video.frames).all()
     final = psnr(got.video.frames, want.video.frames)

@@ -111,3 +111,41 @@ def test_stage_fps_follow_spec_when_the_last_interval_is_not_one(backend, tiny_m
     result = generate(backend, tiny_models.tokenizer, request, progress=False)
     assert [s.fps for s in result.stages] == [6.0, 24.0]
     assert [s.num_frames for s in result.stages] == [5, 10]
+
+
+def test_step_and_stage_callbacks_see_every_step_in_order(backend, tiny_models):
+    """The step callback locates each DiT call (stage, step, sigma) and carries its inputs and raw output."""
+    from tempomaster.runtime.pipeline import StepEvent
+
+    request = GenerationRequest(prompt="a blue cube", seed=int(torch.randint(0, 1000, ())), **FAST)
+    events: list[StepEvent] = []
+    order: list[tuple] = []
+    result = generate(backend, tiny_models.tokenizer, request, progress=False,
+                      on_step_end=lambda e: (events.append(e), order.append(("step", e.stage, e.step))),
+                      on_stage_end=lambda s: order.append(("stage", s.index, s.frames is not None)))
+    assert [(e.stage, e.step, e.num_steps) for e in events] == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (2, 0, 1)]
+    assert order == [("step", 0, 0), ("step", 0, 1), ("stage", 0, True), ("step", 1, 0), ("stage", 1, True),
+                     ("step", 2, 0), ("stage", 2, True)]
+    for e in events:
+        sched = StageSchedule.create(request.steps_per_stage[e.stage], request.shift_per_stage[e.stage])
+        assert (e.sigma, e.sigma_next) == (sched.sigma(e.step), sched.sigma_next(e.step))
+        # the raw output is the batched cond+uncond call on exactly these inputs
+        assert e.velocity.shape[0] == e.inputs[0].shape[0] == 2 * e.latents.shape[0]
+        assert torch.equal(backend.velocity(*e.inputs), e.velocity)
+    assert len(events) == result.dit_calls
+
+
+def test_a_callback_that_raises_stops_the_generation_at_that_boundary(backend, tiny_models):
+    class Stop(Exception):
+        pass
+
+    steps = []
+
+    def stop_after_blueprint(stage):
+        if stage.index == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generate(backend, tiny_models.tokenizer, GenerationRequest(prompt="a red ball", **FAST), progress=False,
+                 on_step_end=lambda e: steps.append(e.stage), on_stage_end=stop_after_blueprint)
+    assert steps == [0, 0]  # no step of stage 1 ran

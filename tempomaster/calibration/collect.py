@@ -35,7 +35,7 @@ from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from .fp8 import BLOCK_LINEARS, quantizable_layers
 from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
-from .trajectory import TrackingBackend, make_request  # noqa: F401  (re-exported for callers)
+from .trajectory import make_request
 
 # the names a build folder knows its calibration by (build_format: export reads them too)
 FORMAT = CALIBRATION_FORMAT
@@ -163,13 +163,17 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 # ----------------------------------------------------------------------------
 
 class AmaxRecorder:
-    """Forward pre-hooks on the DiT's block Linears: running input abs-max per layer and stage."""
+    """Forward pre-hooks on the DiT's block Linears: running input abs-max per layer and stage.
+
+    A DiT call's abs-max is held until the generation's step callback
+    (`on_step_end`) says which stage that call belonged to.
+    """
 
     def __init__(self, dit: torch.nn.Module, num_stages: int):
         self.names = quantizable_layers(len(dit.blocks))
         modules = dict(dit.named_modules())
-        self.stage = 0
         self.amax = {n: [0.0] * num_stages for n in self.names}
+        self._pending: dict[str, float] = {}
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
@@ -177,11 +181,17 @@ class AmaxRecorder:
             x = args[0]
             value = float(x.detach().abs().amax()) if x.numel() else 0.0
             if value != value or value == float("inf"):
-                raise FloatingPointError(f"calibration: non-finite input to {name} at stage {self.stage}")
-            row = self.amax[name]
-            row[self.stage] = max(row[self.stage], value)
+                raise FloatingPointError(f"calibration: non-finite input to {name}")
+            self._pending[name] = max(self._pending.get(name, 0.0), value)
 
         return hook
+
+    def on_step_end(self, event) -> None:
+        """Credit the step's DiT call to its stage (a `generate` step callback)."""
+        for name, value in self._pending.items():
+            row = self.amax[name]
+            row[event.stage] = max(row[event.stage], value)
+        self._pending.clear()
 
     def remove(self) -> None:
         for h in self._handles:
@@ -272,7 +282,6 @@ def calibrate(
     dtype = dtype or models.dit.dtype
     backend = TorchBackend(models, dtype=dtype, device=device)
     recorder = AmaxRecorder(backend.dit, num_stages)
-    tracker = TrackingBackend(backend, steps, on_call=lambda stage, step, args: setattr(recorder, "stage", stage))
     t0 = time.perf_counter()
     per_video = []
     calls = 0
@@ -280,11 +289,11 @@ def calibrate(
         bar = tqdm(prompt_list, desc="calibrate", unit="video", disable=not progress, file=sys.stderr)
         for i, prompt in enumerate(bar):
             raise_if_interrupted()
-            tracker.reset()
             v0 = time.perf_counter()
             request = make_request(prompt, shape, preset, steps, seed + i)
-            generate(tracker, models.tokenizer, request, progress=progress, keep_stages=False)
-            calls += tracker.calls
+            result = generate(backend, models.tokenizer, request, progress=progress, keep_stages=False,
+                              on_step_end=recorder.on_step_end)
+            calls += result.dit_calls
             per_video.append(round(time.perf_counter() - v0, 3))
         bar.close()
     finally:

@@ -72,7 +72,7 @@ def quality_report(
 
     from ..runtime.backends.torch import TorchBackend
     from ..runtime.pipeline import generate
-    from .trajectory import TrackingBackend, make_request
+    from .trajectory import VelocityOverride, make_request
     from .fp8 import quantize_dit
     from .prompts import HELD_OUT_PROMPTS, CalibrationPrompt
 
@@ -93,17 +93,17 @@ def quality_report(
         raise_if_interrupted()
         request = make_request(CalibrationPrompt(prompt), shape, models.preset, steps, seed + i)
 
-        def compare(stage, step, args):
-            ref = backend.velocity(*args)
+        @torch.inference_mode()
+        def compare(event):
+            # every FP8 variant answers the unquantized trajectory's own DiT inputs
             for k, q in qdits.items():
-                errors[k][stage][step].append(rel_error(q(*args), ref))
-            return ref
+                errors[k][event.stage][event.step].append(rel_error(q(*event.inputs), event.velocity))
 
-        ref = generate(TrackingBackend(backend, steps, on_call=compare), models.tokenizer, request, progress=False)
+        ref = generate(backend, models.tokenizer, request, progress=False, on_step_end=compare)
         if measure is not None:
             measures[prompt] = {"unquantized": measure(prompt, ref)}
         for k, q in qdits.items():
-            run = generate(TrackingBackend(backend, steps, velocity_fn=q), models.tokenizer, request, progress=False)
+            run = generate(VelocityOverride(backend, q), models.tokenizer, request, progress=False)
             psnrs[k].append(round(psnr(run.video.frames, ref.video.frames), 3))
             if measure is not None:
                 measures[prompt][k] = measure(prompt, run)

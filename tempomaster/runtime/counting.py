@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..planner import plan_stages, round_num_frames
-from .backends.base import Backend
+from .backends.base import Backend, BackendWrapper
 
 # The DiT inputs that are constant for a whole stage: the pipeline must hand
 # the very same tensors (same storage) to every step of the stage.
@@ -110,14 +110,12 @@ class CallLog:
                             self.vae_encode_items, self.vae_decode_items, release_dit)
 
 
-class CountingBackend(Backend):
+class CountingBackend(BackendWrapper):
     """Passes every call to `inner` and records it; it computes nothing itself."""
 
     def __init__(self, inner: Backend):
-        self.inner = inner
+        super().__init__(inner)
         self.name = f"counting({inner.name})"
-        self.device = inner.device
-        self.info = inner.info
         self.log = CallLog()
         # The current stage's first constant inputs, held so that their memory
         # cannot be freed and handed to a per-step copy at the same address.

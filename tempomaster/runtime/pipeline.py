@@ -98,6 +98,29 @@ class GenerationResult:
         return self.stages[-1]
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """What `generate`'s step callback sees after each denoising step (diffusers' `callback_on_step_end`).
+
+    inputs are the DiT call's `(x, y, timestep, context, rope_cos, rope_sin)`,
+    velocity its raw output for that whole batch (cond and uncond halves when
+    guided, before guidance), latents the stage's x after this step's update.
+    """
+
+    stage: int
+    step: int
+    num_steps: int
+    sigma: float
+    sigma_next: float
+    inputs: tuple[torch.Tensor, ...]
+    velocity: torch.Tensor
+    latents: torch.Tensor
+
+
+StepCallback = Callable[[StepEvent], None]
+StageCallback = Callable[["StageOutput"], None]
+
+
 class _BackendClock:
     """Accumulates wall time spent inside backend calls."""
 
@@ -210,9 +233,12 @@ def denoise_stage(
     request: GenerationRequest,
     schedule: StageSchedule,
     clock: _BackendClock,
-    on_step: Callable[[], None] | None = None,
+    on_step_end: StepCallback | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made."""
+    """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made.
+
+    `on_step_end` gets a `StepEvent` after every step (it may raise to stop the run).
+    """
     info = backend.info
     device = backend.device
     n, _, f, h, w = y.shape
@@ -246,16 +272,19 @@ def denoise_stage(
         # The DiT concatenates x with y: hand it x in y's dtype so y is never promoted back.
         x_model = x.to(info.dit_dtype)
         x_in = torch.cat([x_model, x_model]) if guided else x_model
+        inputs = (x_in, y_in, t, ctx, cos, sin)
         with clock.timing():
-            v = backend.velocity(x_in, y_in, t, ctx, cos, sin).float()
+            raw = backend.velocity(*inputs)
         calls += 1
+        v = raw.float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = guided_velocity(x, v_cond, v_uncond, host_timesteps[i], request.guidance_scale, request.use_apg, apg)
         x = euler_step(x, v, schedule.sigma(i), schedule.sigma_next(i))
         raise_if_interrupted()
-        if on_step is not None:
-            on_step()
+        if on_step_end is not None:
+            on_step_end(StepEvent(stage.index, i, schedule.num_steps, schedule.sigma(i), schedule.sigma_next(i),
+                                  inputs, raw, x))
     return x, calls
 
 
@@ -296,7 +325,16 @@ def generate(
     request: GenerationRequest,
     progress: bool = True,
     keep_stages: bool = True,
+    on_step_end: StepCallback | None = None,
+    on_stage_end: StageCallback | None = None,
 ) -> GenerationResult:
+    """One video, stage by stage (SPEC 3).
+
+    on_step_end: called with a `StepEvent` after every denoising step of
+    every stage. on_stage_end: called with each `StageOutput` as soon as the
+    stage's frames are decoded (stage 0 is the 6 fps blueprint). Either may
+    raise to stop the generation at that boundary.
+    """
     from tqdm.auto import tqdm
 
     request.validate()
@@ -330,8 +368,14 @@ def generate(
             total=steps, desc=f"stage {stage.index} ({fps:g} fps, {len(stage.active_chunks)} chunk(s))",
             disable=not progress, leave=False,
         ) as bar:
+
+            def step_done(event: StepEvent) -> None:
+                bar.update()
+                if on_step_end is not None:
+                    on_step_end(event)
+
             latents, calls = denoise_stage(
-                backend, stage, y, context, negative_context, request, schedule, clock, on_step=bar.update
+                backend, stage, y, context, negative_context, request, schedule, clock, on_step_end=step_done
             )
         previous = decode_stage(backend, latents, stage, clock)
         outputs.append(
@@ -339,6 +383,8 @@ def generate(
                         calls, dit_batch=y.shape[0] * (2 if guided else 1))
         )
         del y, latents
+        if on_stage_end is not None:
+            on_stage_end(outputs[-1])
         if not keep_stages and len(outputs) > 1:
             outputs[-2].frames = None
     return GenerationResult(

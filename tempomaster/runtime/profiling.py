@@ -31,7 +31,7 @@ import torch
 
 from ..atomic_write import staged_file, write_text
 from ..errors import UsageError
-from .backends.base import Backend
+from .backends.base import Backend, BackendWrapper
 
 # Categories of the chart, in drawing order; "other" is the runtime's own time.
 CATEGORIES = ("text", "vae_encode", "dit", "guidance", "vae_decode", "writing", "other")
@@ -160,17 +160,12 @@ class StageTimer:
         return out
 
 
-class ProfiledBackend(Backend):
+class ProfiledBackend(BackendWrapper):
     """Passes every call to `inner` inside a named range timed by `timer`."""
 
     def __init__(self, inner: Backend, timer: StageTimer):
-        self.inner, self.timer = inner, timer
-        self.name, self.device, self.info = inner.name, inner.device, inner.info
-
-    def __getattr__(self, name):  # check_request, tokenizer, ... of the wrapped backend
-        if name == "inner":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.timer = timer
 
     def encode_text(self, ids, mask):
         with self.timer.call("encode_text"):

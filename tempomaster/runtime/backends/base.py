@@ -79,6 +79,36 @@ class Backend(ABC):
         """normalised latents [B, 16, F, h, w] -> video [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1]."""
 
 
+class BackendWrapper(Backend):
+    """Forwards every call to `inner`; a subclass overrides only the calls it observes or replaces.
+
+    Attributes a wrapper does not define (a build backend's `check_request`,
+    `tokenizer`, ...) are read from the wrapped backend, as are its VAE batch sizes.
+    """
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.name, self.device, self.info = inner.name, inner.device, inner.info
+        self.vae_batch, self.vae_encode_batch = inner.vae_batch, inner.vae_encode_batch
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def encode_text(self, ids, mask):
+        return self.inner.encode_text(ids, mask)
+
+    def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
+        return self.inner.velocity(x, y, timestep, context, rope_cos, rope_sin)
+
+    def vae_encode(self, video):
+        return self.inner.vae_encode(video)
+
+    def vae_decode(self, latents):
+        return self.inner.vae_decode(latents)
+
+
 # ----------------------------------------------------------------------------
 # What every exported-graph backend does the same way
 # ----------------------------------------------------------------------------
