@@ -8,6 +8,7 @@ inputs of a real next-frame-rate generation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
