@@ -125,8 +125,9 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import _BackendClock, condition_latents, decode_stage, stage0_condition_video
     from tempomaster.planner import chunk_condition_video
-    from tempomaster.toy.train import (INTERVALS, STAGE0_FRAMES, build_clip_tasks, build_untrained_toy, condition_input,
-                                       object_latent_cover)
+    from tempomaster.toy.config import INTERVALS, STAGE0_FRAMES, build_untrained_toy
+    from tempomaster.toy.dit_stage import condition_input
+    from tempomaster.toy.tasks import build_clip_tasks, object_latent_cover
 
     backend = TorchBackend(build_untrained_toy(3))
     clips = [render_clip(sample_clip_spec(99)), render_clip(sample_clip_spec(7))]
@@ -174,7 +175,7 @@ def test_object_latent_cover_by_hand():
     """A 3x3-pixel red square on grey: in frame 0 at pixels (10..12, 20..22), in frames 5-8 (latent frame 2)
     at (40..42, 60..62) in frame 7 only. Latent pixel (h, w) holds pixels (8h..8h+7, 8w..8w+7); a covered
     latent pixel and its 8 neighbours count."""
-    from tempomaster.toy.train import object_latent_cover
+    from tempomaster.toy.tasks import object_latent_cover
 
     frames = torch.full((3, 17, 64, 96), -0.2)
     frames[:, :, ::2, ::3] = 0.4  # grey texture, no colour

@@ -14,7 +14,7 @@ training clips justify (3 px per frame at most in every training clip, twice
 that allowed): 3.9, 3.4, 2.3, 5.7, 3.6, 3.7 px. Not on every prompt: 18 of
 the same shuffle's first 24 (the worst 11.5 px). The toy before it met the
 bound on 5 of these 6 ("a red square sliding down" drawn orange at every
-chunk's first frame: 7.3 px), earlier ones on 4, 4, 2, 3 and 1 of 6 (README).
+chunk's first frame: 7.3 px), earlier ones on 4, 4, 2, 3 and 1 of 6 (docs/toy.md).
 """
 from __future__ import annotations
 

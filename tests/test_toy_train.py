@@ -14,7 +14,7 @@ from tempomaster.errors import UsageError
 
 from tempomaster.models.checkpoints import CheckpointPaths, load_models
 from tempomaster.models.presets import get_preset
-from tempomaster.toy import train
+from tempomaster.toy import config, dit_stage
 from tempomaster.runtime.schedule import shift_sigmas
 from tempomaster.toy.state_files import load_state
 from tempomaster.toy.train import ToyTrainConfig, train_toy
@@ -30,18 +30,18 @@ def _state(path):
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     train_toy(tmp_path / "a", tmp_path / "a_out", SMALL, progress=False, echo=lambda m: None)
 
-    real = train.dit_training_batch
+    real = dit_stage.dit_training_batch
     def interrupt(tasks, cfg, step, head_dim):
         if step == 3:
             raise KeyboardInterrupt
         return real(tasks, cfg, step, head_dim)
 
-    monkeypatch.setattr(train, "dit_training_batch", interrupt)
+    monkeypatch.setattr(dit_stage, "dit_training_batch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
     assert not (tmp_path / "b_out").exists()  # nothing shipped from a broken run
     assert load_state(tmp_path / "b" / "dit.safetensors")["step"] == 2  # the last checkpoint before step 3
-    monkeypatch.setattr(train, "dit_training_batch", real)
+    monkeypatch.setattr(dit_stage, "dit_training_batch", real)
     train_toy(tmp_path / "b", tmp_path / "b_out", SMALL, progress=False, echo=lambda m: None)
 
     for rel in ("wan_video_dit_bf16.bin", "encoders/Wan2.1_VAE.pth", "encoders/models_t5_umt5-xxl-enc-bf16.pth"):
@@ -101,7 +101,8 @@ def test_per_example_shifts_by_hand():
 
 def test_folding_the_latent_statistics_keeps_the_round_trip_and_normalises():
     from tempomaster.toy.clips import render_clip, sample_clip_spec
-    from tempomaster.toy.train import build_untrained_toy, fold_latent_statistics, latent_statistics
+    from tempomaster.toy.config import build_untrained_toy
+    from tempomaster.toy.vae_stage import fold_latent_statistics, latent_statistics
 
     vae = build_untrained_toy(11).vae.double()
     video = render_clip(sample_clip_spec(3), 9)[None].double()
@@ -170,7 +171,7 @@ def test_loss_png_without_matplotlib_stops_before_training(tmp_path):
 
 def test_the_motion_term_is_the_error_of_the_frame_differences():
     from tempomaster.toy.clips import render_clip, sample_clip_spec
-    from tempomaster.toy.train import motion_error
+    from tempomaster.toy.vae_stage import motion_error
 
     clip = render_clip(sample_clip_spec(5, motion="sliding right"), 9)[None]  # [1, 3, 9, 64, 96]
     weight = 1.0 + torch.rand(1, 1, 9, 64, 96, generator=torch.Generator().manual_seed(0))
@@ -182,7 +183,8 @@ def test_the_motion_term_is_the_error_of_the_frame_differences():
 
 
 def test_without_the_motion_fine_tune_no_phase_runs(tmp_path):
-    from tempomaster.toy.train import build_untrained_toy, train_vae_motion
+    from tempomaster.toy.config import build_untrained_toy
+    from tempomaster.toy.vae_stage import train_vae_motion
 
     models = build_untrained_toy(3)
     before = {k: v.clone() for k, v in models.vae.state_dict().items()}
@@ -194,7 +196,7 @@ def test_without_the_motion_fine_tune_no_phase_runs(tmp_path):
 def test_the_soft_centroid_finds_the_object_where_the_colour_mask_does():
     from tempomaster.runtime.video import to_uint8_frames
     from tempomaster.toy.clips import object_centroids, render_clip, sample_clip_spec
-    from tempomaster.toy.train import centroid_error, soft_object_centroids
+    from tempomaster.toy.vae_stage import centroid_error, soft_object_centroids
 
     spec = sample_clip_spec(12, motion="sliding right", background="striped")
     clip = render_clip(spec, 9)  # [3, 9, 64, 96]
@@ -209,7 +211,8 @@ def test_the_soft_centroid_finds_the_object_where_the_colour_mask_does():
 
 
 def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
-    from tempomaster.toy.train import build_untrained_toy, train_vae_decoder
+    from tempomaster.toy.config import build_untrained_toy
+    from tempomaster.toy.vae_stage import train_vae_decoder
 
     models = build_untrained_toy(4)
     before = {k: v.clone() for k, v in models.vae.state_dict().items()}
@@ -269,7 +272,7 @@ def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
 @pytest.mark.parametrize("compile_dit", [False, True])
 def test_an_error_the_eager_step_hits_too_is_raised(tmp_path, monkeypatch, compile_dit):
     # compiled, the first failure is taken for the compiler's and retried eagerly, which fails again
-    monkeypatch.setattr(train, "_loss_and_grads", lambda *a: (_ for _ in ()).throw(ValueError("a real bug")))
+    monkeypatch.setattr(dit_stage, "_loss_and_grads", lambda *a: (_ for _ in ()).throw(ValueError("a real bug")))
     with pytest.raises(ValueError, match="a real bug"):
         train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None, compile_dit=compile_dit)
     assert not (tmp_path / "o").exists()
@@ -279,7 +282,7 @@ def test_an_error_the_eager_step_hits_too_is_raised(tmp_path, monkeypatch, compi
 def test_the_compiled_dit_has_the_eager_loss_and_gradients():
     """torch.compile (about 40 s to compile on 2 cores) changes a training step only by float rounding."""
     from tempomaster.rope import batched_rope_table
-    from tempomaster.toy.train import build_untrained_toy
+    from tempomaster.toy.config import build_untrained_toy
 
     dit = build_untrained_toy(5).dit.train()
     gen = torch.Generator().manual_seed(11)
@@ -292,9 +295,9 @@ def test_the_compiled_dit_has_the_eager_loss_and_gradients():
              torch.rand(2, generator=gen), torch.randn(2, text.text_len, dit.cfg.text_dim, generator=gen), cos, sin,
              torch.randn(2, 16, f, h, w, generator=gen), 1.0 + torch.rand(2, 1, f, h, w, generator=gen))
     opt = torch.optim.SGD(dit.parameters(), lr=0.0)
-    eager_loss = train._loss_and_grads(dit, opt, batch)
+    eager_loss = dit_stage._loss_and_grads(dit, opt, batch)
     eager = {n: p.grad.clone() for n, p in dit.named_parameters()}
-    compiled_loss = train._loss_and_grads(torch.compile(dit, dynamic=False), opt, batch)
+    compiled_loss = dit_stage._loss_and_grads(torch.compile(dit, dynamic=False), opt, batch)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
     for n, p in dit.named_parameters():
         scale = float(eager[n].abs().max())
@@ -303,7 +306,7 @@ def test_the_compiled_dit_has_the_eager_loss_and_gradients():
 
 
 def test_the_motion_fine_tune_draws_its_windows_at_the_strides_asked():
-    from tempomaster.toy.train import vae_training_batch
+    from tempomaster.toy.vae_stage import vae_training_batch
 
     def mean_step(strides):  # mean absolute change between consecutive frames over 8 batches
         return sum(float(vae_training_batch(5, s, 4, 9, strides).diff(dim=2).abs().mean()) for s in range(8))
@@ -328,7 +331,7 @@ def test_the_weighted_loss_by_hand():
     """The object-weighted flow-matching loss is sum(w e^2) / sum(w) over every element (float64 by hand);
     with no weight (object_loss_weight 0) it is the plain mean squared error."""
     from tempomaster.rope import batched_rope_table
-    from tempomaster.toy.train import build_untrained_toy
+    from tempomaster.toy.config import build_untrained_toy
 
     dit = build_untrained_toy(5).dit.train()
     gen = torch.Generator().manual_seed(12)
@@ -346,8 +349,8 @@ def test_the_weighted_loss_by_hand():
         x_t, y, sigma, context, cos, sin = inputs  # the model takes the timestep as 1000 sigma
         error = (dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True).double() - target.double()) ** 2
     by_hand = float((error * weight.double()).sum() / (weight.double().expand_as(error)).sum())
-    assert abs(train._loss_and_grads(dit, opt, (*inputs, target, weight)).item() - by_hand) < 1e-5 * by_hand
-    plain = train._loss_and_grads(dit, opt, (*inputs, target, None)).item()
+    assert abs(dit_stage._loss_and_grads(dit, opt, (*inputs, target, weight)).item() - by_hand) < 1e-5 * by_hand
+    plain = dit_stage._loss_and_grads(dit, opt, (*inputs, target, None)).item()
     assert abs(plain - float(error.mean())) < 1e-5 * plain and abs(plain - by_hand) > 1e-3 * plain
 
 
@@ -355,7 +358,9 @@ def test_the_object_weight_falls_where_the_tasks_object_is(tmp_path):
     """Every DiT batch weighs the latent pixels its rows' object covers 1 + object_loss_weight, the rest 1,
     and each row's first latent frame 1 + first_frame_loss_weight times that;
     a shard written before the object maps gets them drawn again, equal to those a fresh build makes."""
-    from tempomaster.toy.train import build_task_set, build_untrained_toy, dit_training_batch
+    from tempomaster.toy.config import build_untrained_toy
+    from tempomaster.toy.dit_stage import dit_training_batch
+    from tempomaster.toy.tasks import build_task_set
 
     cfg = replace(SMALL, clips=3, object_loss_weight=4.0)
     models = build_untrained_toy(cfg.seed)
@@ -392,7 +397,7 @@ def test_a_work_folder_from_before_the_loss_weights_reads_them_as_off():
     settings = json.loads(json.dumps({**asdict(ToyTrainConfig()), "text_len": 32}))
     older = {k: v for k, v in settings.items() if k not in ("object_loss_weight", "first_frame_loss_weight")}
     off = {**settings, "object_loss_weight": 0.0, "first_frame_loss_weight": 0.0}
-    assert train._comparable_settings(older) == train._comparable_settings(off)
-    assert train._comparable_settings(older) != train._comparable_settings(settings)
+    assert config.comparable_settings(older) == config.comparable_settings(off)
+    assert config.comparable_settings(older) != config.comparable_settings(settings)
     first_only = {k: v for k, v in settings.items() if k != "first_frame_loss_weight"}
-    assert train._comparable_settings(first_only) == train._comparable_settings({**settings, "first_frame_loss_weight": 0.0})
+    assert config.comparable_settings(first_only) == config.comparable_settings({**settings, "first_frame_loss_weight": 0.0})

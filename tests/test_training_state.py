@@ -159,14 +159,14 @@ def test_a_crafted_pickle_in_a_work_folder_does_not_run(tmp_path):
 def test_every_state_the_trainer_reads_goes_through_the_safe_readers(tmp_path):
     """The task shards and the loss plot read states too: a crafted shard is refused, and a legitimate
     earlier-version shard (tensors only) still reads."""
-    from tempomaster.toy import train
+    from tempomaster.toy import phases
 
     marker = tmp_path / "ran"
     torch.save({"x0": _RunsCode(f"touch {marker}")}, tmp_path / "tasks-00000.pt")
     with pytest.raises(UsageError, match="tasks-00000.pt"):
-        train._load(train._state_file(tmp_path, "tasks-00000"))
+        phases.load_phase_state(phases.state_file(tmp_path, "tasks-00000"))
     assert not marker.exists()
     shard = {"x0": torch.randn(2, 16, 3, 4, 6).half(), "stage": torch.tensor([0, 1])}
     torch.save(shard, tmp_path / "tasks-00100.pt")
-    back = train._load(train._state_file(tmp_path, "tasks-00100"))
+    back = phases.load_phase_state(phases.state_file(tmp_path, "tasks-00100"))
     assert back.keys() == shard.keys() and all(torch.equal(back[k], shard[k]) for k in shard)

@@ -56,7 +56,7 @@ BACKGROUNDS = ("plain", "gradient", "striped")
 # Each motion follows one path, up to a few pixels of jitter: a caption names a single trajectory,
 # not a family of them. With start points drawn across the frame (as the first toy was trained),
 # the toy DiT drew the average of a caption's paths: two copies of the object cross-fading
-# between the family's start and end points, or drifting sideways (README).
+# between the family's start and end points, or drifting sideways (docs/toy.md).
 _HALF_SIZE = (8.0, 10.0)  # object half-size in pixels at the toy's 64x96
 _JITTER = 3.0  # pixels either way around a path's start or centre line
 _SPEED_SCALE = (0.95, 1.0)  # a slide covers this share of the frame, margin to margin, in 68 frames
