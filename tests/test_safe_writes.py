@@ -196,3 +196,24 @@ def test_train_toy_out_never_deletes_a_users_files_beside_a_weight_file(tmp_path
     assert "--out" in err and "notes.txt" in err
     assert notes.read_text() == "mine" and (out / DIT_FILE).read_bytes() == b"x" * 16
     assert not (tmp_path / "work").exists()
+
+
+def test_toy_weights_replace_an_earlier_set_whole_with_the_umask_mode(tmp_path):
+    """export_toy_weights swaps a complete set in; the earlier set goes, nothing staged stays beside it."""
+    import os
+
+    from tempomaster.models.checkpoints import DIT_FILE
+    from tempomaster.toy.config import build_untrained_toy
+    from tempomaster.toy.train import export_toy_weights
+
+    out = tmp_path / "weights"
+    export_toy_weights(build_untrained_toy(1), out)
+    first = (out / DIT_FILE).read_bytes()
+    old_umask = os.umask(0o027)
+    try:
+        export_toy_weights(build_untrained_toy(2), out)
+    finally:
+        os.umask(old_umask)
+    assert (out / DIT_FILE).read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+    assert (out.stat().st_mode & 0o777) == 0o750

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..atomic_write import new_staging_dir, swap_in_dir
 from ..errors import UsageError
 from ..models.checkpoints import DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, ModelSet
 from ..models.presets import get_preset
@@ -163,7 +163,7 @@ def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
     out = Path(out).resolve()
     check_weights_target(out)  # again: the folder may have changed during training
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_staging_dir(out)
     try:
         (tmp / "encoders").mkdir()
         bf16 = lambda m: {k: v.detach().to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}  # noqa: E731
@@ -171,15 +171,12 @@ def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:
         torch.save(bf16(models.t5), tmp / T5_FILE)
         torch.save({k: v.detach().float().contiguous() for k, v in models.vae.state_dict().items()}, tmp / VAE_FILE)
         build_tiny_tokenizer(tmp / TOKENIZER_DIR, corpus=toy_corpus(), model_max_length=models.preset.t5.text_len)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the finished set gets a new folder's mode
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        previous = swap_in_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if previous is not None:  # an earlier weight set (check_weights_target: nothing else was in it)
+        shutil.rmtree(previous, ignore_errors=True)
     return out
 
 
