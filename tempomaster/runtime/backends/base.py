@@ -83,13 +83,21 @@ class BackendWrapper(Backend):
     """Forwards every call to `inner`; a subclass overrides only the calls it observes or replaces.
 
     Attributes a wrapper does not define (a build backend's `check_request`,
-    `tokenizer`, ...) are read from the wrapped backend, as are its VAE batch sizes.
+    `tokenizer`, ...) are read from the wrapped backend, as are its VAE batch sizes
+    unless a subclass sets its own as a class attribute.
     """
 
     def __init__(self, inner: Backend):
         self.inner = inner
         self.name, self.device, self.info = inner.name, inner.device, inner.info
-        self.vae_batch, self.vae_encode_batch = inner.vae_batch, inner.vae_encode_batch
+
+    @property
+    def vae_batch(self) -> int:
+        return self.inner.vae_batch
+
+    @property
+    def vae_encode_batch(self) -> int | None:
+        return self.inner.vae_encode_batch
 
     def __getattr__(self, name):
         if name == "inner":  # not set yet (copy, unpickling): no recursion
