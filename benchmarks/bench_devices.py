@@ -23,7 +23,8 @@ from tempomaster.models.presets import get_preset  # noqa: E402
 from tempomaster.models.tiny import build_tiny_models  # noqa: E402
 from tempomaster.runtime.backends.torch import TorchBackend  # noqa: E402
 from tempomaster.runtime.pipeline import GenerationRequest, generate  # noqa: E402
-from tempomaster.runtime.workers import TorchBackendFactory, VideoJob, launch, run_videos  # noqa: E402
+from tempomaster.runtime.backends.factory import TorchBackendFactory  # noqa: E402
+from tempomaster.runtime.workers import VideoJob, launch, run_videos  # noqa: E402
 
 
 def _frames(world, jobs):

@@ -18,7 +18,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, tempfile
 from pathlib import Path
-from tempomaster.runtime.jobs import GenerateOptions, build_jobs, preset_defaults, run_generate
+from tempomaster.runtime.jobs import run_generate
+from tempomaster.runtime.request import GenerateOptions, build_jobs, preset_defaults
 from tempomaster.runtime.memory import estimate_peak_memory
 
 frames, steps = int(sys.argv[1]), tuple(int(s) for s in sys.argv[2].split(","))

@@ -73,7 +73,7 @@ def test_seed_outside_torchs_range(seed, tmp_path, capsys, no_models):
 
 
 def test_largest_seed_is_accepted(tmp_path):
-    from tempomaster.runtime.jobs import GenerateOptions, build_jobs
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
     from tempomaster.models.presets import get_preset
 
     jobs = build_jobs(GenerateOptions(prompt="x", seed=2**64 - 1), get_preset("tiny").defaults)
@@ -125,7 +125,7 @@ def test_image_frame_that_is_not_an_integer(image, tmp_path, capsys, no_models):
 
 def test_negative_image_index_counts_from_the_end(png):
     from tempomaster.models.presets import get_preset
-    from tempomaster.runtime.jobs import GenerateOptions, build_jobs
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
 
     # 17 frames: -1 is frame 16, -17 is frame 0
     jobs = build_jobs(GenerateOptions(prompt="x", images=[f"-1:{png}", f"-17:{png}"]), get_preset("tiny").defaults)
@@ -305,7 +305,7 @@ def test_missing_onnxruntime_says_how_to_install_it_from_a_clone(tiny_build, tmp
 
 def test_tile_comes_from_the_flag_else_the_release_config(tmp_path, capsys, no_models):
     from tempomaster.models.presets import get_preset
-    from tempomaster.runtime.jobs import GenerateOptions, build_jobs
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
 
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"inference_configs": {"tile": True}}))

@@ -23,7 +23,8 @@ from tempomaster.rope import batched_rope_table
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.distributed import WorkerError
 from tempomaster.runtime.pipeline import GenerationRequest, generate
-from tempomaster.runtime.workers import TorchBackendFactory, VideoJob, launch, parse_devices, run_videos
+from tempomaster.runtime.backends.factory import TorchBackendFactory
+from tempomaster.runtime.workers import VideoJob, launch, parse_devices, run_videos
 
 FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0)
 CPU = torch.device("cpu")
@@ -342,7 +343,8 @@ TORCHRUN_SCRIPT = """
 import sys
 from pathlib import Path
 from tempomaster.runtime.pipeline import GenerationRequest
-from tempomaster.runtime.workers import TorchBackendFactory, VideoJob, generate_videos
+from tempomaster.runtime.backends.factory import TorchBackendFactory
+from tempomaster.runtime.workers import VideoJob, generate_videos
 FAST = {fast!r}
 out = Path(sys.argv[1])
 jobs = [VideoJob(f"v{{i}}", GenerationRequest(prompt=p, seed=i, **FAST), out / f"v{{i}}.mp4") for i, p in enumerate(["a", "b", "c"])]

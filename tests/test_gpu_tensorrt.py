@@ -128,7 +128,7 @@ def test_cuda_graphs_on_and_off_give_the_same_video(engine_build):
 
 
 def test_a_build_with_plans_picks_tensorrt(engine_build):
-    from tempomaster.runtime.backends.tensorrt import choose_backend
+    from tempomaster.runtime.backends.factory import choose_backend
 
     precision, build = engine_build
     assert choose_backend(build) == "tensorrt"

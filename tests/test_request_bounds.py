@@ -249,7 +249,7 @@ def test_the_reference_images_estimate_follows_the_resize():
 
 def test_one_image_for_many_prompts_is_decoded_once(tmp_path):
     from tempomaster.models.presets import get_preset
-    from tempomaster.runtime.jobs import GenerateOptions, build_jobs
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
 
     image = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng().integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(image)

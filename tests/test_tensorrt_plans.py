@@ -19,7 +19,8 @@ from tempomaster.engines.plans import check_plan, check_plan_compat, has_plans, 
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
 from tempomaster.models.presets import get_preset
-from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend, choose_backend, open_engine_backend
+from tempomaster.runtime.backends.factory import choose_backend, open_engine_backend
+from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend
 
 BUILT = {"tensorrt_version": "11.4.0.106", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
 # the model settings a tiny export records (load_manifest checks those the runtime reads)

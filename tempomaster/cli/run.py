@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args):
-    from ..runtime.jobs import GenerateOptions
+    from ..runtime.request import GenerateOptions
 
     return GenerateOptions(
         prompt=args.prompt, negative_prompt=args.negative_prompt, images=args.image,

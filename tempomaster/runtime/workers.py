@@ -256,42 +256,6 @@ class VideoReport:
         )
 
 
-@dataclass(frozen=True)
-class TorchBackendFactory:
-    """Builds the torch backend on a rank's device (picklable, for the launcher)."""
-
-    preset: str | None = None
-    checkpoints: Path | None = None
-    config: Path | None = None
-    dtype: str = "fp32"
-    tile: bool = False
-
-    def __call__(self, device: torch.device):
-        from ..models.sources import load_model_set
-        from .backends.torch import TorchBackend
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
-        models = load_model_set(self.preset, self.checkpoints, self.config, dtype)
-        return TorchBackend(models, dtype, device=device, tile=self.tile), models.tokenizer
-
-
-@dataclass(frozen=True)
-class OnnxRuntimeBackendFactory:
-    """Opens a build's graphs on a rank's device (the current CUDA device is set by the worker)."""
-
-    engines: Path
-    checkpoints: Path | None = None
-    config: Path | None = None
-    threads: int = 0
-    tile: bool = False
-
-    def __call__(self, device: torch.device):
-        from .backends.onnxruntime import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend.from_build(self.engines, threads=self.threads, tile=self.tile)
-        return backend, backend.tokenizer(self.checkpoints, self.config)
-
-
 def write_video(result: GenerationResult, job: VideoJob) -> tuple[Path, ...]:
     from .video import write_result
 

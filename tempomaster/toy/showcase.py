@@ -61,7 +61,7 @@ def generate_toy_video(
 ) -> ToyVideo:
     """One generation with the request `tm-run generate` builds from these flags, every stage kept."""
     from ..models.presets import get_preset
-    from ..runtime.jobs import GenerateOptions, build_jobs
+    from ..runtime.request import GenerateOptions, build_jobs
     from ..runtime.pipeline import generate
 
     backend, tokenizer = backend if backend is not None else load_backend(preset)
