@@ -256,7 +256,7 @@ def bench_ops(backends: dict, inputs: dict, warmup: int, repeats: int, target_ms
         for name in names:  # sessions, caches, first-call allocations: not timed
             single[name]()
         n = inner_calls(backends, single, target_ms)
-        looped = {name: (lambda f=single[name]: [f() for _ in range(n)][-1]) for name in names}
+        looped = {name: (lambda f=single[name], n=n: [f() for _ in range(n)][-1]) for name in names}
         raw = bb.bench_interleaved(backends, looped, warmup, repeats, names)
         for name in names:
             raw[name]["runs_ms"] = [ms / n for ms in raw[name]["runs_ms"]]

@@ -21,6 +21,13 @@ MANIFEST_SHA256_KEY = "manifest_sha256"
 CALIBRATION_DIR = "calibration"
 CALIBRATION_FILE = "amax.json"
 CALIBRATION_FORMAT = "tempomaster-fp8-calibration"
+# Every graph a build can hold, in export order.
+GRAPH_NAMES = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
+# ONNX TensorProto element types -> the dtype names a manifest records
+ONNX_DTYPE_NAMES = {
+    1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
+    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
+}
 
 
 def manifest_sha256(data: Mapping) -> str:

@@ -10,9 +10,5 @@ TENSOR_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
     "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
 }
-# ONNX TensorProto element types
+# torch dtypes -> ONNX TensorProto element types (onnxruntime's IOBinding takes these, bf16 included)
 ONNX_ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6, torch.bool: 9}
-ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
-}

@@ -1,10 +1,12 @@
 """The error types the command line turns into one-line messages.
 
-Every layer may import this module (it imports nothing). The CLI catches
+Every layer may import this module (it imports nothing of the project). The CLI catches
 ``TempoMasterError`` and prints ``prog: error: message`` with the error's
 ``exit_code``; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
+
+import sys
 
 
 class TempoMasterError(Exception):
@@ -53,3 +55,8 @@ class OutputError(TempoMasterError, RuntimeError):
     """
 
     exit_code = 1
+
+
+def print_to_stderr(line: str) -> None:
+    """A note or warning for the user: on stderr, flushed, so stdout keeps only the command's result."""
+    print(line, file=sys.stderr, flush=True)

@@ -11,11 +11,16 @@ import shutil
 import pytest
 
 from tempomaster.build_format import manifest_text
-from tempomaster.engines.build import ENGINE_REQUEST_KEY, check_engine_precision, export_and_build, resume_build
+from tempomaster.engines.build import (
+    ENGINE_REQUEST_KEY,
+    check_engine_precision,
+    resume_build,
+)
 from tempomaster.engines.builder import EngineOptions, build_engines, parse_size
 from tempomaster.engines.manifest import load_manifest, verify_files
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
+from tempomaster.toolchain import export_and_build
 
 pytestmark = pytest.mark.skipif(
     cuda_available() and tensorrt_available(), reason="this machine has TensorRT and a GPU: nothing is missing"

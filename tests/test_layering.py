@@ -1,4 +1,4 @@
-"""Data flows one way: models -> export -> calibration -> engines -> runtime -> toy (training), the CLI on top, no import cycle."""
+"""Data flows one way: models -> export -> engines -> runtime -> calibration -> toolchain -> toy (training), the CLI on top, no import cycle."""
 from __future__ import annotations
 
 import ast
@@ -8,12 +8,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tempomaster"
 # Order of the layers; the modules at the package root (errors, planner, rope, ...) sit below them all.
-LAYERS = ["models", "export", "calibration", "engines", "runtime", "toy", "cli"]
-LIBRARY = ["models", "export", "calibration", "engines", "runtime", "toy"]
-# The one upward edge, on purpose: calibration runs the runtime's own sampling loop
-# (torch backend + pipeline), so the amax it records comes from the real trajectory.
-# The runtime never imports calibration or export.
-ALLOWED_UPWARD = {("calibration", "runtime")}
+# Calibration sits above the runtime: it runs the runtime's own sampling loop (torch
+# backend + pipeline), so the amax it records comes from the real trajectory. The
+# toolchain module (export -> calibration -> plans) chooses the ONNX writer above them.
+LAYERS = ["models", "export", "engines", "runtime", "calibration", "toolchain", "toy", "cli"]
+LIBRARY = ["models", "export", "engines", "runtime", "calibration", "toy"]
+# No upward edge at all.
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

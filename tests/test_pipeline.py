@@ -6,7 +6,7 @@ from PIL import Image
 
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import (
-    GenerationRequest, cover_resize_center_crop, denoise_stage, generate, _BackendClock,
+    GenerationRequest, cover_resize_center_crop, denoise_stage, generate, BackendClock,
 )
 from tempomaster.planner import plan_stages
 from tempomaster.runtime.schedule import StageSchedule
@@ -48,13 +48,13 @@ def test_batched_cond_uncond_equals_two_calls(backend):
     stage, y, ctx, neg = _stage_inputs(backend, g)
     request = GenerationRequest(prompt="x", guidance_scale=5.0, seed=11)
     schedule = StageSchedule.create(3, 3.0)
-    batched, calls = denoise_stage(backend, stage, y, ctx, neg, request, schedule, _BackendClock())
+    batched, calls = denoise_stage(backend, stage, y, ctx, neg, request, schedule, BackendClock())
     twin = TwoCallBackend(backend)
-    split, _ = denoise_stage(twin, stage, y, ctx, neg, request, schedule, _BackendClock())
+    split, _ = denoise_stage(twin, stage, y, ctx, neg, request, schedule, BackendClock())
     assert calls == 3 and twin.calls == 6
     assert torch.allclose(batched, split, rtol=1e-5, atol=1e-5)
     # the guidance did something: a different scale gives another result
-    other, _ = denoise_stage(backend, stage, y, ctx, neg, GenerationRequest(prompt="x", guidance_scale=2.0, seed=11), schedule, _BackendClock())
+    other, _ = denoise_stage(backend, stage, y, ctx, neg, GenerationRequest(prompt="x", guidance_scale=2.0, seed=11), schedule, BackendClock())
     assert not torch.allclose(batched, other, atol=1e-4)
 
 
@@ -62,7 +62,7 @@ def test_guidance_one_makes_one_call_per_step_without_negative(backend):
     g = torch.Generator().manual_seed(4)
     stage, y, ctx, _ = _stage_inputs(backend, g)
     request = GenerationRequest(prompt="x", guidance_scale=1.0)
-    out, calls = denoise_stage(backend, stage, y, ctx, None, request, StageSchedule.create(2, 3.0), _BackendClock())
+    out, calls = denoise_stage(backend, stage, y, ctx, None, request, StageSchedule.create(2, 3.0), BackendClock())
     assert calls == 2 and torch.isfinite(out).all()
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from tempomaster.planner import plan_stages
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import (
-    GenerationRequest, _BackendClock, cover_resize_center_crop, denoise_stage, generate,
+    GenerationRequest, BackendClock, cover_resize_center_crop, denoise_stage, generate,
 )
 from tempomaster.runtime.schedule import StageSchedule
 from tempomaster.runtime.video import to_uint8_frames
@@ -168,8 +168,8 @@ def test_skipping_padding_chunks_leaves_the_others_unchanged(tiny_models):
     neg = torch.randn(1, 512, backend.info.text_dim, generator=g)
     request = GenerationRequest(prompt="x", guidance_scale=4.0, seed=13)
     schedule = StageSchedule.create(3, 3.0)
-    full, _ = denoise_stage(backend, everything, y, ctx, neg, request, schedule, _BackendClock())
-    skipped, _ = denoise_stage(backend, stage, y[:2], ctx, neg, request, schedule, _BackendClock())
+    full, _ = denoise_stage(backend, everything, y, ctx, neg, request, schedule, BackendClock())
+    skipped, _ = denoise_stage(backend, stage, y[:2], ctx, neg, request, schedule, BackendClock())
     assert skipped.shape[0] == 2
     assert torch.allclose(skipped, full[:2], rtol=0, atol=1e-6)
 

@@ -123,7 +123,7 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     condition videos: on the ground truth's frames, or on the frames `decode_stage` makes of the stage above's
     target latents (what the runtime would condition on had the DiT produced exactly those)."""
     from tempomaster.runtime.backends.torch import TorchBackend
-    from tempomaster.runtime.pipeline import _BackendClock, condition_latents, decode_stage, stage0_condition_video
+    from tempomaster.runtime.pipeline import BackendClock, condition_latents, decode_stage, stage0_condition_video
     from tempomaster.planner import chunk_condition_video
     from tempomaster.toy.config import INTERVALS, STAGE0_FRAMES, build_untrained_toy
     from tempomaster.toy.dit_stage import condition_input
@@ -135,9 +135,9 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     stages_of = [plan_stages(STAGE0_FRAMES, INTERVALS, {0} if r else ()) for r in references]
     rows = build_clip_tasks(backend, clips, [np.random.default_rng(s) for s in (0, 1)], references, [round_trip] * 2, encode_batch=3)
     assert rows["stage"].tolist() == [0, 0, 1, 1, 2, 2] and rows["clip"].tolist() == [0, 1] * 3
-    clock = _BackendClock()
+    clock = BackendClock()
     for i, clip in enumerate(clips):
-        previous = None
+        previous = above = None
         for s, row in ((s, 2 * s + i) for s in range(len(INTERVALS))):
             plan = stages_of[i][s]
             chunk = next(c for c in plan.chunks if torch.equal(c.latent_mask, rows["mask"][row])
@@ -150,7 +150,7 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
                 videos = [stage0_condition_video(plan, {0: clip[:, 0]} if references[i] else {}, 64, 96)]
             else:
                 # stage 2's chunk takes all its known frames from the stage-1 chunk trained on
-                assert all(above.start <= src < above.start + above.num_valid for _, src in chunk.known_frames)
+                assert above is not None and all(above.start <= src < above.start + above.num_valid for _, src in chunk.known_frames)
                 videos = [chunk_condition_video(previous, plan, c)[None] for c in plan.active_chunks]
             y = condition_latents(backend, videos, plan, clock)
             mine = condition_input(rows["mask"][row][None], rows["cond"][row][None].float())

@@ -27,6 +27,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..dtypes import PRECISION_DTYPES
+
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -37,7 +39,7 @@ BLOCK_LINEARS = (
     "ffn.0", "ffn.2",
 )
 WEIGHT_SCALES = ("tensor", "channel")
-BASE_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASE_PRECISIONS = PRECISION_DTYPES  # the 16/32-bit dtype an fp8 build keeps outside its Q/DQ
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import OneLineParser, add_model_source, add_shape, bounded_int, number_list, run_command
+from ..build_format import GRAPH_NAMES as GRAPHS
+from .common import (
+    OneLineParser,
+    add_model_source,
+    add_shape,
+    bounded_int,
+    number_list,
+    run_command,
+)
 
 PROG = "tm-export"
-GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 
 
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
@@ -164,11 +171,10 @@ def _train_toy(args) -> int:
 
 
 def _inspect(args) -> int:
-    import torch
-
+    from ..dtypes import PRECISION_DTYPES
     from ..models.sources import load_model_set
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = PRECISION_DTYPES[args.dtype]
     models = load_model_set(args.preset, args.checkpoints, args.config, dtype)
     for name in ("dit", "vae", "t5"):
         module = getattr(models, name)
@@ -226,8 +232,8 @@ def _build(args) -> int:
     else:
         if args.out is None:
             raise UsageError("--out: required (or --resume BUILD to finish an earlier build)")
-        from ..engines.build import export_and_build
         from ..engines.builder import EngineOptions
+        from ..toolchain import export_and_build
 
         result = export_and_build(
             out=args.out, precision=args.precision, preset=args.preset, checkpoints=args.checkpoints, config=args.config,

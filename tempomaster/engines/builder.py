@@ -24,23 +24,27 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from ..atomic_write import fsync_file, output_error, write_bytes
-from ..errors import ExportError, MissingDependencyError, UsageError
+from ..build_format import GRAPH_NAMES
+from ..errors import ExportError, MissingDependencyError, UsageError, print_to_stderr
 from ..interrupts import raise_if_interrupted
 from .manifest import load_manifest, sha256_file, verify_files
 from .plans import (
-    ENGINE_DIR, ENGINES_KEY, HARDWARE_COMPAT, TIMING_CACHE, engines_section, plan_file, write_manifest,
+    ENGINE_DIR,
+    ENGINES_KEY,
+    HARDWARE_COMPAT,
+    TIMING_CACHE,
+    engines_section,
+    plan_file,
+    write_manifest,
 )
 from .profiles import GraphProfile, build_profiles
 from .trt_env import cuda_device, import_tensorrt, make_logger, resume_hint, versions
-
-ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 
 # TensorRT DataType member name -> manifest dtype name
 TRT_DTYPE_NAMES = {
@@ -94,10 +98,6 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise UsageError(f"--workspace must be positive, got {text!r}")
     return value
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _gb(n: int) -> str:
@@ -176,7 +176,7 @@ def build_engines(
     options: EngineOptions = EngineOptions(),
     *,
     graphs: Iterable[str] | None = None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = print_to_stderr,
 ) -> dict:
     """Build one plan per graph of the build; returns the manifest's new `engines` section.
 
@@ -188,7 +188,7 @@ def build_engines(
     options = options.validate()
     root = Path(build_dir)
     manifest = load_manifest(root)
-    names = list(graphs) if graphs is not None else [g for g in ALL_GRAPHS if g in manifest.graphs]
+    names = list(graphs) if graphs is not None else [g for g in GRAPH_NAMES if g in manifest.graphs]
     for n in names:
         manifest.graph(n)
     verify_files(manifest, names)
@@ -284,7 +284,7 @@ def build_engines(
         "compute_capability": device.cc,
         "options": options.as_dict(),
         "timing_cache": TIMING_CACHE,
-        "plans": {n: plans[n] for n in ALL_GRAPHS if n in plans},
+        "plans": {n: plans[n] for n in GRAPH_NAMES if n in plans},
     }
     fresh[ENGINES_KEY] = section
     write_manifest(root, fresh)

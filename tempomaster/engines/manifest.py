@@ -47,7 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SHA256_KEY, manifest_sha256, sha256_file  # noqa: F401  (part of this module's API)
+from ..build_format import (  # noqa: F401  (part of this module's API)
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_SHA256_KEY,
+    ONNX_DTYPE_NAMES,  # noqa: F401
+    manifest_sha256,
+    sha256_file,
+)
 from .build_paths import OutsideBuild, resolve_inside
 
 # onnxruntime's type strings -> manifest dtype names
@@ -56,7 +64,6 @@ ORT_DTYPES = {
     "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
-_ONNX_ELEM = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
 
 
 from ..errors import ManifestError  # noqa: E402
@@ -386,7 +393,7 @@ def onnx_graph_io(path: str | os.PathLike) -> tuple[list, list]:
         dims = []
         for d in tt.shape.dim:
             dims.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
-        return v.name, _ONNX_ELEM.get(tt.elem_type, f"onnx:{tt.elem_type}"), dims
+        return v.name, ONNX_DTYPE_NAMES.get(tt.elem_type, f"onnx:{tt.elem_type}"), dims
 
     return [info(v) for v in proto.graph.input], [info(v) for v in proto.graph.output]
 

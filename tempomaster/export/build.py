@@ -27,15 +27,28 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..atomic_write import output_error
-from ..build_format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, manifest_text, sha256_file
+from ..build_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_NAMES,
+    MANIFEST_FILE,
+    manifest_text,
+    sha256_file,
+)
+from ..dtypes import PRECISION_DTYPES
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from ..models.vae_tiling import TileSpec, resolve_tile, tile_shapes
-from .onnx_utils import TORCH_DTYPES, GraphRecord, export_graph
+from .onnx_utils import GraphRecord, export_graph
 from .shapes import VAE_SPATIAL, ExportShape
-from .target import STAGING_MARKER, make_staging, prepare_target, swap_in, unmark_staging
+from .target import (
+    STAGING_MARKER,
+    make_staging,
+    prepare_target,
+    swap_in,
+    unmark_staging,
+)
 
-ALL_GRAPHS = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -124,7 +137,7 @@ def export_onnx(
     """Export the graphs of `models` (a ModelSet) at `precision` for `shape` into `out_dir`.
 
     t5_precision: the T5 graph's precision; default fp32 for an fp32 build
-    and bf16 otherwise (umT5 overflows fp16). graphs: a subset of ALL_GRAPHS
+    and bf16 otherwise (umT5 overflows fp16). graphs: a subset of GRAPH_NAMES
     (default all). copy: cast copies of the models (False casts them in
     place, which saves memory when the caller no longer needs them).
     tile: True exports the VAE graphs at the release's tile shape (a
@@ -144,10 +157,10 @@ def export_onnx(
     t5_precision = t5_precision or T5_PRECISION_FOR[precision]
     if t5_precision not in ("fp32", "bf16"):
         raise ValueError(f"the T5 graph must be fp32 or bf16 (umT5 overflows fp16), got {t5_precision!r}")
-    wanted = set(graphs) if graphs is not None else set(ALL_GRAPHS)
-    unknown = wanted - set(ALL_GRAPHS)
+    wanted = set(graphs) if graphs is not None else set(GRAPH_NAMES)
+    unknown = wanted - set(GRAPH_NAMES)
     if unknown:
-        raise ValueError(f"unknown graphs {sorted(unknown)}; known: {', '.join(ALL_GRAPHS)}")
+        raise ValueError(f"unknown graphs {sorted(unknown)}; known: {', '.join(GRAPH_NAMES)}")
     shape.validate()
     tiling = tiling_record(resolve_tile(tile), shape)
     out_dir = Path(out_dir).absolute()
@@ -177,7 +190,7 @@ def export_onnx(
                     gc.collect()
                     records.append(rec)
                     bar.update(1)
-        order = {n: i for i, n in enumerate(ALL_GRAPHS)}
+        order = {n: i for i, n in enumerate(GRAPH_NAMES)}
         records.sort(key=lambda r: (order[base_graph_name(r.name)], r.name))
         audit_results = audit_files([onnx_dir / r.file for r in records], raise_on_error=audit) if audit else []
         tokenizer = getattr(models, "tokenizer", None)
@@ -289,7 +302,7 @@ def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: in
     from ..models.t5 import UMT5Encoder
     from ..models.vae import WanVAE
 
-    wanted = set(graphs) if graphs is not None else set(ALL_GRAPHS)
+    wanted = set(graphs) if graphs is not None else set(GRAPH_NAMES)
     dit = t5 = vae = None
     if "dit" in wanted:
         with torch.device("meta"):
@@ -328,8 +341,8 @@ def load_models_for_export(
     from ..models.presets import DEFAULT_PRESET, get_preset
     from ..models.sources import load_model_set, release_config_has_models
 
-    dtype = TORCH_DTYPES[precision]
-    t5_dtype = TORCH_DTYPES[t5_precision]
+    dtype = PRECISION_DTYPES[precision]
+    t5_dtype = PRECISION_DTYPES[t5_precision]
     if random_weights:
         if checkpoints or release_config_has_models(config):
             raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
@@ -354,9 +367,9 @@ def parse_graph_names(graphs: Iterable[str] | None) -> list[str] | None:
     if graphs is None:
         return None
     names = [g.strip() for g in graphs if g.strip()]
-    bad = [g for g in names if g not in ALL_GRAPHS]
+    bad = [g for g in names if g not in GRAPH_NAMES]
     if bad or not names:
-        raise UsageError(f"--graphs: unknown {', '.join(bad) or 'empty list'}; accepted: {', '.join(ALL_GRAPHS)}")
+        raise UsageError(f"--graphs: unknown {', '.join(bad) or 'empty list'}; accepted: {', '.join(GRAPH_NAMES)}")
     return names
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import PRECISION_DTYPES
 from ..rope import batched_rope_table
-from .onnx_utils import TORCH_DTYPES, GraphSpec, cast_module
+from .onnx_utils import GraphSpec, cast_module
 from .shapes import ExportShape
 
 INPUT_NAMES = ("x", "y", "timestep", "context", "rope_cos", "rope_sin")
@@ -56,7 +57,7 @@ def dit_example_inputs(cfg, batch: int, frames: int, h: int, w: int, dtype: torc
 
 
 def dit_spec(dit, precision: str, shape: ExportShape, text_len: int = 512, copy: bool = True) -> GraphSpec:
-    dtype = TORCH_DTYPES[precision]
+    dtype = PRECISION_DTYPES[precision]
     cfg = dit.cfg
     model = cast_module(dit, dtype, copy=copy).eval()
     frames = shape.dit_latent_frames()

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 # TensorRT: the volume of any one tensor must stay below 2^31 elements.
 TRT_MAX_ELEMENTS = 2**31 - 1
@@ -45,13 +44,7 @@ EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 # Largest batch recorded when nothing in a graph comes near the limit.
 MAX_BATCH_CAP = 1024
 
-ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
-}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
+from ..build_format import ONNX_DTYPE_NAMES  # noqa: E402
 from ..errors import ExportError  # noqa: E402
 from ..interrupts import raise_if_interrupted  # noqa: E402
 from ..shape_expr import eval_dim_expr  # noqa: E402

@@ -29,7 +29,11 @@ class ExportShape:
         )
 
     def validate(self) -> None:
-        from ..planner import validate_frame_intervals, validate_num_frames, validate_size
+        from ..planner import (
+            validate_frame_intervals,
+            validate_num_frames,
+            validate_size,
+        )
 
         validate_size(self.height, self.width)
         validate_num_frames(self.num_frames)

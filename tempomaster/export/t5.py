@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .onnx_utils import TORCH_DTYPES, GraphSpec, cast_module
+from ..dtypes import PRECISION_DTYPES
+from .onnx_utils import GraphSpec, cast_module
 
 INPUT_NAMES = ("ids", "mask")
 OUTPUT_NAMES = ("embeddings",)
@@ -42,7 +43,7 @@ def t5_example_inputs(cfg, batch: int, generator: torch.Generator | None = None)
 def t5_spec(t5, precision: str, copy: bool = True) -> GraphSpec:
     if precision == "fp16":
         raise ValueError("umT5 cannot be exported in fp16 (its activations overflow); use bf16 or fp32")
-    model = cast_module(t5, TORCH_DTYPES[precision], copy=copy).eval()
+    model = cast_module(t5, PRECISION_DTYPES[precision], copy=copy).eval()
     cfg = t5.cfg
     return GraphSpec(
         name="t5",

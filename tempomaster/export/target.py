@@ -25,16 +25,20 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..atomic_write import check_writable_folder
-
-from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT, FORMAT, MANIFEST_FILE
-from ..errors import UsageError
+from ..build_format import (
+    CALIBRATION_DIR,
+    CALIBRATION_FILE,
+    CALIBRATION_FORMAT,
+    FORMAT,
+    MANIFEST_FILE,
+)
+from ..errors import UsageError, print_to_stderr
 
 STAGING_MARKER = ".tm-export-staging.json"
 STAGING_FORMAT = "tempomaster-export-staging"
@@ -43,10 +47,6 @@ MAX_OWN_JSON_BYTES = 256 * 2**20  # a manifest lists every file of a build: larg
 
 def staging_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.tmp-"
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def _size(folder: Path) -> int:
     return sum(p.lstat().st_size for p in folder.rglob("*"))
 
 
-def remove_stale_staging(out_dir: Path, log: Callable[[str], None] = _stderr) -> list[Path]:
+def remove_stale_staging(out_dir: Path, log: Callable[[str], None] = print_to_stderr) -> list[Path]:
     """Remove the staging folders of killed exports to `out_dir`; one line says what went. Returns them."""
     if not out_dir.parent.is_dir():
         return []
@@ -192,7 +192,7 @@ def check_creatable(out_dir: Path) -> None:
     check_writable_folder(out_dir.parent, out_dir)
 
 
-def prepare_target(out_dir: Path, log: Callable[[str], None] = _stderr) -> None:
+def prepare_target(out_dir: Path, log: Callable[[str], None] = print_to_stderr) -> None:
     """Before anything is loaded: refuse a DIR that is not ours or cannot be written, then clear a killed export's staging."""
     check_replaceable(out_dir)
     check_creatable(out_dir)

@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import torch
 
-from .onnx_utils import TORCH_DTYPES, GraphSpec, cast_module
+from ..dtypes import PRECISION_DTYPES
+from .onnx_utils import GraphSpec, cast_module
 from .shapes import ExportShape
-
-GRAPH_NAMES = ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
 
 
 def cache_names(n: int) -> tuple[list[str], list[str]]:
@@ -78,7 +77,7 @@ def _cache_list(shapes, batch: int, dtype) -> list[torch.Tensor]:
 def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True, suffix: str = "") -> list[GraphSpec]:
     """The four step graphs at shape's height x width (a tiled build passes
     one tile's shape, and a suffix naming it when the build has several)."""
-    dtype = TORCH_DTYPES[precision]
+    dtype = PRECISION_DTYPES[precision]
     model = cast_module(vae, dtype, copy=copy).eval()
     height, width = shape.height, shape.width
     h, w = shape.latent_height, shape.latent_width

@@ -121,7 +121,7 @@ StepCallback = Callable[[StepEvent], None]
 StageCallback = Callable[["StageOutput"], None]
 
 
-class _BackendClock:
+class BackendClock:
     """Accumulates wall time spent inside backend calls."""
 
     def __init__(self) -> None:
@@ -186,7 +186,7 @@ def encode_batch(backend: Backend, stage: StagePlan) -> int:
     return max(1, int(limit)) if limit else max(1, len(stage.active_chunks))
 
 
-def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: BackendClock) -> torch.Tensor:
     """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
 
     `videos` yields one host-side [1, 3, L, H, W] condition video per active
@@ -207,7 +207,7 @@ def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: S
     return torch.cat([mask, latents], dim=1)
 
 
-def encode_prompts(backend: Backend, tokenizer, prompt: str, negative: str | None, clock: _BackendClock):
+def encode_prompts(backend: Backend, tokenizer, prompt: str, negative: str | None, clock: BackendClock):
     """[1, text_len, D] (512; the toy 32) for the prompt and, if guidance is on, the negative prompt (one call)."""
     texts = [prompt] if negative is None else [prompt, negative]
     ids, mask = tokenizer(texts)
@@ -232,7 +232,7 @@ def denoise_stage(
     negative_context: torch.Tensor | None,
     request: GenerationRequest,
     schedule: StageSchedule,
-    clock: _BackendClock,
+    clock: BackendClock,
     on_step_end: StepCallback | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made.
@@ -288,7 +288,7 @@ def denoise_stage(
     return x, calls
 
 
-def decode_chunks(backend: Backend, latents: torch.Tensor, clock: _BackendClock, batch: int | None = None) -> list[torch.Tensor]:
+def decode_chunks(backend: Backend, latents: torch.Tensor, clock: BackendClock, batch: int | None = None) -> list[torch.Tensor]:
     """Each chunk's frames ``[3, L, H, W]``, float32 in [-1, 1] on the CPU, ``batch`` chunks per call.
 
     ``batch`` defaults to `backend.vae_batch` (1 for one device: the least
@@ -304,7 +304,7 @@ def decode_chunks(backend: Backend, latents: torch.Tensor, clock: _BackendClock,
     return pieces
 
 
-def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: _BackendClock) -> torch.Tensor:
+def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, clock: BackendClock) -> torch.Tensor:
     """Decode into host memory, concatenate in time, drop the padding: [3, T*r, H, W] on the CPU."""
     return trim_stage_frames(torch.cat(decode_chunks(backend, latents, clock), dim=1), stage)
 
@@ -339,7 +339,7 @@ def generate(
 
     request.validate()
     start = time.perf_counter()
-    clock = _BackendClock()
+    clock = BackendClock()
     height, width = request.output_size()
     stages = plan_stages(request.num_frames, request.frame_intervals, request.ref_images.keys())
     guided = request.guidance_scale != 1.0

@@ -105,10 +105,10 @@ def _child(rank: int, world_size: int, device: str, port: int, timeout: float, f
         results.put(("ok", rank, fn(world, *args)))
     except WorkerError as err:
         results.put(("fault", rank, str(err), err.culprit))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     except BaseException as err:  # noqa: BLE001 - reported to the launcher as one line
         results.put(("error", rank, _one_line(err), rank))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if world is not None:
             world.close()

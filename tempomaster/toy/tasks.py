@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..interrupts import raise_if_interrupted
 from ..models.checkpoints import ModelSet
 from ..planner import VAE_TEMPORAL_FACTOR, chunk_condition_video, plan_stages
-from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, _BackendClock, decode_chunks, stage0_condition_video
+from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, BackendClock, decode_chunks, stage0_condition_video
 from .clips import all_captions, render_clip, sample_clip_spec
 from .state_files import save_state
 from .config import CLIP_FRAMES, INTERVALS, STAGE0_FRAMES, ToyTrainConfig
@@ -134,7 +134,7 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         if s + 1 < len(INTERVALS):
             picked = [i for i in range(len(clips)) if round_trips[i]]
             # as the runtime decodes a stage (a batch of 8: the toy's chunks are small)
-            decoded = dict(zip(picked, decode_chunks(backend, x0[picked], _BackendClock(), batch=8))) if picked else {}
+            decoded = dict(zip(picked, decode_chunks(backend, x0[picked], BackendClock(), batch=8))) if picked else {}
             for i, (clip, (stages, chunks)) in enumerate(zip(clips, plans)):
                 frames = clip[:, :: stages[s].interval]
                 if i in decoded:
@@ -213,7 +213,7 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
                 save_state(shard, path)
             bar.update(min(cfg.clips, first + shard_size) - first)
             shards.append(shard)
-    clock = _BackendClock()
+    clock = BackendClock()
     contexts = []
     for text in captions + ["", DEFAULT_NEGATIVE_PROMPT]:
         context, _ = encode_prompts(backend, models.tokenizer, text, None, clock)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...dtypes import TENSOR_DTYPES
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -23,9 +25,6 @@ class ModelInfo:
     dit_dtype: torch.dtype
 
 
-_MANIFEST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def model_info_from_manifest(data: dict) -> ModelInfo:
     """A build's ModelInfo; the DiT dtype is its graph's `x` input (an fp8 build's DiT takes its base dtype)."""
     models = data["models"]
@@ -37,7 +36,7 @@ def model_info_from_manifest(data: dict) -> ModelInfo:
         head_dim=int(dit["dim"]) // int(dit["num_heads"]),
         patch_size=tuple(dit["patch_size"]),
         z_dim=int(dit["out_dim"]),
-        dit_dtype=_MANIFEST_DTYPES[x["dtype"]],
+        dit_dtype=TENSOR_DTYPES[x["dtype"]],
     )
 
 

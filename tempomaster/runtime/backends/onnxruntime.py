@@ -19,20 +19,17 @@ from typing import Sequence
 
 import torch
 
+from ...dtypes import ONNX_ELEMENT_TYPES, TENSOR_DTYPES
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...errors import MissingDependencyError
 from ...models.vae_tiling import TileSpec, resolve_tile, tiled_decode, tiled_encode
-from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
-
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
-# ONNX TensorProto element types, which IOBinding accepts for every dtype (bf16 included).
-_ONNX_ELEM = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6}
+from .base import (
+    Backend,
+    batch_slices,
+    decoder_steps,
+    encoder_steps,
+    model_info_from_manifest,
+)
 
 
 def _providers() -> tuple[list, torch.device]:
@@ -96,7 +93,7 @@ class GraphRunner:
 
     def dtype(self, name: str) -> torch.dtype:
         spec = self.inputs.get(name) or self.outputs[name]
-        return _TORCH_DTYPES[spec["dtype"]]
+        return TENSOR_DTYPES[spec["dtype"]]
 
     def shape(self, name: str, batch: int, symbols: dict[str, int] | None = None) -> tuple[int, ...]:
         """The concrete shape of `name`: "batch" is `batch`; other symbols ("frames", "24*frames") from `symbols`."""
@@ -136,9 +133,9 @@ class GraphRunner:
         device_type = "cuda" if self._device.type == "cuda" else "cpu"
         device_id = self._device.index or 0
         for name, tensor in feeds.items():
-            binding.bind_input(name, device_type, device_id, _ONNX_ELEM[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+            binding.bind_input(name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         for name, tensor in outputs.items():
-            binding.bind_output(name, device_type, device_id, _ONNX_ELEM[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
 
     def prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

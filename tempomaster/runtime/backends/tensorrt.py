@@ -28,27 +28,27 @@ tests/test_tensorrt_api_surface.py) and exercised only by tests/test_gpu_tensorr
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ...build_format import GRAPH_NAMES
+from ...dtypes import TENSOR_DTYPES
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...engines.plans import check_plan, check_plan_compat, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
-from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
+from ...errors import print_to_stderr
+from .base import (
+    Backend,
+    batch_slices,
+    decoder_steps,
+    encoder_steps,
+    model_info_from_manifest,
+)
 from .onnxruntime import OnnxRuntimeBackend
 
-GRAPHS = ("dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
-_TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
-}
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+GRAPHS = GRAPH_NAMES
 
 
 class PlanRunner:
@@ -65,7 +65,7 @@ class PlanRunner:
         self.max_batch = min(int(self.spec["max_batch"]), profile_max)
         self.inputs = [i["name"] for i in self.spec["inputs"]]
         self.outputs = [o["name"] for o in self.spec["outputs"]]
-        self.dtypes = {t["name"]: _TORCH_DTYPES[t["dtype"]] for t in self.spec["inputs"] + self.spec["outputs"]}
+        self.dtypes = {t["name"]: TENSOR_DTYPES[t["dtype"]] for t in self.spec["inputs"] + self.spec["outputs"]}
         self._engine = None
         self._context = None
         self._scratch = None  # the device memory every context of this engine uses
@@ -173,7 +173,7 @@ class TensorRTBackend(Backend):
     check_request = OnnxRuntimeBackend.check_request
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
-                 verbose: bool = False, log: Callable[[str], None] = _stderr):
+                 verbose: bool = False, log: Callable[[str], None] = print_to_stderr):
         self.manifest = manifest
         self.log = log
         self.cuda_graphs = bool(cuda_graphs)
