@@ -44,3 +44,18 @@ def read_limited(path, limit: int) -> bytes:
     if len(data) > limit:
         raise TooLarge(f"larger than {limit} bytes")
     return data
+
+
+def read_prompt_lines(path, flag: str) -> list[str]:
+    """The lines of a prompts file (``flag`` names it in errors), bounded by MAX_PROMPTS_FILE_BYTES.
+
+    UsageError, one line, when it is too large, missing, a folder, unreadable or not UTF-8.
+    """
+    from .errors import UsageError
+
+    try:
+        return read_limited(path, MAX_PROMPTS_FILE_BYTES).decode("utf-8").splitlines()
+    except TooLarge as err:
+        raise UsageError(f"{flag} {path}: {err}, the most a prompts file may hold") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{flag} {path}: unreadable ({type(err).__name__}: {err})") from None

@@ -20,10 +20,10 @@ from tempomaster.models.dit import SequenceParallel, WanDiT
 from tempomaster.models.presets import get_preset
 from tempomaster.parallel_plan import plan_schedule
 from tempomaster.rope import batched_rope_table
+from tempomaster.runtime.backends.factory import TorchBackendFactory
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.distributed import WorkerError
 from tempomaster.runtime.pipeline import GenerationRequest, generate
-from tempomaster.runtime.backends.factory import TorchBackendFactory
 from tempomaster.runtime.workers import VideoJob, launch, parse_devices, run_videos
 
 FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0)
@@ -373,7 +373,7 @@ def test_torchrun_environment_joins_the_group(tmp_path):
 
 
 def test_read_prompts(tmp_path):
-    from tempomaster.runtime.workers import read_prompts
+    from tempomaster.runtime.request import read_prompts
 
     f = tmp_path / "prompts.txt"
     f.write_text("a red ball\n\n# a comment\n  waves at night  \n", encoding="utf-8")

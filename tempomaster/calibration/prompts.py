@@ -110,17 +110,12 @@ def parse_prompt_line(line: str, base: Path, where: str) -> CalibrationPrompt | 
 def read_prompt_file(path: str | Path) -> list[CalibrationPrompt]:
     """The prompts of a ``--calib-prompts`` file (format in the module docstring)."""
     from ..errors import UsageError
-    from ..limits import MAX_PROMPTS, MAX_PROMPTS_FILE_BYTES, TooLarge, read_limited
+    from ..limits import MAX_PROMPTS, read_prompt_lines
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--calib-prompts {path}: file not found")
-    try:
-        lines = read_limited(path, MAX_PROMPTS_FILE_BYTES).decode("utf-8").splitlines()
-    except TooLarge as err:
-        raise UsageError(f"--calib-prompts {path}: {err}, the most a prompts file may hold") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--calib-prompts {path}: unreadable ({type(err).__name__}: {err})") from None
+    lines = read_prompt_lines(path, "--calib-prompts")
     prompts = []
     for i, line in enumerate(lines, 1):
         p = parse_prompt_line(line, path.parent, f"--calib-prompts {path}:{i}")

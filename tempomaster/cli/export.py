@@ -17,6 +17,19 @@ from .common import (
 PROG = "tm-export"
 
 
+def _add_onnx_flags(p: argparse.ArgumentParser) -> None:
+    """What the ONNX export takes beyond the model source, shape and --out (tm-export onnx and build)."""
+    p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23 for Attention and RMSNormalization)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
+    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
+    p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
+    p.add_argument("--tile", action="store_true",
+                   help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
+                        "when smaller) for tm-run generate --tile; recorded in the manifest")
+    _add_fp8_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-prompts", type=Path, metavar="FILE",
                    help="calibration prompts, one per line (# comments; FRAME:PATH[,FRAME:PATH]|prompt adds reference "
@@ -98,15 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="build directory: new, empty or an earlier tm-export build, replaced only when the export "
                         "completes (any other folder is refused)")
-    p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23 for Attention and RMSNormalization)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (no checkpoints; for sizing and tests)")
-    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
-    p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
-    p.add_argument("--tile", action="store_true",
-                   help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
-                        "when smaller) for tm-run generate --tile; recorded in the manifest")
-    _add_fp8_flags(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_onnx_flags(p)
 
     p = sub.add_parser("build", help="export the ONNX, then build one TensorRT plan per graph (or --resume BUILD)")
     add_model_source(p)
@@ -116,10 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="build directory: new, empty or an earlier tm-export build (any other folder is refused); required unless --resume")
     p.add_argument("--resume", type=Path, metavar="BUILD",
                    help="reuse the hash-checked ONNX of BUILD (from a build that stopped at exit 3, or tm-export onnx) and build the plans")
-    p.add_argument("--opset", type=bounded_int(23), default=23, help="ONNX opset (>= 23)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights for the preset (sizing and tests)")
-    p.add_argument("--t5-precision", choices=["fp32", "bf16"], help="precision of the T5 graph (default: fp32 for fp32 builds, else bf16)")
-    p.add_argument("--graphs", type=lambda s: s.split(","), help=f"comma-separated subset of {','.join(GRAPHS)}")
     p.add_argument("--opt-level", type=bounded_int(0, 5), default=None, help="TensorRT builder optimization level 0..5 (default 3)")
     p.add_argument("--workspace", default=None, metavar="SIZE", help="workspace memory pool limit, e.g. 8GiB (default: TensorRT's, all device memory)")
     p.add_argument("--weight-streaming", action="store_true", default=None,
@@ -130,11 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strip-weights", action="store_true", default=None,
                    help="plans without weights, refitted from the build's ONNX when loaded (no second copy on disk)")
     p.add_argument("--verbose", action="store_true", default=None, help="TensorRT's INFO and VERBOSE messages too")
-    p.add_argument("--tile", action="store_true",
-                   help="export the VAE graphs at the release's tile shape (240x416 pixels at 480x832, cut to the frame "
-                        "when smaller) for tm-run generate --tile; recorded in the manifest")
-    _add_fp8_flags(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_onnx_flags(p)
 
     p = sub.add_parser("calibrate", help="FP8 calibration alone: amax over whole generations into BUILD/calibration/")
     add_model_source(p)

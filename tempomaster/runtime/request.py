@@ -247,8 +247,6 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     if options.prompts is not None:
         if options.prompt is not None:
             raise UsageError("--prompts: give either --prompt or --prompts FILE, not both")
-        from .workers import read_prompts
-
         prompts = read_prompts(options.prompts)
         width = len(str(len(prompts) - 1))
         cases = [(f"prompt{i:0{width}d}", text, flag_images) for i, text in enumerate(prompts)]
@@ -414,3 +412,20 @@ def resolve_dtype(options: GenerateOptions, device: str, build_precision: str | 
     if options.dtype is not None:
         return options.dtype
     return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def read_prompts(path: Path) -> list[str]:
+    """``--prompts FILE``: one prompt per line; blank lines and lines starting with # are skipped.
+
+    The file is bounded (``MAX_PROMPTS_FILE_BYTES``, ``MAX_PROMPTS``): a device
+    such as /dev/zero is refused after that many bytes, not read forever.
+    """
+    from ..limits import MAX_PROMPTS, read_prompt_lines
+
+    lines = read_prompt_lines(path, "--prompts")
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts: {path} holds no prompt (one per line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise UsageError(f"--prompts: {path} holds {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted (one video each)")
+    return prompts

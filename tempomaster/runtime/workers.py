@@ -19,14 +19,13 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import MissingDependencyError, UsageError
-from ..limits import MAX_PROMPTS, MAX_PROMPTS_FILE_BYTES, TooLarge, read_limited
 from ..parallel_plan import plan_video_groups
 from .distributed import (
     STORE_HOSTED_ENV,
     DistributedBackend,
     RankGroup,
-    World,
     WorkerError,
+    World,
     host_store,
     join_from_env,
     supports_sequence_parallel,
@@ -362,26 +361,6 @@ def generate_videos(
 # ----------------------------------------------------------------------------
 # For the command line
 # ----------------------------------------------------------------------------
-
-def read_prompts(path: Path) -> list[str]:
-    """``--prompts FILE``: one prompt per line; blank lines and lines starting with # are skipped.
-
-    The file is bounded (``MAX_PROMPTS_FILE_BYTES``, ``MAX_PROMPTS``): a device
-    such as /dev/zero is refused after that many bytes, not read forever.
-    """
-    try:
-        lines = read_limited(path, MAX_PROMPTS_FILE_BYTES).decode("utf-8").splitlines()
-    except TooLarge as err:
-        raise UsageError(f"--prompts: {path} is {err}, the most a prompts file may hold") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"--prompts: cannot read {path} ({type(err).__name__}: {err})") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UsageError(f"--prompts: {path} holds no prompt (one per line)")
-    if len(prompts) > MAX_PROMPTS:
-        raise UsageError(f"--prompts: {path} holds {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted (one video each)")
-    return prompts
-
 
 def plan_for_request(
     request: GenerationRequest,
