@@ -99,13 +99,14 @@ def test_14b_profiles():
     assert dit.shapes["context"] == ((1, 512, 4096), (3, 512, 4096), (3, 512, 4096))
     assert dit.shapes["rope_cos"] == ((1, 43680, 64), (3, 43680, 64), (3, 43680, 64))
 
-    # VAE step graphs (safe batch 2 given here): one chunk's condition video at a time, 1 + 2 + 4 chunks
+    # VAE encoder (safe batch 2 given here): a stage's 1, 2, 4 active chunks in one batch, 4 split into 2 + 2
     enc_in = {"frames": ["batch", 3, 4, 480, 832], "cache_in_00": ["batch", 96, 2, 480, 832]}
     enc_first = graph_profile("vae_encoder_first", _batch_entry(enc_in, 2), shape)
-    assert enc_first.calls == {"1": 7} and enc_first.batch == (1, 1, 1)
+    assert enc_first.calls == {"1": 1, "2": 3} and enc_first.batch == (1, 2, 2)
     enc = graph_profile("vae_encoder", _batch_entry(enc_in, 2), shape)
-    assert enc.calls == {"1": 7 * 27} and enc.batch == (1, 1, 1)  # 27 steps of 4 frames per chunk
-    assert enc.shapes["cache_in_00"] == ((1, 96, 2, 480, 832),) * 3
+    assert enc.calls == {"1": 27, "2": 3 * 27} and enc.batch == (1, 2, 2)  # 27 steps of 4 frames per chunk
+    assert enc.shapes["cache_in_00"] == ((1, 96, 2, 480, 832), (2, 96, 2, 480, 832), (2, 96, 2, 480, 832))
+    # VAE decoder: one chunk at a time, 1 + 2 + 4 chunks
     dec_in = {"latents": ["batch", 16, 1, 60, 104]}
     dec_first = graph_profile("vae_decoder_first", _batch_entry(dec_in, 2), shape)
     assert dec_first.calls == {"1": 7} and dec_first.batch == (1, 1, 1)  # one chunk at a time, 1+2+4 chunks
@@ -178,8 +179,8 @@ def test_padding_only_chunks_are_not_counted():
     shape = ExportShape(32, 48, 5, (2, 1)).as_dict()
     assert shape["stages"][1]["chunks"] == 4
     assert call_counts("dit", shape, steps_per_stage=(3, 2)) == {(2, 2): 3, (4, 2): 2}
-    assert call_counts("vae_encoder_first", shape) == {(1, None): 3}  # 1 + 2 active chunks
-    assert call_counts("vae_encoder", shape) == {(1, None): 3}  # (5 - 1) / 4 = 1 step per chunk
+    assert call_counts("vae_encoder_first", shape) == {(1, None): 1, (2, None): 1}  # 1, then 2 active chunks batched
+    assert call_counts("vae_encoder", shape) == {(1, None): 1, (2, None): 1}  # (5 - 1) / 4 = 1 step per stage
     assert call_counts("vae_decoder", shape) == {(1, None): 3}  # 2 latent frames: 1 step per chunk
     profile = graph_profile("dit", {"max_batch": 1024, "inputs": [{"name": "x", "shape": ["batch", 16, 2, 4, 6]}]},
                             shape, steps_per_stage=(3, 2))
@@ -283,3 +284,36 @@ def test_dimensions_outside_the_grammar_are_refused(dim):
 
     with pytest.raises(ManifestError, match="dimension"):
         eval_dim(dim, {"batch": 3, "frames": 5})
+
+
+def test_call_counts_are_what_the_runtime_sends(tiny_models):
+    """The profiles' batch counts against a real tiny generation: the DiT's and the VAE encoder's batches per call."""
+    from collections import Counter
+
+    import torch
+
+    from tempomaster.runtime.backends.base import BackendWrapper
+    from tempomaster.runtime.backends.torch import TorchBackend
+    from tempomaster.runtime.pipeline import GenerationRequest, generate
+
+    class BatchLog(BackendWrapper):
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.dit, self.encode = Counter(), Counter()
+
+        def velocity(self, x, *rest):
+            self.dit[(x.shape[0], x.shape[2])] += 1
+            return super().velocity(x, *rest)
+
+        def vae_encode(self, video):
+            self.encode[(video.shape[0], None)] += 1
+            return super().vae_encode(video)
+
+    steps = (2, 1, 1)
+    shape = ExportShape(32, 48, 9, (4, 2, 1)).as_dict()
+    backend = BatchLog(TorchBackend(tiny_models))
+    request = GenerationRequest(prompt="a red ball", height=32, width=48, num_frames=9, steps_per_stage=steps,
+                                seed=torch.seed() % 2**31)
+    generate(backend, tiny_models.tokenizer, request, progress=False)
+    assert backend.dit == call_counts("dit", shape, steps_per_stage=steps)
+    assert backend.encode == call_counts("vae_encoder_first", shape)  # one encode per stage, each with one _first call

@@ -8,8 +8,9 @@ serves (manifest `shape`):
 
 - `dit`: one call per denoising step with a batch of chunks x 2 under
   guidance (cond and uncond together), chunks x 1 without;
-- `vae_encoder_first` / `vae_encoder`: one chunk's condition video at a
-  time (batch 1), one `_first` call then one call per 4 frames;
+- `vae_encoder_first` / `vae_encoder`: a stage's condition videos in one
+  batch (its active chunks, as the runtime encodes them), one `_first` call
+  then one call per 4 frames;
 - `vae_decoder_first` / `vae_decoder`: one chunk at a time (batch 1), one
   `_first` call then one call per latent frame;
 
@@ -128,9 +129,9 @@ def call_counts(graph: str, shape: Mapping, *, guidance: bool = True,
         if graph == "dit":
             counts[(n * (2 if guidance else 1), f)] += int(n_steps)
         elif graph == "vae_encoder_first":
-            counts[(1, None)] += n
+            counts[(n, None)] += 1
         elif graph == "vae_encoder":
-            counts[(1, None)] += n * ((length - 1) // 4)
+            counts[(n, None)] += (length - 1) // 4
         elif graph == "vae_decoder_first":
             counts[(1, None)] += n
         elif graph == "vae_decoder":
