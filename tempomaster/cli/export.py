@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=None, metavar="SIZE", help="workspace memory pool limit, e.g. 8GiB (default: TensorRT's, all device memory)")
     p.add_argument("--weight-streaming", action="store_true", default=None,
                    help="build plans whose weights can stream from host memory (GPUs that cannot hold the DiT)")
-    p.add_argument("--hardware-compat", choices=["none", "ampere+"], default=None,
-                   help="ampere+: one plan for every GPU of compute capability 8.0 and later")
+    p.add_argument("--hardware-compat", choices=["none", "same-cc", "ampere+"], default=None,
+                   help="none (default): plans for this GPU model; same-cc: for every GPU of this compute capability; "
+                        "ampere+: for every GPU of compute capability 8.0 and later (FP8 plans still need 8.9+)")
     p.add_argument("--version-compatible", action="store_true", default=None, help="plans that run on later TensorRT 11.x")
     p.add_argument("--strip-weights", action="store_true", default=None,
                    help="plans without weights, refitted from the build's ONNX when loaded (no second copy on disk)")

@@ -56,7 +56,7 @@ class EngineOptions:
     opt_level: int = 3  # builder optimization level 0..5 (TensorRT's default 3)
     workspace: int | None = None  # bytes for the WORKSPACE memory pool; None = TensorRT's default (all device memory)
     weight_streaming: bool = False  # weights may stay in host memory and stream in (GPUs that cannot hold the DiT)
-    hardware_compat: str = "none"  # "ampere+": one plan for every GPU of compute capability 8.0+
+    hardware_compat: str = "none"  # "same-cc": every GPU of this compute capability; "ampere+": every GPU of 8.0+
     version_compatible: bool = False  # the plan runs on later TensorRT 11.x
     strip_weights: bool = False  # no weights in the plan; refitted from the build's ONNX when loaded
     guidance: bool = True  # profiles for guided generation (cond + uncond in one DiT batch)
@@ -168,6 +168,8 @@ def _config(trt, builder, options: EngineOptions, profile: GraphProfile, cache_b
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if options.hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif options.hardware_compat == "same-cc":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
     return config
 
 
