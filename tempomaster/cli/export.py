@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the DiT without torch.compile (slower; compiling needs a C++ compiler, and falls back to this without one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("inspect", help="load all three models and print their sizes")
+    p = sub.add_parser("inspect", help="load all three models and print their sizes; with BUILD, its TensorRT plans' FP8 layers")
+    p.add_argument("build", nargs="?", type=Path, metavar="BUILD",
+                   help="a tm-export build with plans: which FP8-quantized layers each plan runs in FP8 (engine inspector)")
     add_model_source(p)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
 
@@ -164,8 +166,30 @@ def _train_toy(args) -> int:
     return 0
 
 
+def _inspect_plans(build: Path) -> int:
+    from ..engines.layer_report import describe_report
+    from ..engines.manifest import load_manifest
+    from ..engines.plans import engines_section
+    from ..errors import UsageError
+
+    section = engines_section(load_manifest(build))
+    if section is None:
+        raise UsageError(f"{build}: the build has no TensorRT plans (tm-export build --resume {build} on a GPU machine)")
+    print(f"{build}: TensorRT {section['tensorrt_version']} plans built on {section['gpu']} (compute capability {section['compute_capability']})")
+    for name, plan in section["plans"].items():
+        if "fp8_layers" in plan or plan.get("precision") == "fp8":
+            print("  " + (describe_report(name, plan["fp8_layers"]) if "fp8_layers" in plan
+                          else f"{name}: no FP8 layer report (plan built before the report existed)"))
+        else:
+            print(f"  {name}: no FP8-quantized layers")
+    return 0
+
+
 def _inspect(args) -> int:
     import torch
+
+    if args.build is not None:
+        return _inspect_plans(args.build)
 
     from ..models.sources import load_model_set
 
