@@ -180,3 +180,45 @@ def test_every_slice_of_every_profile_shape_is_bound_aligned(tiny_build):
                 assert is_aligned(bound, ALIGNMENT) and torch.equal(bound, piece), (name, spec["name"], s)
                 checked += 1
     assert checked > 20
+
+
+# -- tiled builds ----------------------------------------------------------------------------------
+
+def _tiled(build: Path) -> None:
+    """The synthetic build made tiled: a 4x4-latent tile and a 4x2 edge tile with its own four VAE plans."""
+    _manifest(build)
+
+    def edit(d):
+        d["shape"].update(latent_height=4, latent_width=6)
+        d["tiling"] = {"size": [4, 4], "stride": [2, 2], "tiles": [
+            {"latent": [4, 4], "pixels": [32, 32], "suffix": ""}, {"latent": [4, 2], "pixels": [32, 16], "suffix": "_4x2"}]}
+        for base in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"):
+            name = f"{base}_4x2"
+            d["graphs"][name] = {**d["graphs"][base], "file": f"onnx/{name}.onnx"}
+            d["files"][f"onnx/{name}.onnx"] = {"sha256": "0" * 64, "bytes": 1}
+            d["engines"]["plans"][name] = {**d["engines"]["plans"][base], "bytes": 123}
+    _edit(build, edit)
+
+
+def test_a_tiled_build_is_opened_tiled_and_only_so(tmp_path):
+    build = tmp_path / "tiled"
+    _tiled(build)
+    m = load_manifest(build)
+    # refused before any GPU or plan is looked at: the build's tiling decides, as on onnxruntime
+    with pytest.raises(Exception, match="exported for tiled VAE calls"):
+        TensorRTBackend.from_build(build)
+    needs = {n.graph: n for n in plan_needs(m.data, list(m.data["engines"]["plans"]))}
+    assert needs["vae_decoder_4x2"].weights == 123  # every tile shape's plans count against the GPU
+    # the profile of a tile-shape plan is its base graph's (called once per tile)
+    profs = build_profiles(m.data)
+    assert profs["vae_decoder_4x2"].batch == profs["vae_decoder"].batch
+
+
+@no_cuda
+def test_tiled_tensorrt_is_refused_only_for_want_of_a_gpu(tmp_path):
+    build = tmp_path / "tiled"
+    _tiled(build)
+    with pytest.raises(MissingDependencyError, match="needs an NVIDIA GPU"):
+        TensorRTBackend.from_build(build, tile=True)
+    with pytest.raises(MissingDependencyError, match="needs an NVIDIA GPU"):
+        factory_module.open_engine_backend(build, "tensorrt", tile=True)

@@ -242,6 +242,11 @@ def _inspect_plan(trt, logger, plan, options: EngineOptions, onnx_path: Path, na
     return facts
 
 
+def _graph_order(names) -> list[str]:
+    names = list(names)
+    return [g for g in ALL_GRAPHS if g in names] + sorted(g for g in names if g not in ALL_GRAPHS)
+
+
 def build_engines(
     build_dir: str | os.PathLike,
     options: EngineOptions = EngineOptions(),
@@ -259,7 +264,8 @@ def build_engines(
     options = options.validate()
     root = Path(build_dir)
     manifest = load_manifest(root)
-    names = list(graphs) if graphs is not None else [g for g in ALL_GRAPHS if g in manifest.graphs]
+    # the six graphs in their usual order, then a tiled build's tile-shape VAE graphs
+    names = list(graphs) if graphs is not None else _graph_order(manifest.graphs)
     for n in names:
         manifest.graph(n)
     verify_files(manifest, names)
@@ -356,7 +362,7 @@ def build_engines(
         "compute_capability": device.cc,
         "options": options.as_dict(),
         "timing_cache": TIMING_CACHE,
-        "plans": {n: plans[n] for n in ALL_GRAPHS if n in plans},
+        "plans": {n: plans[n] for n in _graph_order(plans)},
     }
     fresh[ENGINES_KEY] = section
     write_manifest(root, fresh)

@@ -66,12 +66,9 @@ def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool 
 
         return OnnxRuntimeBackend.from_build(engines, verify=verify, threads=threads, tile=tile)
     if backend == "tensorrt":
-        from ...engines.manifest import load_manifest
         from .tensorrt import TensorRTBackend
 
-        if tile or load_manifest(engines).data.get("tiling"):
-            raise UsageError("the tensorrt backend does not run tiled VAE builds yet: use --backend onnxruntime, or an untiled build")
-        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs,
+        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs, tile=tile,
                                           weight_streaming_budget=weight_streaming_budget, device_index=device_index)
     raise UsageError(f"open_engine_backend serves onnxruntime and tensorrt, not {backend!r}")
 

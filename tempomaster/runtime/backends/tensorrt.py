@@ -46,9 +46,10 @@ from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_f
 from ...engines.plan_memory import HEADROOM, check_budget_kept, check_plans_fit, plan_needs, streaming_budget
 from ...engines.plans import check_plan, check_plan_compat, check_run_options, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
+from ...models.vae_tiling import TileSpec, tiled_decode, tiled_encode
 from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
 from .binding import aligned_empty, bindable, is_aligned
-from .onnxruntime import OnnxRuntimeBackend
+from .onnxruntime import OnnxRuntimeBackend, build_tiling
 
 GRAPHS = ("dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder")
 _TORCH_DTYPES = {
@@ -204,8 +205,14 @@ class TensorRTBackend(Backend):
     check_request = OnnxRuntimeBackend.check_request
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
-                 verbose: bool = False, log: Callable[[str], None] = _stderr, device_index: int | None = None):
+                 verbose: bool = False, log: Callable[[str], None] = _stderr, device_index: int | None = None,
+                 tile: bool | TileSpec = False):
         self.manifest = manifest
+        # a tiled build: its VAE plans are at the tile's shapes, run tile by tile and blended as onnxruntime does
+        self.tile, self._tile_suffix = build_tiling(manifest, tile)
+        self.spatial_ratio = int(manifest.shape["height"]) // int(manifest.shape["latent_height"]) if self.tile else 8
+        names = list(GRAPHS) + sorted(f"vae_{d}{s}" for s in set(self._tile_suffix.values()) if s
+                                      for d in ("encoder_first", "encoder", "decoder_first", "decoder"))
         self.log = log
         self.cuda_graphs = bool(cuda_graphs)
         self.weight_streaming_budget = weight_streaming_budget
@@ -218,7 +225,7 @@ class TensorRTBackend(Backend):
         self._logger = make_logger(self.trt, log, verbose)
         self._runtime = None
         # compatibility of every plan at startup, before any is read: cheap, and a foreign build fails at once
-        for name in GRAPHS:
+        for name in names:
             entry = plan_entry(manifest, name)
             for warning in check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"],
                                              compute_capability=self.gpu.compute_capability,
@@ -226,11 +233,11 @@ class TensorRTBackend(Backend):
                 log(f"[W] {warning}")
         # this device must hold every plan of its engine instance, before any loads
         free, _ = torch.cuda.mem_get_info(self.device)
-        check_plans_fit(plan_needs(manifest.data, GRAPHS, weight_streaming_budget), int(free),
+        check_plans_fit(plan_needs(manifest.data, names, weight_streaming_budget), int(free),
                         device=f"cuda:{self.gpu.index} ({self.gpu.name})")
         # TensorRT's work runs on this stream, ordered against torch's current stream at each call
         self.stream = torch.cuda.Stream(self.device)
-        self.graphs = {name: PlanRunner(self, name) for name in GRAPHS}
+        self.graphs = {name: PlanRunner(self, name) for name in names}
         self.info = model_info_from_manifest(manifest.data)
         self._cache_sets: dict[tuple, list[list[torch.Tensor]]] = {}
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -239,6 +246,7 @@ class TensorRTBackend(Backend):
     def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> "TensorRTBackend":
         """Open a build with plans; the tokenizer's files are hash-checked here, each plan when it loads."""
         manifest = load_manifest(build_dir)
+        build_tiling(manifest, kwargs.get("tile", False))  # a tiled build is run tiled, and only it
         if engines_section(manifest) is None:
             raise ManifestError(f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`")
         missing = [n for n in GRAPHS if n not in manifest.graphs]
@@ -405,24 +413,45 @@ class TensorRTBackend(Backend):
                 results.append(out)
         return torch.cat(results, dim=2)
 
-    @torch.inference_mode()
-    def vae_encode(self, video):
-        first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
+    def _vae_pair(self, direction: str, latent_hw: tuple[int, int]) -> tuple[PlanRunner, PlanRunner]:
+        suffix = ""
+        if self.tile is not None:
+            suffix = self._tile_suffix.get(tuple(latent_hw))
+            if suffix is None:
+                raise ManifestError(
+                    f"{self.manifest.root}: the build has no VAE plans for a {latent_hw[0]}x{latent_hw[1]} latent tile "
+                    f"(it has {', '.join(f'{h}x{w}' for h, w in self._tile_suffix)}); export one for this request (tm-export build --tile)"
+                )
+        return self.graphs[f"vae_{direction}_first{suffix}"], self.graphs[f"vae_{direction}{suffix}"]
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        r = self.spatial_ratio
+        first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
         step = int(rest.spec["meta"]["in_frames"])
         outs = []
         for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
             outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
-        return torch.cat(outs).float()
+        return torch.cat(outs)
 
-    @torch.inference_mode()
-    def vae_decode(self, latents):
-        first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unclamped frames in the plan's dtype."""
+        first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
         outs = []
         for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
             outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
-        return torch.cat(outs).float().clamp(-1, 1)
+        return torch.cat(outs)
 
+    @torch.inference_mode()
+    def vae_encode(self, video):
+        if self.tile is not None:
+            # the same host-side blend as onnxruntime's, summing in the plan's input dtype
+            video = video.to("cpu", self.graphs["vae_encoder_first"].dtypes["frames"])
+            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._encode(video).float()
 
-# ----------------------------------------------------------------------------
-# Choosing a backend for `tm-run generate`
-# ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        if self.tile is not None:
+            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtypes["latents"])
+            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._decode(latents).float().clamp(-1, 1)
