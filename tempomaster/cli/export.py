@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fp8_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("check", help="run each graph of a build on two runners with the same random inputs (polygraphy) "
+                                     "and print per output the max/mean absolute and relative errors; exit 1 when one fails")
+    p.add_argument("build", type=Path, metavar="BUILD", help="a tm-export build")
+    p.add_argument("--graphs", nargs="+", metavar="NAME", help="the graphs to check (default: every graph of the build)")
+    p.add_argument("--runner", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="onnxruntime (default): BUILD's graphs against --reference's, both on onnxruntime; tensorrt: "
+                        "BUILD's plans against its own ONNX on onnxruntime (a GPU with TensorRT)")
+    p.add_argument("--reference", type=Path, metavar="REF",
+                   help="the build to compare with on onnxruntime: the fp32 build of the same models, or an fp8 build's --fp8-twin")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--error-stat", choices=["max", "mean"], help="the statistic judged (default: the pair's stated one)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default: the pair's stated one)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default: the pair's stated one)")
+    p.add_argument("--verbose", action="store_true", help="polygraphy's own log: every input, output and error statistic")
+
     p = sub.add_parser("calibrate", help="FP8 calibration alone: amax over whole generations into BUILD/calibration/")
     add_model_source(p)
     add_shape(p, "the build serves (default: the preset's)")
@@ -264,6 +279,28 @@ def _build(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from ..engines.check import Tolerance, check_build
+    from ..errors import UsageError
+
+    tolerance = None
+    given = [args.error_stat, args.atol, args.rtol]
+    if any(v is not None for v in given):
+        if None in given:
+            raise UsageError("--error-stat, --atol and --rtol go together (or leave all three out for the stated tolerances)")
+        if not (args.atol >= 0 and args.rtol >= 0):
+            raise UsageError(f"--atol and --rtol must be >= 0, got {args.atol} and {args.rtol}")
+        tolerance = Tolerance(args.error_stat, args.atol, args.rtol, "given on the command line")
+    results = check_build(args.build, graphs=args.graphs, runner=args.runner, reference=args.reference,
+                          seed=args.seed, tolerance=tolerance, verbose=args.verbose)
+    for r in results:
+        print("\n".join(r.lines()))
+    failed = [r.graph for r in results if not r.passed]
+    print(f"{len(failed)} of {len(results)} graph(s) failed: {', '.join(failed)}" if failed
+          else f"all {len(results)} graph(s) within tolerance")
+    return 1 if failed else 0
+
+
 def _calibrate(args) -> int:
     from ..calibration.export import calibrate_build
 
@@ -277,7 +314,7 @@ def _calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"init-tiny": _init_tiny, "train-toy": _train_toy, "inspect": _inspect, "onnx": _onnx, "build": _build, "calibrate": _calibrate}
+COMMANDS = {"init-tiny": _init_tiny, "train-toy": _train_toy, "inspect": _inspect, "onnx": _onnx, "build": _build, "check": _check, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:
