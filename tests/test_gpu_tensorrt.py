@@ -274,3 +274,15 @@ def test_the_fp8_layer_report_is_recorded(tmp_path):
     assert len(report["fp8"]) + len(report["not_fp8"]) + len(report["not_found"]) == report["quantized"]
     assert report["fp8"], "no quantized DiT layer runs in FP8"
     assert export_main(["inspect", str(out)]) == 0
+
+
+def test_export_check_tensorrt_against_onnxruntime(engine_build, capsys):
+    from tempomaster.cli import export_main
+
+    precision, build = engine_build
+    if precision == "bf16":
+        pytest.skip("numpy holds no bf16 inputs: tm-export check runs fp32 and fp16 builds")
+    _ort_backend(build)  # skips without onnxruntime-gpu
+    assert export_main(["check", str(build), "--runner", "tensorrt", "--graphs", "dit", "t5"]) == 0
+    out = capsys.readouterr().out
+    assert "dit: ok" in out and "t5: ok" in out

@@ -71,8 +71,8 @@ def random_feeds(manifest: Manifest, name: str, seed: int = 0) -> dict[str, np.n
         shape = tuple(eval_dim(d, symbols) for d in spec["shape"])
         dtype = spec["dtype"]
         if dtype not in _NP:
-            raise UsageError(f"{name}: input {spec['name']} is {dtype}; onnxruntime on this machine takes no {dtype} "
-                             "inputs from numpy (check an fp32 or fp16 build, or the fp8 twin)")
+            raise UsageError(f"{name}: input {spec['name']} is {dtype}, which numpy cannot hold; tm-export check runs "
+                             "fp32 and fp16 graphs (check the fp32 build, an fp16 build, or the fp8 build's --fp8-twin)")
         if spec["name"] == "mask":
             lengths = rng.integers(1, shape[-1] + 1, size=shape[:-1])
             feeds["mask"] = (np.arange(shape[-1]) < lengths[..., None]).astype(_NP[dtype])
