@@ -222,3 +222,18 @@ def test_tiled_tensorrt_is_refused_only_for_want_of_a_gpu(tmp_path):
         TensorRTBackend.from_build(build, tile=True)
     with pytest.raises(MissingDependencyError, match="needs an NVIDIA GPU"):
         factory_module.open_engine_backend(build, "tensorrt", tile=True)
+
+
+def test_plan_for_tensorrt_places_whole_sequences_and_shows_the_idle_time(capsys):
+    # 14B defaults, 8 devices: 2, 4, 8 sequences per step; without Ulysses ranks beyond the sequences wait
+    common = ["plan", "--preset", "tempomaster-14b", "--devices", "8"]
+    assert run_main([*common, "--json"]) == 0
+    torch_plan = json.loads(capsys.readouterr().out)
+    assert run_main([*common, "--backend", "tensorrt", "--json"]) == 0
+    trt_plan = json.loads(capsys.readouterr().out)
+    assert torch_plan["sequence_parallel"] and not trt_plan["sequence_parallel"]
+    assert trt_plan["sequential_forwards"] == 114  # 50 + 32 + 32: one sequence per rank, as --no-sequence-parallel
+    assert trt_plan["idle_fraction"] > torch_plan["idle_fraction"]
+    assert run_main([*common, "--backend", "tensorrt"]) == 0
+    text = capsys.readouterr().out
+    assert "sequence parallel off" in text and "idle" in text
