@@ -173,3 +173,116 @@ def test_weight_stripped_plans_refit_to_the_same_outputs(engine_build, tmp_path)
     ref = TensorRTBackend.from_build(build).encode_text(ids, mask).float()
     out = TensorRTBackend.from_build(stripped).encode_text(ids, mask).float()
     assert torch.allclose(out, ref, rtol=1e-2, atol=1e-2)
+
+
+# -- one engine instance per GPU, tiled builds, streaming budgets, the FP8 layer report ------------------
+
+def test_two_gpus_equal_one(engine_build, tmp_path):
+    """tm-run generate --backend tensorrt --devices 0,1: the video one GPU makes, within 1/255."""
+    import numpy as np
+
+    from tempomaster.cli import run_main
+    from tempomaster.runtime.video import read_video_frames
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    precision, build = engine_build
+    common = ["generate", "--engines", str(build), "--backend", "tensorrt", "--prompt", "a red ball", "--height", "32",
+              "--width", "48", "--num-frames", "9", "--steps", "2,1,1", "--seed", "3", "--no-progress"]
+    assert run_main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert run_main([*common, "--devices", "0,1", "--timeout", "300", "--out", str(tmp_path / "two")]) == 0
+    one, _ = read_video_frames(tmp_path / "one" / "video")
+    two, _ = read_video_frames(tmp_path / "two" / "video")
+    assert one.shape == two.shape
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
+
+
+def test_each_rank_opens_its_plans_on_its_own_device(engine_build):
+    from pathlib import Path
+
+    from tempomaster.runtime.backends.factory import TensorRTBackendFactory
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    precision, build = engine_build
+    backend, _ = TensorRTBackendFactory(Path(build))(torch.device("cuda", 1))
+    assert backend.device == torch.device("cuda", 1) and backend.gpu.index == 1
+    backend.graphs["t5"].engine  # deserialised on cuda:1
+    assert backend.graphs["t5"]._engine is not None and torch.cuda.current_device() == 1
+
+
+def test_a_tiled_build_on_tensorrt_decodes_as_onnxruntime(tmp_path_factory, tiny_models):
+    from tempomaster.engines.builder import EngineOptions, build_engines
+    from tempomaster.export.build import export_onnx
+    from tempomaster.export.shapes import ExportShape
+    from tempomaster.models.vae_tiling import TileSpec
+    from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from tempomaster.runtime.backends.tensorrt import TensorRTBackend
+
+    out = tmp_path_factory.mktemp("trt-tiled") / "tiny"
+    tile = TileSpec((4, 4), (2, 2))  # 32x48 frames: 4x6 latents, tiles of 4x4 with an edge tile
+    export_onnx(tiny_models, "fp32", ExportShape(32, 48, 9, (4, 2, 1)), out, preset_name="tiny", progress=False,
+                copy=True, tile=tile)
+    build_engines(out, EngineOptions(opt_level=3))
+    trt_b = TensorRTBackend.from_build(out, tile=tile)
+    ort_b = OnnxRuntimeBackend.from_build(out, tile=tile)
+    g = torch.Generator().manual_seed(13)
+    latents = torch.randn(2, 16, 3, 4, 6, generator=g)
+    a = trt_b.vae_decode(latents.cuda()).cpu()
+    b = ort_b.vae_decode(latents).cpu()
+    assert a.shape == b.shape and (a - b).abs().max() < 1e-3  # fp32 on both: rounding only
+    video = torch.rand(2, 3, 9, 32, 48, generator=g) * 2 - 1
+    za, zb = trt_b.vae_encode(video.cuda()).cpu(), ort_b.vae_encode(video).cpu()
+    assert (za - zb).abs().max() / zb.abs().max() < 1e-3
+
+
+def test_streaming_budget_is_set_and_read_back(engine_build, tmp_path):
+    from tempomaster.engines.builder import EngineOptions, build_engines
+    from tempomaster.errors import UsageError
+    from tempomaster.runtime.backends.tensorrt import TensorRTBackend
+
+    precision, build = engine_build
+    streaming = shutil.copytree(build, tmp_path / "streaming")
+    build_engines(streaming, EngineOptions(weight_streaming=True), graphs=["dit"])
+    entry = json.loads((streaming / "manifest.json").read_text())["engines"]["plans"]["dit"]
+    assert entry["weight_streaming"] and entry["streamable_weights_bytes"] > 0 and entry["device_memory_bytes"] >= 0
+    asked = entry["streamable_weights_bytes"] // 2
+    lines = []
+    backend = TensorRTBackend.from_build(streaming, weight_streaming_budget=asked, log=lines.append)
+    engine = backend.graphs["dit"].engine
+    assert int(engine.weight_streaming_budget_v2) == asked
+    assert any("weight streaming" in line for line in lines)
+    with pytest.raises(UsageError, match="--cuda-graphs cannot run weight-streaming"):
+        TensorRTBackend.from_build(streaming, cuda_graphs=True)
+
+
+def test_the_fp8_layer_report_is_recorded(tmp_path):
+    """An fp8 tiny build: the manifest says, per quantized DiT layer, whether the plan runs it in FP8."""
+    from tempomaster.cli import export_main
+    from tempomaster.engines.build import export_and_build
+    from tempomaster.engines.builder import EngineOptions
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if (props.major, props.minor) < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    out = tmp_path / "fp8"
+    export_and_build(out=out, precision="fp8", preset="tiny", random_weights=True, height=32, width=48, num_frames=9,
+                     intervals=(4, 2, 1), graphs=["dit"], options=EngineOptions(), progress=False,
+                     fp8={"calibrate_now": True, "report_prompts": 0})
+    report = json.loads((out / "manifest.json").read_text())["engines"]["plans"]["dit"]["fp8_layers"]
+    assert report["quantized"] > 0
+    assert len(report["fp8"]) + len(report["not_fp8"]) + len(report["not_found"]) == report["quantized"]
+    assert report["fp8"], "no quantized DiT layer runs in FP8"
+    assert export_main(["inspect", str(out)]) == 0
+
+
+def test_export_check_tensorrt_against_onnxruntime(engine_build, capsys):
+    from tempomaster.cli import export_main
+
+    precision, build = engine_build
+    if precision == "bf16":
+        pytest.skip("numpy holds no bf16 inputs: tm-export check runs fp32 and fp16 builds")
+    _ort_backend(build)  # skips without onnxruntime-gpu
+    assert export_main(["check", str(build), "--runner", "tensorrt", "--graphs", "dit", "t5"]) == 0
+    out = capsys.readouterr().out
+    assert "dit: ok" in out and "t5: ok" in out

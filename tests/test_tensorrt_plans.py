@@ -116,6 +116,41 @@ def test_compatibility_rules():
     with pytest.raises(ManifestError, match="TensorRT 11.4.0.106.*11.5.0.1.*compute capability 9.0.*8.6"):
         check_plan_compat(BUILT, tensorrt_version="11.5.0.1", compute_capability="8.6")
     assert version_tuple("11.4.0.106") < version_tuple("11.10.0.1")  # numeric, not text, order
+    # a 10.x version-compatible plan runs on 11.x (TensorRT's one cross-major path); an 11.x one never on 10.x
+    check_plan_compat({**vc, "tensorrt_version": "10.16.1.11"}, tensorrt_version="11.4.0.106", compute_capability="9.0")
+
+
+def test_compatibility_levels_follow_tensorrt():
+    here = {"tensorrt_version": "11.4.0.106", "compute_capability": (9, 0)}
+    # none: same compute capability; another model of it runs with TensorRT's warning, repeated
+    assert check_plan_compat(BUILT, **here, gpu_name="NVIDIA H100 80GB HBM3") == []
+    warned = check_plan_compat(BUILT, **here, gpu_name="NVIDIA H100 PCIe", where="dit.plan")
+    assert len(warned) == 1 and "NVIDIA H100 80GB HBM3" in warned[0] and "NVIDIA H100 PCIe" in warned[0]
+    assert "--hardware-compat same-cc" in warned[0]
+    # same-cc: any model of the compute capability, silently; another compute capability refused
+    same = {**BUILT, "hardware_compat": "same-cc"}
+    assert check_plan_compat(same, **here, gpu_name="NVIDIA H100 PCIe") == []
+    with pytest.raises(ManifestError, match="compute capability 9.0 .*compute capability 8.9"):
+        check_plan_compat(same, tensorrt_version="11.4.0.106", compute_capability=(8, 9))
+    # FP8 needs 8.9+ at every level, ampere+ included
+    amp8 = {**BUILT, "compute_capability": "8.9", "hardware_compat": "ampere+", "precision": "fp8"}
+    check_plan_compat(amp8, tensorrt_version="11.4.0.106", compute_capability=(9, 0))
+    with pytest.raises(ManifestError, match="FP8 layers, which need compute capability 8.9\\+.*8.6"):
+        check_plan_compat(amp8, tensorrt_version="11.4.0.106", compute_capability=(8, 6))
+    with pytest.raises(ManifestError, match="level 'turing\\+' is unknown"):
+        check_plan_compat({**BUILT, "hardware_compat": "turing+"}, **here)
+
+
+def test_another_tensorrt_major_is_refused_naming_both():
+    from tempomaster.engines.trt_env import check_major_version
+
+    check_major_version("11.4.0.106")
+    check_major_version("11.9.1.2")
+    for other in ("10.16.1.11", "12.0.0.1"):
+        with pytest.raises(MissingDependencyError) as info:
+            check_major_version(other, "building TensorRT engines")
+        assert f"TensorRT {other}" in str(info.value) and "TensorRT 11.x" in str(info.value)
+        assert info.value.exit_code == 3
 
 
 def test_a_build_without_plans(tmp_path):
@@ -153,7 +188,7 @@ def test_choose_backend_on_a_machine_without_tensorrt(tmp_path):
     assert info.value.exit_code == 3
     with pytest.raises(MissingDependencyError) as info:
         TensorRTBackend.from_build(build)
-    assert info.value.exit_code == 3 and "TensorRT" in str(info.value)
+    assert info.value.exit_code == 3 and "needs an NVIDIA GPU" in str(info.value)
 
 
 def test_build_summary_names_every_plan():

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the DiT without torch.compile (slower; compiling needs a C++ compiler, and falls back to this without one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("inspect", help="load all three models and print their sizes")
+    p = sub.add_parser("inspect", help="load all three models and print their sizes; with BUILD, its TensorRT plans' FP8 layers")
+    p.add_argument("build", nargs="?", type=Path, metavar="BUILD",
+                   help="a tm-export build with plans: which FP8-quantized layers each plan runs in FP8 (engine inspector)")
     add_model_source(p)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
 
@@ -125,13 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=None, metavar="SIZE", help="workspace memory pool limit, e.g. 8GiB (default: TensorRT's, all device memory)")
     p.add_argument("--weight-streaming", action="store_true", default=None,
                    help="build plans whose weights can stream from host memory (GPUs that cannot hold the DiT)")
-    p.add_argument("--hardware-compat", choices=["none", "ampere+"], default=None,
-                   help="ampere+: one plan for every GPU of compute capability 8.0 and later")
+    p.add_argument("--hardware-compat", choices=["none", "same-cc", "ampere+"], default=None,
+                   help="none (default): plans for this GPU model; same-cc: for every GPU of this compute capability; "
+                        "ampere+: for every GPU of compute capability 8.0 and later (FP8 plans still need 8.9+)")
     p.add_argument("--version-compatible", action="store_true", default=None, help="plans that run on later TensorRT 11.x")
     p.add_argument("--strip-weights", action="store_true", default=None,
                    help="plans without weights, refitted from the build's ONNX when loaded (no second copy on disk)")
     p.add_argument("--verbose", action="store_true", default=None, help="TensorRT's INFO and VERBOSE messages too")
     _add_onnx_flags(p)
+
+    p = sub.add_parser("check", help="run each graph of a build on two runners with the same random inputs (polygraphy) "
+                                     "and print per output the max/mean absolute and relative errors; exit 1 when one fails")
+    p.add_argument("build", type=Path, metavar="BUILD", help="a tm-export build")
+    p.add_argument("--graphs", nargs="+", metavar="NAME", help="the graphs to check (default: every graph of the build)")
+    p.add_argument("--runner", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="onnxruntime (default): BUILD's graphs against --reference's, both on onnxruntime; tensorrt: "
+                        "BUILD's plans against its own ONNX on onnxruntime (a GPU with TensorRT)")
+    p.add_argument("--reference", type=Path, metavar="REF",
+                   help="the build to compare with on onnxruntime: the fp32 build of the same models, or an fp8 build's --fp8-twin")
+    p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--error-stat", choices=["max", "mean"], help="the statistic judged (default: the pair's stated one)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default: the pair's stated one)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default: the pair's stated one)")
+    p.add_argument("--verbose", action="store_true", help="polygraphy's own log: every input, output and error statistic")
 
     p = sub.add_parser("calibrate", help="FP8 calibration alone: amax over whole generations into BUILD/calibration/")
     add_model_source(p)
@@ -167,7 +185,29 @@ def _train_toy(args) -> int:
     return 0
 
 
+def _inspect_plans(build: Path) -> int:
+    from ..engines.layer_report import describe_report
+    from ..engines.manifest import load_manifest
+    from ..engines.plans import engines_section
+    from ..errors import UsageError
+
+    section = engines_section(load_manifest(build))
+    if section is None:
+        raise UsageError(f"{build}: the build has no TensorRT plans (tm-export build --resume {build} on a GPU machine)")
+    print(f"{build}: TensorRT {section['tensorrt_version']} plans built on {section['gpu']} (compute capability {section['compute_capability']})")
+    for name, plan in section["plans"].items():
+        if "fp8_layers" in plan or plan.get("precision") == "fp8":
+            print("  " + (describe_report(name, plan["fp8_layers"]) if "fp8_layers" in plan
+                          else f"{name}: no FP8 layer report (plan built before the report existed)"))
+        else:
+            print(f"  {name}: no FP8-quantized layers")
+    return 0
+
+
 def _inspect(args) -> int:
+    if args.build is not None:
+        return _inspect_plans(args.build)
+
     from ..dtypes import PRECISION_DTYPES
     from ..models.sources import load_model_set
 
@@ -242,6 +282,28 @@ def _build(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from ..engines.check import Tolerance, check_build
+    from ..errors import UsageError
+
+    tolerance = None
+    given = [args.error_stat, args.atol, args.rtol]
+    if any(v is not None for v in given):
+        if None in given:
+            raise UsageError("--error-stat, --atol and --rtol go together (or leave all three out for the stated tolerances)")
+        if not (args.atol >= 0 and args.rtol >= 0):
+            raise UsageError(f"--atol and --rtol must be >= 0, got {args.atol} and {args.rtol}")
+        tolerance = Tolerance(args.error_stat, args.atol, args.rtol, "given on the command line")
+    results = check_build(args.build, graphs=args.graphs, runner=args.runner, reference=args.reference,
+                          seed=args.seed, tolerance=tolerance, verbose=args.verbose)
+    for r in results:
+        print("\n".join(r.lines()))
+    failed = [r.graph for r in results if not r.passed]
+    print(f"{len(failed)} of {len(results)} graph(s) failed: {', '.join(failed)}" if failed
+          else f"all {len(results)} graph(s) within tolerance")
+    return 1 if failed else 0
+
+
 def _calibrate(args) -> int:
     from ..calibration.export import calibrate_build
 
@@ -255,7 +317,7 @@ def _calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"init-tiny": _init_tiny, "train-toy": _train_toy, "inspect": _inspect, "onnx": _onnx, "build": _build, "calibrate": _calibrate}
+COMMANDS = {"init-tiny": _init_tiny, "train-toy": _train_toy, "inspect": _inspect, "onnx": _onnx, "build": _build, "check": _check, "calibrate": _calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

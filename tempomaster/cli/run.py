@@ -113,6 +113,9 @@ def _plan(args) -> int:
         options.prompt = "(any prompt: the plan does not depend on it)"
     plan = plan_request(options, args.devices, args.forward_seconds)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_schedule(plan))
+    if not args.json and options.sequence_parallel and not plan.sequence_parallel:
+        print("sequence parallel off: engine backends (onnxruntime, tensorrt) place whole sequences on ranks; "
+              "the idle column is the time ranks wait")
     return 0
 
 

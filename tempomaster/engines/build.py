@@ -62,6 +62,10 @@ class BuildResult:
                 flags.append(f"hardware_compat {p['hardware_compat']}")
             lines.append(f"  {name:18s} {p['bytes'] / 2**20:10.1f} MiB  batch {'/'.join(map(str, prof['batch']))}{frames}"
                          f"  {p['build_seconds']:.1f}s{('  ' + ', '.join(flags)) if flags else ''}")
+            if p.get("fp8_layers"):
+                from .layer_report import describe_report
+
+                lines.append(f"    {describe_report(name, p['fp8_layers'])}")
         return "\n".join(lines)
 
 

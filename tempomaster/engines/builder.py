@@ -22,6 +22,7 @@ saved after every graph and reused by later builds on the same GPU.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -31,8 +32,9 @@ from typing import Callable, Iterable
 
 from ..atomic_write import fsync_file, output_error, write_bytes
 from ..build_format import GRAPH_NAMES
-from ..errors import ExportError, MissingDependencyError, UsageError, print_to_stderr
+from ..errors import ExportError, MissingDependencyError, OutputError, UsageError, print_to_stderr
 from ..interrupts import raise_if_interrupted
+from .layer_report import fp8_layer_report, quantized_nodes_of_file, report_warning
 from .manifest import load_manifest, sha256_file, verify_files
 from .plans import (
     ENGINE_DIR,
@@ -60,7 +62,7 @@ class EngineOptions:
     opt_level: int = 3  # builder optimization level 0..5 (TensorRT's default 3)
     workspace: int | None = None  # bytes for the WORKSPACE memory pool; None = TensorRT's default (all device memory)
     weight_streaming: bool = False  # weights may stay in host memory and stream in (GPUs that cannot hold the DiT)
-    hardware_compat: str = "none"  # "ampere+": one plan for every GPU of compute capability 8.0+
+    hardware_compat: str = "none"  # "same-cc": every GPU of this compute capability; "ampere+": every GPU of 8.0+
     version_compatible: bool = False  # the plan runs on later TensorRT 11.x
     strip_weights: bool = False  # no weights in the plan; refitted from the build's ONNX when loaded
     guidance: bool = True  # profiles for guided generation (cond + uncond in one DiT batch)
@@ -143,16 +145,14 @@ def _parse(trt, builder, logger, onnx_path: Path, name: str):
     return network, parser
 
 
-def _config(trt, builder, options: EngineOptions, profile: GraphProfile, cache_blob: bytes):
+def _config(trt, builder, options: EngineOptions, profile: GraphProfile, cache_blob: bytes, cache_path: Path, log):
     config = builder.create_builder_config()
     config.builder_optimization_level = options.opt_level
+    # the engine inspector then names every layer's ONNX nodes, formats and kernel (the FP8 layer report)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if options.workspace is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace)
-    cache = config.create_timing_cache(cache_blob)
-    # ignore_mismatch=False: a cache from another GPU is refused, not half-used.
-    if not config.set_timing_cache(cache, False):
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
+    _use_timing_cache(config, cache_blob, cache_path, log)
     p = builder.create_optimization_profile()
     for inp, (lo, opt, hi) in profile.shapes.items():
         p.set_shape(inp, lo, opt, hi)
@@ -168,7 +168,83 @@ def _config(trt, builder, options: EngineOptions, profile: GraphProfile, cache_b
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if options.hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif options.hardware_compat == "same-cc":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
     return config
+
+
+def _use_timing_cache(config, cache_blob: bytes, cache_path: Path, log) -> None:
+    """The saved timing cache, or a fresh one when TensorRT cannot use it (named, never a build error).
+
+    ignore_mismatch=False: a cache from another GPU or TensorRT is refused, not half-used.
+    """
+    if cache_blob:
+        try:
+            cache = config.create_timing_cache(cache_blob)
+        except (RuntimeError, TypeError, ValueError):  # the bindings raise on bytes they cannot read
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, False):
+            return
+        log(f"[W] timing cache {cache_path}: TensorRT cannot use it (another GPU or TensorRT version, or damaged); "
+            "building with a fresh cache, which replaces it")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        log("[W] TensorRT refused a fresh timing cache; building without one")
+
+
+def _read_timing_cache(cache_path: Path, log) -> bytes:
+    """The saved timing cache's bytes; an unreadable one is named and skipped (TensorRT starts a fresh one)."""
+    if not cache_path.exists():
+        return b""
+    try:
+        return cache_path.read_bytes()
+    except OSError as err:
+        log(f"[W] timing cache {cache_path}: unreadable ({type(err).__name__}: {err}); building with a fresh cache")
+        return b""
+
+
+def _save_timing_cache(config, cache_path: Path, log) -> bytes:
+    """Serialise the cache after a build; a failure is named and the build goes on (the cache only saves time)."""
+    try:
+        cache = config.get_timing_cache()
+        blob = bytes(cache.serialize()) if cache is not None else b""
+        if blob:
+            write_bytes(cache_path, blob)
+        return blob
+    except (OSError, OutputError) as err:
+        log(f"[W] timing cache {cache_path}: not saved ({type(err).__name__}: {err}); the plans are unaffected")
+        return b""
+
+
+def _inspect_plan(trt, logger, plan, options: EngineOptions, onnx_path: Path, name: str, log) -> dict:
+    """What the built engine says of itself: activation memory, streamable weights, the FP8 layer report."""
+    runtime = trt.Runtime(logger)
+    if options.version_compatible:
+        runtime.engine_host_code_allowed = True
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise ExportError(f"{name}: TensorRT cannot deserialise the plan it just built: " + ("; ".join(logger.errors[-5:]) or "no reason logged"))
+    facts = {"device_memory_bytes": int(engine.device_memory_size_v2)}
+    if options.weight_streaming:
+        facts["streamable_weights_bytes"] = int(engine.streamable_weights_size)
+    quantized = quantized_nodes_of_file(onnx_path)
+    if quantized:
+        inspector = engine.create_engine_inspector()
+        text = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
+        try:
+            info = json.loads(text)
+        except ValueError as err:
+            raise ExportError(f"{name}: the engine inspector's JSON is unreadable ({err}); cannot report the FP8 layers") from None
+        facts["fp8_layers"] = report = fp8_layer_report(info, quantized)
+        warning = report_warning(name, report)
+        if warning:
+            log(warning)
+    return facts
+
+
+def _graph_order(names) -> list[str]:
+    names = list(names)
+    return [g for g in GRAPH_NAMES if g in names] + sorted(g for g in names if g not in GRAPH_NAMES)
 
 
 def build_engines(
@@ -188,7 +264,8 @@ def build_engines(
     options = options.validate()
     root = Path(build_dir)
     manifest = load_manifest(root)
-    names = list(graphs) if graphs is not None else [g for g in GRAPH_NAMES if g in manifest.graphs]
+    # the six graphs in their usual order, then a tiled build's tile-shape VAE graphs
+    names = list(graphs) if graphs is not None else _graph_order(manifest.graphs)
     for n in names:
         manifest.graph(n)
     verify_files(manifest, names)
@@ -204,7 +281,7 @@ def build_engines(
     engine_dir = root / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
     cache_path = root / TIMING_CACHE
-    cache_blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache_blob = _read_timing_cache(cache_path, log)
     log(f"[I] building {len(names)} TensorRT plan(s) in {engine_dir} with TensorRT {ver['tensorrt']} on {device.name} "
         f"(compute capability {device.cc}); timing cache {'reused' if cache_blob else 'new'}")
     t_all = time.perf_counter()
@@ -227,12 +304,12 @@ def build_engines(
             log(f"[I] [{k}/{len(names)}] {name}: parsed in {t_parse:.1f}s; building (profile batch "
                 f"{prof.batch[0]}/{prof.batch[1]}/{prof.batch[2]}{frames}, opt level {options.opt_level}), "
                 f"elapsed {time.perf_counter() - t_all:.1f}s")
-            config = _config(trt, builder, options, prof, cache_blob)
+            config = _config(trt, builder, options, prof, cache_blob, cache_path, log)
             plan = builder.build_serialized_network(network, config)
             if plan is None:
                 raise ExportError(f"{name}: TensorRT could not build a plan: " + ("; ".join(logger.errors[-5:]) or "no reason logged"))
-            cache_blob = bytes(config.get_timing_cache().serialize())
-            write_bytes(cache_path, cache_blob)
+            cache_blob = _save_timing_cache(config, cache_path, log) or cache_blob
+            facts = _inspect_plan(trt, logger, plan, options, onnx_path, name, log)
             final = root / plan_file(name)
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             temps[name] = tmp
@@ -262,6 +339,7 @@ def build_engines(
                 "inputs": ins,
                 "outputs": outs,
                 "build_seconds": round(seconds, 2),
+                **facts,
             }
             log(f"[I] [{k}/{len(names)}] {name}: built in {seconds:.1f}s -> {plan_file(name)} ({_gb(size)}), "
                 f"elapsed {time.perf_counter() - t_all:.1f}s")
@@ -284,7 +362,7 @@ def build_engines(
         "compute_capability": device.cc,
         "options": options.as_dict(),
         "timing_cache": TIMING_CACHE,
-        "plans": {n: plans[n] for n in GRAPH_NAMES if n in plans},
+        "plans": {n: plans[n] for n in _graph_order(plans)},
     }
     fresh[ENGINES_KEY] = section
     write_manifest(root, fresh)

@@ -17,11 +17,19 @@ before its bytes are read by TensorRT, when they do not match:
                        "inputs": [{"name","dtype"}], "outputs": [...], "build_seconds"}}
     }
 
-Compatibility rules (TensorRT's own, see the engine-compatibility guide):
-- TensorRT version: the same, or for a version-compatible plan any later
-  11.x;
-- compute capability: the same, or for a hardware-compatible (ampere+) plan
-  any 8.0 or later.
+Compatibility rules (TensorRT's own: the engine-compatibility guide and the
+errors and warnings its runtime gives when deserialising):
+- TensorRT version: exactly the same; a version-compatible plan runs on the
+  same or a later release of its major version (and a 10.x version-compatible
+  plan on 11.x);
+- hardware, by the plan's compatibility level:
+  - none: the same compute capability (TensorRT refuses another); another GPU
+    model of that compute capability runs with TensorRT's warning that this is
+    not recommended, which we repeat;
+  - same-cc (SAME_COMPUTE_CAPABILITY): any GPU of the same compute capability;
+  - ampere+ (AMPERE_PLUS): any GPU of compute capability 8.0 or later;
+- FP8 needs compute capability 8.9 or later, whatever the level: an fp8 plan
+  is refused below it.
 """
 from __future__ import annotations
 
@@ -32,13 +40,14 @@ from typing import Mapping
 
 from ..atomic_write import write_text
 from ..build_format import manifest_text
-from ..errors import ManifestError
+from ..errors import ManifestError, UsageError
 from .manifest import MANIFEST_FILE, Manifest, sha256_file
 
 ENGINES_KEY = "engines"
 ENGINE_DIR = "engines"
 TIMING_CACHE = "engines/timing.cache"
-HARDWARE_COMPAT = ("none", "ampere+")
+HARDWARE_COMPAT = ("none", "ampere+", "same-cc")
+FP8_MIN_CC = (8, 9)
 
 
 def plan_file(name: str) -> str:
@@ -81,33 +90,45 @@ def plan_entry(manifest: Manifest, name: str) -> dict:
 
 
 def check_plan_compat(entry: Mapping, *, tensorrt_version: str, compute_capability, gpu_name: str | None = None,
-                      where: str = "plan") -> None:
-    """Refuse a plan this machine cannot run, naming both sides, before TensorRT sees it."""
+                      where: str = "plan") -> list[str]:
+    """Refuse a plan this machine cannot run, naming both sides, before TensorRT sees it.
+
+    Returns the warnings TensorRT itself would give (a plan built on another GPU model of the same compute capability).
+    """
     built_v, here_v = str(entry["tensorrt_version"]), str(tensorrt_version)
     built_cc, here_cc = cc_tuple(entry["compute_capability"]), cc_tuple(compute_capability)
-    problems = []
+    level = entry.get("hardware_compat") or "none"
+    this_gpu = f"this GPU{' (' + gpu_name + ')' if gpu_name else ''}"
+    problems, warnings = [], []
+    bv, hv = version_tuple(built_v), version_tuple(here_v)
     if entry.get("version_compatible"):
-        bv, hv = version_tuple(built_v), version_tuple(here_v)
-        if hv[0] != bv[0] or hv < bv:
+        same_major_later = hv[0] == bv[0] and hv >= bv
+        if not (same_major_later or (bv[0] == 10 and hv[0] == 11)):
             problems.append(f"it is version-compatible from TensorRT {built_v} on (same major version), this machine has TensorRT {here_v}")
-    elif version_tuple(built_v) != version_tuple(here_v):
+    elif bv != hv:
         problems.append(f"it was built with TensorRT {built_v}, this machine has TensorRT {here_v}")
-    if entry.get("hardware_compat") == "ampere+":
+    if level == "ampere+":
         if here_cc < (8, 0):
-            problems.append(
-                f"it is hardware-compatible with Ampere and later (compute capability 8.0+), this GPU"
-                f"{' (' + gpu_name + ')' if gpu_name else ''} has compute capability {here_cc[0]}.{here_cc[1]}"
-            )
-    elif built_cc != here_cc:
-        problems.append(
-            f"it was built for compute capability {built_cc[0]}.{built_cc[1]} ({entry.get('gpu', 'unknown GPU')}), "
-            f"this GPU{' (' + gpu_name + ')' if gpu_name else ''} has compute capability {here_cc[0]}.{here_cc[1]}"
-        )
+            problems.append(f"it is hardware-compatible with Ampere and later (compute capability 8.0+), {this_gpu} "
+                            f"has compute capability {here_cc[0]}.{here_cc[1]}")
+    elif level in ("none", "same-cc"):
+        if built_cc != here_cc:
+            problems.append(f"it was built for compute capability {built_cc[0]}.{built_cc[1]} ({entry.get('gpu', 'unknown GPU')}), "
+                            f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}")
+        elif level == "none" and gpu_name and entry.get("gpu") and entry["gpu"] != gpu_name:
+            warnings.append(f"{where}: built on {entry['gpu']}, running on {gpu_name} (same compute capability): TensorRT "
+                            "advises against a plan across GPU models (build with --hardware-compat same-cc to allow it)")
+    else:
+        problems.append(f"its hardware compatibility level {level!r} is unknown (known: {', '.join(HARDWARE_COMPAT)})")
+    if entry.get("precision") == "fp8" and here_cc < FP8_MIN_CC:
+        problems.append(f"it holds FP8 layers, which need compute capability {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]}+, "
+                        f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}")
     if problems:
         raise ManifestError(
-            f"{where}: refusing a TensorRT plan this machine cannot run: {'; '.join(problems)}; "
-            "rebuild it here with `tm-export build --resume BUILD` (or build with --version-compatible / --hardware-compat ampere+)"
+            f"{where}: refusing a TensorRT plan this machine cannot run: {'; '.join(problems)}; rebuild it here with "
+            "`tm-export build --resume BUILD` (or build with --version-compatible / --hardware-compat same-cc or ampere+)"
         )
+    return warnings
 
 
 def verify_plan_file(manifest: Manifest, name: str) -> Path:
@@ -137,3 +158,18 @@ def write_manifest(build_dir: str | os.PathLike, data: Mapping) -> None:
     """manifest.json through a temporary name and a rename: never half-written."""
     # sealed anew: the engines section is part of it
     write_text(Path(build_dir) / MANIFEST_FILE, manifest_text(data))
+
+
+def check_run_options(manifest: Manifest | Mapping, *, cuda_graphs: bool) -> None:
+    """UsageError for run options a build's plans cannot serve, before any plan is read.
+
+    CUDA graphs and weight streaming do not combine: a streaming plan's
+    execute_async_v3 copies weights in synchronously, which a graph capture
+    cannot hold.
+    """
+    section = engines_section(manifest)
+    if cuda_graphs and section:
+        streaming = [n for n, p in section["plans"].items() if p.get("weight_streaming")]
+        if streaming:
+            raise UsageError(f"--cuda-graphs cannot run weight-streaming plans ({', '.join(streaming)}: streaming makes "
+                             "each call synchronous); leave out --cuda-graphs, or build without --weight-streaming")

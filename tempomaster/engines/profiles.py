@@ -31,6 +31,7 @@ call. Pure functions of the manifest's data: no TensorRT needed.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -143,11 +144,18 @@ def call_counts(graph: str, shape: Mapping, *, guidance: bool = True,
     return +counts  # drop zero counts (a graph not called at this shape)
 
 
+def tile_base_name(name: str) -> str:
+    """`vae_decoder_30x30` -> `vae_decoder` (the graph a tiled build's tile-shape variant stands for)."""
+    m = re.fullmatch(r"(vae_\w+?)_\d+x\d+", name)
+    return m.group(1) if m else name
+
+
 def graph_profile(name: str, graph: Mapping, shape: Mapping, *, guidance: bool = True,
                   steps_per_stage: Sequence[int] | None = None) -> GraphProfile:
     """The profile of one manifest graph entry (inputs with symbolic shapes, max_batch, meta)."""
     safe = int(graph["max_batch"])
-    counts = call_counts(name, shape, guidance=guidance, steps_per_stage=steps_per_stage)
+    # a tiled build's VAE graph for one tile shape (vae_decoder_30x30) is called as its base graph is, per tile
+    counts = call_counts(tile_base_name(name), shape, guidance=guidance, steps_per_stage=steps_per_stage)
     if not counts:
         # A graph the shape never calls (e.g. vae_decoder for one latent frame): one batch-1 call.
         counts = Counter({(1, max(graph.get("meta", {}).get("latent_frames") or [1]) if name == "dit" else None): 1})

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from ..errors import MissingDependencyError
 
 TENSORRT_REQUIREMENT = "TensorRT 11.4 (pip install 'tempomaster-trt[trt]')"
+# The major version this package's TensorRT calls are written for: 12 may rename or drop them,
+# and plans never cross a major version.
+TENSORRT_MAJOR = 11
 
 
 def resume_hint(build_dir) -> str:
@@ -27,7 +30,18 @@ def import_tensorrt(purpose: str = "this step"):
         raise MissingDependencyError(f"{purpose} needs {TENSORRT_REQUIREMENT}; importing tensorrt failed: {err}") from None
     except OSError as err:  # pragma: no cover - a broken install
         raise MissingDependencyError(f"{purpose} needs {TENSORRT_REQUIREMENT}; loading its libraries failed: {err}") from None
+    check_major_version(str(getattr(tensorrt, "__version__", "unknown")), purpose)
     return tensorrt
+
+
+def check_major_version(version: str, purpose: str = "this step") -> None:
+    """MissingDependencyError unless `version` is TensorRT TENSORRT_MAJOR.x: checked before anything is built or loaded."""
+    major = version.split(".", 1)[0]
+    if major != str(TENSORRT_MAJOR):
+        raise MissingDependencyError(
+            f"{purpose} is written for TensorRT {TENSORRT_MAJOR}.x, this machine has TensorRT {version}; "
+            f"install {TENSORRT_REQUIREMENT}"
+        )
 
 
 def tensorrt_available() -> bool:
@@ -50,13 +64,26 @@ class DeviceInfo:
         return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
 
-def cuda_device(purpose: str = "this step", index: int | None = None) -> DeviceInfo:
-    """The CUDA device TensorRT will use (torch's current one), or MissingDependencyError."""
+def require_cuda(purpose: str = "this step") -> None:
+    """MissingDependencyError (one line) unless torch sees a CUDA GPU; creates no CUDA context."""
     import torch
 
     if not torch.cuda.is_available():
         why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise MissingDependencyError(f"{purpose} needs an NVIDIA GPU with CUDA; {why} (torch {torch.__version__})")
+
+
+def require_tensorrt_machine(purpose: str = "this step"):
+    """The GPU first, then the `tensorrt` module (at major version 11): the same error whichever path asks."""
+    require_cuda(purpose)
+    return import_tensorrt(purpose)
+
+
+def cuda_device(purpose: str = "this step", index: int | None = None) -> DeviceInfo:
+    """The CUDA device TensorRT will use (`index`, else torch's current one), or MissingDependencyError."""
+    import torch
+
+    require_cuda(purpose)
     idx = torch.cuda.current_device() if index is None else int(index)
     props = torch.cuda.get_device_properties(idx)
     return DeviceInfo(props.name, (int(props.major), int(props.minor)), int(props.total_memory), idx)

@@ -5,7 +5,9 @@ onnx-tensorrt's docs/operators.md for TensorRT 10.15 (the file records where
 it came from). An op is accepted when the table lists it as supported and it
 is in the default ONNX domain; custom-domain ops (com.microsoft, ...) and
 anything the table marks unsupported or does not list are failures. Ops inside
-subgraphs (If/Loop bodies) are audited too.
+subgraphs (If/Loop bodies) are audited too. A Resize on bfloat16 data is a
+failure too: the parser lists Resize, but TensorRT's strongly typed networks
+do not run it in bf16.
 """
 from __future__ import annotations
 
@@ -58,6 +60,34 @@ def _walk(graph) -> Iterable[tuple[str, str]]:
                 yield from _walk(g)
 
 
+def _elem_types(graph) -> dict[str, int]:
+    """Tensor name -> ONNX element type, from the graph's declared and inferred value infos and initializers."""
+    types = {t.name: t.type.tensor_type.elem_type for t in (*graph.input, *graph.output, *graph.value_info)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for node in graph.node:  # a Cast says its output type even where inference gave up
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                types.setdefault(node.output[0], to)
+    return types
+
+
+def bf16_resize_nodes(proto) -> list[str]:
+    """Resize nodes whose data input is bfloat16 (the main graph; types from ONNX shape inference)."""
+    import onnx
+
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize" and n.domain in ("", "ai.onnx")]
+    if not resizes:
+        return []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort; the declared types still count
+        inferred = proto
+    types = _elem_types(inferred.graph)
+    bf16 = onnx.TensorProto.BFLOAT16
+    return [n.name or f"Resize#{k}" for k, n in enumerate(resizes) if types.get(n.input[0]) == bf16]
+
+
 def audit_model(proto, name: str = "<graph>", table_path: str | None = None) -> AuditResult:
     table = load_table(table_path)
     ops_table = table["operators"]
@@ -73,6 +103,12 @@ def audit_model(proto, name: str = "<graph>", table_path: str | None = None) -> 
             unsupported[key] = "not listed in onnx-tensorrt's operators.md"
         elif not ops_table[op].get("supported"):
             unsupported[key] = "listed as unsupported in onnx-tensorrt's operators.md"
+    resizes = bf16_resize_nodes(proto)
+    if resizes:
+        unsupported["Resize(bfloat16)"] = (
+            f"TensorRT's strongly typed networks have no bf16 Resize ({len(resizes)} node(s): {', '.join(resizes[:3])}"
+            f"{', ...' if len(resizes) > 3 else ''}); resize in float32 between casts"
+        )
     opset = None
     for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ..dtypes import PRECISION_DTYPES
+from ..models.vae import Upsample2x
 from .onnx_utils import GraphSpec, cast_module
 from .shapes import ExportShape
 
@@ -79,6 +80,11 @@ def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True, suffix
     one tile's shape, and a suffix naming it when the build has several)."""
     dtype = PRECISION_DTYPES[precision]
     model = cast_module(vae, dtype, copy=copy).eval()
+    if dtype == torch.bfloat16:
+        # TensorRT has no bf16 Resize: the decoder's nearest 2x runs in fp32 between casts (same values)
+        for m in model.modules():
+            if isinstance(m, Upsample2x):
+                m.resize_dtype = torch.float32
     height, width = shape.height, shape.width
     h, w = shape.latent_height, shape.latent_width
     z = model.z_dim

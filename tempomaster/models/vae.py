@@ -221,9 +221,20 @@ class RMS_norm(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest 2x spatial upsampling of [N,C,H,W] (equal to Wan's nearest-exact at 2x)."""
+    """Nearest 2x spatial upsampling of [N,C,H,W] (equal to Wan's nearest-exact at 2x).
+
+    resize_dtype: when set (the ONNX export sets float32 on a bf16 VAE), the
+    upsampling runs in that dtype between two casts. TensorRT's strongly typed
+    networks have no bf16 Resize; nearest copies values, so the result is the
+    same bits either way. (Expand + Reshape needs no Resize at all, but runs
+    30x slower than Cast + Resize + Cast on onnxruntime: benchmarks/bench_upsample.py.)
+    """
+
+    resize_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_dtype is not None and x.dtype != self.resize_dtype:
+            return F.interpolate(x.to(self.resize_dtype), scale_factor=2.0, mode="nearest").to(x.dtype)
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 

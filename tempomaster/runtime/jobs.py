@@ -107,16 +107,13 @@ def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: s
     """One process per device (or torchrun's processes): the same videos, the work split over the ranks."""
     from .workers import VideoJob, generate_videos, parse_devices
 
-    devices = None
-    if options.devices is not None:
-        if _under_torchrun():
-            raise UsageError("--devices: tm-run runs under torchrun already, which chose the processes; leave --devices out")
-        devices = parse_devices(options.devices)
-    if options.backend == "tensorrt" or options.cuda_graphs:
-        raise UsageError("--devices / torchrun: several processes run the torch or onnxruntime backend; tensorrt is one device only so far")
+    if options.devices is not None and _under_torchrun():
+        raise UsageError("--devices: tm-run runs under torchrun already, which chose the processes; leave --devices out")
+    # first: the tensorrt factory refuses a machine without a GPU or TensorRT as one device does
     factory = backend_factory(options, dtype, threads)
-    if isinstance(factory, TensorRTBackendFactory):
-        raise UsageError("--devices / torchrun: several processes run the torch or onnxruntime backend; tensorrt is one device only so far")
+    devices = parse_devices(options.devices) if options.devices is not None else None
+    if isinstance(factory, TensorRTBackendFactory) and devices is not None and any(d.type != "cuda" for d in devices):
+        raise UsageError("--devices: the tensorrt backend runs one engine instance per CUDA device; give CUDA indices such as 0,1")
     several = len(jobs) > 1
     video_jobs = []
     for job in jobs:
@@ -139,7 +136,13 @@ def plan_request(options: GenerateOptions, devices: int, forward_seconds: float 
     defaults, preset, manifest = preset_defaults(options)
     job = build_jobs(options, defaults)[0]
     num_heads = int(manifest.data["models"]["dit"]["num_heads"]) if manifest is not None else preset.dit.num_heads
-    # engines run chunk/CFG split only (sequence parallel needs the torch backend)
-    sequence_parallel = options.sequence_parallel and (manifest is None or options.backend == "torch")
+    # engines run chunk/CFG split only (sequence parallel needs the torch backend): the planner places
+    # whole sequences, and the plan shows the idle ranks that leaves
+    sequence_parallel = options.sequence_parallel and plan_runs_torch(options, manifest)
     return plan_for_request(job.request, devices=devices, num_heads=num_heads,
                             sequence_parallel=sequence_parallel, forward_seconds=forward_seconds)
+
+
+def plan_runs_torch(options: GenerateOptions, manifest) -> bool:
+    """Whether generate would run the torch backend, the only one with sequence parallel (Ulysses)."""
+    return options.backend == "torch" or (options.backend is None and manifest is None)

@@ -54,8 +54,11 @@ def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_
 
 def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
                         weight_streaming_budget: int | None = None, verify: bool = True, threads: int = 0,
-                        tile: bool = False) -> Backend:
-    """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer). threads: onnxruntime's only."""
+                        tile: bool = False, device_index: int | None = None) -> Backend:
+    """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer).
+
+    threads: onnxruntime's only; device_index: tensorrt's CUDA device (None: torch's current one).
+    """
     if backend == "onnxruntime":
         if cuda_graphs:
             raise UsageError("--cuda-graphs needs --backend tensorrt")
@@ -63,13 +66,10 @@ def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool 
 
         return OnnxRuntimeBackend.from_build(engines, verify=verify, threads=threads, tile=tile)
     if backend == "tensorrt":
-        from ...engines.manifest import load_manifest
         from .tensorrt import TensorRTBackend
 
-        if tile or load_manifest(engines).data.get("tiling"):
-            raise UsageError("the tensorrt backend does not run tiled VAE builds yet: use --backend onnxruntime, or an untiled build")
-        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs,
-                                          weight_streaming_budget=weight_streaming_budget)
+        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs, tile=tile,
+                                          weight_streaming_budget=weight_streaming_budget, device_index=device_index)
     raise UsageError(f"open_engine_backend serves onnxruntime and tensorrt, not {backend!r}")
 
 
@@ -113,18 +113,36 @@ class OnnxRuntimeBackendFactory:
 
 @dataclass(frozen=True)
 class TensorRTBackendFactory:
-    """A build's plans on TensorRT, one device."""
+    """A build's plans on TensorRT, one engine instance per device: each rank deserialises every plan on its own GPU."""
 
     engines: Path
     checkpoints: Path | None = None
     config: Path | None = None
     cuda_graphs: bool = False
-    weight_streaming_budget: int | None = None  # bytes; None: TensorRT's automatic budget
+    weight_streaming_budget: int | None = None  # bytes; None: computed from the GPU's free memory
     tile: bool = False
 
+    @staticmethod
+    def device_index(device: torch.device) -> int:
+        """The CUDA index the plans are opened on: the rank's device (torch's current one for a bare "cuda")."""
+        import torch
+
+        from ...engines.trt_env import require_cuda
+
+        if device.type != "cuda":
+            require_cuda("the tensorrt backend")  # the one-line "needs an NVIDIA GPU" where there is none
+            raise UsageError(f"the tensorrt backend runs on a CUDA device, not {device}; use --device cuda or --devices 0,1,...")
+        return torch.cuda.current_device() if device.index is None else int(device.index)
+
     def __call__(self, device: torch.device):
+        import torch
+
+        index = self.device_index(device)
+        # TensorRT deserialises a plan on the current CUDA device: set it before the runtime is made
+        torch.cuda.set_device(index)
         backend = open_engine_backend(self.engines, "tensorrt", cuda_graphs=self.cuda_graphs,
-                                      weight_streaming_budget=self.weight_streaming_budget, tile=self.tile)
+                                      weight_streaming_budget=self.weight_streaming_budget, tile=self.tile,
+                                      device_index=index)
         return backend, backend.tokenizer(self.checkpoints, self.config)
 
 
@@ -139,6 +157,13 @@ def backend_factory(options: GenerateOptions, dtype: str, threads: int):
             raise UsageError("--cuda-graphs needs --backend tensorrt")
         return OnnxRuntimeBackendFactory(options.engines, options.checkpoints, options.config, threads, tile)
     from ...engines.builder import parse_size
+    from ...engines.trt_env import require_tensorrt_machine
 
+    from ...engines.manifest import load_manifest
+    from ...engines.plans import check_run_options
+
+    check_run_options(load_manifest(options.engines), cuda_graphs=options.cuda_graphs)
+    # before any process starts or any plan is read: one device or many, the same one-line refusal
+    require_tensorrt_machine("the tensorrt backend")
     budget = parse_size(options.weight_streaming_budget) if options.weight_streaming_budget else None
     return TensorRTBackendFactory(options.engines, options.checkpoints, options.config, options.cuda_graphs, budget, tile)

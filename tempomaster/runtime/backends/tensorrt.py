@@ -4,13 +4,21 @@
   the compute capability recorded when it was built against this machine's
   (a mismatch is refused naming both), then its sha256. TensorRT 11.4 has no
   way to ask whether a plan suits a GPU short of deserialising it.
+- One engine instance per device: the backend opens every plan on the CUDA
+  device it is given (the rank's under `--devices` / torchrun), after checking
+  that the plans, their activations and any streaming budget fit that
+  device's free memory (engines.plan_memory).
 - Weight-stripped plans are refitted from the build's ONNX (hash-checked)
-  when loaded; weight-streaming plans get the budget asked for (TensorRT's
-  automatic budget by default).
+  when loaded; weight-streaming plans get the budget asked for, or the one
+  computed from the free memory; it is read back from TensorRT. CUDA graphs
+  are refused on a streaming build (streaming makes execution synchronous).
 - I/O is bound with `set_tensor_address` to torch tensors (no host copies
-  inside a step), shapes are set per call with `set_input_shape`, and
-  `execute_async_v3` runs on torch's current CUDA stream, so results are
-  ordered with the torch work around them.
+  inside a step; every address 256-byte aligned, a misaligned slice copied,
+  every result checked), shapes are set per call with `set_input_shape`, and
+  `execute_async_v3` runs on the backend's own CUDA stream, which waits for
+  torch's current stream before each launch (inputs are ready) and is waited
+  for by it after (outputs are read after); tensors are allocated on torch's
+  stream only, so the caching allocator never reuses one still in use.
 - A batch above a graph's limit (the smaller of the manifest's safe batch
   and the plan's profile maximum) is split into several calls.
 - The VAE's causal caches ping-pong between two preallocated buffer sets per
@@ -36,17 +44,14 @@ import torch
 from ...build_format import GRAPH_NAMES
 from ...dtypes import TENSOR_DTYPES
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
-from ...engines.plans import check_plan, check_plan_compat, engines_section, plan_entry
+from ...engines.plan_memory import HEADROOM, check_budget_kept, check_plans_fit, plan_needs, streaming_budget
+from ...engines.plans import check_plan, check_plan_compat, check_run_options, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
 from ...errors import print_to_stderr
-from .base import (
-    Backend,
-    batch_slices,
-    decoder_steps,
-    encoder_steps,
-    model_info_from_manifest,
-)
-from .onnxruntime import OnnxRuntimeBackend
+from ...models.vae_tiling import TileSpec, tiled_decode, tiled_encode
+from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
+from .binding import aligned_empty, bindable, is_aligned
+from .onnxruntime import OnnxRuntimeBackend, build_tiling
 
 GRAPHS = GRAPH_NAMES
 
@@ -97,7 +102,7 @@ class PlanRunner:
             raise RuntimeError(f"{self.path}: TensorRT could not create an execution context: {self.backend._errors()}")
         if self._scratch is None:
             size = int(engine.device_memory_size_v2)
-            self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.backend.device)
+            self._scratch = aligned_empty((max(size, 1),), torch.uint8, self.backend.device)
         ctx.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
         return ctx
 
@@ -109,8 +114,15 @@ class PlanRunner:
 
     # -- running ---------------------------------------------------------------------
 
+    def _address(self, ctx, name: str, t: torch.Tensor) -> None:
+        """Bind one tensor; TensorRT refuses a misaligned or unknown address by returning False."""
+        if not (t.is_contiguous() and is_aligned(t)):
+            raise RuntimeError(f"{self.name}: {name} is not a contiguous 256-byte aligned buffer (address {t.data_ptr():#x})")
+        if not ctx.set_tensor_address(name, t.data_ptr()):
+            raise RuntimeError(f"{self.path}: TensorRT refused the address of {name}: {self.backend._errors()}")
+
     def _bind(self, ctx, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        """Set every input's shape and address; return the outputs' shapes."""
+        """Set every input's shape and address (inputs already bindable); return the outputs' shapes."""
         dynamic = self.dynamic_inputs
         for name, t in feeds.items():
             if name not in self.engine_inputs:
@@ -121,22 +133,34 @@ class PlanRunner:
                     f"{self.path}: input {name} shape {tuple(t.shape)} is outside the plan's profile "
                     f"{tuple(lo)}..{tuple(hi)}; rebuild the plans for this shape (tm-export build)"
                 )
-            ctx.set_tensor_address(name, t.data_ptr())
+            self._address(ctx, name, t)
         return {name: tuple(ctx.get_tensor_shape(name)) for name in self.outputs}
 
     def output_shapes(self, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        return self._bind(self.context, feeds)
+        return self._bind(self.context, {n: bindable(t) for n, t in feeds.items()})
+
+    def _launch(self, ctx) -> None:
+        """execute_async_v3 on the backend's stream, ordered after and before torch's current stream."""
+        stream, current = self.backend.stream, torch.cuda.current_stream(self.backend.device)
+        stream.wait_stream(current)  # inputs written by torch are ready
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.path}: execute_async_v3 failed: {self.backend._errors()}")
+        current.wait_stream(stream)  # torch reads the outputs after
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """One call with every input and output bound to the given (contiguous, CUDA) tensors."""
+        """One call with every input and output bound to the given (CUDA) tensors; misaligned ones go through copies."""
         ctx = self.context
-        shapes = self._bind(ctx, feeds)
+        shapes = self._bind(ctx, {n: bindable(t) for n, t in feeds.items()})
+        bound = {}
         for name, t in outputs.items():
             if tuple(t.shape) != shapes[name]:
                 raise RuntimeError(f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}")
-            ctx.set_tensor_address(name, t.data_ptr())
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.backend.device).cuda_stream):
-            raise RuntimeError(f"{self.path}: execute_async_v3 failed: {self.backend._errors()}")
+            bound[name] = t if (t.is_contiguous() and is_aligned(t)) else aligned_empty(t.shape, t.dtype, t.device)
+            self._address(ctx, name, bound[name])
+        self._launch(ctx)
+        for name, t in outputs.items():
+            if bound[name] is not t:
+                t.copy_(bound[name])
 
     def run_graphed(self, key: tuple, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Replay the CUDA graph captured for `key`, capturing it on first use.
@@ -151,18 +175,20 @@ class PlanRunner:
             for name, t in outputs.items():
                 if tuple(t.shape) != shapes[name]:
                     raise RuntimeError(f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}")
-                ctx.set_tensor_address(name, t.data_ptr())
-            stream = torch.cuda.current_stream(self.backend.device)
+                self._address(ctx, name, t)
             # one launch outside the capture: TensorRT finishes its shape-dependent setup there
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError(f"{self.path}: execute_async_v3 failed: {self.backend._errors()}")
-            stream.synchronize()
+            self._launch(ctx)
+            self.backend.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                if not ctx.execute_async_v3(torch.cuda.current_stream(self.backend.device).cuda_stream):
+            with torch.cuda.graph(graph, stream=self.backend.stream):
+                if not ctx.execute_async_v3(self.backend.stream.cuda_stream):
                     raise RuntimeError(f"{self.path}: execute_async_v3 failed during CUDA graph capture: {self.backend._errors()}")
             self._graphs[key] = hit = (graph, ctx)
-        hit[0].replay()
+        stream, current = self.backend.stream, torch.cuda.current_stream(self.backend.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            hit[0].replay()
+        current.wait_stream(stream)
 
 
 class TensorRTBackend(Backend):
@@ -173,23 +199,39 @@ class TensorRTBackend(Backend):
     check_request = OnnxRuntimeBackend.check_request
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
-                 verbose: bool = False, log: Callable[[str], None] = print_to_stderr):
+                 verbose: bool = False, log: Callable[[str], None] = print_to_stderr, device_index: int | None = None,
+                 tile: bool | TileSpec = False):
         self.manifest = manifest
+        # a tiled build: its VAE plans are at the tile's shapes, run tile by tile and blended as onnxruntime does
+        self.tile, self._tile_suffix = build_tiling(manifest, tile)
+        self.spatial_ratio = int(manifest.shape["height"]) // int(manifest.shape["latent_height"]) if self.tile else 8
+        names = list(GRAPHS) + sorted(f"vae_{d}{s}" for s in set(self._tile_suffix.values()) if s
+                                      for d in ("encoder_first", "encoder", "decoder_first", "decoder"))
         self.log = log
         self.cuda_graphs = bool(cuda_graphs)
         self.weight_streaming_budget = weight_streaming_budget
+        check_run_options(manifest, cuda_graphs=self.cuda_graphs)  # before anything is read or loaded
+        # the GPU first, then TensorRT: the same one-line refusal as the factory's
+        self.gpu = cuda_device("the tensorrt backend", device_index)
         self.trt = import_tensorrt("the tensorrt backend")
-        self.gpu = cuda_device("the tensorrt backend")
         self.device = torch.device("cuda", self.gpu.index)
         self.versions = versions(self.trt)
         self._logger = make_logger(self.trt, log, verbose)
         self._runtime = None
         # compatibility of every plan at startup, before any is read: cheap, and a foreign build fails at once
-        for name in GRAPHS:
+        for name in names:
             entry = plan_entry(manifest, name)
-            check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"], compute_capability=self.gpu.compute_capability,
-                              gpu_name=self.gpu.name, where=str(manifest.root / entry["file"]))
-        self.graphs = {name: PlanRunner(self, name) for name in GRAPHS}
+            for warning in check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"],
+                                             compute_capability=self.gpu.compute_capability,
+                                             gpu_name=self.gpu.name, where=str(manifest.root / entry["file"])):
+                log(f"[W] {warning}")
+        # this device must hold every plan of its engine instance, before any loads
+        free, _ = torch.cuda.mem_get_info(self.device)
+        check_plans_fit(plan_needs(manifest.data, names, weight_streaming_budget), int(free),
+                        device=f"cuda:{self.gpu.index} ({self.gpu.name})")
+        # TensorRT's work runs on this stream, ordered against torch's current stream at each call
+        self.stream = torch.cuda.Stream(self.device)
+        self.graphs = {name: PlanRunner(self, name) for name in names}
         self.info = model_info_from_manifest(manifest.data)
         self._cache_sets: dict[tuple, list[list[torch.Tensor]]] = {}
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -198,6 +240,7 @@ class TensorRTBackend(Backend):
     def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> "TensorRTBackend":
         """Open a build with plans; the tokenizer's files are hash-checked here, each plan when it loads."""
         manifest = load_manifest(build_dir)
+        build_tiling(manifest, kwargs.get("tile", False))  # a tiled build is run tiled, and only it
         if engines_section(manifest) is None:
             raise ManifestError(f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`")
         missing = [n for n in GRAPHS if n not in manifest.graphs]
@@ -226,7 +269,8 @@ class TensorRTBackend(Backend):
         if entry.get("version_compatible"):
             # a version-compatible plan carries its lean runtime; TensorRT runs it only when allowed
             self.runtime.engine_host_code_allowed = True
-        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        with torch.cuda.device(self.device):  # every plan is deserialised on this backend's device
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise ManifestError(f"{path}: TensorRT could not deserialise the plan: {self._errors()}")
         if entry.get("stripped"):
@@ -237,12 +281,7 @@ class TensorRTBackend(Backend):
             if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
                 raise ManifestError(f"{path}: refitting the weight-stripped plan from {onnx_path} failed: {self._errors()}")
         if entry.get("weight_streaming"):
-            budget = self.weight_streaming_budget
-            if budget is None:
-                budget = int(engine.get_weight_streaming_automatic_budget())
-            engine.weight_streaming_budget_v2 = int(budget)
-            self.log(f"[I] {runner.name}: weight streaming, {budget / 2**30:.2f} GiB of "
-                     f"{int(engine.streamable_weights_size) / 2**30:.2f} GiB streamable weights on the GPU")
+            self._set_streaming_budget(runner.name, engine)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outs = [n for n in names if n not in ins]
@@ -252,6 +291,22 @@ class TensorRTBackend(Backend):
         runner.engine_inputs = set(ins)
         return engine
 
+    def _set_streaming_budget(self, name: str, engine) -> None:
+        """Compute, set and read back the budget, before any execution context of the engine exists."""
+        streamable = int(engine.streamable_weights_size)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        later = [g for g, r in self.graphs.items() if r._engine is None and g != name]
+        reserved = (int(engine.device_memory_size_v2) + 2 * int(engine.weight_streaming_scratch_memory_size)
+                    + sum(n.weights + n.activations for n in plan_needs(self.manifest.data, later, self.weight_streaming_budget))
+                    + HEADROOM)
+        budget = streaming_budget(name, streamable=streamable, free_bytes=int(free), reserved=reserved,
+                                  asked=self.weight_streaming_budget)
+        engine.weight_streaming_budget_v2 = budget
+        check_budget_kept(name, budget, int(engine.weight_streaming_budget_v2))
+        automatic = int(engine.get_weight_streaming_automatic_budget())
+        self.log(f"[I] {name}: weight streaming, {budget / 2**30:.2f} GiB of {streamable / 2**30:.2f} GiB streamable "
+                 f"weights on the GPU (TensorRT's automatic budget: {automatic / 2**30:.2f} GiB)")
+
     # -- helpers --------------------------------------------------------------------
 
     def _prepare(self, g: PlanRunner, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -260,7 +315,7 @@ class TensorRTBackend(Backend):
     def _static_set(self, key: tuple, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
         s = self._static.get(key)
         if s is None:
-            s = {n: torch.empty(sh, dtype=dtypes[n], device=self.device) for n, sh in shapes.items()}
+            s = {n: aligned_empty(sh, dtypes[n], self.device) for n, sh in shapes.items()}
             self._static[key] = s
         return s
 
@@ -352,24 +407,45 @@ class TensorRTBackend(Backend):
                 results.append(out)
         return torch.cat(results, dim=2)
 
-    @torch.inference_mode()
-    def vae_encode(self, video):
-        first, rest = self.graphs["vae_encoder_first"], self.graphs["vae_encoder"]
+    def _vae_pair(self, direction: str, latent_hw: tuple[int, int]) -> tuple[PlanRunner, PlanRunner]:
+        suffix = ""
+        if self.tile is not None:
+            suffix = self._tile_suffix.get(tuple(latent_hw))
+            if suffix is None:
+                raise ManifestError(
+                    f"{self.manifest.root}: the build has no VAE plans for a {latent_hw[0]}x{latent_hw[1]} latent tile "
+                    f"(it has {', '.join(f'{h}x{w}' for h, w in self._tile_suffix)}); export one for this request (tm-export build --tile)"
+                )
+        return self.graphs[f"vae_{direction}_first{suffix}"], self.graphs[f"vae_{direction}{suffix}"]
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        r = self.spatial_ratio
+        first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
         step = int(rest.spec["meta"]["in_frames"])
         outs = []
         for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
             outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
-        return torch.cat(outs).float()
+        return torch.cat(outs)
 
-    @torch.inference_mode()
-    def vae_decode(self, latents):
-        first, rest = self.graphs["vae_decoder_first"], self.graphs["vae_decoder"]
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unclamped frames in the plan's dtype."""
+        first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
         outs = []
         for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
             outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
-        return torch.cat(outs).float().clamp(-1, 1)
+        return torch.cat(outs)
 
+    @torch.inference_mode()
+    def vae_encode(self, video):
+        if self.tile is not None:
+            # the same host-side blend as onnxruntime's, summing in the plan's input dtype
+            video = video.to("cpu", self.graphs["vae_encoder_first"].dtypes["frames"])
+            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._encode(video).float()
 
-# ----------------------------------------------------------------------------
-# Choosing a backend for `tm-run generate`
-# ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        if self.tile is not None:
+            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtypes["latents"])
+            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+        return self._decode(latents).float().clamp(-1, 1)
