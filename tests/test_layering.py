@@ -1,4 +1,4 @@
-"""Data flows one way: models -> export -> calibration -> engines -> runtime -> toy (training), the CLI on top, no import cycle."""
+"""Data flows one way: models -> export -> calibration -> engines -> runtime -> toy (training) -> serve, the CLI on top, no import cycle."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tempomaster"
 # Order of the layers; the modules at the package root (errors, planner, rope, ...) sit below them all.
-LAYERS = ["models", "export", "calibration", "engines", "runtime", "toy", "cli"]
+LAYERS = ["models", "export", "calibration", "engines", "runtime", "toy", "serve", "cli"]
 LIBRARY = ["models", "export", "calibration", "engines", "runtime", "toy"]
 # The one upward edge, on purpose: calibration runs the runtime's own sampling loop
 # (torch backend + pipeline), so the amax it records comes from the real trajectory.

@@ -34,6 +34,7 @@ FIELDS = {
 }
 LIST_FIELDS = {"intervals": "[4, 2, 1]", "steps": "[50, 32, 32]", "shifts": "[5, 3, 3]"}
 TEXT_FIELDS = ("prompt", "negative_prompt")
+FLOAT_FIELDS = ("shifts", "guidance", "save_fps")
 MAX_LIST = 64  # stages; far past any plan (each halves the interval)
 MAX_TEXT_CHARS = 100_000  # a prompt is tokenized to 512 tokens (the toy's 32): the rest is never read
 MAX_IMAGES = 16
@@ -95,8 +96,17 @@ def image_frame(part_name: str) -> str:
     return frame.strip()
 
 
+def _as_float(value):
+    """A JSON integer where the CLI reads a float (its flag's type is float): 1 -> 1.0, so messages read alike."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def request_options(base: GenerateOptions, fields: dict, images: dict[str, Path]) -> GenerateOptions:
     """The server's options with this request's fields; `images` maps FRAME to a file the server wrote."""
-    values = {FIELDS[k]: (tuple(v) if k in LIST_FIELDS else v) for k, v in fields.items()}
+    values = {}
+    for key, value in fields.items():
+        if key in FLOAT_FIELDS:
+            value = [_as_float(v) for v in value] if isinstance(value, list) else _as_float(value)
+        values[FIELDS[key]] = tuple(value) if key in LIST_FIELDS else value
     return replace(base, **values, images=[f"{frame}:{path}" for frame, path in images.items()],
                    prompts=None, progress=False)
