@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,19 @@ def run_serve(options: ServeOptions) -> int:
     counts = service.store.counts()
     log(f"{service.runner.backend.name} backend on {service.runner.device}, data in {options.data} "
         f"({counts['queued']} queued, {counts['done']} done); http://{options.host}:{options.port}/")
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: end with the worker stopped
+    # (its job back in the queue) and exit 0, rather than die by the default handler.
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     service.worker.start()
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
         service.worker.stop()
         service.store.close()
+        signal.signal(signal.SIGTERM, previous)
+        log("stopped")
     return 0
+
+
+def _exit_cleanly(signum, frame):
+    raise SystemExit(0)
