@@ -94,7 +94,8 @@ function renderJob(job) {
     li = document.createElement("li");
     li.className = "job";
     li.dataset.id = job.id;
-    li.innerHTML = '<span class="prompt"></span><span class="state"></span><div class="stages"></div>' +
+    li.innerHTML = '<span class="prompt"></span><span class="state"></span>' +
+      '<div class="progress"><div class="stages"></div><span class="progress-text"></span></div>' +
       '<span><button class="cancel" type="button">Cancel</button></span><span class="job-error"></span>';
     li.addEventListener("click", () => select(job.id));
     li.querySelector("button.cancel").addEventListener("click", (e) => { e.stopPropagation(); cancel(job.id); });
@@ -121,8 +122,22 @@ function renderJob(job) {
     bar.classList.toggle("done", full);
     bar.firstChild.style.width = Math.round(100 * fraction) + "%";
   }
+  li.querySelector(".progress-text").textContent = progressText(job);
   li.querySelector("button.cancel").hidden = !(job.state === "queued" || job.state === "running");
   li.querySelector(".job-error").textContent = job.error && job.state === "failed" ? job.error : "";
+}
+
+function progressText(job) {
+  const p = job.progress || {};
+  if (job.state === "done" && job.finished && job.started) return `done in ${(job.finished - job.started).toFixed(1)} s`;
+  if (job.state === "queued") return job.queue_position ? `${job.queue_position} ahead` : "next";
+  if (job.state !== "running") return "";
+  const live = state.live.get(job.id) || {};
+  const stage = live.stage ?? p.stage, step = live.step ?? p.step;
+  if (stage === null || stage === undefined) return "starting";
+  const steps = (p.stage_steps || [])[stage];
+  const eta = live.eta ?? p.eta_seconds;
+  return `stage ${stage}: step ${step}/${steps}` + (eta !== null && eta !== undefined ? `, about ${Math.ceil(eta)} s left` : "");
 }
 
 function renderQueue() {
@@ -245,7 +260,7 @@ async function watch(id) {
 function onEvent(id, kind, data) {
   const job = state.jobs.get(id);
   if (kind === "step") {
-    state.live.set(id, { stage: data.stage, step: data.step });
+    state.live.set(id, { stage: data.stage, step: data.step, eta: data.eta_seconds });
     if (job) { job.state = "running"; renderJob(job); }
   } else if (kind === "blueprint" && job) {
     job.blueprint_url = data.url;
