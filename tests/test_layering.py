@@ -1,4 +1,4 @@
-"""Data flows one way: models -> export -> engines -> runtime -> calibration -> toolchain -> toy (training), the CLI on top, no import cycle."""
+"""Data flows one way: models -> export -> engines -> runtime -> calibration -> toolchain -> toy (training) -> serve, the CLI on top, no import cycle."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tempomaster"
 # Calibration sits above the runtime: it runs the runtime's own sampling loop (torch
 # backend + pipeline), so the amax it records comes from the real trajectory. The
 # toolchain module (export -> calibration -> plans) chooses the ONNX writer above them.
-LAYERS = ["models", "export", "engines", "runtime", "calibration", "toolchain", "toy", "cli"]
+LAYERS = ["models", "export", "engines", "runtime", "calibration", "toolchain", "toy", "serve", "cli"]
 LIBRARY = ["models", "export", "engines", "runtime", "calibration", "toy"]
 # No upward edge at all.
 ALLOWED_UPWARD: set[tuple[str, str]] = set()

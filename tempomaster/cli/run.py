@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-seconds", type=finite_number(0, low_inclusive=False),
                    help="seconds of one DiT forward over one sequence, to project wall time (e.g. from python -m benchmarks)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -119,7 +123,13 @@ def _plan(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "plan": _plan}
+def _serve(args) -> int:
+    from .serve import serve
+
+    return serve(args)
+
+
+COMMANDS = {"generate": _generate, "plan": _plan, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:
