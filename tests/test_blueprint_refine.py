@@ -169,3 +169,12 @@ def test_blueprints_of_prompts_times_seeds_and_contact_sheet(tmp_path):
     states = [json.loads((tmp_path / f"bp_prompt1_seed{s}.state.json").read_text()) for s in (0, 1)]
     assert [s["request"]["seed"] for s in states] == [0, 1]
     assert states[0]["request"]["prompt"] == "a blue square"
+
+
+def test_a_second_blueprint_replaces_the_first_state(tmp_path):
+    """The state and the PNG folder tm-run wrote are its own: the same command again replaces them."""
+    for seed in (1, 2):
+        run_generate(_options(tmp_path / "bp", seed=seed, stop_after=0, steps=(1, 1, 1)), echo=lambda _: None)
+    state = json.loads((tmp_path / "bp" / "video.state.json").read_text())
+    assert state["request"]["seed"] == 2
+    assert sorted(p.name for p in (tmp_path / "bp").iterdir()) == ["video", "video.state.json", "video.state.safetensors"]

@@ -43,7 +43,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         if options.devices is not None or _under_torchrun():
             raise UsageError("--stop-after runs in one process: leave out --devices (and torchrun); "
                              "--prompts makes every blueprint there with the models loaded once")
-        targets += blueprint_targets(options.out, finals, several)
+        blueprint_targets(options.out, finals, several)  # checked by their own rule: ours, by their format
     check_writable(options.out, targets)
     if options.profile is not None:
         if options.profile.exists() and not options.profile.is_dir():
