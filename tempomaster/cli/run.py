@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a torch.profiler Chrome trace (trace.json), breakdown.json and a per-stage bar chart "
                         "(stages.png) to DIR; one subdirectory per video when there are several")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_blueprint_flags(p)
 
     p = sub.add_parser("plan", help="how generate would place its work on N devices, without loading any model")
     _add_request(p)
@@ -74,11 +75,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-seconds", type=finite_number(0, low_inclusive=False),
                    help="seconds of one DiT forward over one sequence, to project wall time (e.g. from python -m benchmarks)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_refine(sub)
+    _add_upsample(sub)
 
     from .serve import add_serve_parser
 
     add_serve_parser(sub)
     return parser
+
+
+def _add_upsample(sub) -> None:
+    p = sub.add_parser("upsample", help="lift a video's frame rate: its frames become a stage's, the later stages fill in")
+    p.add_argument("--video", type=Path, required=True,
+                   help="the video to lift (anything ffmpeg reads); resized and cropped to the model's shape as reference images are")
+    p.add_argument("--to-fps", type=finite_number(0, low_inclusive=False), default=None,
+                   help="a stage rate above the input's, e.g. 12 or 24 (default: the last stage's)")
+    _add_request(p)
+    p.add_argument("--out", type=Path, default=Path("out/upsampled.mp4"),
+                   help="an .mp4 or .gif file, or a directory for PNG frames")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_blueprint_flags(p: argparse.ArgumentParser) -> None:
+    """generate: stop after a stage (a blueprint to refine later), one video per seed."""
+    p.add_argument("--stop-after", type=bounded_int(0), default=None, metavar="K",
+                   help="stop after stage K (0 = the 6 fps blueprint): write its video at --out and a state beside it "
+                        "(NAME.state.json + NAME.state.safetensors) that tm-run refine finishes")
+    p.add_argument("--blueprint-only", action="store_true", help="the same as --stop-after 0")
+    p.add_argument("--seeds", default=None, metavar="A-B|A,B,C",
+                   help="one video per prompt and seed (instead of --seed); with --stop-after and several videos, "
+                        "a contact sheet PNG of their middle frames is written beside them")
+
+
+def _add_refine(sub) -> None:
+    p = sub.add_parser("refine", help="run the remaining stages of a state written by generate --stop-after")
+    p.add_argument("state", type=Path, help="NAME.state.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="an .mp4 or .gif file, or a directory for PNG frames (default: NAME_refined.mp4 beside the state)")
+    p.add_argument("--save-stages", action="store_true", help="also write each stage this run makes before the last")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=bounded_int(1), default=None, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the state's (another is refused)")
+    p.add_argument("--engines", type=Path, help="default: the state's build, if it named one")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=None, help="default: the state's")
+    p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None, help="default: the state's")
+    add_model_source(p)
 
 
 def _options(args):
@@ -96,7 +138,22 @@ def _options(args):
         tile=args.tile, prompts=args.prompts, sequence_parallel=not args.no_sequence_parallel,
         devices=getattr(args, "devices", None) if args.command == "generate" else None,
         timeout=getattr(args, "timeout", 600.0), profile=getattr(args, "profile", None),
+        **_blueprint_options(args),
     )
+
+
+def _blueprint_options(args) -> dict:
+    from ..runtime.request import parse_seeds
+
+    stop_after = getattr(args, "stop_after", None)
+    if getattr(args, "blueprint_only", False):
+        if stop_after not in (None, 0):
+            from ..errors import UsageError
+
+            raise UsageError(f"--blueprint-only is --stop-after 0; got --stop-after {stop_after} as well")
+        stop_after = 0
+    seeds = getattr(args, "seeds", None)
+    return {"stop_after": stop_after, "seeds": parse_seeds(seeds) if seeds is not None else None}
 
 
 def _generate(args) -> int:
@@ -123,13 +180,36 @@ def _plan(args) -> int:
     return 0
 
 
+def _refine(args) -> int:
+    from ..runtime.refine import RefineOptions, run_refine
+
+    run_refine(RefineOptions(
+        state=args.state, out=args.out, save_stages=args.save_stages, device=args.device, threads=args.threads,
+        progress=not args.no_progress, preset=args.preset, checkpoints=args.checkpoints, config=args.config,
+        engines=args.engines, backend=args.backend, dtype=args.dtype, tile=args.tile,
+    ))
+    return 0
+
+
+def _upsample(args) -> int:
+    from ..errors import UsageError
+    from ..runtime.upsample import UpsampleOptions, run_upsample
+
+    if args.num_frames is not None:
+        raise UsageError("upsample: --num-frames is the video's own (its frames at the stage rate, 4k + 1 kept)")
+    if args.prompt is None:
+        raise UsageError("upsample: --prompt is required (what the video shows)")
+    run_upsample(UpsampleOptions(video=args.video, to_fps=args.to_fps, generate=_options(args)))
+    return 0
+
+
 def _serve(args) -> int:
     from .serve import serve
 
     return serve(args)
 
 
-COMMANDS = {"generate": _generate, "plan": _plan, "serve": _serve}
+COMMANDS = {"generate": _generate, "plan": _plan, "refine": _refine, "upsample": _upsample, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

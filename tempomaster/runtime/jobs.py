@@ -31,10 +31,19 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     defaults, preset, manifest = preset_defaults(options)
     jobs = build_jobs(options, defaults)
     several = len(jobs) > 1
-    targets = []
+    targets, finals = [], []
     for job in jobs:
-        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
+        final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
         targets += [final, *(stage_paths if options.save_stages else [])]
+        finals.append(final)
+    if options.stop_after is not None:
+        from .refine import blueprint_targets, check_stop_after
+
+        check_stop_after(options.stop_after, jobs)
+        if options.devices is not None or _under_torchrun():
+            raise UsageError("--stop-after runs in one process: leave out --devices (and torchrun); "
+                             "--prompts makes every blueprint there with the models loaded once")
+        blueprint_targets(options.out, finals, several)  # checked by their own rule: ours, by their format
     check_writable(options.out, targets)
     if options.profile is not None:
         if options.profile.exists() and not options.profile.is_dir():
@@ -70,18 +79,50 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     from .pipeline import generate
 
     report = GenerateReport(lines=[], written=[])
+    identity = None
+    if options.stop_after is not None:
+        from .contact_sheet import middle_frame
+        from .refine import run_identity, save_blueprint
+
+        identity = run_identity(options, preset, manifest, dtype)
+        blueprints = []
     for job in jobs:
-        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
+        final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
         with _profiled(options, job.name, several, backend) as (run_on, phase):
-            result = generate(run_on, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages)
+            result = generate(run_on, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages,
+                              stop_after=options.stop_after)
             start = time.perf_counter()
             with phase("writing"):
                 written = write_result(result, final, stage_paths, options.save_stages)
         text = summarise(job, result, written, backend.name, time.perf_counter() - start)
+        if identity is not None:
+            state = save_blueprint(final, job.request, result, identity)
+            text += f"\n  state: {state[0]} (tm-run refine {state[0]} runs the remaining stages)"
+            written += state
+            blueprints.append((job, middle_frame(result.video.frames)))  # one frame kept, not the clip
         echo(text)
         report.lines.append(text)
         report.written += written
+    if identity is not None and several:
+        report.written.append(_contact_sheet(options.out, blueprints, echo))
     return report
+
+
+def _stages_run(options: GenerateOptions, job: Job) -> int:
+    """Stages this run makes: all, or up to --stop-after's."""
+    total = len(job.request.frame_intervals)
+    return total if options.stop_after is None else min(total, options.stop_after + 1)
+
+
+def _contact_sheet(out, blueprints, echo):
+    from .contact_sheet import write_contact_sheet
+    from .refine import contact_sheet_path
+
+    tiles = [tile for _, tile in blueprints]
+    labels = [f"seed {job.request.seed}: {job.request.prompt}" for job, _ in blueprints]
+    path = write_contact_sheet(contact_sheet_path(out), tiles, labels)
+    echo(f"contact sheet of {len(tiles)} blueprints (middle frames) -> {path}")
+    return path
 
 
 @contextmanager

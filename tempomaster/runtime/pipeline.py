@@ -309,10 +309,32 @@ def decode_stage(backend: Backend, latents: torch.Tensor, stage: StagePlan, cloc
     return trim_stage_frames(torch.cat(decode_chunks(backend, latents, clock), dim=1), stage)
 
 
-def count_reference_dit_calls(request: GenerationRequest) -> int:
+def count_reference_dit_calls(request: GenerationRequest, stages: Iterable[int] | None = None) -> int:
     """The release runs cond and uncond as two DiT calls per step (at scale 1 it
-    crashes; counted as one call per step, what it would need)."""
-    return sum(request.steps_per_stage) * (1 if request.guidance_scale == 1.0 else 2)
+    crashes; counted as one call per step, what it would need). `stages`: only
+    those stage indices (a resumed run makes the later stages only)."""
+    steps = request.steps_per_stage if stages is None else [request.steps_per_stage[s] for s in stages]
+    return sum(steps) * (1 if request.guidance_scale == 1.0 else 2)
+
+
+@dataclass(frozen=True)
+class StageResume:
+    """Where a generation picks up: `frames` ([3, T, H, W] float32 in [-1, 1]) are stage `stage`'s
+    decoded output (a blueprint's state, or a user's video); the stages after it run."""
+
+    stage: int
+    frames: torch.Tensor
+
+
+def check_resume(resume: StageResume, stages: Sequence[StagePlan], height: int, width: int) -> None:
+    """The frames must be what stage `resume.stage` of this plan outputs: ValueError naming both shapes."""
+    if not 0 <= resume.stage < len(stages) - 1:
+        raise ValueError(f"resume after stage {resume.stage}: the plan has stages 0..{len(stages) - 1}, "
+                         f"and the last one leaves nothing to run")
+    want = (3, stages[resume.stage].total_frames, height, width)
+    if tuple(resume.frames.shape) != want:
+        raise ValueError(f"resume after stage {resume.stage}: expected frames of shape {list(want)}, "
+                         f"got {list(resume.frames.shape)}")
 
 
 # ----------------------------------------------------------------------------
@@ -327,8 +349,16 @@ def generate(
     keep_stages: bool = True,
     on_step_end: StepCallback | None = None,
     on_stage_end: StageCallback | None = None,
+    stop_after: int | None = None,
+    resume: StageResume | None = None,
 ) -> GenerationResult:
     """One video, stage by stage (SPEC 3).
+
+    stop_after: the last stage to run (0: the 6 fps blueprint alone); its
+    output is then the result's video. resume: start after a stage whose
+    frames are given; the result holds only the stages run here. Each stage
+    draws its noise from the request's seed alone, so a resumed run makes
+    exactly what an uninterrupted one does after that stage.
 
     on_step_end: called with a `StepEvent` after every denoising step of
     every stage. on_stage_end: called with each `StageOutput` as soon as the
@@ -343,6 +373,10 @@ def generate(
     height, width = request.output_size()
     stages = plan_stages(request.num_frames, request.frame_intervals, request.ref_images.keys())
     guided = request.guidance_scale != 1.0
+    if resume is not None:
+        check_resume(resume, stages, height, width)
+    if stop_after is not None and not 0 <= stop_after < len(stages):
+        raise ValueError(f"stop after stage {stop_after}: the plan has stages 0..{len(stages) - 1}")
 
     context, negative_context = encode_prompts(
         backend, tokenizer, request.prompt, request.negative_prompt if guided else None, clock
@@ -350,8 +384,10 @@ def generate(
     images = {k: cover_resize_center_crop(img, height, width) for k, img in request.ref_images.items()}
 
     outputs: list[StageOutput] = []
-    previous: torch.Tensor | None = None
+    previous: torch.Tensor | None = None if resume is None else resume.frames.float().cpu()
     for stage, steps, shift in zip(stages, request.steps_per_stage, request.shift_per_stage):
+        if resume is not None and stage.index <= resume.stage:
+            continue  # made before: its frames are `previous`
         stage_start = time.perf_counter()
         if stage.index == 0:
             videos = [stage0_condition_video(stage, images, height, width)]
@@ -387,12 +423,14 @@ def generate(
             on_stage_end(outputs[-1])
         if not keep_stages and len(outputs) > 1:
             outputs[-2].frames = None
+        if stop_after is not None and stage.index >= stop_after:
+            break
     return GenerationResult(
         stages=outputs,
         height=height,
         width=width,
         dit_calls=sum(out.dit_calls for out in outputs),
-        reference_dit_calls=count_reference_dit_calls(request),
+        reference_dit_calls=count_reference_dit_calls(request, [out.index for out in outputs]),
         seconds=time.perf_counter() - start,
         backend_seconds=clock.seconds,
     )

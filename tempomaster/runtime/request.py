@@ -61,6 +61,8 @@ class GenerateOptions:
     timeout: float = 600.0  # seconds a rank waits at any exchange before all stop
     sequence_parallel: bool = True  # Ulysses inside a sequence when a step has fewer sequences than ranks
     profile: Path | None = None  # write a Chrome trace, breakdown.json and stages.png per video here
+    seeds: Sequence[int] | None = None  # --seeds: one video per prompt and seed (instead of --seed)
+    stop_after: int | None = None  # --stop-after K: stop after stage K, write its video and a state to refine
 
 
 @dataclass
@@ -200,6 +202,38 @@ def resolve_frame_indices(refs: dict[str, Path], num_frames: int, where: str) ->
     return out
 
 
+MAX_SEEDS = 10_000
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """--seeds A-B (inclusive) or A,B,C -> the seeds, each in torch's range, at most MAX_SEEDS of them."""
+    accepted = "a range A-B or a list A,B,C of integers, e.g. 0-7"
+    text = text.strip()
+    first, dash, last = text.partition("-")
+    try:
+        bounds = (int(first, 10), int(last, 10)) if dash and "," not in text else None
+        listed = None if bounds else tuple(int(v, 10) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds: expected {accepted}; got {text!r}") from None
+    if bounds is not None:
+        low, high = bounds
+        if high < low:
+            raise UsageError(f"--seeds {text}: the range ends before it starts")
+        if high - low + 1 > MAX_SEEDS:
+            raise UsageError(f"--seeds {text}: {high - low + 1} seeds; at most {MAX_SEEDS} are accepted")
+        seeds = tuple(range(low, high + 1))
+    else:
+        seeds = listed
+    if len(seeds) > MAX_SEEDS:
+        raise UsageError(f"--seeds: {len(seeds)} seeds; at most {MAX_SEEDS} are accepted")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text}: a seed is listed twice")
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    if bad:
+        raise UsageError(f"--seeds: {bad[0]} is outside [0, {SEED_MAX}] (torch's generator seed range)")
+    return seeds
+
+
 def _check_scalars(settings: dict, seed: int) -> None:
     if not _is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise UsageError(f"--seed must be an integer in [0, {SEED_MAX}] (torch's generator seed range), got {seed!r}")
@@ -284,6 +318,15 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
         raise UsageError(str(err)) from None
     clip_frames = round_num_frames(settings["num_frames"])
 
+    seeds = (options.seed,) if options.seeds is None else tuple(options.seeds)
+    if options.seeds is not None and options.seed != 0:
+        raise UsageError("--seeds: give either --seed N or --seeds A-B / A,B,C, not both")
+    if len(cases) * len(seeds) > MAX_SEEDS:
+        raise UsageError(f"--seeds: {len(cases)} prompt(s) x {len(seeds)} seed(s) is {len(cases) * len(seeds)} videos; "
+                         f"at most {MAX_SEEDS} are accepted")
+    for seed in seeds:
+        _check_scalars(settings, seed)
+
     jobs = []
     opened: dict[Path, object] = {}  # one decoded copy of a file, however many videos use it (--prompts with --image)
     for name, prompt, refs in cases:
@@ -293,14 +336,17 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
             if path not in opened:
                 opened[path] = open_reference_image(path, where)
         images = {frame: opened[path] for frame, path in frames.items()}
-        request = GenerationRequest(
-            prompt=prompt, ref_images=images, seed=options.seed, cast_timestep=options.cast_timestep, **settings
-        )
-        try:
-            request.validate()
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        jobs.append(Job(name=name, request=request))
+        for seed in seeds:
+            request = GenerationRequest(
+                prompt=prompt, ref_images=images, seed=seed, cast_timestep=options.cast_timestep, **settings
+            )
+            try:
+                request.validate()
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            # --seeds: one video per prompt and seed, named by both (video -> seed3, prompt0 -> prompt0_seed3)
+            label = name if options.seeds is None else (f"seed{seed}" if name == "video" else f"{name}_seed{seed}")
+            jobs.append(Job(name=label, request=request))
     return jobs
 
 
