@@ -21,6 +21,9 @@ MANIFEST_SHA256_KEY = "manifest_sha256"
 CALIBRATION_DIR = "calibration"
 CALIBRATION_FILE = "amax.json"
 CALIBRATION_FORMAT = "tempomaster-fp8-calibration"
+# ... and, while it runs, the maxima so far (resumed by a rerun with the same arguments)
+CALIBRATION_PROGRESS_FILE = "progress.json"
+CALIBRATION_PROGRESS_FORMAT = "tempomaster-fp8-calibration-progress"
 
 
 def manifest_sha256(data: Mapping) -> str:
