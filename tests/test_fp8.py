@@ -740,3 +740,38 @@ def test_calibration_resumes_after_last_finished_video(tmp_path, tiny_models, mo
         calibrate(tiny_models, SHAPE, tmp_path / "c", seed=5, log=lines.append, **kw)
     assert counts["videos"] == 3
     assert any("was made with other arguments" in line and "starting over" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------
+# FLOPs: FP8 and 16-bit
+# ----------------------------------------------------------------------------
+
+def test_flop_split_of_fp8_graph(bf16_build, tiny_build, tiny_models, capsys):
+    from tempomaster.cli.export import main
+    from tempomaster.export.flops import dit_flops_split, graph_flops, graph_flops_split
+
+    meta = bf16_build[1]["graphs"]["dit"]["meta"]
+    path = bf16_build[0] / "onnx" / "dit.onnx"
+    split = graph_flops_split(path, {"batch": 1})
+    assert split["total"] == graph_flops(path, {"batch": 1})["total"]
+    # by hand: every block Linear (cross-attention k, v over the text tokens) and Q K^T of each self-attention
+    cfg = tiny_models.dit.cfg
+    tokens, text = meta["tokens_per_chunk"][0], meta["text_len"]
+    modules = dict(tiny_models.dit.named_modules())
+    linear = 0
+    for b in range(cfg.num_layers):
+        for n in LINEARS:
+            out_f, in_f = modules[f"blocks.{b}.{n}"].weight.shape
+            rows = text if n in ("cross_attn.k", "cross_attn.v") else tokens
+            linear += 2 * rows * in_f * out_f
+    assert split["linear_fp8"] == linear
+    assert split["attention_fp8"] == cfg.num_layers * 2 * tokens * tokens * cfg.dim
+    model_split = dit_flops_split(cfg, 1, meta["latent_frames"][0], meta["latent_height"], meta["latent_width"], text)
+    assert (model_split["fp8"], model_split["total"]) == (split["fp8"], split["total"])
+    # an unquantized graph: nothing FP8
+    plain = graph_flops_split(tiny_build / "onnx" / "dit.onnx", {"batch": 1})
+    assert plain["fp8"] == 0 and plain["total"] == split["total"]
+    assert main(["inspect", str(bf16_build[0])]) == 0
+    out = capsys.readouterr().out
+    share = split["fp8"] / split["total"]
+    assert f"({share:.1%})" in out and "softmax x V is 16-bit" in out

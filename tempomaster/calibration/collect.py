@@ -43,7 +43,7 @@ from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from .fp8 import ATTENTION_INPUTS, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
-from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
+from .prompts import CALIB_SETS, DEFAULT_CALIB_SET, CalibrationPrompt, builtin_prompts, read_prompt_file
 from .trajectory import make_request
 
 # the names a build folder knows its calibration by (build_format: export reads them too)
@@ -259,9 +259,12 @@ class AmaxRecorder:
         self._handles = []
 
 
-def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int) -> tuple[int, ...]:
-    """Steps per stage for calibration: the preset's by default; an int applies to every stage."""
-    default = tuple(preset.defaults.steps_per_stage[:num_stages])
+def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int,
+                  fraction: float = 1.0) -> tuple[int, ...]:
+    """Steps per stage for calibration: `fraction` of the preset's by default; an int applies to every stage."""
+    from .cost import scaled_steps
+
+    default = scaled_steps(preset.defaults.steps_per_stage[:num_stages], fraction)
     if calib_steps is None:
         return default
     steps = (int(calib_steps),) * num_stages if isinstance(calib_steps, int) else tuple(int(s) for s in calib_steps)
@@ -270,10 +273,17 @@ def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: i
     return steps
 
 
-def resolve_prompts(prompts) -> tuple[list[CalibrationPrompt], dict]:
-    """None (the built-in set), a prompt file path, or a list of prompts / strings."""
+def resolve_calib_set(calib_set: str | None):
+    name = DEFAULT_CALIB_SET if calib_set is None else calib_set
+    if name not in CALIB_SETS:
+        raise UsageError(f"--calib-set: {name!r} is not one of {', '.join(CALIB_SETS)}")
+    return name, CALIB_SETS[name]
+
+
+def resolve_prompts(prompts, count: int | None = None) -> tuple[list[CalibrationPrompt], dict]:
+    """None (the first `count` built-in prompts, all if None), a prompt file path, or a list of prompts / strings."""
     if prompts is None:
-        return builtin_prompts(), {"source": "builtin"}
+        return builtin_prompts(count), {"source": "builtin", **({"count": count} if count is not None else {})}
     if isinstance(prompts, (str, os.PathLike)):
         path = Path(prompts)
         return read_prompt_file(path), {"source": str(path), "sha256": _file_sha256(path)}
@@ -329,6 +339,7 @@ def calibrate(
     *,
     prompts=None,
     calib_steps: int | Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     preset_name: str | None = None,
     dtype: torch.dtype | None = None,
@@ -344,7 +355,9 @@ def calibrate(
     ExportShape. prompts: None for the built-in set (BUILTIN_PROMPTS), a
     prompt-file path, or a list. calib_steps: denoising steps per stage
     during calibration (fewer steps cover the same noise levels more
-    coarsely; default the preset's). seed: video i uses seed + i. dtype: the
+    coarsely). calib_set: "small" (default) or "full" (prompts.CALIB_SETS),
+    the prompts and share of the preset's steps used where `prompts` /
+    `calib_steps` are not given. seed: video i uses seed + i. dtype: the
     torch backend's dtype (default: the DiT's). Resumes from
     BUILD/calibration/progress.json when it was made with the same
     arguments. Returns the Calibration.
@@ -358,9 +371,10 @@ def calibrate(
     shape.validate()
     preset = models.preset
     preset_name = preset_name or preset.name
-    prompt_list, prompt_source = resolve_prompts(prompts)
+    set_name, calib_spec = resolve_calib_set(calib_set)
+    prompt_list, prompt_source = resolve_prompts(prompts, calib_spec.prompts)
     num_stages = len(shape.intervals)
-    steps = resolve_steps(calib_steps, preset, num_stages)
+    steps = resolve_steps(calib_steps, preset, num_stages, calib_spec.step_fraction)
     if models.tokenizer is None:
         raise UsageError("calibration runs whole generations and needs the tokenizer; give --checkpoints or --config")
     out_dir = Path(out_dir)
@@ -375,6 +389,9 @@ def calibrate(
     key = _progress_key(preset=preset_name, shape=_shape_key(shape), dit_sha256=dit_sha, steps=list(steps),
                         seed=seed, dtype=str(dtype), prompts=[p.as_dict() for p in prompt_list],
                         prompt_source=prompt_source, layers=recorder.names, attention=recorder.attention_names)
+    from .cost import describe_projection
+
+    say(describe_projection(preset, models.dit.cfg, shape, steps, len(prompt_list), set_name))
     saved = _read_progress(progress_path, key, len(prompt_list), say)
     done, calls, per_video = 0, 0, []
     if saved is not None:
@@ -434,6 +451,7 @@ def calibrate(
         "settings": {
             "steps_per_stage": list(steps),
             "calib_steps": calib_steps if calib_steps is None or isinstance(calib_steps, int) else list(calib_steps),
+            "calib_set": set_name,
             "preset_steps_per_stage": list(d.steps_per_stage[:num_stages]),
             "shift_per_stage": list(d.shift_per_stage[:num_stages]),
             "guidance_scale": d.guidance_scale,

@@ -88,6 +88,7 @@ def export_fp8_onnx(
     calibrate_now: bool = True,
     calib_prompts=None,
     calib_steps: int | Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report: bool = True,
     report_prompts: int = 4,
@@ -153,7 +154,8 @@ def export_fp8_onnx(
     if wanted is None or "dit" in wanted:
         cal = resolve_calibration(
             models, shape, out_dir, calibration=calibration, calibrate_now=calibrate_now, preset_name=preset_name,
-            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, seed=seed, report=report,
+            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, calib_set=calib_set, seed=seed,
+                                  report=report,
                                   report_prompts=report_prompts, dtype=calib_dtype, device=device,
                                   progress=progress, log=log),
         )
@@ -262,6 +264,7 @@ def calibrate_build(
     intervals: Sequence[int] | None = None,
     prompts: Path | None = None,
     calib_steps: Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report_prompts: int = 4,
     dtype: str = "fp32",
@@ -275,7 +278,7 @@ def calibrate_build(
                                       height=height, width=width, num_frames=num_frames, intervals=intervals,
                                       precision=dtype, t5_precision="fp32" if dtype == "fp32" else "bf16")
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
-    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, seed=seed,
+    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, calib_set=calib_set, seed=seed,
                      report=report_prompts > 0, report_prompts=report_prompts, progress=progress)
 
 
@@ -297,6 +300,7 @@ def fp8_build(
     calibrate_now: bool = True,
     prompts: Path | None = None,
     calib_steps: Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report_prompts: int = 4,
     base: str = "bf16",
@@ -327,7 +331,8 @@ def fp8_build(
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
     return export_fp8_onnx(
         models, shape, out, calibration=calibration, calibrate_now=calibrate_now, calib_prompts=prompts,
-        calib_steps=steps, seed=seed, report=report_prompts > 0, report_prompts=report_prompts, base=base,
+        calib_steps=steps, calib_set=calib_set, seed=seed, report=report_prompts > 0, report_prompts=report_prompts,
+        base=base,
         weight_scale=weight_scale, skip_blocks=skip_blocks, attention=attention, cross_attention=cross_attention,
         twin=twin, opset=opset, t5_precision=t5_precision,
         graphs=graphs, progress=progress, copy=False, extra={"random_weights": False, **(extra or {})},
