@@ -229,7 +229,8 @@ def test_quality_report(calibrated):
     build_dir, cal = calibrated
     report = json.loads((build_dir / "calibration" / "report.json").read_text())
     assert report["prompts"] and not set(report["prompts"]) & {p["prompt"] for p in cal.data["prompts"]}
-    for k in ("all_stages", "stage0_only"):
+    assert sorted(report["variants"]) == ["all_fp8", "all_stages", "stage0_only"]
+    for k in ("all_stages", "stage0_only", "all_fp8"):
         v = report["variants"][k]
         assert [len(s) for s in v["velocity_rel_error"]] == [2, 2, 2]
         errs = [e["mean"] for s in v["velocity_rel_error"] for e in s]
@@ -237,7 +238,9 @@ def test_quality_report(calibrated):
         assert all(1e-4 < e < 0.05 for e in errs)
         assert 25 < v["psnr_db_min"] < 100
     text = format_report(report)
-    assert "stage 0 only" in text and len(text.splitlines()) == 3 + 6 + 5
+    assert "stage 0 only" in text and "all FP8" in text and len(text.splitlines()) == 3 + 6 + 5
+    # quantizing attention too moves the velocity further than the Linears alone
+    assert report["variants"]["all_fp8"]["velocity_rel_error_mean"] > report["variants"]["all_stages"]["velocity_rel_error_mean"]
 
 
 # ----------------------------------------------------------------------------
