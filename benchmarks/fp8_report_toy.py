@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        cal = calibrate(models, shape, tmp, prompts=[CalibrationPrompt(c) for c in calib], seed=0,
+        cal = calibrate(models, shape, tmp, prompts=[CalibrationPrompt(c) for c in calib], calib_set="full", seed=0,
                         preset_name="toy", report=False, progress=False, log=None)
         report = quality_report(models, shape, cal, prompts=len(held), held_out=held, measure=measure, progress=False)
         seconds = time.perf_counter() - start

@@ -28,6 +28,9 @@ ONNX_DTYPE_NAMES = {
     1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
     9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
 }
+# ... and, while it runs, the maxima so far (resumed by a rerun with the same arguments)
+CALIBRATION_PROGRESS_FILE = "progress.json"
+CALIBRATION_PROGRESS_FORMAT = "tempomaster-fp8-calibration-progress"
 
 
 def manifest_sha256(data: Mapping) -> str:

@@ -198,6 +198,10 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
     modules = dict(tiny_models.dit.named_modules())
     handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].abs().max().item()))
                for n in seen]
+    # what attention reads: v of block 1's self-attention, k of block 0's cross-attention
+    attention_seen = {("blocks.1.self_attn", 2): [], ("blocks.0.cross_attn", 1): []}
+    handles += [modules[f"{n}.attn"].register_forward_hook(
+        lambda m, a, o, key=(n, i): attention_seen[key].append(a[key[1]].abs().max().item())) for n, i in attention_seen]
     backend = TorchBackend(tiny_models)
     original = backend.velocity
     backend.velocity = lambda *a: (calls.append(a[0].shape[0]), original(*a))[1]
@@ -212,6 +216,11 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
     for n, values in seen.items():
         want = [max(values[a:b]) for a, b in bounds]
         assert cal.layers[n]["input_amax_per_stage"] == pytest.approx(want, rel=0, abs=0)
+    for (n, i), values in attention_seen.items():
+        want = [max(values[a:b]) for a, b in bounds]
+        rec = cal.data["attention"][n]
+        assert rec[f"{'qkv'[i]}_amax_per_stage"] == pytest.approx(want, rel=0, abs=0)
+        assert rec[f"{'qkv'[i]}_amax"] == max(want)
 
 
 def test_quality_report(calibrated):
@@ -220,7 +229,8 @@ def test_quality_report(calibrated):
     build_dir, cal = calibrated
     report = json.loads((build_dir / "calibration" / "report.json").read_text())
     assert report["prompts"] and not set(report["prompts"]) & {p["prompt"] for p in cal.data["prompts"]}
-    for k in ("all_stages", "stage0_only"):
+    assert sorted(report["variants"]) == ["all_fp8", "all_stages", "stage0_only"]
+    for k in ("all_stages", "stage0_only", "all_fp8"):
         v = report["variants"][k]
         assert [len(s) for s in v["velocity_rel_error"]] == [2, 2, 2]
         errs = [e["mean"] for s in v["velocity_rel_error"] for e in s]
@@ -228,7 +238,9 @@ def test_quality_report(calibrated):
         assert all(1e-4 < e < 0.05 for e in errs)
         assert 25 < v["psnr_db_min"] < 100
     text = format_report(report)
-    assert "stage 0 only" in text and len(text.splitlines()) == 3 + 6 + 5
+    assert "stage 0 only" in text and "all FP8" in text and len(text.splitlines()) == 3 + 6 + 5
+    # quantizing attention too moves the velocity further than the Linears alone
+    assert report["variants"]["all_fp8"]["velocity_rel_error_mean"] > report["variants"]["all_stages"]["velocity_rel_error_mean"]
 
 
 # ----------------------------------------------------------------------------
@@ -307,9 +319,67 @@ def test_fp8_weights_hold_one_byte(bf16_build, tiny_models):
     quant_params = sum(modules[f"blocks.{b}.{n}"].weight.numel() for b in range(2) for n in LINEARS)
     assert fp8_bytes == quant_params + 1  # + the zero point
     total_params = sum(p.numel() for p in tiny_models.dit.parameters())
-    # every other parameter in bf16 (2 bytes; equal norm weights may be stored once), plus 40 scalar scales at most
+    # every other parameter in bf16 (2 bytes; equal norm weights may be stored once), plus 40 scalar scales
+    # of the Linears and 6 of the self-attentions at most
     rest = 2 * (total_params - quant_params)
-    assert quant_params + rest - 2 * 8 * 64 <= man["graphs"]["dit"]["weight_bytes"] <= quant_params + rest + 2 * 40 + 1
+    assert quant_params + rest - 2 * 8 * 64 <= man["graphs"]["dit"]["weight_bytes"] <= quant_params + rest + 2 * 46 + 1
+
+
+def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, tiny_models, tmp_path):
+    """Every self-attention's Attention node reads q, k, v through Q/DQ at the calibrated scales;
+    cross-attention stays unquantized by default; the DiT file is well under the bf16 one's size."""
+    import onnx
+    from onnx import numpy_helper
+
+    from tempomaster.export.build import export_onnx
+
+    _, cal = calibrated
+    model = onnx.load(str(bf16_build[0] / "onnx" / "dit.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2 * 2  # self and cross, two blocks
+    quantized = {}
+    for node in attention:
+        feeding = [producer[i] for i in node.input[:3]]
+        if all(f.op_type != "DequantizeLinear" for f in feeding):
+            continue  # a cross-attention (off by default)
+        for f, which in zip(feeding, "qkv"):
+            assert f.op_type == "DequantizeLinear"
+            q = producer[f.input[0]]
+            assert q.op_type == "QuantizeLinear" and q.input[1] == f.input[1]
+            assert inits[q.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN
+            scale = inits[f.input[1]]
+            assert scale.data_type == onnx.TensorProto.BFLOAT16 and list(scale.dims) == []
+            module = f.input[1].removeprefix("dit.").rpartition(".attn.")[0]
+            amax = cal.data["attention"][module][f"{which}_amax"]
+            assert float(numpy_helper.to_array(scale).astype(np.float64)) == float(_bf16_scale(amax))
+            quantized.setdefault(module, []).append(which)
+    assert quantized == {f"blocks.{b}.self_attn": ["q", "k", "v"] for b in range(2)}
+    assert bf16_build[1]["fp8"]["attention"]["self"] and not bf16_build[1]["fp8"]["attention"]["cross"]
+    # every block Linear still reads an FP8 weight
+    fp8_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    assert {f"dit.blocks.{b}.{n}.weight_t8" for b in range(2) for n in LINEARS} <= fp8_weights
+    plain = export_onnx(tiny_models, "bf16", SHAPE, tmp_path / "bf16", graphs=["dit"], preset_name="tiny",
+                        progress=False, copy=True)
+    ratio = bf16_build[1]["graphs"]["dit"]["weight_bytes"] / plain["graphs"]["dit"]["weight_bytes"]
+    print(f"fp8 / bf16 DiT weight bytes: {ratio:.3f}")
+    assert ratio < 0.9
+
+
+def test_calibration_without_attention_refused(calibrated, tiny_models, tmp_path):
+    """An amax.json from before FP8 attention: refused (one line) unless --fp8-attention off."""
+    from tempomaster.calibration import export_fp8_onnx
+
+    _, cal = calibrated
+    old = dict(cal.data)
+    del old["attention"]
+    path = tmp_path / "old" / "amax.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"old/amax.json: no \"attention\" section .* --fp8-attention off$"):
+        export_fp8_onnx(tiny_models, SHAPE, tmp_path / "b", calibration=path, graphs=["dit"], progress=False, log=None)
+    assert not (tmp_path / "b").exists()
 
 
 def _bf16_scale(amax):
@@ -317,7 +387,12 @@ def _bf16_scale(amax):
 
 
 def _ort_with_codes(path, feeds):
-    """Run a graph with onnxruntime, also returning every QuantizeLinear's FP8 output by the layers it feeds."""
+    """Run a graph with onnxruntime, also returning every QuantizeLinear's FP8 output by what it feeds.
+
+    Keys: the Linear ("blocks.0.ffn.0", named by the weight its MatMul reads;
+    one Q/DQ may feed several) or the attention input ("blocks.0.self_attn:q",
+    named by its scale, as the Attention node reads no weight).
+    """
     import onnx
     import onnxruntime as ort
 
@@ -333,9 +408,14 @@ def _ort_with_codes(path, feeds):
     for q in qs:
         names = []
         for dq in consumers[q.output[0]]:
-            for mm in consumers[dq.output[0]]:
-                w = producer[mm.input[1]].input[0]
-                names.append(w.removeprefix("dit.").removesuffix(".weight_t8"))
+            for user in consumers[dq.output[0]]:
+                if user.op_type == "MatMul":
+                    w = producer[user.input[1]].input[0]
+                    names.append(w.removeprefix("dit.").removesuffix(".weight_t8"))
+                else:
+                    assert user.op_type == "Attention", user.op_type
+                    module, _, which = dq.input[1].removeprefix("dit.").rpartition(".attn.")
+                    names.append(f"{module}:{which.removesuffix('_scale')}")
         layers_of.append(names)
         model.graph.output.append(onnx.helper.make_tensor_value_info(q.output[0], onnx.TensorProto.FLOAT8E4M3FN, None))
     opts = ort.SessionOptions()
@@ -351,7 +431,7 @@ def _ort_with_codes(path, feeds):
     return outs[0], codes
 
 
-def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None, flips=None):
+def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None, flips=None, attention=None):
     """An independent torch reference: weights replaced by their FP8 round trip, inputs by pre-hooks.
 
     Scales are amax / 448 rounded to bf16, what the bf16 graph stores and its twin copies.
@@ -362,6 +442,8 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
     float32 noise upstream decides the rounding. The
     reference then takes onnxruntime's value there, so that one tie does not
     hide (or fake) agreement everywhere downstream; `flips` counts them.
+    `attention` ("blocks.N.self_attn" -> {"q", "k", "v"} amax) fake-quantizes
+    those attentions' inputs the same way, by a pre-hook on their attention module.
     """
     import copy
 
@@ -380,31 +462,52 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
             m.weight.copy_((m.weight / s_w).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s_w)
 
         def pre_hook(mod, args, s=s_x, name=name):
-            t = (args[0].float() / s).clamp(-448, 448)
-            q = t.to(torch.float8_e4m3fn).float()
-            if ort_codes is not None:
-                other = torch.from_numpy(ort_codes[name]).reshape(q.shape)
-                differ = q != other
-                if differ.any():
-                    mid = (q[differ] + other[differ]) / 2
-                    near_tie = (t[differ] - mid).abs() <= 1e-4 * mid.abs() + 2e-4
-                    assert bool(near_tie.all()), (
-                        f"{name}: FP8 values differ away from a rounding tie: x/s {t[differ][~near_tie][:4].tolist()}, "
-                        f"torch {q[differ][~near_tie][:4].tolist()}, onnxruntime {other[differ][~near_tie][:4].tolist()}")
-                    flips.append(int(differ.sum()))
-                    q = torch.where(differ, other, q)
-            return (q * s,)
+            return (fake(args[0], s, name),)
 
         m.register_forward_pre_hook(pre_hook)
+
+    def fake(x, s, name, heads_first=False):
+        # heads_first: the graph quantizes attention inputs as [B, heads, L, dim]
+        t = (x.float() / s).clamp(-448, 448)
+        q = t.to(torch.float8_e4m3fn).float()
+        if ort_codes is not None:
+            code = torch.from_numpy(ort_codes[name])
+            other = code.transpose(1, 2) if heads_first else code.reshape(q.shape)
+            differ = q != other
+            if differ.any():
+                mid = (q[differ] + other[differ]) / 2
+                near_tie = (t[differ] - mid).abs() <= 1e-4 * mid.abs() + 2e-4
+                assert bool(near_tie.all()), (
+                    f"{name}: FP8 values differ away from a rounding tie: x/s {t[differ][~near_tie][:4].tolist()}, "
+                    f"torch {q[differ][~near_tie][:4].tolist()}, onnxruntime {other[differ][~near_tie][:4].tolist()}")
+                flips.append(int(differ.sum()))
+                q = torch.where(differ, other, q)
+        return q * s
+
+    for name, amax in (attention or {}).items():
+        if int(name.split(".")[1]) in skip:
+            continue
+        scales = {w: _bf16_scale(amax[w]) for w in "qkv"}
+
+        def attention_hook(mod, args, scales=scales, name=name):
+            return tuple(fake(t, scales[w], f"{name}:{w}", heads_first=True) for t, w in zip(args, "qkv"))
+
+        modules[f"{name}.attn"].register_forward_pre_hook(attention_hook)
     return ref
 
 
-def _check_twin(path, dit, layers, args, per_channel=None, skip=()):
+def _attention_amax(cal, *kinds):
+    """The calibration's q/k/v amax for the attentions of `kinds`, read off amax.json's own keys."""
+    return {name: {w: rec[f"{w}_amax"] for w in "qkv"} for name, rec in cal.data["attention"].items()
+            if name.rsplit(".", 1)[1] in kinds}
+
+
+def _check_twin(path, dit, layers, args, per_channel=None, skip=(), attention=None):
     """Relative error of the graph against the torch reference (ties aligned), and the flips seen."""
     feeds = {n: a.numpy() for n, a in zip(DIT_INPUTS, args)}
     out, codes = _ort_with_codes(path, feeds)
     flips = []
-    ref = _hook_fake_quant_dit(dit, layers, skip, per_channel, codes, flips)
+    ref = _hook_fake_quant_dit(dit, layers, skip, per_channel, codes, flips, attention)
     with torch.no_grad():
         want = ref(*args).double().numpy()
     return np.linalg.norm(out - want) / np.linalg.norm(want), flips, out
@@ -418,7 +521,8 @@ def test_twin_matches_torch_fake_quant(twin_build, calibrated, tiny_models):
     for batch in (1, 4):
         args = dit_example_inputs(cfg, batch, frames, SHAPE.latent_height, SHAPE.latent_width, torch.float32,
                                   generator=torch.Generator().manual_seed(seed + batch), timestep=float(seed % 1000))
-        err, flips, out = _check_twin(twin_build[0] / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args)
+        err, flips, out = _check_twin(twin_build[0] / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args,
+                                      attention=_attention_amax(cal, "self_attn"))
         print(f"batch {batch}: rel err {err:.2e}, {sum(flips)} tie flip(s) (seed {seed})")
         assert err < 1e-5, (seed, batch, err)
         with torch.no_grad():
@@ -440,8 +544,9 @@ def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrate
     out = tmp_path_factory.mktemp("fp8c") / "b"
     shutil.copytree(build_dir / "calibration", out / "calibration")
     man = export_fp8_onnx(tiny_models, SHAPE, out, calibrate_now=False, graphs=["dit"], twin=True, skip_blocks="1",
-                          weight_scale="channel", progress=False, log=None)
+                          weight_scale="channel", cross_attention=True, progress=False, log=None)
     assert man["fp8"]["skip_blocks"] == [1] and man["fp8"]["weight_scale"] == "channel"
+    assert man["fp8"]["attention"]["quantized"] == ["blocks.0.self_attn", "blocks.0.cross_attn"]
     assert man["files"]["calibration/amax.json"]["sha256"] == sha256_file(cal.path)
     assert man["fp8"]["twin"] and man["fp8"]["twin_of"] == "bf16" and man["graphs"]["dit"]["inputs"][0]["dtype"] == "float32"
     model = onnx.load(str(out / "onnx" / "dit.onnx"))
@@ -459,7 +564,8 @@ def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrate
     args = dit_example_inputs(tiny_models.dit.cfg, 2, man["graphs"]["dit"]["meta"]["latent_frames"][0],
                               SHAPE.latent_height, SHAPE.latent_width, torch.float32,
                               generator=torch.Generator().manual_seed(seed))
-    err, flips, _ = _check_twin(out / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args, per_channel, skip=(1,))
+    err, flips, _ = _check_twin(out / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args, per_channel, skip=(1,),
+                                attention=_attention_amax(cal, "self_attn", "cross_attn"))
     assert err < 1e-5, (seed, err)
 
 
@@ -561,3 +667,114 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     # other way through float32 noise, each moving one FP8 value by one step.
     assert sorted(errors)[len(errors) // 2] < 1e-3 and max(errors) < 1e-2
     assert final > 35
+
+
+# ----------------------------------------------------------------------------
+# Resumable calibration
+# ----------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _counting_generate(monkeypatch, stop_at_video=None):
+    """Patch the pipeline's generate: count DiT calls (through on_step_end) and stop before video `stop_at_video`."""
+    import tempomaster.runtime.pipeline as pipeline
+
+    original = pipeline.generate
+    counts = {"videos": 0, "dit_calls": 0}
+
+    def generate(backend, tokenizer, request, **kw):
+        if stop_at_video is not None and counts["videos"] + 1 == stop_at_video:
+            raise _Stop(f"stopped before video {stop_at_video}")
+        inner = kw.get("on_step_end")
+
+        def on_step_end(event):
+            counts["dit_calls"] += 1
+            if inner is not None:
+                inner(event)
+
+        kw["on_step_end"] = on_step_end
+        out = original(backend, tokenizer, request, **kw)
+        counts["videos"] += 1
+        return out
+
+    monkeypatch.setattr(pipeline, "generate", generate)
+    return counts
+
+
+def test_calibration_resumes_after_last_finished_video(tmp_path, tiny_models, monkeypatch):
+    from tempomaster.calibration import calibrate
+    from tempomaster.export.target import check_replaceable
+
+    prompts = ["a boat on a lake", "a dog in the park", "rain over a city"]
+    kw = dict(prompts=prompts, calib_steps=1, report=False, progress=False)
+    lines = []
+
+    with monkeypatch.context() as m:
+        counts = _counting_generate(m, stop_at_video=3)
+        with pytest.raises(_Stop):
+            calibrate(tiny_models, SHAPE, tmp_path / "a", seed=4, log=lines.append, **kw)
+    assert counts == {"videos": 2, "dit_calls": 2 * 3}
+    saved = json.loads((tmp_path / "a" / "calibration" / "progress.json").read_text())
+    assert saved["videos_done"] == 2 and not (tmp_path / "a" / "calibration" / "amax.json").exists()
+    check_replaceable(tmp_path / "a")  # a stopped calibration's folder is ours: tm-export may run on it again
+
+    with monkeypatch.context() as m:
+        counts = _counting_generate(m)
+        resumed = calibrate(tiny_models, SHAPE, tmp_path / "a", seed=4, log=lines.append, **kw)
+    assert counts == {"videos": 1, "dit_calls": 3}  # the first two videos are not redone
+    assert any(line.startswith("calibration: resuming after video 2 of 3") for line in lines)
+    assert not (tmp_path / "a" / "calibration" / "progress.json").exists()
+
+    whole = calibrate(tiny_models, SHAPE, tmp_path / "b", seed=4, log=None, **kw)
+    assert resumed.data["layers"] == whole.data["layers"]
+    assert resumed.data["attention"] == whole.data["attention"]
+    assert resumed.data["dit_calls"] == whole.data["dit_calls"] == 9
+
+    # other arguments (the seed): the saved maxima are not used
+    with monkeypatch.context() as m:
+        _counting_generate(m, stop_at_video=2)
+        with pytest.raises(_Stop):
+            calibrate(tiny_models, SHAPE, tmp_path / "c", seed=4, log=None, **kw)
+    lines.clear()
+    with monkeypatch.context() as m:
+        counts = _counting_generate(m)
+        calibrate(tiny_models, SHAPE, tmp_path / "c", seed=5, log=lines.append, **kw)
+    assert counts["videos"] == 3
+    assert any("was made with other arguments" in line and "starting over" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------
+# FLOPs: FP8 and 16-bit
+# ----------------------------------------------------------------------------
+
+def test_flop_split_of_fp8_graph(bf16_build, tiny_build, tiny_models, capsys):
+    from tempomaster.cli.export import main
+    from tempomaster.export.flops import dit_flops_split, graph_flops, graph_flops_split
+
+    meta = bf16_build[1]["graphs"]["dit"]["meta"]
+    path = bf16_build[0] / "onnx" / "dit.onnx"
+    split = graph_flops_split(path, {"batch": 1})
+    assert split["total"] == graph_flops(path, {"batch": 1})["total"]
+    # by hand: every block Linear (cross-attention k, v over the text tokens) and Q K^T of each self-attention
+    cfg = tiny_models.dit.cfg
+    tokens, text = meta["tokens_per_chunk"][0], meta["text_len"]
+    modules = dict(tiny_models.dit.named_modules())
+    linear = 0
+    for b in range(cfg.num_layers):
+        for n in LINEARS:
+            out_f, in_f = modules[f"blocks.{b}.{n}"].weight.shape
+            rows = text if n in ("cross_attn.k", "cross_attn.v") else tokens
+            linear += 2 * rows * in_f * out_f
+    assert split["linear_fp8"] == linear
+    assert split["attention_fp8"] == cfg.num_layers * 2 * tokens * tokens * cfg.dim
+    model_split = dit_flops_split(cfg, 1, meta["latent_frames"][0], meta["latent_height"], meta["latent_width"], text)
+    assert (model_split["fp8"], model_split["total"]) == (split["fp8"], split["total"])
+    # an unquantized graph: nothing FP8
+    plain = graph_flops_split(tiny_build / "onnx" / "dit.onnx", {"batch": 1})
+    assert plain["fp8"] == 0 and plain["total"] == split["total"]
+    assert main(["inspect", str(bf16_build[0])]) == 0
+    out = capsys.readouterr().out
+    share = split["fp8"] / split["total"]
+    assert f"({share:.1%})" in out and "softmax x V is 16-bit" in out

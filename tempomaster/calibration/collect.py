@@ -3,7 +3,9 @@
 `calibrate(...)` runs whole generations with the torch backend at the
 build's shape, one per calibration prompt, and records for every block
 Linear of the DiT the absolute maximum of its input over every DiT call of
-every stage and step (cond and uncond halves are one batch, so both count).
+every stage and step (cond and uncond halves are one batch, so both count),
+and for every self- and cross-attention the absolute maxima of its q, k and
+v (after the norms and RoPE: what the attention itself reads).
 The maxima are kept per stage too, which is what the quality report needs to
 compare whole-trajectory scales with stage-0-only scales without a second
 run. Weights' amax is recorded per tensor (in amax.json) and per output
@@ -12,6 +14,12 @@ channel (in weight_amax.safetensors).
     BUILD/calibration/amax.json               prompts, settings, seed, shape, DiT hash, per-layer amax
     BUILD/calibration/weight_amax.safetensors per-output-channel weight amax, one [out] tensor per layer
     BUILD/calibration/report.json             the quality report (calibration.report)
+    BUILD/calibration/progress.json           while it runs: the amax so far, after every finished video
+
+The running maxima are written (atomically) after every video: a calibration
+that was stopped continues, when run again with the same arguments, after
+the last video it finished (the maxima are order-free, so the result is the
+same as an uninterrupted run's); with other arguments it starts over.
 
 A calibration names the preset, the shape and a sha256 of the DiT's weights
 (their bf16 bytes): an export for another preset, shape or weights refuses it.
@@ -30,11 +38,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..atomic_write import write_bytes
-from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT
+from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT, CALIBRATION_PROGRESS_FILE, \
+    CALIBRATION_PROGRESS_FORMAT
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
-from .fp8 import BLOCK_LINEARS, quantizable_layers
-from .prompts import CalibrationPrompt, builtin_prompts, read_prompt_file
+from .fp8 import ATTENTION_INPUTS, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
+from .prompts import CALIB_SETS, DEFAULT_CALIB_SET, CalibrationPrompt, builtin_prompts, read_prompt_file
 from .trajectory import make_request
 
 # the names a build folder knows its calibration by (build_format: export reads them too)
@@ -43,6 +52,8 @@ FORMAT_VERSION = 1
 AMAX_FILE = CALIBRATION_FILE
 WEIGHT_AMAX_FILE = "weight_amax.safetensors"
 REPORT_FILE = "report.json"
+PROGRESS_FILE = CALIBRATION_PROGRESS_FILE
+PROGRESS_FORMAT = CALIBRATION_PROGRESS_FORMAT
 
 
 # ----------------------------------------------------------------------------
@@ -112,6 +123,23 @@ class Calibration:
         amax = self.input_amax(stages)
         return {n: {"input_amax": amax[n], "weight_amax": float(r["weight_amax"])} for n, r in self.layers.items()}
 
+    @property
+    def has_attention(self) -> bool:
+        return isinstance(self.data.get("attention"), dict)
+
+    def attention_table(self, stages: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+        """"blocks.N.<kind>" -> {"q", "k", "v"} amax over all stages (or the given ones): `fp8.quantize_dit`'s `attention`."""
+        if not self.has_attention:
+            raise UsageError(f"{self.path or 'calibration'}: no \"attention\" section (made before FP8 attention); "
+                             "run tm-export calibrate again, or give --fp8-attention off")
+        out = {}
+        for name, rec in self.data["attention"].items():
+            if stages is None:
+                out[name] = {n: float(rec[f"{n}_amax"]) for n in ATTENTION_INPUTS}
+            else:
+                out[name] = {n: max(float(rec[f"{n}_amax_per_stage"][s]) for s in stages) for n in ATTENTION_INPUTS}
+        return out
+
     def per_channel(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -162,34 +190,66 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 # Recording
 # ----------------------------------------------------------------------------
 
-class AmaxRecorder:
-    """Forward pre-hooks on the DiT's block Linears: running input abs-max per layer and stage.
+def _abs_max(x: torch.Tensor, where: str) -> float:
+    value = float(x.detach().abs().amax()) if x.numel() else 0.0
+    if value != value or value == float("inf"):
+        raise FloatingPointError(f"calibration: non-finite input to {where}")
+    return value
 
-    A DiT call's abs-max is held until the generation's step callback
+
+class AmaxRecorder:
+    """Forward pre-hooks on the DiT's block Linears and attentions: running input abs-max per tensor and stage.
+
+    `amax` holds one row per Linear ("blocks.N.ffn.0"), `attention_amax` one
+    per attention input ("blocks.N.self_attn" -> "q" | "k" | "v"). A DiT
+    call's abs-max is held until the generation's step callback
     (`on_step_end`) says which stage that call belonged to.
     """
 
     def __init__(self, dit: torch.nn.Module, num_stages: int):
         self.names = quantizable_layers(len(dit.blocks))
+        self.attention_names = attention_modules(len(dit.blocks))
         modules = dict(dit.named_modules())
         self.amax = {n: [0.0] * num_stages for n in self.names}
-        self._pending: dict[str, float] = {}
+        self.attention_amax = {n: {i: [0.0] * num_stages for i in ATTENTION_INPUTS} for n in self.attention_names}
+        self._pending: dict[tuple[str, str | None], float] = {}
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
+        self._handles += [modules[f"{n}.attn"].register_forward_pre_hook(self._attention_hook(n))
+                          for n in self.attention_names]
+
+    def _hold(self, key: tuple[str, str | None], value: float) -> None:
+        self._pending[key] = max(self._pending.get(key, 0.0), value)
 
     def _hook(self, name: str):
         def hook(_module, args):
-            x = args[0]
-            value = float(x.detach().abs().amax()) if x.numel() else 0.0
-            if value != value or value == float("inf"):
-                raise FloatingPointError(f"calibration: non-finite input to {name}")
-            self._pending[name] = max(self._pending.get(name, 0.0), value)
+            self._hold((name, None), _abs_max(args[0], name))
 
         return hook
 
+    def _attention_hook(self, name: str):
+        def hook(_module, args):
+            for tensor, which in zip(args[:3], ATTENTION_INPUTS):
+                self._hold((name, which), _abs_max(tensor, f"{name} ({which})"))
+
+        return hook
+
+    def state(self) -> dict:
+        """The maxima so far (JSON-ready): what a resumed calibration starts from."""
+        return {"layers": self.amax, "attention": self.attention_amax}
+
+    def restore(self, state: Mapping) -> None:
+        """Continue from `state()` of an earlier run over the same DiT and stages."""
+        layers, attention = state["layers"], state["attention"]
+        if sorted(layers) != sorted(self.amax) or sorted(attention) != sorted(self.attention_amax):
+            raise ValueError("the saved maxima name other layers than this DiT's")
+        self.amax = {n: [float(v) for v in layers[n]] for n in self.names}
+        self.attention_amax = {n: {i: [float(v) for v in attention[n][i]] for i in ATTENTION_INPUTS}
+                               for n in self.attention_names}
+
     def on_step_end(self, event) -> None:
         """Credit the step's DiT call to its stage (a `generate` step callback)."""
-        for name, value in self._pending.items():
-            row = self.amax[name]
+        for (name, which), value in self._pending.items():
+            row = self.amax[name] if which is None else self.attention_amax[name][which]
             row[event.stage] = max(row[event.stage], value)
         self._pending.clear()
 
@@ -199,9 +259,12 @@ class AmaxRecorder:
         self._handles = []
 
 
-def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int) -> tuple[int, ...]:
-    """Steps per stage for calibration: the preset's by default; an int applies to every stage."""
-    default = tuple(preset.defaults.steps_per_stage[:num_stages])
+def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int,
+                  fraction: float = 1.0) -> tuple[int, ...]:
+    """Steps per stage for calibration: `fraction` of the preset's by default; an int applies to every stage."""
+    from .cost import scaled_steps
+
+    default = scaled_steps(preset.defaults.steps_per_stage[:num_stages], fraction)
     if calib_steps is None:
         return default
     steps = (int(calib_steps),) * num_stages if isinstance(calib_steps, int) else tuple(int(s) for s in calib_steps)
@@ -210,10 +273,17 @@ def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: i
     return steps
 
 
-def resolve_prompts(prompts) -> tuple[list[CalibrationPrompt], dict]:
-    """None (the built-in set), a prompt file path, or a list of prompts / strings."""
+def resolve_calib_set(calib_set: str | None):
+    name = DEFAULT_CALIB_SET if calib_set is None else calib_set
+    if name not in CALIB_SETS:
+        raise UsageError(f"--calib-set: {name!r} is not one of {', '.join(CALIB_SETS)}")
+    return name, CALIB_SETS[name]
+
+
+def resolve_prompts(prompts, count: int | None = None) -> tuple[list[CalibrationPrompt], dict]:
+    """None (the first `count` built-in prompts, all if None), a prompt file path, or a list of prompts / strings."""
     if prompts is None:
-        return builtin_prompts(), {"source": "builtin"}
+        return builtin_prompts(count), {"source": "builtin", **({"count": count} if count is not None else {})}
     if isinstance(prompts, (str, os.PathLike)):
         path = Path(prompts)
         return read_prompt_file(path), {"source": str(path), "sha256": _file_sha256(path)}
@@ -235,6 +305,33 @@ def weight_amax(dit: torch.nn.Module) -> tuple[dict[str, float], dict[str, torch
     return per_tensor, per_channel
 
 
+def _progress_key(**arguments) -> str:
+    """sha256 of what decides a calibration's result: a progress file made with another key is not resumed."""
+    return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
+
+
+def _read_progress(path: Path, key: str, total: int, say: Callable[[str], None]) -> dict | None:
+    """The saved state to resume from, or None (and one line saying why when a file was there)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ok = data.get("format") == PROGRESS_FORMAT and isinstance(data.get("videos_done"), int)
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        say(f"calibration: {path} is unreadable; starting over")
+        return None
+    if data.get("key") != key:
+        say(f"calibration: {path} was made with other arguments (prompts, steps, seed, shape, weights or dtype); "
+            "starting over")
+        return None
+    if not 0 < data["videos_done"] < total:
+        return None
+    say(f"calibration: resuming after video {data['videos_done']} of {total} ({path})")
+    return data
+
+
 def calibrate(
     models,
     shape,
@@ -242,6 +339,7 @@ def calibrate(
     *,
     prompts=None,
     calib_steps: int | Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     preset_name: str | None = None,
     dtype: torch.dtype | None = None,
@@ -257,8 +355,12 @@ def calibrate(
     ExportShape. prompts: None for the built-in set (BUILTIN_PROMPTS), a
     prompt-file path, or a list. calib_steps: denoising steps per stage
     during calibration (fewer steps cover the same noise levels more
-    coarsely; default the preset's). seed: video i uses seed + i. dtype: the
-    torch backend's dtype (default: the DiT's). Returns the Calibration.
+    coarsely). calib_set: "small" (default) or "full" (prompts.CALIB_SETS),
+    the prompts and share of the preset's steps used where `prompts` /
+    `calib_steps` are not given. seed: video i uses seed + i. dtype: the
+    torch backend's dtype (default: the DiT's). Resumes from
+    BUILD/calibration/progress.json when it was made with the same
+    arguments. Returns the Calibration.
     """
     from tqdm.auto import tqdm
 
@@ -269,9 +371,10 @@ def calibrate(
     shape.validate()
     preset = models.preset
     preset_name = preset_name or preset.name
-    prompt_list, prompt_source = resolve_prompts(prompts)
+    set_name, calib_spec = resolve_calib_set(calib_set)
+    prompt_list, prompt_source = resolve_prompts(prompts, calib_spec.prompts)
     num_stages = len(shape.intervals)
-    steps = resolve_steps(calib_steps, preset, num_stages)
+    steps = resolve_steps(calib_steps, preset, num_stages, calib_spec.step_fraction)
     if models.tokenizer is None:
         raise UsageError("calibration runs whole generations and needs the tokenizer; give --checkpoints or --config")
     out_dir = Path(out_dir)
@@ -282,19 +385,35 @@ def calibrate(
     dtype = dtype or models.dit.dtype
     backend = TorchBackend(models, dtype=dtype, device=device)
     recorder = AmaxRecorder(backend.dit, num_stages)
+    progress_path = cal_dir / PROGRESS_FILE
+    key = _progress_key(preset=preset_name, shape=_shape_key(shape), dit_sha256=dit_sha, steps=list(steps),
+                        seed=seed, dtype=str(dtype), prompts=[p.as_dict() for p in prompt_list],
+                        prompt_source=prompt_source, layers=recorder.names, attention=recorder.attention_names)
+    from .cost import describe_projection
+
+    say(describe_projection(preset, models.dit.cfg, shape, steps, len(prompt_list), set_name))
+    saved = _read_progress(progress_path, key, len(prompt_list), say)
+    done, calls, per_video = 0, 0, []
+    if saved is not None:
+        recorder.restore(saved["amax"])
+        done, calls, per_video = saved["videos_done"], int(saved["dit_calls"]), list(saved["seconds_per_video"])
     t0 = time.perf_counter()
-    per_video = []
-    calls = 0
     try:
-        bar = tqdm(prompt_list, desc="calibrate", unit="video", disable=not progress, file=sys.stderr)
-        for i, prompt in enumerate(bar):
+        bar = tqdm(total=len(prompt_list), initial=done, desc="calibrate", unit="video", disable=not progress,
+                   file=sys.stderr)
+        for i in range(done, len(prompt_list)):
             raise_if_interrupted()
             v0 = time.perf_counter()
-            request = make_request(prompt, shape, preset, steps, seed + i)
+            request = make_request(prompt_list[i], shape, preset, steps, seed + i)
             result = generate(backend, models.tokenizer, request, progress=progress, keep_stages=False,
                               on_step_end=recorder.on_step_end)
             calls += result.dit_calls
             per_video.append(round(time.perf_counter() - v0, 3))
+            state = {"format": PROGRESS_FORMAT, "format_version": 1, "key": key, "videos_done": i + 1,
+                     "videos": len(prompt_list), "dit_calls": calls, "seconds_per_video": per_video,
+                     "amax": recorder.state()}
+            _write_atomic(progress_path, (json.dumps(state) + "\n").encode())
+            bar.update(1)
         bar.close()
     finally:
         recorder.remove()
@@ -308,6 +427,13 @@ def calibrate(
             "input_amax_per_stage": per_stage,
             "weight_amax": w_tensor[name],
         }
+    attention = {}
+    for name in recorder.attention_names:
+        rec = {}
+        for which, per_stage in recorder.attention_amax[name].items():
+            rec[f"{which}_amax"] = max(per_stage)
+            rec[f"{which}_amax_per_stage"] = per_stage
+        attention[name] = rec
     from safetensors.torch import save
 
     weight_bytes = save(w_channel)
@@ -325,6 +451,7 @@ def calibrate(
         "settings": {
             "steps_per_stage": list(steps),
             "calib_steps": calib_steps if calib_steps is None or isinstance(calib_steps, int) else list(calib_steps),
+            "calib_set": set_name,
             "preset_steps_per_stage": list(d.steps_per_stage[:num_stages]),
             "shift_per_stage": list(d.shift_per_stage[:num_stages]),
             "guidance_scale": d.guidance_scale,
@@ -338,15 +465,19 @@ def calibrate(
         "dit_calls": calls,
         "seconds": round(seconds, 2),
         "seconds_per_video": per_video,
+        "resumed_after_video": done,
         "quantized_linears": list(BLOCK_LINEARS),
         "weight_amax_file": {"file": WEIGHT_AMAX_FILE, "sha256": hashlib.sha256(weight_bytes).hexdigest()},
         "layers": layers,
+        "attention_kinds": list(ATTENTION_KINDS),
+        "attention": attention,
     }
     amax_path = cal_dir / AMAX_FILE
     _write_atomic(amax_path, (json.dumps(data, indent=1) + "\n").encode())
+    progress_path.unlink(missing_ok=True)  # ours: written above, complete now
     calibration = Calibration(data, amax_path)
     say(f"calibration: {len(prompt_list)} videos, {calls} DiT calls, {seconds:.1f}s "
-        f"({seconds / max(1, len(prompt_list)):.1f}s per video) -> {amax_path}")
+        f"({seconds / max(1, len(prompt_list) - done):.1f}s per video) -> {amax_path}")
     if report:
         from .report import format_report, quality_report
 

@@ -8,8 +8,12 @@
    `calibrate=False`), refused when it was made for another preset, shape
    or DiT weights;
 2. the DiT's block Linears become `fp8.FP8Linear` layers, one at a time (the
-   high-precision weight of a layer is dropped once its FP8 copy exists), the
-   rest of the DiT stays in the base dtype (bf16, or fp16; fp32 for the twin);
+   high-precision weight of a layer is dropped once its FP8 copy exists), and
+   the q, k, v of every self-attention (`attention=True`, the default) and of
+   every cross-attention (`cross_attention=True`, off by default: over 512
+   text tokens it is ~1% of the attention FLOPs at 480x832) get FP8 Q/DQ
+   (`fp8.FP8Attention`); the rest of the DiT stays in the base dtype (bf16,
+   or fp16; fp32 for the twin);
 3. `export.build.export_onnx` exports that DiT (custom ops -> Q/DQ nodes) and
    the VAE / umT5 graphs at the base precision, and writes the manifest with
    "precision": "fp8", an "fp8" section, and the calibration files hashed
@@ -31,7 +35,7 @@ from ..errors import UsageError
 from .collect import AMAX_FILE, CALIBRATION_DIR, REPORT_FILE, WEIGHT_AMAX_FILE, Calibration, calibrate, \
     dit_weights_sha256, load_calibration
 from .fp8 import BASE_PRECISIONS, BLOCK_LINEARS, ONNX_TRANSLATIONS, WEIGHT_SCALES, parse_skip_blocks, \
-    quantizable_layers, quantize_dit, block_of
+    quantizable_layers, quantize_dit, block_of, attention_modules
 
 FP8_BASES = ("bf16", "fp16")
 
@@ -61,6 +65,11 @@ def resolve_calibration(
     return cal
 
 
+def attention_kinds(attention: bool, cross_attention: bool) -> tuple[str, ...]:
+    """--fp8-attention / --fp8-cross-attention -> the attentions quantize_dit makes FP8."""
+    return (("self_attn",) if attention else ()) + (("cross_attn",) if cross_attention else ())
+
+
 def _calibration_files(cal: Calibration) -> dict[str, bytes]:
     folder = cal.path.parent
     files = {}
@@ -79,6 +88,7 @@ def export_fp8_onnx(
     calibrate_now: bool = True,
     calib_prompts=None,
     calib_steps: int | Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report: bool = True,
     report_prompts: int = 4,
@@ -87,6 +97,8 @@ def export_fp8_onnx(
     base: str = "bf16",
     weight_scale: str = "tensor",
     skip_blocks: str | Iterable[int] | None = None,
+    attention: bool = True,
+    cross_attention: bool = False,
     twin: bool = False,
     opset: int = 23,
     t5_precision: str | None = None,
@@ -105,7 +117,9 @@ def export_fp8_onnx(
     fp32-based twin of the `base` graph instead (same scales, rounded to
     `base`, and FP8 weights; fp32 elsewhere). weight_scale: "tensor" |
     "channel". skip_blocks: blocks kept out of FP8 ("0,29", "0-2", ints,
-    negative = from the end). copy=False quantizes `models.dit` in place,
+    negative = from the end). attention / cross_attention: FP8 q, k, v for
+    the self- / cross-attentions (needs a calibration with an "attention"
+    section). copy=False quantizes `models.dit` in place,
     layer by layer (what a 14B export needs). Returns the manifest.
     """
     from ..export.build import export_onnx
@@ -140,11 +154,19 @@ def export_fp8_onnx(
     if wanted is None or "dit" in wanted:
         cal = resolve_calibration(
             models, shape, out_dir, calibration=calibration, calibrate_now=calibrate_now, preset_name=preset_name,
-            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, seed=seed, report=report,
+            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, calib_set=calib_set, seed=seed,
+                                  report=report,
                                   report_prompts=report_prompts, dtype=calib_dtype, device=device,
                                   progress=progress, log=log),
         )
     per_channel = cal.per_channel() if cal is not None and weight_scale == "channel" else None
+    kinds = attention_kinds(attention, cross_attention)
+    attention_amax = None
+    if cal is not None and kinds:
+        if not cal.has_attention:
+            raise UsageError(f"{cal.path}: no \"attention\" section (made before FP8 attention); run tm-export "
+                             "calibrate again, or give --fp8-attention off")
+        attention_amax = cal.attention_table()
     dtype = BASE_PRECISIONS[base]
     t5_precision = t5_precision or T5_PRECISION_FOR[base]
     quantized = [n for n in quantizable_layers(num_layers) if block_of(n) not in set(skip)]
@@ -157,6 +179,12 @@ def export_fp8_onnx(
         "skip_blocks": list(skip),
         "quantized_linears": list(BLOCK_LINEARS),
         "quantized_layers": len(quantized),
+        "attention": {
+            "self": "self_attn" in kinds,
+            "cross": "cross_attn" in kinds,
+            "quantized": [n for n in attention_modules(num_layers, kinds) if block_of(n) not in set(skip)],
+            "inputs": "q, k, v: per-tensor amax/448 Q/DQ feeding the Attention node; softmax output in the base dtype",
+        },
         "activation_scale": "per-tensor amax/448",
         "weight_dtype": "float8e4m3fn",
     }
@@ -164,7 +192,7 @@ def export_fp8_onnx(
 
     def dit_fp8_specs():
         q = quantize_dit(models.dit, cal.layer_table(), dtype, weight_scale, skip, per_channel, copy=copy,
-                         scale_dtype=scale_dtype)
+                         scale_dtype=scale_dtype, attention=attention_amax, attention_kinds=kinds)
         if not copy:
             models.dit = q
         spec = dit_spec(q, base, shape, text_len=text_len, copy=False)
@@ -236,6 +264,7 @@ def calibrate_build(
     intervals: Sequence[int] | None = None,
     prompts: Path | None = None,
     calib_steps: Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report_prompts: int = 4,
     dtype: str = "fp32",
@@ -249,7 +278,7 @@ def calibrate_build(
                                       height=height, width=width, num_frames=num_frames, intervals=intervals,
                                       precision=dtype, t5_precision="fp32" if dtype == "fp32" else "bf16")
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
-    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, seed=seed,
+    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, calib_set=calib_set, seed=seed,
                      report=report_prompts > 0, report_prompts=report_prompts, progress=progress)
 
 
@@ -271,11 +300,14 @@ def fp8_build(
     calibrate_now: bool = True,
     prompts: Path | None = None,
     calib_steps: Sequence[int] | None = None,
+    calib_set: str | None = None,
     seed: int = 0,
     report_prompts: int = 4,
     base: str = "bf16",
     weight_scale: str = "tensor",
     skip_blocks: str | None = None,
+    attention: bool = True,
+    cross_attention: bool = False,
     twin: bool = False,
     progress: bool = True,
     extra: dict | None = None,
@@ -299,8 +331,10 @@ def fp8_build(
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
     return export_fp8_onnx(
         models, shape, out, calibration=calibration, calibrate_now=calibrate_now, calib_prompts=prompts,
-        calib_steps=steps, seed=seed, report=report_prompts > 0, report_prompts=report_prompts, base=base,
-        weight_scale=weight_scale, skip_blocks=skip_blocks, twin=twin, opset=opset, t5_precision=t5_precision,
+        calib_steps=steps, calib_set=calib_set, seed=seed, report=report_prompts > 0, report_prompts=report_prompts,
+        base=base,
+        weight_scale=weight_scale, skip_blocks=skip_blocks, attention=attention, cross_attention=cross_attention,
+        twin=twin, opset=opset, t5_precision=t5_precision,
         graphs=graphs, progress=progress, copy=False, extra={"random_weights": False, **(extra or {})},
         log=(print if progress else None),
     )

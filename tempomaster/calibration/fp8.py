@@ -39,6 +39,10 @@ BLOCK_LINEARS = (
     "ffn.0", "ffn.2",
 )
 WEIGHT_SCALES = ("tensor", "channel")
+# The attentions of each block whose inputs (q, k, v) can be FP8: the module
+# `models.dit.ScaledDotProductAttention` at blocks.N.<kind>.attn.
+ATTENTION_KINDS = ("self_attn", "cross_attn")
+ATTENTION_INPUTS = ("q", "k", "v")
 BASE_PRECISIONS = PRECISION_DTYPES  # the 16/32-bit dtype an fp8 build keeps outside its Q/DQ
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -47,6 +51,11 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 def quantizable_layers(num_layers: int) -> list[str]:
     """Module names (relative to the DiT) of every block Linear, in execution order."""
     return [f"blocks.{b}.{name}" for b in range(num_layers) for name in BLOCK_LINEARS]
+
+
+def attention_modules(num_layers: int, kinds: Sequence[str] = ATTENTION_KINDS) -> list[str]:
+    """Names (relative to the DiT) of the attentions of `kinds` ("self_attn", "cross_attn"), "blocks.N.<kind>"."""
+    return [f"blocks.{b}.{kind}" for b in range(num_layers) for kind in ATTENTION_KINDS if kind in kinds]
 
 
 def block_of(layer: str) -> int:
@@ -226,6 +235,58 @@ class FP8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight_scale={kind}, dtype={self.input_scale.dtype}"
 
 
+class FP8Attention(nn.Module):
+    """Attention with FP8 (E4M3) q, k and v: one per-tensor scale each, amax / 448.
+
+    Replaces `models.dit.ScaledDotProductAttention` (same [B, L, heads, dim]
+    interface). The quantize/dequantize pair sits after the transpose to
+    [B, heads, L, dim], so in the graph each DequantizeLinear feeds the ONNX
+    `Attention` node directly.
+
+    Why Q/DQ around the `Attention` node and not ModelOpt's decomposed
+    pattern: TensorRT documents two ways to a fused attention (docs "Fused
+    Attention", TensorRT 11.5: method 1, the IAttention layer, recommended;
+    method 2, MatMul-Softmax-MatMul that the builder must recognise). The
+    ONNX parser maps `Attention` (opset 23) to IAttention (onnx-tensorrt
+    onnxOpImporters.cpp, DEFINE_BUILTIN_OP_IMPORTER(Attention)); ModelOpt's
+    FP8 export instead decomposes attention and adds a fixed 1/448 Q/DQ on the
+    softmax output for the "MHA v2" fusion (NVIDIA/Model-Optimizer PR 1289,
+    modelopt/onnx/export/fp8_exporter.py). With 43,680 tokens per chunk a
+    decomposed graph that the builder does not fuse materialises
+    B x 40 heads x 43,680^2 scores (~150 GB in bf16 per sequence at 14B):
+    unbuildable, whereas IAttention stays one fused kernel whatever its input
+    precision. What the standard `Attention` importer cannot express is the
+    softmax-output (normalization) quantize scale; TensorRT's custom op
+    `TRT_QuantizedAttention` (Attention-23 plus a 5th input,
+    normalization_quantize_scale, onnx-tensorrt docs/TRT_custom_ops.md) does.
+    This graph quantizes q, k and v only, which onnxruntime can run and check;
+    the softmax output stays in the base precision.
+    """
+
+    def __init__(self, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("q_scale", q_scale)
+        self.register_buffer("k_scale", k_scale)
+        self.register_buffer("v_scale", v_scale)
+
+    @classmethod
+    def from_amax(cls, amax: Mapping[str, float], dtype: torch.dtype,
+                  scale_dtype: torch.dtype | None = None) -> "FP8Attention":
+        """amax: {"q": float, "k": float, "v": float}; scales rounded to `scale_dtype` (default `dtype`)."""
+        rounding = scale_dtype or dtype
+        scales = [scale_from_amax(float(amax[n]), rounding).to(dtype) for n in ATTENTION_INPUTS]
+        return cls(*scales)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = fp8_qdq(q.transpose(1, 2), self.q_scale)
+        k = fp8_qdq(k.transpose(1, 2), self.k_scale)
+        v = fp8_qdq(v.transpose(1, 2), self.v_scale)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"q/k/v FP8 per-tensor, dtype={self.q_scale.dtype}"
+
+
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parts = name.split(".")
     mod = root
@@ -251,8 +312,14 @@ def quantize_dit(
     per_channel: Mapping[str, torch.Tensor] | None = None,
     copy: bool = True,
     scale_dtype: torch.dtype | None = None,
+    attention: Mapping[str, Mapping[str, float]] | None = None,
+    attention_kinds: Sequence[str] = (),
 ) -> nn.Module:
     """The DiT with every block Linear (outside `skip_blocks`) replaced by an FP8Linear.
+
+    attention_kinds: the attentions ("self_attn", "cross_attn") whose q, k, v
+    become FP8 too (`FP8Attention`), with amax from `attention`:
+    "blocks.N.<kind>" -> {"q", "k", "v"} (the calibration's attention_table).
 
     layers: name -> {"input_amax": float, "weight_amax": float} (amax.json's
     "layers"). per_channel: name -> [out] weight amax, needed for
@@ -285,6 +352,16 @@ def quantize_dit(
             w_amax = torch.tensor(float(rec["weight_amax"]))
         _set_child(parent, attr, FP8Linear.from_linear(linear, float(rec["input_amax"]), w_amax, dtype, scale_dtype))
         del linear
+    unknown = set(attention_kinds) - set(ATTENTION_KINDS)
+    if unknown:
+        raise ValueError(f"attention_kinds: {sorted(unknown)} not among {ATTENTION_KINDS}")
+    for name in attention_modules(len(model.blocks), attention_kinds):
+        if block_of(name) in skip:
+            continue
+        if attention is None or name not in attention:
+            raise KeyError(f"the calibration has no q/k/v amax for {name}")
+        module = model.get_submodule(name)
+        module.attn = FP8Attention.from_amax(attention[name], dtype, scale_dtype)
     # Everything left (embeddings, modulation, norms, head, skipped blocks) in the high precision.
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
@@ -298,3 +375,7 @@ def quantize_dit(
 
 def fp8_layers(model: nn.Module) -> dict[str, FP8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def fp8_attentions(model: nn.Module) -> dict[str, FP8Attention]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Attention)}

@@ -73,6 +73,28 @@ HELD_OUT_PROMPTS = (
 
 
 @dataclass(frozen=True)
+class CalibrationSet:
+    """`--calib-set`: how many of the built-in prompts, and what share of the preset's steps per stage."""
+
+    prompts: int
+    step_fraction: float
+
+
+# Chosen from benchmarks/calibration_convergence.py (results/calibration_convergence.json):
+# "small" is the smallest set whose scales stay within CALIB_TOLERANCE of "full" on the toy
+# and the tiny preset, and whose projected cost on tempomaster-14b at 480x832 is under one
+# GPU-hour (calibration.cost). "full" is the 36-video, full-step calibration.
+CALIB_SETS = {
+    "small": CalibrationSet(prompts=4, step_fraction=0.25),
+    "full": CalibrationSet(prompts=len(BUILTIN_PROMPTS), step_fraction=1.0),
+}
+DEFAULT_CALIB_SET = "small"
+# A scale within 1/8 of the full run's moves no value by more than one E4M3 step
+# (3 mantissa bits); the all-FP8 velocity error may grow by at most a tenth.
+CALIB_TOLERANCE = {"max_rel_amax_change": 0.125, "velocity_error_growth": 0.10}
+
+
+@dataclass(frozen=True)
 class CalibrationPrompt:
     prompt: str
     images: dict[int, Path] = field(default_factory=dict)  # stage-0 frame -> image file

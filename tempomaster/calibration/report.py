@@ -1,9 +1,12 @@
 """The FP8 quality report: how far the fake-quantized DiT moves from the unquantized one.
 
-On held-out prompts (never used for calibration), for two sets of scales
-taken from the same calibration run: `all_stages` (the amax over the whole
-next-frame-rate trajectory, what the export uses) and `stage0_only` (the
-amax over stage 0 alone, what a single-stage generic recipe would give):
+On held-out prompts (never used for calibration), for scales taken from the
+same calibration run: `all_stages` (FP8 Linears, the amax over the whole
+next-frame-rate trajectory), `stage0_only` (FP8 Linears, the amax over stage
+0 alone, what a single-stage generic recipe would give) and, when the
+calibration recorded the attentions' inputs, `all_fp8` (FP8 Linears and FP8
+q, k, v into every self-attention, all-stage amax: what the export builds by
+default):
 
 - per stage and step, the relative error ||v_fp8 - v|| / ||v|| of the FP8
   velocity against the unquantized velocity on the same inputs (the
@@ -25,7 +28,8 @@ import torch
 
 from ..interrupts import raise_if_interrupted
 
-VARIANTS = ("all_stages", "stage0_only")
+VARIANTS = ("all_stages", "stage0_only", "all_fp8")
+VARIANT_TITLES = {"all_stages": "FP8 Linears", "stage0_only": "stage 0 only", "all_fp8": "all FP8"}
 PSNR_CAP_DB = 100.0
 
 
@@ -84,8 +88,13 @@ def quality_report(
         raise ValueError("no held-out prompts left for the quality report")
     tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
     qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype) for k, t in tables.items()}
-    errors = {k: [[[] for _ in range(n)] for n in steps] for k in VARIANTS}
-    psnrs = {k: [] for k in VARIANTS}
+    if calibration.has_attention:
+        qdits["all_fp8"] = quantize_dit(backend.dit, tables["all_stages"], dtype, "tensor", skip_blocks, copy=True,
+                                        scale_dtype=scale_dtype, attention=calibration.attention_table(),
+                                        attention_kinds=("self_attn",))
+    variants_run = [k for k in VARIANTS if k in qdits]
+    errors = {k: [[[] for _ in range(n)] for n in steps] for k in variants_run}
+    psnrs = {k: [] for k in variants_run}
     measures = {}
     t0 = time.perf_counter()
     bar = tqdm(held, desc="quality report", unit="video", disable=not progress)
@@ -109,7 +118,7 @@ def quality_report(
                 measures[prompt][k] = measure(prompt, run)
     bar.close()
     variants = {}
-    for k in VARIANTS:
+    for k in variants_run:
         per_step = [
             [{"mean": sum(e) / len(e), "max": max(e)} for e in stage_errors] for stage_errors in errors[k]
         ]
@@ -140,20 +149,25 @@ def quality_report(
 
 
 def format_report(report: dict) -> str:
-    """A readable table of the report."""
-    a, b = (report["variants"][k] for k in VARIANTS)
+    """A readable table of the report: one column per variant (FP8 Linears, stage 0 only, all FP8)."""
+    names = [k for k in VARIANTS if k in report["variants"]]
+    cols = [report["variants"][k] for k in names]
+
+    def row(label: str, values, fmt: str) -> str:
+        return f"  {label:>10}" + "".join(f"  {v:>12{fmt}}" for v in values)
+
     lines = [
         f"FP8 quality report: {len(report['prompts'])} held-out prompt(s), steps {','.join(map(str, report['steps_per_stage']))}, "
         f"{report['dtype']} base",
         "velocity relative error ||v_fp8 - v|| / ||v|| (mean over prompts)",
-        f"  {'stage':>5} {'step':>4}  {'all stages':>12}  {'stage 0 only':>12}",
+        f"  {'stage':>5} {'step':>4}" + "".join(f"  {VARIANT_TITLES[k]:>12}" for k in names),
     ]
-    for s, (ra, rb) in enumerate(zip(a["velocity_rel_error"], b["velocity_rel_error"])):
-        for t, (ea, eb) in enumerate(zip(ra, rb)):
-            lines.append(f"  {s:>5} {t:>4}  {ea['mean']:>12.5f}  {eb['mean']:>12.5f}")
-    lines.append(f"  {'mean':>10}  {a['velocity_rel_error_mean']:>12.5f}  {b['velocity_rel_error_mean']:>12.5f}")
-    lines.append(f"  {'max':>10}  {a['velocity_rel_error_max']:>12.5f}  {b['velocity_rel_error_max']:>12.5f}")
+    for s, per_stage in enumerate(cols[0]["velocity_rel_error"]):
+        for t in range(len(per_stage)):
+            lines.append(f"  {s:>5} {t:>4}" + "".join(f"  {c['velocity_rel_error'][s][t]['mean']:>12.5f}" for c in cols))
+    lines.append(row("mean", [c["velocity_rel_error_mean"] for c in cols], ".5f"))
+    lines.append(row("max", [c["velocity_rel_error_max"] for c in cols], ".5f"))
     lines.append("final-frame PSNR vs unquantized (dB, same seed)")
-    lines.append(f"  {'mean':>10}  {a['psnr_db_mean']:>12.2f}  {b['psnr_db_mean']:>12.2f}")
-    lines.append(f"  {'min':>10}  {a['psnr_db_min']:>12.2f}  {b['psnr_db_min']:>12.2f}")
+    lines.append(row("mean", [c["psnr_db_mean"] for c in cols], ".2f"))
+    lines.append(row("min", [c["psnr_db_min"] for c in cols], ".2f"))
     return "\n".join(lines)

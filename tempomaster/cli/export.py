@@ -35,8 +35,11 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="calibration prompts, one per line (# comments; FRAME:PATH[,FRAME:PATH]|prompt adds reference "
                         "images); default: the 36 built-in prompts")
     p.add_argument("--calib-steps", type=number_list("--calib-steps", int, "10 or 10,6,6"), metavar="N|N,N,N",
-                   help="denoising steps per stage while calibrating (default: the preset's); fewer steps cover the "
-                        "same noise levels more coarsely")
+                   help="denoising steps per stage while calibrating (default: the --calib-set's share of the "
+                        "preset's); fewer steps cover the same noise levels more coarsely")
+    p.add_argument("--calib-set", choices=["small", "full"], default="small",
+                   help="small (default): 4 built-in prompts at a quarter of the preset's steps, within 1/8 of the "
+                        "full set's scales (benchmarks/calibration_convergence.py); full: all 36 at every step")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0, help="calibration video i uses seed + i (default 0)")
     p.add_argument("--report-prompts", type=bounded_int(0), default=4,
                    help="held-out prompts for the FP8 quality report (0: no report; default 4)")
@@ -50,6 +53,11 @@ def _add_fp8_flags(p: argparse.ArgumentParser) -> None:
                    help="--precision fp8: one scale per weight tensor (TensorRT's documented FP8 GEMM fusion) or per output channel")
     p.add_argument("--fp8-skip-blocks", metavar="LIST",
                    help="--precision fp8: transformer blocks kept in high precision, e.g. 0,1,28-29 (negative: from the end)")
+    p.add_argument("--fp8-attention", choices=["on", "off"], default="on",
+                   help="--precision fp8: FP8 q, k, v (calibrated Q/DQ) into every self-attention (default on)")
+    p.add_argument("--fp8-cross-attention", choices=["on", "off"], default="off",
+                   help="--precision fp8: FP8 q, k, v into every cross-attention too (default off: over 512 text "
+                        "tokens it is ~1%% of the attention FLOPs at 480x832)")
     p.add_argument("--fp8-twin", action="store_true",
                    help="--precision fp8: an fp32-based twin (same Q/DQ and scales) that onnxruntime's CPU provider can run")
     p.add_argument("--no-calibrate", action="store_true",
@@ -69,14 +77,22 @@ def _fp8_options(args) -> dict | None:
         given = [f"--{k.replace('_', '-')}" for k in FP8_ONLY if getattr(args, k) not in (None, False, "tensor")]
         if args.fp8_base != "bf16":
             given.append("--fp8-base")
+        if args.calib_set != "small":
+            given.append("--calib-set")
+        if args.fp8_attention != "on":
+            given.append("--fp8-attention")
+        if args.fp8_cross_attention != "off":
+            given.append("--fp8-cross-attention")
         if given:
             raise UsageError(f"{', '.join(given)}: only with --precision fp8")
         return None
     if args.tile:
         raise UsageError("--tile with --precision fp8: the fp8 export has no tiled VAE graphs yet; use a bf16 build for --tile")
     return dict(calibration=args.calibration, calibrate_now=not args.no_calibrate, prompts=args.calib_prompts,
-                calib_steps=args.calib_steps, seed=args.seed, report_prompts=args.report_prompts, base=args.fp8_base,
-                weight_scale=args.fp8_weight_scale, skip_blocks=args.fp8_skip_blocks, twin=args.fp8_twin)
+                calib_steps=args.calib_steps, calib_set=args.calib_set, seed=args.seed,
+                report_prompts=args.report_prompts, base=args.fp8_base,
+                weight_scale=args.fp8_weight_scale, skip_blocks=args.fp8_skip_blocks, twin=args.fp8_twin,
+                attention=args.fp8_attention == "on", cross_attention=args.fp8_cross_attention == "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the DiT without torch.compile (slower; compiling needs a C++ compiler, and falls back to this without one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("inspect", help="load all three models and print their sizes; with BUILD, its TensorRT plans' FP8 layers")
+    p = sub.add_parser("inspect", help="load all three models and print their sizes; with BUILD, its DiT's FLOPs (FP8 "
+                                       "and 16-bit) and, when it has plans, each plan's FP8 layers")
     p.add_argument("build", nargs="?", type=Path, metavar="BUILD",
-                   help="a tm-export build with plans: which FP8-quantized layers each plan runs in FP8 (engine inspector)")
+                   help="a tm-export build: the FLOPs of one DiT call split into FP8 and 16-bit, read off dit.onnx, and "
+                        "which FP8-quantized layers each TensorRT plan runs in FP8 (engine inspector)")
     add_model_source(p)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
 
@@ -204,9 +222,35 @@ def _inspect_plans(build: Path) -> int:
     return 0
 
 
+def _inspect_build(build: Path) -> int:
+    """The DiT's FLOPs split into FP8 and 16-bit (from dit.onnx), then each TensorRT plan's FP8 layers if it has plans."""
+    from ..engines.manifest import load_manifest
+    from ..engines.plans import engines_section
+    from ..errors import UsageError
+    from ..export.flops import format_flops, format_flops_split, graph_flops_split
+
+    manifest = load_manifest(build)
+    graph = manifest.graphs.get("dit")
+    has_dit = graph is not None and "latent_frames" in graph.get("meta", {}) and manifest.path("dit").is_file()
+    has_plans = engines_section(manifest) is not None
+    if not has_dit and not has_plans:
+        raise UsageError(f"{build}: the build has neither a DiT graph nor TensorRT plans to inspect")
+    if has_dit:
+        meta = graph["meta"]
+        print(f"{build}: precision {manifest.precision}, DiT at {meta['latent_height'] * 8}x{meta['latent_width'] * 8}")
+        for frames, tokens in zip(meta["latent_frames"], meta["tokens_per_chunk"]):
+            split = graph_flops_split(manifest.path("dit"), {"batch": 1, "frames": frames})
+            print(f"  one sequence, {frames} latent frames ({tokens} tokens): {format_flops_split(split)}")
+            print(f"    linear: FP8 {format_flops(split['linear_fp8'])}, 16-bit {format_flops(split['linear_high_precision'])}; "
+                  f"attention: FP8 {format_flops(split['attention_fp8'])}, 16-bit "
+                  f"{format_flops(split['attention_high_precision'])} (softmax x V is 16-bit: the graph leaves the "
+                  "softmax output unquantized)")
+    return _inspect_plans(build) if has_plans else 0
+
+
 def _inspect(args) -> int:
     if args.build is not None:
-        return _inspect_plans(args.build)
+        return _inspect_build(args.build)
 
     from ..dtypes import PRECISION_DTYPES
     from ..models.sources import load_model_set
@@ -310,7 +354,8 @@ def _calibrate(args) -> int:
     cal = calibrate_build(
         args.out, preset=args.preset, checkpoints=args.checkpoints, config=args.config, height=args.height,
         width=args.width, num_frames=args.num_frames, intervals=args.intervals, prompts=args.calib_prompts,
-        calib_steps=args.calib_steps, seed=args.seed, report_prompts=args.report_prompts, dtype=args.calib_dtype,
+        calib_steps=args.calib_steps, calib_set=args.calib_set, seed=args.seed, report_prompts=args.report_prompts,
+        dtype=args.calib_dtype,
         progress=not args.no_progress,
     )
     print(f"calibration written to {cal.path} ({len(cal.data['prompts'])} videos)")

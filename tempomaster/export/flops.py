@@ -137,3 +137,118 @@ def dit_flops(cfg, batch: int, latent_frames: int, latent_height: int, latent_wi
         "total": linear_total + attention_total,
         "tokens": tokens,
     }
+
+
+# ----------------------------------------------------------------------------
+# FP8 and 16-bit shares
+# ----------------------------------------------------------------------------
+
+def _fp8_operands(proto) -> set[str]:
+    """Tensors that are the output of a DequantizeLinear of FP8 data (an FP8 initializer or a QuantizeLinear to FP8)."""
+    import onnx
+
+    fp8_inits = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    zero_points = {}
+    for node in proto.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zero_points[node.output[0]] = node.input[2]
+    out = set()
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        src = node.input[0]
+        if src in fp8_inits or zero_points.get(src) in fp8_inits:
+            out.add(node.output[0])
+    return out
+
+
+def graph_flops_split(model, symbols: Mapping[str, int] | None = None) -> dict[str, int]:
+    """One call's FLOPs split by the precision of their operands: {"fp8", "high_precision", "total"} (+ per kind).
+
+    A MatMul/Gemm counts as FP8 when both its inputs are DequantizeLinear
+    outputs of FP8 data (the Q/DQ GEMM TensorRT fuses). An Attention node is
+    two matrix products: softmax(Q K^T) counts as FP8 when Q and K are, the
+    product with V only when V is FP8 and so is the softmax output, which the
+    standard `Attention` node cannot quantize: in these graphs it is 16-bit.
+    """
+    proto = _load(model)
+    table = _shape_table(proto, dict(symbols or {}))
+    fp8 = _fp8_operands(proto)
+
+    def shape(name: str) -> list[int]:
+        dims = table.get(name)
+        if dims is None:
+            raise ValueError(f"no static shape for tensor {name!r}: give its symbols (e.g. batch=2)")
+        return dims
+
+    out: dict[str, int] = defaultdict(int)
+    for node in proto.graph.node:
+        op = node.op_type
+        if op not in COUNTED_OPS:
+            continue
+        if op == "Attention":
+            q, k, v = (shape(n) for n in node.input[:3])
+            total = _attention_flops(node, shape)
+            dqk = q[-1] if len(q) == 4 else None
+            dv = v[-1] if len(v) == 4 else None
+            qk = total * dqk // (dqk + dv) if dqk is not None else total // 2
+            pv = total - qk
+            qk_fp8 = node.input[0] in fp8 and node.input[1] in fp8
+            out["attention_fp8" if qk_fp8 else "attention_high_precision"] += qk
+            out["attention_high_precision"] += pv
+            continue
+        flops = graph_flops_node(node, shape)
+        both_fp8 = op in ("MatMul", "Gemm") and node.input[0] in fp8 and node.input[1] in fp8
+        out["linear_fp8" if both_fp8 else "linear_high_precision"] += flops
+    out["fp8"] = out["linear_fp8"] + out["attention_fp8"]
+    out["high_precision"] = out["linear_high_precision"] + out["attention_high_precision"]
+    out["total"] = out["fp8"] + out["high_precision"]
+    return dict(out)
+
+
+def graph_flops_node(node, shape) -> int:
+    """FLOPs of one MatMul, Gemm or Conv node (2 per multiply-add)."""
+    y = shape(node.output[0])
+    if node.op_type == "MatMul":
+        return 2 * math.prod(y) * shape(node.input[0])[-1]
+    if node.op_type == "Gemm":
+        a = shape(node.input[0])
+        return 2 * math.prod(y) * (a[0] if _attr(node, "transA") else a[1])
+    if node.op_type == "Conv":
+        return 2 * math.prod(y) * math.prod(shape(node.input[1])[1:])
+    raise ValueError(f"{node.op_type} is not a MatMul, Gemm or Conv")
+
+
+def dit_flops_split(cfg, batch: int, latent_frames: int, latent_height: int, latent_width: int, text_len: int = 512,
+                    *, fp8_linears: bool = True, self_attention: bool = True, cross_attention: bool = False,
+                    skip_blocks: int = 0) -> dict[str, int]:
+    """`dit_flops` split into FP8 and 16-bit the way `graph_flops_split` reads an fp8 graph.
+
+    FP8: the block Linears (outside `skip_blocks` blocks) and the Q K^T product
+    of the quantized attentions; 16-bit: embeddings, head, the softmax x V
+    product, unquantized attentions and skipped blocks.
+    """
+    pt, ph, pw = cfg.patch_size
+    b, d, f, t = batch, cfg.dim, cfg.ffn_dim, text_len
+    tokens = (latent_frames // pt) * (latent_height // ph) * (latent_width // pw)
+    total = dit_flops(cfg, batch, latent_frames, latent_height, latent_width, text_len)
+    layers = cfg.num_layers - skip_blocks
+    block_linear = 2 * b * (6 * tokens * d * d + 2 * t * d * d + 2 * tokens * d * f)
+    self_qk = 2 * b * tokens * tokens * d  # Q K^T of self-attention (all heads)
+    cross_qk = 2 * b * tokens * t * d
+    fp8 = layers * ((block_linear if fp8_linears else 0) + (self_qk if self_attention else 0)
+                    + (cross_qk if cross_attention else 0))
+    return {"fp8": fp8, "high_precision": total["total"] - fp8, "total": total["total"], "tokens": tokens}
+
+
+def format_flops(flops: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= size:
+            return f"{flops / size:.3f} {unit}"
+    return f"{flops / 1e6:.3f} MFLOP"
+
+
+def format_flops_split(split: Mapping[str, int]) -> str:
+    share = split["fp8"] / split["total"] if split["total"] else 0.0
+    return (f"{format_flops(split['total'])} per call: FP8 {format_flops(split['fp8'])} ({share:.1%}), "
+            f"16-bit {format_flops(split['high_precision'])} ({1 - share:.1%})")

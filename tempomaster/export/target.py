@@ -35,6 +35,8 @@ from ..build_format import (
     CALIBRATION_DIR,
     CALIBRATION_FILE,
     CALIBRATION_FORMAT,
+    CALIBRATION_PROGRESS_FILE,
+    CALIBRATION_PROGRESS_FORMAT,
     FORMAT,
     MANIFEST_FILE,
 )
@@ -99,6 +101,9 @@ def check_replaceable(out_dir: Path) -> None:
     if entries == [CALIBRATION_DIR]:
         why = _read_own_json(out_dir / CALIBRATION_DIR / CALIBRATION_FILE, CALIBRATION_FORMAT)
         if why is None:
+            return
+        # a calibration that was stopped before its amax.json: its progress file (resumed by the rerun)
+        if _read_own_json(out_dir / CALIBRATION_DIR / CALIBRATION_PROGRESS_FILE, CALIBRATION_PROGRESS_FORMAT) is None:
             return
         raise UsageError(f"--out: {out_dir / CALIBRATION_DIR / CALIBRATION_FILE} {why}: {out_dir} is not a "
                          "tm-export calibration folder; refusing to replace it; give a new or build directory")

@@ -153,12 +153,27 @@ def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).type_as(x)
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(head_dim)) v over [B, L, heads, head_dim] inputs, [B, L, heads, head_dim] out.
+
+    A module of its own (no parameters, so checkpoints are unchanged) because
+    it is where the attention's inputs can be seen and replaced: calibration
+    records the amax of q, k and v with a pre-hook on it, and the FP8 export
+    swaps it for `calibration.fp8.FP8Attention`, which quantizes all three.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+
 class _Attention(nn.Module):
     """q/k/v/o projections with RMSNorm over the whole width on q and k."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.attn = ScaledDotProductAttention()
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -172,8 +187,7 @@ class _Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # [B, L, heads, head_dim] each -> [B, L, dim] through o
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).flatten(2))
+        return self.o(self.attn(q, k, v).flatten(2))
 
 
 class SelfAttention(_Attention):
@@ -188,8 +202,7 @@ class SelfAttention(_Attention):
         # The norms (over the whole width) and RoPE are per token: done on the token shard.
         # Attention needs every token: swap to a head shard, attend, swap back.
         q, k, v = sp.tokens_to_heads(torch.stack([q, k, v]), sp.tokens).unbind(0)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = sp.heads_to_tokens(out.transpose(1, 2))
+        out = sp.heads_to_tokens(self.attn(q, k, v))
         return self.o(out.flatten(2))
 
 
