@@ -237,3 +237,23 @@ def test_plan_for_tensorrt_places_whole_sequences_and_shows_the_idle_time(capsys
     assert run_main([*common, "--backend", "tensorrt"]) == 0
     text = capsys.readouterr().out
     assert "sequence parallel off" in text and "idle" in text
+
+
+@pytest.mark.slow
+def test_engine_backend_on_two_ranks_equals_one_process(tiny_build, tmp_path, capsys):
+    """The path the tensorrt factory takes on ranks (a picklable build factory called with each rank's device, the
+    DistributedBackend's chunk x cond/uncond split), run with the onnxruntime factory on two CPU ranks."""
+    import numpy as np
+
+    from tempomaster.runtime.video import read_video_frames
+
+    common = ["generate", "--engines", str(tiny_build), "--backend", "onnxruntime", "--prompt", "a red ball",
+              "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "2,1,1", "--seed", "3",
+              "--no-progress", "--threads", "1"]
+    assert run_main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert run_main([*common, "--devices", "cpu:2", "--timeout", "300", "--out", str(tmp_path / "two")]) == 0
+    assert "onnxruntime x2" in capsys.readouterr().out
+    one, _ = read_video_frames(tmp_path / "one" / "video")
+    two, _ = read_video_frames(tmp_path / "two" / "video")
+    assert one.shape == two.shape
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
