@@ -259,7 +259,7 @@ def test_streaming_budget_is_set_and_read_back(engine_build, tmp_path):
 def test_the_fp8_layer_report_is_recorded(tmp_path):
     """An fp8 tiny build: the manifest says, per quantized DiT layer, whether the plan runs it in FP8."""
     from tempomaster.cli import export_main
-    from tempomaster.engines.build import export_and_build
+    from tempomaster.toolchain import export_and_build
     from tempomaster.engines.builder import EngineOptions
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
