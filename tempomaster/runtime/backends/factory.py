@@ -157,10 +157,9 @@ def backend_factory(options: GenerateOptions, dtype: str, threads: int):
             raise UsageError("--cuda-graphs needs --backend tensorrt")
         return OnnxRuntimeBackendFactory(options.engines, options.checkpoints, options.config, threads, tile)
     from ...engines.builder import parse_size
-    from ...engines.trt_env import require_tensorrt_machine
-
     from ...engines.manifest import load_manifest
     from ...engines.plans import check_run_options
+    from ...engines.trt_env import require_tensorrt_machine
 
     check_run_options(load_manifest(options.engines), cuda_graphs=options.cuda_graphs)
     # before any process starts or any plan is read: one device or many, the same one-line refusal

@@ -15,21 +15,18 @@ code as the torch VAE (`models.vae_tiling`). Tiling must be asked for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from ...dtypes import ONNX_ELEMENT_TYPES, TENSOR_DTYPES
 from ...engines.manifest import Manifest, ManifestError, load_manifest, verify_files
 from ...errors import MissingDependencyError
-from ...models.vae_tiling import TileSpec, resolve_tile, tiled_decode, tiled_encode
+from ...models.vae_tiling import TileSpec
 from .base import (
-    Backend,
     batch_slices,
-    decoder_steps,
-    encoder_steps,
     model_info_from_manifest,
 )
+from .build_backend import BuildBackend, build_tiling
 
 
 def _providers() -> tuple[list, torch.device]:
@@ -157,26 +154,7 @@ def _resolve_dim(d, values: dict[str, int], what: str) -> int:
     raise ManifestError(f"{what} cannot be resolved from the inputs")
 
 
-def build_tiling(manifest: Manifest, tile: bool | TileSpec) -> tuple[TileSpec | None, dict[tuple[int, int], str]]:
-    """The tiling to run on this build and its VAE graph suffix per latent tile
-    shape; a one-line ManifestError when the request and the build disagree."""
-    record = manifest.data.get("tiling")
-    built = TileSpec.from_dict(record) if record else None
-    asked = resolve_tile(tile)
-    if asked is not None and built is None:
-        raise ManifestError(f"{manifest.root}: the build was exported without tiling; re-export it with tm-export --tile, or run without --tile")
-    if asked is None and built is not None:
-        raise ManifestError(
-            f"{manifest.root}: the build was exported for tiled VAE calls (tile {list(built.size)}, stride {list(built.stride)}); "
-            "run with --tile, or re-export without --tile"
-        )
-    if asked is not None and tile is not True and asked != built:
-        raise ManifestError(f"{manifest.root}: the build was tiled with {built.as_dict()}, asked {asked.as_dict()}")
-    suffixes = {tuple(t["latent"]): t["suffix"] for t in record["tiles"]} if record else {}
-    return built, suffixes
-
-
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(BuildBackend):
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, threads: int = 0, tile: bool | TileSpec = False):
@@ -195,11 +173,7 @@ class OnnxRuntimeBackend(Backend):
         tile: run the VAE tiled, as the release's `"tile": true` does; the
         build must have been exported with the same choice."""
         manifest = load_manifest(build_dir)
-        build_tiling(manifest, tile)
-        needed = ["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"]
-        missing = [n for n in needed if n not in manifest.graphs]
-        if missing:
-            raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
+        cls.check_build(manifest, build_dir, tile)
         if verify:
             verify_files(manifest)
         backend = cls(manifest, threads, tile)
@@ -210,30 +184,6 @@ class OnnxRuntimeBackend(Backend):
         """Create every graph's session: the backend opens ready, the first calls run at full speed."""
         for graph in self.graphs.values():
             graph.open()
-
-    def check_request(self, height: int, width: int, num_frames: int, intervals: Sequence[int]) -> None:
-        from ...engines.manifest import check_request
-
-        check_request(self.manifest, height=height, width=width, num_frames=num_frames, intervals=intervals)
-
-    def tokenizer(self, checkpoints: Path | None = None, config: Path | None = None):
-        """The build's tokenizer: its own copy if it has one, the built-in tiny one, or the checkpoints'."""
-        from ...models.tokenizer import PromptTokenizer, tiny_tokenizer
-
-        seq_len = self.info.text_len
-        own = self.manifest.root / "tokenizer"
-        if own.is_dir():
-            return PromptTokenizer.from_dir(own, seq_len=seq_len)
-        if self.manifest.preset == "tiny" and checkpoints is None and config is None:
-            return tiny_tokenizer(seq_len=seq_len)
-        if checkpoints is not None or config is not None:
-            from ...models.checkpoints import CheckpointPaths
-
-            paths = CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
-            return PromptTokenizer.from_dir(paths.tokenizer, seq_len=seq_len)
-        raise ManifestError(
-            f"{self.manifest.root}: the build has no tokenizer/ folder; give --checkpoints DIR or --config to find the tokenizer"
-        )
 
     # -- the three calls ---------------------------------------------------------
 
@@ -280,45 +230,3 @@ class OnnxRuntimeBackend(Backend):
             current, spare = spare, current
             results.append(out)
         return torch.cat(results, dim=2)
-
-    def _vae_pair(self, direction: str, latent_hw: tuple[int, int]) -> tuple[GraphRunner, GraphRunner]:
-        suffix = ""
-        if self.tile is not None:
-            try:
-                suffix = self._tile_suffix[tuple(latent_hw)]
-            except KeyError:
-                raise ManifestError(
-                    f"{self.manifest.root}: the build has no VAE graphs for a {latent_hw[0]}x{latent_hw[1]} latent tile "
-                    f"(it has {', '.join(f'{h}x{w}' for h, w in self._tile_suffix)}); export one for this request (tm-export onnx --tile)"
-                ) from None
-        return self.graphs[f"vae_{direction}_first{suffix}"], self.graphs[f"vae_{direction}{suffix}"]
-
-    def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        r = self.spatial_ratio
-        first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
-        step = int(rest.spec["meta"]["in_frames"])
-        outs = []
-        for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
-            outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
-        return torch.cat(outs)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unclamped frames in the graph's dtype."""
-        first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
-        outs = []
-        for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
-            outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
-        return torch.cat(outs)
-
-    def vae_encode(self, video):
-        if self.tile is not None:
-            # Sums in the graph's input dtype, as the release sums in its run's dtype.
-            video = video.to("cpu", self.graphs["vae_encoder_first"].dtype("frames"))
-            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
-        return self._encode(video).float()
-
-    def vae_decode(self, latents):
-        if self.tile is not None:
-            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtype("latents"))
-            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
-        return self._decode(latents).float().clamp(-1, 1)

@@ -48,10 +48,10 @@ from ...engines.plan_memory import HEADROOM, check_budget_kept, check_plans_fit,
 from ...engines.plans import check_plan, check_plan_compat, check_run_options, engines_section, plan_entry
 from ...engines.trt_env import cuda_device, import_tensorrt, make_logger, versions
 from ...errors import print_to_stderr
-from ...models.vae_tiling import TileSpec, tiled_decode, tiled_encode
-from .base import Backend, batch_slices, decoder_steps, encoder_steps, model_info_from_manifest
+from ...models.vae_tiling import TileSpec
+from .base import batch_slices, model_info_from_manifest
 from .binding import aligned_empty, bindable, is_aligned
-from .onnxruntime import OnnxRuntimeBackend, build_tiling
+from .build_backend import BuildBackend, build_tiling
 
 GRAPHS = GRAPH_NAMES
 
@@ -77,6 +77,9 @@ class PlanRunner:
         self._graphs: dict[tuple, tuple] = {}  # key -> (CUDAGraph, context)
         self._dynamic: set[str] | None = None
         self.engine_inputs: set[str] = set(self.inputs)  # narrowed to the plan's own when it loads
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.dtypes[name]
 
     # -- loading -------------------------------------------------------------------
 
@@ -191,12 +194,10 @@ class PlanRunner:
         current.wait_stream(stream)
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(BuildBackend):
     name = "tensorrt"
-
-    # the build's tokenizer and the request check read only the manifest: the same as onnxruntime's
-    tokenizer = OnnxRuntimeBackend.tokenizer
-    check_request = OnnxRuntimeBackend.check_request
+    files = "plans"
+    export_command = "tm-export build"
 
     def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
                  verbose: bool = False, log: Callable[[str], None] = print_to_stderr, device_index: int | None = None,
@@ -240,12 +241,9 @@ class TensorRTBackend(Backend):
     def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> "TensorRTBackend":
         """Open a build with plans; the tokenizer's files are hash-checked here, each plan when it loads."""
         manifest = load_manifest(build_dir)
-        build_tiling(manifest, kwargs.get("tile", False))  # a tiled build is run tiled, and only it
+        cls.check_build(manifest, build_dir, kwargs.get("tile", False))  # a tiled build is run tiled, and only it
         if engines_section(manifest) is None:
             raise ManifestError(f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`")
-        missing = [n for n in GRAPHS if n not in manifest.graphs]
-        if missing:
-            raise ManifestError(f"{build_dir}: the build lacks graphs {missing}; export all graphs to run tm-run")
         if verify:
             files = {k: v for k, v in manifest.data["files"].items() if k.startswith("tokenizer/")}
             verify_files(Manifest({**manifest.data, "files": files}, manifest.root))
@@ -407,45 +405,12 @@ class TensorRTBackend(Backend):
                 results.append(out)
         return torch.cat(results, dim=2)
 
-    def _vae_pair(self, direction: str, latent_hw: tuple[int, int]) -> tuple[PlanRunner, PlanRunner]:
-        suffix = ""
-        if self.tile is not None:
-            suffix = self._tile_suffix.get(tuple(latent_hw))
-            if suffix is None:
-                raise ManifestError(
-                    f"{self.manifest.root}: the build has no VAE plans for a {latent_hw[0]}x{latent_hw[1]} latent tile "
-                    f"(it has {', '.join(f'{h}x{w}' for h, w in self._tile_suffix)}); export one for this request (tm-export build --tile)"
-                )
-        return self.graphs[f"vae_{direction}_first{suffix}"], self.graphs[f"vae_{direction}{suffix}"]
-
-    def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        r = self.spatial_ratio
-        first, rest = self._vae_pair("encoder", (video.shape[-2] // r, video.shape[-1] // r))
-        step = int(rest.spec["meta"]["in_frames"])
-        outs = []
-        for s in batch_slices(video.shape[0], min(first.max_batch, rest.max_batch)):
-            outs.append(self._stream(first, rest, "frames", "latents", encoder_steps(video[s], step)))
-        return torch.cat(outs)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unclamped frames in the plan's dtype."""
-        first, rest = self._vae_pair("decoder", tuple(latents.shape[-2:]))
-        outs = []
-        for s in batch_slices(latents.shape[0], min(first.max_batch, rest.max_batch)):
-            outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
-        return torch.cat(outs)
+    # the VAE: BuildBackend's batching and tiling around _stream, under inference mode
 
     @torch.inference_mode()
     def vae_encode(self, video):
-        if self.tile is not None:
-            # the same host-side blend as onnxruntime's, summing in the plan's input dtype
-            video = video.to("cpu", self.graphs["vae_encoder_first"].dtypes["frames"])
-            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
-        return self._encode(video).float()
+        return super().vae_encode(video)
 
     @torch.inference_mode()
     def vae_decode(self, latents):
-        if self.tile is not None:
-            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtypes["latents"])
-            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
-        return self._decode(latents).float().clamp(-1, 1)
+        return super().vae_decode(latents)
