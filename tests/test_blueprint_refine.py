@@ -178,3 +178,22 @@ def test_a_second_blueprint_replaces_the_first_state(tmp_path):
     state = json.loads((tmp_path / "bp" / "video.state.json").read_text())
     assert state["request"]["seed"] == 2
     assert sorted(p.name for p in (tmp_path / "bp").iterdir()) == ["video", "video.state.json", "video.state.safetensors"]
+
+
+def test_refine_with_a_reference_image_keeps_its_output_size(tmp_path):
+    """Only stage 0 reads reference images; the state records the output size they decided (here 48x128)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(0, 256, size=(50, 120, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "ref.png")
+    kw = dict(steps=(1, 1, 1), seed=9, images=[f"0:{tmp_path / 'ref.png'}"])
+    run_generate(_options(tmp_path / "bp", stop_after=0, **kw), echo=lambda _: None)
+    run_generate(_options(tmp_path / "full", **kw), echo=lambda _: None)
+    state = json.loads((tmp_path / "bp" / "video.state.json").read_text())
+    assert (state["request"]["height"], state["request"]["width"]) == (48, 128)
+    assert state["request"]["reference_images"][0]["rgb_sha256"]
+    run_refine(RefineOptions(state=tmp_path / "bp" / "video.state.json", out=tmp_path / "refined", progress=False,
+                             threads=1), echo=lambda _: None)
+    refined, _ = read_video_frames(tmp_path / "refined" / "video")
+    final, _ = read_video_frames(tmp_path / "full" / "video")
+    assert refined.shape == (68, 48, 128, 3) and np.array_equal(refined, final)
