@@ -128,11 +128,9 @@ def test_weights_changed_since_the_state_is_refused(blueprint, tmp_path):
     _refused(state, tmp_path, "build/weights hash")
 
 
-def test_stop_after_bounds_devices_and_foreign_state(tmp_path):
+def test_stop_after_bounds_and_foreign_state(tmp_path):
     with pytest.raises(UsageError, match=r"--stop-after 2: the request's stages are 0..2"):
         run_generate(_options(tmp_path / "a", stop_after=2), echo=lambda _: None)
-    with pytest.raises(UsageError, match="--stop-after runs in one process"):
-        run_generate(_options(tmp_path / "a", stop_after=0, devices="cpu:2"), echo=lambda _: None)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "video.state.json").write_text("my notes\n")
     with pytest.raises(UsageError, match="is not a state tm-run wrote"):
@@ -197,3 +195,22 @@ def test_refine_with_a_reference_image_keeps_its_output_size(tmp_path):
     refined, _ = read_video_frames(tmp_path / "refined" / "video")
     final, _ = read_video_frames(tmp_path / "full" / "video")
     assert refined.shape == (68, 48, 128, 3) and np.array_equal(refined, final)
+
+
+def test_blueprints_spread_over_two_ranks_equal_one_process(tmp_path):
+    """--devices cpu:2 with two seeds: a video on each rank, states and a contact sheet as one process writes them."""
+    from safetensors.torch import load_file
+
+    kw = dict(seed=0, seeds=(3, 4), stop_after=0, steps=(1, 1, 1))
+    spread = run_generate(_options(tmp_path / "two" / "bp.mp4", devices="cpu:2", **kw), echo=lambda _: None)
+    single = run_generate(_options(tmp_path / "one" / "bp.mp4", **kw), echo=lambda _: None)
+    assert len(spread.lines) == 2 and all("state:" in line for line in spread.lines)
+    for seed in (3, 4):
+        a = json.loads((tmp_path / "two" / f"bp_seed{seed}.state.json").read_text())
+        b = json.loads((tmp_path / "one" / f"bp_seed{seed}.state.json").read_text())
+        assert a["request"] == b["request"] and a["model"] == b["model"] and a["stage"] == b["stage"] == 0
+        frames = [load_file(tmp_path / d / f"bp_seed{seed}.state.safetensors")["frames"] for d in ("two", "one")]
+        assert frames[0].shape == frames[1].shape
+        assert (frames[0] - frames[1]).abs().max().item() <= 2 / 255  # [-1, 1] frames: 1/255 of the uint8 range
+    assert (tmp_path / "two" / "bp_contact.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -40,9 +40,6 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         from .refine import blueprint_targets, check_stop_after
 
         check_stop_after(options.stop_after, jobs)
-        if options.devices is not None or _under_torchrun():
-            raise UsageError("--stop-after runs in one process: leave out --devices (and torchrun); "
-                             "--prompts makes every blueprint there with the models loaded once")
         blueprint_targets(options.out, finals, several)  # checked by their own rule: ours, by their format
     check_writable(options.out, targets)
     if options.profile is not None:
@@ -69,7 +66,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
 
     torch.set_num_threads(threads)
     if options.devices is not None or _under_torchrun():
-        return _run_distributed(options, jobs, preset, dtype, threads, echo)
+        return _run_distributed(options, jobs, preset, manifest, dtype, threads, echo)
     backend, tokenizer = make_backend(options, dtype, device, threads)
     if hasattr(backend, "check_request"):
         for job in jobs:
@@ -144,7 +141,8 @@ def _under_torchrun() -> bool:
     return torchrun_environment()
 
 
-def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: str, threads: int, echo) -> GenerateReport:
+def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, manifest, dtype: str, threads: int,
+                     echo) -> GenerateReport:
     """One process per device (or torchrun's processes): the same videos, the work split over the ranks."""
     from .workers import VideoJob, generate_videos, parse_devices
 
@@ -156,17 +154,30 @@ def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, dtype: s
     if isinstance(factory, TensorRTBackendFactory) and devices is not None and any(d.type != "cuda" for d in devices):
         raise UsageError("--devices: the tensorrt backend runs one engine instance per CUDA device; give CUDA indices such as 0,1")
     several = len(jobs) > 1
+    identity = None
+    if options.stop_after is not None:
+        from .refine import run_identity
+
+        identity = run_identity(options, preset, manifest, dtype)
     video_jobs = []
     for job in jobs:
-        final, stage_paths = output_targets(options.out, job.name, several, len(job.request.frame_intervals))
-        video_jobs.append(VideoJob(job.name, job.request, final, tuple(stage_paths) if options.save_stages else ()))
+        final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
+        video_jobs.append(VideoJob(job.name, job.request, final, tuple(stage_paths) if options.save_stages else (),
+                                   options.stop_after, identity))
     reports = generate_videos(video_jobs, factory, devices=devices, timeout=options.timeout,
                               sequence_parallel=options.sequence_parallel, progress=options.progress)
     report = GenerateReport(lines=[], written=[])
     for r in reports:
-        echo(r.line())
-        report.lines.append(r.line())
+        line = r.line()
+        if identity is not None:
+            line += f"\n  state: {r.paths[-2]} (tm-run refine {r.paths[-2]} runs the remaining stages)"
+        echo(line)
+        report.lines.append(line)
         report.written += list(r.paths)
+    # under torchrun each rank knows only the videos it wrote: the launcher (or rank 0 of a plain run) draws the sheet
+    if identity is not None and several and len(reports) == len(jobs):
+        by_name = {job.name: job for job in jobs}
+        report.written.append(_contact_sheet(options.out, [(by_name[r.name], r.blueprint_tile) for r in reports], echo))
     return report
 
 

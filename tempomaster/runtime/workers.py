@@ -233,6 +233,8 @@ class VideoJob:
     request: GenerationRequest
     out: Path
     stage_outs: tuple[Path, ...] = ()  # one per stage, written when given
+    stop_after: int | None = None  # --stop-after: the last stage made; its state is written beside `out`
+    state_identity: dict | None = None  # the models, as the state records them (runtime.refine.run_identity)
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class VideoReport:
     dit_calls: int
     ranks: tuple[int, ...]
     backend: str
+    blueprint_tile: object = None  # with --stop-after: the clip's middle frame (uint8 [H, W, 3]) for a contact sheet
 
     def line(self) -> str:
         return (
@@ -301,14 +304,22 @@ def run_videos(
             continue
         dist_backend = DistributedBackend(backend, group, sp)
         leader = group.index == 0
-        result = generate(dist_backend, tokenizer, job.request, progress=progress and leader, keep_stages=bool(job.stage_outs) or keep_frames)
+        result = generate(dist_backend, tokenizer, job.request, progress=progress and leader,
+                          keep_stages=bool(job.stage_outs) or keep_frames, stop_after=job.stop_after)
         dist_backend.barrier("the end of the video")
         if not leader:
             continue
         paths = write_video(result, job) if write else (job.out,)
+        tile = None
+        if job.stop_after is not None and write:
+            from .contact_sheet import middle_frame
+            from .refine import save_blueprint
+
+            paths += tuple(save_blueprint(job.out, job.request, result, job.state_identity))
+            tile = middle_frame(result.video.frames)
         report = VideoReport(
             job.name, paths, result.video.num_frames, result.height, result.width, result.video.fps,
-            result.seconds, result.dit_calls, group.ranks, dist_backend.name,
+            result.seconds, result.dit_calls, group.ranks, dist_backend.name, tile,
         )
         out.append((i, (report, result, dist_backend.placements) if keep_frames else report))
     _wait_for_all(world)
