@@ -62,11 +62,17 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
         estimate = estimate_peak_memory(preset, job.request, dtype=dtype, device=device, manifest=manifest)
         check_fits(estimate, where=f"[{job.name}]")
 
+    identity = None  # with --stop-after: the models, as each state records them
+    if options.stop_after is not None:
+        from .refine import run_identity
+
+        identity = run_identity(options, preset, manifest, dtype)
+
     import torch
 
     torch.set_num_threads(threads)
     if options.devices is not None or _under_torchrun():
-        return _run_distributed(options, jobs, preset, manifest, dtype, threads, echo)
+        return _run_distributed(options, jobs, identity, dtype, threads, echo)
     backend, tokenizer = make_backend(options, dtype, device, threads)
     if hasattr(backend, "check_request"):
         for job in jobs:
@@ -76,13 +82,7 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     from .pipeline import generate
 
     report = GenerateReport(lines=[], written=[])
-    identity = None
-    if options.stop_after is not None:
-        from .contact_sheet import middle_frame
-        from .refine import run_identity, save_blueprint
-
-        identity = run_identity(options, preset, manifest, dtype)
-        blueprints = []
+    blueprints = []
     for job in jobs:
         final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
         with _profiled(options, job.name, several, backend) as (run_on, phase):
@@ -93,6 +93,9 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
                 written = write_result(result, final, stage_paths, options.save_stages)
         text = summarise(job, result, written, backend.name, time.perf_counter() - start)
         if identity is not None:
+            from .contact_sheet import middle_frame
+            from .refine import save_blueprint
+
             state = save_blueprint(final, job.request, result, identity)
             text += f"\n  state: {state[0]} (tm-run refine {state[0]} runs the remaining stages)"
             written += state
@@ -141,7 +144,7 @@ def _under_torchrun() -> bool:
     return torchrun_environment()
 
 
-def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, manifest, dtype: str, threads: int,
+def _run_distributed(options: GenerateOptions, jobs: list[Job], identity: dict | None, dtype: str, threads: int,
                      echo) -> GenerateReport:
     """One process per device (or torchrun's processes): the same videos, the work split over the ranks."""
     from .workers import VideoJob, generate_videos, parse_devices
@@ -154,11 +157,6 @@ def _run_distributed(options: GenerateOptions, jobs: list[Job], preset, manifest
     if isinstance(factory, TensorRTBackendFactory) and devices is not None and any(d.type != "cuda" for d in devices):
         raise UsageError("--devices: the tensorrt backend runs one engine instance per CUDA device; give CUDA indices such as 0,1")
     several = len(jobs) > 1
-    identity = None
-    if options.stop_after is not None:
-        from .refine import run_identity
-
-        identity = run_identity(options, preset, manifest, dtype)
     video_jobs = []
     for job in jobs:
         final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
