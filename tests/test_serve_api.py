@@ -123,6 +123,18 @@ def test_sse_of_a_finished_job_replays_to_its_end(client):
     assert [d["stage"] for k, d in events if k == "stage"] == [0, 1, 2]
 
 
+def test_events_resume_after_last_event_id(client):
+    job = client.post("/v1/videos", json=small_request(seed=2)).json()
+    wait_state(client, job["id"], ("done",))
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        ids = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
+    assert ids == list(range(1, len(ids) + 1))
+    cut = len(ids) // 2
+    with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(cut)}) as response:
+        rest = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
+    assert rest == ids[cut:]
+
+
 def test_unknown_and_malformed_ids_are_404_and_unready_files_409(client, service):
     for bad in ("AAAAAAAAAAAAAAAAAAAAAA", "..%2F..%2Fjobs.sqlite3", "x" * 300):
         assert client.get(f"/v1/videos/{bad}").status_code == 404

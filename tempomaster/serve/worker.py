@@ -155,7 +155,12 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            row = self.store.claim_next()
+            try:
+                row = self.store.claim_next()
+            except Exception:  # noqa: BLE001 - a database hiccup (disk full, locked): said, then tried again
+                traceback.print_exc(file=sys.stderr)
+                self._stopping.wait(1.0)
+                continue
             if row is None:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
