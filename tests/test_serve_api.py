@@ -18,9 +18,9 @@ from serve_helpers import make_service, small_request, wait_for  # noqa: E402
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     svc = make_service(tmp_path_factory.mktemp("serve"))
-    svc.worker.start()
+    svc.start()
     yield svc
-    svc.worker.stop()
+    svc.stop()
     svc.store.close()
 
 
@@ -334,7 +334,7 @@ def test_token_is_required_beyond_loopback(service, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "d").exists()
 
     guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
-                      metrics=service.metrics, worker=service.worker, token="s3cret-token")
+                      metrics=service.metrics, workers=service.workers, token="s3cret-token")
     with TestClient(create_app(guarded)) as c:
         for method, path in (("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/metrics"),
                              ("DELETE", "/v1/videos/AAAAAAAAAAAAAAAAAAAAAA")):
@@ -343,6 +343,33 @@ def test_token_is_required_beyond_loopback(service, tmp_path, capsys, monkeypatc
         ok = c.get("/v1/videos", headers={"Authorization": "Bearer s3cret-token"})
         assert ok.status_code == 200
         assert c.get("/").status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_one_worker_per_device_runs_jobs_side_by_side(tmp_path):
+    """--devices cpu:2: two backends, two workers on the one queue; two jobs run at the same time."""
+    from starlette.testclient import TestClient
+
+    from tempomaster.runtime.request import GenerateOptions
+    from tempomaster.serve.app import create_app
+    from tempomaster.serve.server import ServeOptions, build_service
+
+    service = build_service(ServeOptions(base=GenerateOptions(preset="tiny", devices="cpu:2", progress=False),
+                                         data=tmp_path / "data"), None, log=lambda line: None)
+    assert [w.runner.device for w in service.workers] == ["cpu", "cpu"]
+    assert service.workers[0].runner.backend is not service.workers[1].runner.backend
+    service.start()
+    try:
+        with TestClient(create_app(service)) as c:
+            jobs = [c.post("/v1/videos", json=small_request(seed=s, steps=[60, 2, 2])).json()["id"] for s in (1, 2)]
+            wait_for(lambda: all(status(c, j)["state"] == "running" for j in jobs), timeout=60,
+                     what="both jobs running at once")
+            running = {w["running"] for w in c.get("/healthz").json()["workers"]}
+            assert running == set(jobs)
+            for j in jobs:
+                assert wait_state(c, j, ("done", "failed"), timeout=120)["state"] == "done"
+    finally:
+        service.stop()
+        service.store.close()
 
 
 def test_host_rules():
@@ -372,7 +399,7 @@ def test_serving_an_onnx_build(tiny_build, tmp_path, capsys):
 
     service = build_service(ServeOptions(base=GenerateOptions(engines=tiny_build, threads=1, progress=False),
                                          data=tmp_path / "data"), None, log=lambda line: None)
-    service.worker.start()
+    service.start()
     try:
         with TestClient(create_app(service)) as c:
             assert c.get("/healthz").json()["backend"] == "onnxruntime"
@@ -385,7 +412,7 @@ def test_serving_an_onnx_build(tiny_build, tmp_path, capsys):
                                            "--out", str(tmp_path / "v.mp4")])
             assert response.json()["detail"] == cli
     finally:
-        service.worker.stop()
+        service.stop()
         service.store.close()
 
 

@@ -38,10 +38,10 @@ def server(tmp_path_factory):
     from tempomaster.serve.app import create_app
 
     service = make_service(tmp_path_factory.mktemp("serve-browser"))
-    service.worker.start()
+    service.start()
     with live_server(create_app(service)) as base:
         yield base, service
-    service.worker.stop()
+    service.stop()
     service.store.close()
 
 
@@ -121,7 +121,7 @@ def test_with_a_token_the_page_asks_for_it_and_plays_the_video(server, browser):
 
     _, service = server
     guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
-                      metrics=service.metrics, worker=service.worker, token="page-token-1234")
+                      metrics=service.metrics, workers=service.workers, token="page-token-1234")
     with live_server(create_app(guarded)) as base:
         browser.get(base + "/")
         token_row = browser.find_element(By.ID, "token-row")

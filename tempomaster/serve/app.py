@@ -7,7 +7,7 @@ Errors are JSON {"detail": one line}.
 
 The reading routes are coroutines: each is a few reads of the database
 (under its lock, well under a millisecond), and on the event loop they
-do not queue behind the thread pool while the worker thread holds the GIL
+do not queue behind the thread pool while a worker thread holds the GIL
 (with 50 clients polling a busy server, p99 107 ms instead of 698 ms).
 """
 from __future__ import annotations
@@ -44,15 +44,31 @@ OPEN_PATHS = frozenset(PAGE_FILES) | {"/healthz", "/docs", "/openapi.json"}
 
 @dataclass
 class Service:
-    runner: JobRunner
+    runner: JobRunner  # the first device's: requests are checked against it
     store: JobStore
     data: DataDir
     board: ProgressBoard
     metrics: ServeMetrics
-    worker: Worker
+    workers: list[Worker]  # one per device, all taking jobs from the one queue
     max_queue: int = 16
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def wake(self) -> None:
+        for worker in self.workers:
+            worker.wake()
+
+    def cancel(self, job_id: str) -> None:
+        for worker in self.workers:  # the one running it stops; the others never see the id
+            worker.cancel(job_id)
 
 
 class TokenCheck:
@@ -185,11 +201,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        backend = service.runner.backend
-        alive = service.worker.is_alive()
+        workers = [{"device": w.runner.device, "alive": w.is_alive(), "running": w.current} for w in service.workers]
+        alive = all(w["alive"] for w in workers)
         return JSONResponse({"status": "ok" if alive else "worker stopped", "worker_alive": alive,
-                             "backend": getattr(backend, "name", None), "device": service.runner.device,
-                             "running": service.worker.current}, status_code=200 if alive else 503)
+                             "backend": getattr(service.runner.backend, "name", None), "workers": workers},
+                            status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -245,7 +261,7 @@ def create_app(service: Service) -> FastAPI:
                 shutil.rmtree(folder, ignore_errors=True)  # only what this request wrote, under its new id
             raise
         service.board.publish(job_id, "state", {"state": "queued"})
-        service.worker.wake()
+        service.wake()
         return JSONResponse(job_status(service, service.store.get(job_id)), status_code=201,
                             headers={"Location": f"/v1/videos/{job_id}"})
 
@@ -293,7 +309,7 @@ def create_app(service: Service) -> FastAPI:
                 return {"id": row.id, "state": "cancelled"}
             raise _error(409, f"job {row.id} is cancelled already")
         if state == "running":
-            service.worker.cancel(row.id)
+            service.cancel(row.id)
             return JSONResponse({"id": row.id, "state": "running", "detail": "stops at the next denoising step"},
                                 status_code=202)
         raise _error(409, f"job {row.id} is {state}: nothing to cancel")
