@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -181,6 +182,39 @@ def _hide_paths(message: str, paths: dict[str, Path]) -> str:
     return message
 
 
+def _accept(service: Service, fields: dict, images: list[tuple[str, bytes]]) -> str:
+    """Write the uploads under a new id, check the request as the CLI does, queue it; the id.
+
+    Blocking (disk, the checks): run in the thread pool. On any failure what
+    was written under the new id is removed.
+    """
+    job_id = new_job_id()
+    folder = service.data.uploads(job_id)
+    paths: dict[str, Path] = {}
+    try:
+        for n, (frame, data) in enumerate(images):
+            if frame in paths:
+                raise _error(422, f"--image: frame {frame} is given twice")
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[frame] = write_bytes(folder / f"image{n}", data)
+        try:
+            checked = service.runner.check(fields, paths)
+        except TempoMasterError as err:
+            raise _error(422, _hide_paths(str(err), paths)) from None
+        h, w = checked.output_size()
+        plan = {"stage_steps": list(checked.steps_per_stage), "intervals": list(checked.frame_intervals),
+                "num_frames": checked.num_frames, "height": h, "width": w, "save_fps": checked.save_fps}
+        stored = {"fields": fields, "images": {frame: p.name for frame, p in paths.items()}, "plan": plan}
+        try:
+            service.store.submit(job_id, stored, service.max_queue)
+        except QueueFull as err:
+            raise _error(429, str(err)) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # only what this request wrote, under its new id
+        raise
+    return job_id
+
+
 def _sse(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
 
@@ -233,33 +267,7 @@ def create_app(service: Service) -> FastAPI:
             raise _error(422, str(err)) from None
         if service.store.counts()["queued"] >= service.max_queue:
             raise _error(429, f"the queue is full ({service.max_queue} waiting jobs, --max-queue); try again later")
-        job_id = new_job_id()
-        folder = service.data.uploads(job_id)
-        paths: dict[str, Path] = {}
-        try:
-            for n, (frame, data) in enumerate(images):
-                if frame in paths:
-                    raise _error(422, f"--image: frame {frame} is given twice")
-                folder.mkdir(parents=True, exist_ok=True)
-                paths[frame] = write_bytes(folder / f"image{n}", data)
-            try:
-                checked = await run_in_threadpool(service.runner.check, fields, paths)
-            except TempoMasterError as err:
-                raise _error(422, _hide_paths(str(err), paths)) from None
-            h, w = checked.output_size()
-            plan = {"stage_steps": list(checked.steps_per_stage), "intervals": list(checked.frame_intervals),
-                    "num_frames": checked.num_frames, "height": h, "width": w, "save_fps": checked.save_fps}
-            stored = {"fields": fields, "images": {frame: p.name for frame, p in paths.items()}, "plan": plan}
-            try:
-                service.store.submit(job_id, stored, service.max_queue)
-            except QueueFull as err:
-                raise _error(429, str(err)) from None
-        except BaseException:
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder, ignore_errors=True)  # only what this request wrote, under its new id
-            raise
+        job_id = await run_in_threadpool(_accept, service, fields, images)
         service.board.publish(job_id, "state", {"state": "queued"})
         service.wake()
         return JSONResponse(job_status(service, service.store.get(job_id)), status_code=201,
@@ -303,8 +311,6 @@ def create_app(service: Service) -> FastAPI:
         if state == "cancelled":
             if row.state == "queued":
                 service.board.publish(row.id, "state", {"state": "cancelled", "error": "cancelled by a DELETE request"})
-                import shutil
-
                 shutil.rmtree(service.data.uploads(row.id), ignore_errors=True)
                 return {"id": row.id, "state": "cancelled"}
             raise _error(409, f"job {row.id} is cancelled already")
