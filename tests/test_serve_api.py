@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_helpers import make_service, small_request, wait_for  # noqa: E402
+from serve_helpers import make_service, small_request, status, wait_for, wait_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +46,6 @@ def read_events(client, job_id: str) -> list[tuple[str, dict]]:
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[6:])))
     return events
-
-
-def status(client, job_id: str) -> dict:
-    response = client.get(f"/v1/videos/{job_id}")
-    assert response.status_code == 200
-    return response.json()
-
-
-def wait_state(client, job_id: str, states, timeout=60.0) -> dict:
-    return wait_for(lambda: (s := status(client, job_id))["state"] in states and s, timeout=timeout,
-                    what=f"job {job_id} to be {states}")
 
 
 def decode_mp4(data: bytes, tmp_path, name: str):
@@ -389,38 +378,3 @@ def test_host_rules():
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 
-
-def test_serving_an_onnx_build(tiny_build, tmp_path, capsys):
-    """--engines BUILD: the build's graphs on onnxruntime, its shape the default, other shapes refused as by the CLI."""
-    pytest.importorskip("onnxruntime")
-    from starlette.testclient import TestClient
-
-    from tempomaster.runtime.request import GenerateOptions
-    from tempomaster.serve.app import create_app
-    from tempomaster.serve.server import ServeOptions, build_service
-
-    service = build_service(ServeOptions(base=GenerateOptions(engines=tiny_build, threads=1, progress=False),
-                                         data=tmp_path / "data"), None, log=lambda line: None)
-    service.start()
-    try:
-        with TestClient(create_app(service)) as c:
-            assert c.get("/healthz").json()["backend"] == "onnxruntime"
-            job = c.post("/v1/videos", json={"prompt": "a red ball", "steps": [1, 1, 1]}).json()
-            assert job["plan"]["height"] == 32 and job["plan"]["width"] == 48 and job["plan"]["num_frames"] == 9
-            assert wait_state(c, job["id"], ("done", "failed"))["state"] == "done"
-            response = c.post("/v1/videos", json={"prompt": "a red ball", "height": 64})
-            assert response.status_code == 422
-            cli = _cli_error_with(capsys, ["--engines", str(tiny_build), "--prompt", "a red ball", "--height", "64",
-                                           "--out", str(tmp_path / "v.mp4")])
-            assert response.json()["detail"] == cli
-    finally:
-        service.stop()
-        service.store.close()
-
-
-def _cli_error_with(capsys, args: list[str]) -> str:
-    from tempomaster.cli.run import main
-
-    assert main(["generate", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    return err[len("tm-run: error: "):]
