@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="tm-serve-shot-") as tmp:
         service = build_service(ServeOptions(base=GenerateOptions(preset=args.preset, threads=1), data=Path(tmp)),
                                 None, log=lambda line: None)
-        service.worker.start()
+        service.start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             driver.quit()
             server.should_exit = True
             thread.join(10)
-            service.worker.stop()
+            service.stop()
             service.store.close()
     print(f"written {args.out}")
     return 0

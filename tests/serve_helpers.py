@@ -35,6 +35,17 @@ def wait_for(check, timeout: float = 60.0, every: float = 0.05, what: str = "con
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def status(client, job_id: str) -> dict:
+    response = client.get(f"/v1/videos/{job_id}")
+    assert response.status_code == 200
+    return response.json()
+
+
+def wait_state(client, job_id: str, states, timeout=60.0) -> dict:
+    return wait_for(lambda: (s := status(client, job_id))["state"] in states and s, timeout=timeout,
+                    what=f"job {job_id} to be {states}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,15 +12,15 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_helpers import make_service, small_request, wait_for  # noqa: E402
+from serve_helpers import make_service, small_request, status, wait_for, wait_state  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     svc = make_service(tmp_path_factory.mktemp("serve"))
-    svc.worker.start()
+    svc.start()
     yield svc
-    svc.worker.stop()
+    svc.stop()
     svc.store.close()
 
 
@@ -46,17 +46,6 @@ def read_events(client, job_id: str) -> list[tuple[str, dict]]:
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[6:])))
     return events
-
-
-def status(client, job_id: str) -> dict:
-    response = client.get(f"/v1/videos/{job_id}")
-    assert response.status_code == 200
-    return response.json()
-
-
-def wait_state(client, job_id: str, states, timeout=60.0) -> dict:
-    return wait_for(lambda: (s := status(client, job_id))["state"] in states and s, timeout=timeout,
-                    what=f"job {job_id} to be {states}")
 
 
 def decode_mp4(data: bytes, tmp_path, name: str):
@@ -121,6 +110,20 @@ def test_sse_of_a_finished_job_replays_to_its_end(client):
     events = read_events(client, job["id"])
     assert events[-1] == ("state", {**events[-1][1], "state": "done"})
     assert [d["stage"] for k, d in events if k == "stage"] == [0, 1, 2]
+    # what is kept of a finished job's steps: the last of each stage
+    assert [(d["stage"], d["step"]) for k, d in events if k == "step"] == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_events_resume_after_last_event_id(client):
+    job = client.post("/v1/videos", json=small_request(seed=2)).json()
+    wait_state(client, job["id"], ("done",))
+    with client.stream("GET", f"/v1/videos/{job['id']}/events") as response:
+        ids = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    cut = len(ids) // 2
+    with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[cut - 1])}) as response:
+        rest = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
+    assert rest == ids[cut:]
 
 
 def test_unknown_and_malformed_ids_are_404_and_unready_files_409(client, service):
@@ -322,7 +325,7 @@ def test_token_is_required_beyond_loopback(service, tmp_path, capsys, monkeypatc
     assert not (tmp_path / "d").exists()
 
     guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
-                      metrics=service.metrics, worker=service.worker, token="s3cret-token")
+                      metrics=service.metrics, workers=service.workers, token="s3cret-token")
     with TestClient(create_app(guarded)) as c:
         for method, path in (("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/metrics"),
                              ("DELETE", "/v1/videos/AAAAAAAAAAAAAAAAAAAAAA")):
@@ -331,6 +334,33 @@ def test_token_is_required_beyond_loopback(service, tmp_path, capsys, monkeypatc
         ok = c.get("/v1/videos", headers={"Authorization": "Bearer s3cret-token"})
         assert ok.status_code == 200
         assert c.get("/").status_code == 200 and c.get("/healthz").status_code == 200
+
+
+def test_one_worker_per_device_runs_jobs_side_by_side(tmp_path):
+    """--devices cpu:2: two backends, two workers on the one queue; two jobs run at the same time."""
+    from starlette.testclient import TestClient
+
+    from tempomaster.runtime.request import GenerateOptions
+    from tempomaster.serve.app import create_app
+    from tempomaster.serve.server import ServeOptions, build_service
+
+    service = build_service(ServeOptions(base=GenerateOptions(preset="tiny", devices="cpu:2", progress=False),
+                                         data=tmp_path / "data"), None, log=lambda line: None)
+    assert [w.runner.device for w in service.workers] == ["cpu", "cpu"]
+    assert service.workers[0].runner.backend is not service.workers[1].runner.backend
+    service.start()
+    try:
+        with TestClient(create_app(service)) as c:
+            jobs = [c.post("/v1/videos", json=small_request(seed=s, steps=[60, 2, 2])).json()["id"] for s in (1, 2)]
+            wait_for(lambda: all(status(c, j)["state"] == "running" for j in jobs), timeout=60,
+                     what="both jobs running at once")
+            running = {w["running"] for w in c.get("/healthz").json()["workers"]}
+            assert running == set(jobs)
+            for j in jobs:
+                assert wait_state(c, j, ("done", "failed"), timeout=120)["state"] == "done"
+    finally:
+        service.stop()
+        service.store.close()
 
 
 def test_host_rules():
@@ -347,3 +377,4 @@ def test_host_rules():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+

@@ -38,10 +38,10 @@ def server(tmp_path_factory):
     from tempomaster.serve.app import create_app
 
     service = make_service(tmp_path_factory.mktemp("serve-browser"))
-    service.worker.start()
+    service.start()
     with live_server(create_app(service)) as base:
         yield base, service
-    service.worker.stop()
+    service.stop()
     service.store.close()
 
 
@@ -111,3 +111,29 @@ def test_submit_blueprint_first_then_the_final_video_plays_then_cancel_a_second(
     assert not browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{second}"] button.cancel').is_displayed()
     logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert logs == []
+
+
+def test_with_a_token_the_page_asks_for_it_and_plays_the_video(server, browser):
+    """Beyond loopback every API call carries the token: the page's fetches, its event stream and its videos."""
+    from selenium.webdriver.common.by import By
+
+    from tempomaster.serve.app import Service, create_app
+
+    _, service = server
+    guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
+                      metrics=service.metrics, workers=service.workers, token="page-token-1234")
+    with live_server(create_app(guarded)) as base:
+        browser.get(base + "/")
+        token_row = browser.find_element(By.ID, "token-row")
+        wait_for(lambda: token_row.is_displayed(), timeout=15, what="the page to ask for the token")
+        browser.find_element(By.ID, "token").send_keys("page-token-1234")
+        browser.find_element(By.ID, "token-save").click()
+        fill_and_submit(browser, "a green triangle circling", "2,2,2")
+        wait_for(lambda: browser.find_elements(By.ID, "final-video"), timeout=120, what="the final video")
+        src = browser.find_element(By.ID, "final-video").get_attribute("src")
+        assert src.startswith("blob:")  # fetched with the header, not by the element
+        width = wait_for(lambda: browser.execute_script(
+            "const v = document.getElementById('final-video'); return v.readyState >= 1 && v.videoWidth;"),
+            timeout=30, what="the video's metadata")
+        assert width == 48
+        browser.execute_script("sessionStorage.clear()")

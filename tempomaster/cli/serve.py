@@ -18,7 +18,11 @@ def add_serve_parser(sub) -> None:
                    help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="model dtype (default: as tm-run generate)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=bounded_int(1), default=None, help="CPU threads for torch and onnxruntime")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="one backend and one worker per device, all taking jobs from the one queue: CUDA indices "
+                        "0,1,2,3, or cpu:N (a job runs on one device)")
+    p.add_argument("--threads", type=bounded_int(1), default=None,
+                   help="CPU threads for torch and onnxruntime (with --devices cpu:N: per worker; default the cores shared out)")
     p.add_argument("--tile", action=argparse.BooleanOptionalAction, default=None, help="the release's tiled VAE")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs --token)")
@@ -39,7 +43,8 @@ def serve(args) -> int:
     base = GenerateOptions(
         preset=args.preset, checkpoints=args.checkpoints, config=args.config, engines=args.engines,
         backend=args.backend, cuda_graphs=args.cuda_graphs, weight_streaming_budget=args.weight_streaming_budget,
-        dtype=args.dtype, device=args.device, threads=args.threads, tile=args.tile, progress=False,
+        dtype=args.dtype, device=args.device, devices=args.devices, threads=args.threads, tile=args.tile,
+        progress=False,
     )
     return run_serve(ServeOptions(base=base, host=args.host, port=args.port, data=args.data,
                                   max_queue=args.max_queue, token=args.token))

@@ -3,7 +3,7 @@
 One module per job: `body` (a request's JSON and uploads -> the runtime's
 GenerateOptions), `queue` (the SQLite job store), `worker` (the thread that
 runs jobs on the loaded backend), `events` (each job's progress, for the
-server-sent events and the metrics), `app` (the routes), `server` (loading,
+server-sent events), `metrics` (Prometheus), `app` (the routes), `server` (loading,
 the safety checks, uvicorn), `page/` (the static page).
 Needs the `serve` extra: pip install -e '.[serve]'.
 """

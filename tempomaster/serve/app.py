@@ -7,7 +7,7 @@ Errors are JSON {"detail": one line}.
 
 The reading routes are coroutines: each is a few reads of the database
 (under its lock, well under a millisecond), and on the event loop they
-do not queue behind the thread pool while the worker thread holds the GIL
+do not queue behind the thread pool while a worker thread holds the GIL
 (with 50 clients polling a busy server, p99 107 ms instead of 698 ms).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,15 +45,31 @@ OPEN_PATHS = frozenset(PAGE_FILES) | {"/healthz", "/docs", "/openapi.json"}
 
 @dataclass
 class Service:
-    runner: JobRunner
+    runner: JobRunner  # the first device's: requests are checked against it
     store: JobStore
     data: DataDir
     board: ProgressBoard
     metrics: ServeMetrics
-    worker: Worker
+    workers: list[Worker]  # one per device, all taking jobs from the one queue
     max_queue: int = 16
     token: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def wake(self) -> None:
+        for worker in self.workers:
+            worker.wake()
+
+    def cancel(self, job_id: str) -> None:
+        for worker in self.workers:  # the one running it stops; the others never see the id
+            worker.cancel(job_id)
 
 
 class TokenCheck:
@@ -165,6 +182,39 @@ def _hide_paths(message: str, paths: dict[str, Path]) -> str:
     return message
 
 
+def _accept(service: Service, fields: dict, images: list[tuple[str, bytes]]) -> str:
+    """Write the uploads under a new id, check the request as the CLI does, queue it; the id.
+
+    Blocking (disk, the checks): run in the thread pool. On any failure what
+    was written under the new id is removed.
+    """
+    job_id = new_job_id()
+    folder = service.data.uploads(job_id)
+    paths: dict[str, Path] = {}
+    try:
+        for n, (frame, data) in enumerate(images):
+            if frame in paths:
+                raise _error(422, f"--image: frame {frame} is given twice")
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[frame] = write_bytes(folder / f"image{n}", data)
+        try:
+            checked = service.runner.check(fields, paths)
+        except TempoMasterError as err:
+            raise _error(422, _hide_paths(str(err), paths)) from None
+        h, w = checked.output_size()
+        plan = {"stage_steps": list(checked.steps_per_stage), "intervals": list(checked.frame_intervals),
+                "num_frames": checked.num_frames, "height": h, "width": w, "save_fps": checked.save_fps}
+        stored = {"fields": fields, "images": {frame: p.name for frame, p in paths.items()}, "plan": plan}
+        try:
+            service.store.submit(job_id, stored, service.max_queue)
+        except QueueFull as err:
+            raise _error(429, str(err)) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # only what this request wrote, under its new id
+        raise
+    return job_id
+
+
 def _sse(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
 
@@ -185,11 +235,11 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        backend = service.runner.backend
-        alive = service.worker.is_alive()
+        workers = [{"device": w.runner.device, "alive": w.is_alive(), "running": w.current} for w in service.workers]
+        alive = all(w["alive"] for w in workers)
         return JSONResponse({"status": "ok" if alive else "worker stopped", "worker_alive": alive,
-                             "backend": getattr(backend, "name", None), "device": service.runner.device,
-                             "running": service.worker.current}, status_code=200 if alive else 503)
+                             "backend": getattr(service.runner.backend, "name", None), "workers": workers},
+                            status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -217,35 +267,9 @@ def create_app(service: Service) -> FastAPI:
             raise _error(422, str(err)) from None
         if service.store.counts()["queued"] >= service.max_queue:
             raise _error(429, f"the queue is full ({service.max_queue} waiting jobs, --max-queue); try again later")
-        job_id = new_job_id()
-        folder = service.data.uploads(job_id)
-        paths: dict[str, Path] = {}
-        try:
-            for n, (frame, data) in enumerate(images):
-                if frame in paths:
-                    raise _error(422, f"--image: frame {frame} is given twice")
-                folder.mkdir(parents=True, exist_ok=True)
-                paths[frame] = write_bytes(folder / f"image{n}", data)
-            try:
-                checked = await run_in_threadpool(service.runner.check, fields, paths)
-            except TempoMasterError as err:
-                raise _error(422, _hide_paths(str(err), paths)) from None
-            h, w = checked.output_size()
-            plan = {"stage_steps": list(checked.steps_per_stage), "intervals": list(checked.frame_intervals),
-                    "num_frames": checked.num_frames, "height": h, "width": w, "save_fps": checked.save_fps}
-            stored = {"fields": fields, "images": {frame: p.name for frame, p in paths.items()}, "plan": plan}
-            try:
-                service.store.submit(job_id, stored, service.max_queue)
-            except QueueFull as err:
-                raise _error(429, str(err)) from None
-        except BaseException:
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder, ignore_errors=True)  # only what this request wrote, under its new id
-            raise
+        job_id = await run_in_threadpool(_accept, service, fields, images)
         service.board.publish(job_id, "state", {"state": "queued"})
-        service.worker.wake()
+        service.wake()
         return JSONResponse(job_status(service, service.store.get(job_id)), status_code=201,
                             headers={"Location": f"/v1/videos/{job_id}"})
 
@@ -287,13 +311,11 @@ def create_app(service: Service) -> FastAPI:
         if state == "cancelled":
             if row.state == "queued":
                 service.board.publish(row.id, "state", {"state": "cancelled", "error": "cancelled by a DELETE request"})
-                import shutil
-
                 shutil.rmtree(service.data.uploads(row.id), ignore_errors=True)
                 return {"id": row.id, "state": "cancelled"}
             raise _error(409, f"job {row.id} is cancelled already")
         if state == "running":
-            service.worker.cancel(row.id)
+            service.cancel(row.id)
             return JSONResponse({"id": row.id, "state": "running", "detail": "stops at the next denoising step"},
                                 status_code=202)
         raise _error(409, f"job {row.id} is {state}: nothing to cancel")

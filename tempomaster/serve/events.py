@@ -2,7 +2,9 @@
 
 The worker thread publishes; the routes read. Events carry a sequence
 number per job, so a client that reconnects with Last-Event-ID misses
-nothing and sees nothing twice. Kept in memory for the newest KEEP_JOBS
+nothing and sees nothing twice while the job runs; once it has finished,
+only the last step event of each stage is kept (the others are progress
+that is over). Kept in memory for the newest KEEP_JOBS
 jobs; after a restart a job's stream starts from its stored state.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 KEEP_JOBS = 200
+FINISHED = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ProgressBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._logs: OrderedDict[str, list[dict]] = OrderedDict()
+        self._next: dict[str, int] = {}
         self._live: dict[str, Live] = {}
 
     def publish(self, job_id: str, kind: str, data: dict) -> int:
@@ -53,13 +57,19 @@ class ProgressBoard:
             while len(self._logs) > KEEP_JOBS:
                 old, _ = self._logs.popitem(last=False)
                 self._live.pop(old, None)
-            event = {"seq": len(log) + 1, "event": kind, "data": data}
-            log.append(event)
-            return event["seq"]
+                self._next.pop(old, None)
+            seq = self._next.get(job_id, 0) + 1
+            self._next[job_id] = seq
+            log.append({"seq": seq, "event": kind, "data": data})
+            if kind == "state" and data.get("state") in FINISHED:
+                # a finished job keeps its stage events and the last step of each stage, not every step
+                last_step = {e["data"]["stage"]: e["seq"] for e in log if e["event"] == "step"}
+                log[:] = [e for e in log if e["event"] != "step" or last_step[e["data"]["stage"]] == e["seq"]]
+            return seq
 
     def events_after(self, job_id: str, seq: int) -> list[dict]:
         with self._lock:
-            return list(self._logs.get(job_id, ())[seq:])
+            return [e for e in self._logs.get(job_id, ()) if e["seq"] > seq]
 
     def start(self, job_id: str, stage_steps: list[int], stage_work: list[float]) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import MissingDependencyError, UsageError
@@ -50,8 +50,6 @@ def check_serve_options(options: ServeOptions) -> str | None:
         raise UsageError(f"--port must be in 0..65535, got {options.port}")
     if options.max_queue < 1:
         raise UsageError(f"--max-queue must be >= 1, got {options.max_queue}")
-    if options.base.devices is not None:
-        raise UsageError("--devices: tm-run serve runs its jobs on one device so far; leave --devices out")
     if options.data.exists() and not options.data.is_dir():
         raise UsageError(f"--data: {options.data} exists and is not a directory")
     from ..atomic_write import check_writable_folder
@@ -71,15 +69,34 @@ def require_serve_extra() -> None:
         raise MissingDependencyError(f"tm-run serve needs {', '.join(missing)}: pip install -e '.[serve]'")
 
 
+def worker_devices(options: ServeOptions) -> list[str | None]:
+    """One worker per device of --devices (CUDA indices, or cpu:N), else one on --device."""
+    if options.base.devices is None:
+        return [None]
+    from ..runtime.workers import parse_devices
+
+    devices = parse_devices(options.base.devices)
+    if options.base.device is not None:
+        raise UsageError("--device and --devices: give one of them")
+    return [str(d) if d.type == "cpu" else f"cuda:{d.index}" for d in devices]
+
+
 def build_service(options: ServeOptions, token: str | None, log=print):
-    """Everything but the listening socket: the loaded backend, the recovered store, the (unstarted) worker."""
+    """Everything but the listening socket: the loaded backends, the recovered store, the (unstarted) workers."""
     from .app import Service
     from .events import ProgressBoard
     from .metrics import ServeMetrics
     from .queue import FINISHED, JobStore, looks_like_job_id
     from .worker import DataDir, JobRunner, Worker
 
-    runner = JobRunner(options.base)  # flags checked, nothing loaded yet
+    devices = worker_devices(options)
+    base = options.base
+    if len(devices) > 1 and base.threads is None and devices[0] == "cpu":
+        from ..runtime.request import available_cores
+
+        base = replace(base, threads=max(1, available_cores() // len(devices)))  # the cores shared out
+    runners = [JobRunner(base, device) for device in devices]  # flags checked, nothing loaded yet
+    runner = runners[0]
     data = DataDir(options.data)
     data.create()
     store = JobStore(data.database)
@@ -93,10 +110,11 @@ def build_service(options: ServeOptions, token: str | None, log=print):
         if folder.is_dir() and not folder.is_symlink() and looks_like_job_id(folder.name) and (
                 row is None or row.state in FINISHED):
             shutil.rmtree(folder, ignore_errors=True)  # uploads of a request that was never accepted, or is over
-    runner.load()
+    for each in runners:
+        each.load()
     board, metrics = ProgressBoard(), ServeMetrics()
-    worker = Worker(runner, store, data, board, metrics)
-    return Service(runner=runner, store=store, data=data, board=board, metrics=metrics, worker=worker,
+    workers = [Worker(each, store, data, board, metrics) for each in runners]
+    return Service(runner=runner, store=store, data=data, board=board, metrics=metrics, workers=workers,
                    max_queue=options.max_queue, token=token)
 
 
@@ -113,16 +131,16 @@ def run_serve(options: ServeOptions) -> int:
     service = build_service(options, token, log)
     app = create_app(service)
     counts = service.store.counts()
-    log(f"{service.runner.backend.name} backend on {service.runner.device}, data in {options.data} "
+    log(f"{service.runner.backend.name} backend on {', '.join(w.runner.device for w in service.workers)}, data in {options.data} "
         f"({counts['queued']} queued, {counts['done']} done); http://{options.host}:{options.port}/")
     # uvicorn shuts down gracefully on SIGTERM, then raises it again: end with the worker stopped
     # (its job back in the queue) and exit 0, rather than die by the default handler.
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)
-    service.worker.start()
+    service.start()
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:
-        service.worker.stop()
+        service.stop()
         service.store.close()
         signal.signal(signal.SIGTERM, previous)
         log("stopped")

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import TempoMasterError, UsageError
@@ -74,7 +74,9 @@ class DataDir:
 class JobRunner:
     """The server's options, the model source's defaults, and the loaded backend."""
 
-    def __init__(self, base: GenerateOptions):
+    def __init__(self, base: GenerateOptions, device: str | None = None):
+        if device is not None:
+            base = replace(base, device=device, devices=None)
         self.base = base
         self.defaults, self.preset, self.manifest = preset_defaults(base)
         if base.threads is not None and base.threads < 1:
@@ -131,7 +133,7 @@ class Worker(threading.Thread):
 
     def __init__(self, runner: JobRunner, store: JobStore, data: DataDir, board: ProgressBoard,
                  metrics: ServeMetrics, idle_wait: float = 0.5):
-        super().__init__(name="tempomaster-worker", daemon=True)
+        super().__init__(name=f"tempomaster-worker-{runner.device}", daemon=True)
         self.runner, self.store, self.data, self.board, self.metrics = runner, store, data, board, metrics
         self.idle_wait = idle_wait
         self._wake = threading.Event()
@@ -155,7 +157,12 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            row = self.store.claim_next()
+            try:
+                row = self.store.claim_next()
+            except Exception:  # noqa: BLE001 - a database hiccup (disk full, locked): said, then tried again
+                traceback.print_exc(file=sys.stderr)
+                self._stopping.wait(1.0)
+                continue
             if row is None:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
