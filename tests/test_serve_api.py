@@ -378,3 +378,18 @@ def test_host_rules():
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 
+
+
+def test_the_api_page_lists_every_operation_and_fetches_nothing(client):
+    """/docs is drawn from the OpenAPI schema on the server: no script, stylesheet or image from anywhere."""
+    import re
+
+    res = client.get("/docs")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
+    page = res.text
+    schema = client.get("/openapi.json").json()
+    for path, ops in schema["paths"].items():
+        for method in ops:
+            assert f"{method.upper()} {path}" in page
+    assert "POST /v1/videos" in page
+    assert not re.search(r"<(script|link|img)\b", page, re.I) and "//" not in page.replace("<a href='/openapi.json'>", "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import json
 import shutil
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..atomic_write import write_bytes
@@ -215,12 +216,34 @@ def _accept(service: Service, fields: dict, images: list[tuple[str, bytes]]) -> 
     return job_id
 
 
+def openapi_page(schema: dict) -> str:
+    """The API as one self-contained HTML page: every operation with its summary and responses, the schema linked."""
+    rows = []
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            codes = ", ".join(sorted(op.get("responses", {})))
+            summary = op.get("summary") or op.get("description", "").split("\n")[0]
+            rows.append(f"<tr><td><code>{html.escape(method.upper())} {html.escape(path)}</code></td>"
+                        f"<td>{html.escape(summary)}</td><td>{html.escape(codes)}</td></tr>")
+    info = schema.get("info", {})
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>"
+        f"{html.escape(info.get('title', 'API'))} API</title><style>body{{font:14px sans-serif;margin:2em}}"
+        "td{padding:4px 12px;border-bottom:1px solid #ddd;vertical-align:top}</style></head><body>"
+        f"<h1>{html.escape(info.get('title', 'API'))} API v{html.escape(str(info.get('version', '')))}</h1>"
+        f"<p>{html.escape(info.get('description', ''))}</p><p>The full OpenAPI schema: "
+        "<a href='/openapi.json'>/openapi.json</a></p><table><tr><th>operation</th><th>what</th>"
+        f"<th>responses</th></tr>{''.join(rows)}</table></body></html>"
+    )
+
+
 def _sse(event: dict) -> str:
     return f"id: {event['seq']}\nevent: {event['event']}\ndata: {json.dumps(event['data'])}\n\n"
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="TempoMaster", version="1",
+    # FastAPI's own /docs page loads Swagger UI from a CDN; ours is drawn here from the schema, nothing fetched
+    app = FastAPI(title="TempoMaster", version="1", docs_url=None, redoc_url=None,
                   description="Next-frame-rate video generation: the 6 fps blueprint first, then 12 and 24 fps.")
     pages = {path: (_page(name), media) for path, (name, media) in PAGE_FILES.items()}
     app.state.service = service
@@ -232,6 +255,10 @@ def create_app(service: Service) -> FastAPI:
     app.get("/", include_in_schema=False)(lambda: page("/"))
     app.get("/page/app.js", include_in_schema=False)(lambda: page("/page/app.js"))
     app.get("/page/style.css", include_in_schema=False)(lambda: page("/page/style.css"))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(openapi_page(app.openapi()), headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz")
     async def healthz():
