@@ -46,23 +46,22 @@ def cache_names(n: int) -> tuple[list[str], list[str]]:
     return [f"cache_in_{i:02d}" for i in range(n)], [f"cache_out_{i:02d}" for i in range(n)]
 
 
-class VAEEncoderStep(torch.nn.Module):
+class _VAEStep(torch.nn.Module):
+    """One causal step as a graph: (input, caches...) -> (output, new caches...)."""
+
     def __init__(self, vae, first: bool):
         super().__init__()
         self.vae = vae
         self.first = first
 
-    def forward(self, frames, caches):
+
+class VAEEncoderStep(_VAEStep):
+    def forward(self, frames, caches):  # the graph's input names come from these arguments
         latents, new = self.vae.encoder_step(frames, list(caches), self.first)
         return latents, *new
 
 
-class VAEDecoderStep(torch.nn.Module):
-    def __init__(self, vae, first: bool):
-        super().__init__()
-        self.vae = vae
-        self.first = first
-
+class VAEDecoderStep(_VAEStep):
     def forward(self, latents, caches):
         frames, new = self.vae.decoder_step(latents, list(caches), self.first)
         return frames, *new
