@@ -61,6 +61,9 @@ class GenerateOptions:
     timeout: float = 600.0  # seconds a rank waits at any exchange before all stop
     sequence_parallel: bool = True  # Ulysses inside a sequence when a step has fewer sequences than ranks
     profile: Path | None = None  # write a Chrome trace, breakdown.json and stages.png per video here
+    cache: str | None = None  # step cache: off | safe | fast (None: off, or custom with cache_thresholds)
+    cache_thresholds: Sequence[float] | None = None  # one accumulated-error bound per stage, in [0, 1]
+    cache_curves: Path | None = None  # calibrated magnitude curves (default: magnitude_curves.json beside the weights)
 
 
 @dataclass
@@ -285,6 +288,7 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     except ValueError as err:
         raise UsageError(str(err)) from None
     clip_frames = round_num_frames(settings["num_frames"])
+    step_cache = step_cache_policy(options, len(settings["frame_intervals"]))
 
     jobs = []
     opened: dict[Path, object] = {}  # one decoded copy of a file, however many videos use it (--prompts with --image)
@@ -296,7 +300,8 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
                 opened[path] = open_reference_image(path, where)
         images = {frame: opened[path] for frame, path in frames.items()}
         request = GenerationRequest(
-            prompt=prompt, ref_images=images, seed=options.seed, cast_timestep=options.cast_timestep, **settings
+            prompt=prompt, ref_images=images, seed=options.seed, cast_timestep=options.cast_timestep,
+            step_cache=step_cache, **settings
         )
         try:
             request.validate()
@@ -304,6 +309,76 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
             raise UsageError(str(err)) from None
         jobs.append(Job(name=name, request=request))
     return jobs
+
+
+# ----------------------------------------------------------------------------
+# The step cache
+# ----------------------------------------------------------------------------
+
+def cache_curves_path(options: GenerateOptions) -> Path | None:
+    """Where the model source's calibrated magnitude curves are: --cache-curves, else beside its weights."""
+    from ..errors import CheckpointError
+    from ..models.presets import DEFAULT_PRESET, get_preset, packaged_weights_dir
+    from .step_cache import CURVES_FILE
+
+    if options.cache_curves is not None:
+        return options.cache_curves
+    if options.engines is not None:
+        return options.engines / CURVES_FILE
+    if options.checkpoints is not None:
+        return options.checkpoints / CURVES_FILE
+    if options.config is not None:
+        from ..models.checkpoints import CheckpointPaths
+        from ..models.sources import release_config_has_models
+
+        try:
+            if release_config_has_models(options.config):
+                return CheckpointPaths.from_release_config(options.config).dit.parent / CURVES_FILE
+        except CheckpointError as err:
+            raise UsageError(f"--config: {err}") from None
+    try:
+        preset = get_preset(options.preset or DEFAULT_PRESET)
+    except ValueError as err:
+        raise UsageError(f"--preset: {err}") from None
+    return packaged_weights_dir(preset) / CURVES_FILE if preset.packaged_weights else None
+
+
+def step_cache_policy(options: GenerateOptions, num_stages: int):
+    """The request's `StepCachePolicy` (None: every step calls the DiT), checked before any model loads."""
+    from .step_cache import (
+        CACHE_MODES, POLICY_MAX_SKIPS, StepCachePolicy, check_thresholds, load_curves, stage_thresholds,
+    )
+
+    mode = options.cache
+    if mode is not None and mode not in CACHE_MODES:
+        raise UsageError(f"--cache: {mode!r} is not a step-cache policy (accepted: {', '.join(CACHE_MODES)})")
+    if options.cache_thresholds is not None:
+        if mode == "off":
+            raise UsageError("--cache-threshold: the step cache is off (--cache off); give --cache safe or fast, or leave --cache out")
+        try:
+            thresholds = check_thresholds(options.cache_thresholds, num_stages)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    elif mode in (None, "off"):
+        return None
+    else:
+        thresholds = stage_thresholds(mode, num_stages)
+    path = cache_curves_path(options)
+    flag = f"--cache {mode}" if mode else "--cache-threshold"
+    if options.cache_curves is not None and not path.is_file():
+        raise UsageError(f"--cache-curves: {path}: no such file")
+    if path is None or not path.is_file():
+        where = f"no {path}" if path is not None else f"preset {options.preset!r} ships none"
+        raise UsageError(f"{flag}: the step cache needs the model's calibrated magnitude curves ({where}); "
+                         f"give --cache-curves FILE (benchmarks/bench_step_cache.py --calibrate writes one)")
+    try:
+        curves = load_curves(path)
+    except ValueError as err:
+        raise UsageError(f"--cache-curves: {err}") from None
+    if len(curves) < num_stages:
+        raise UsageError(f"--cache-curves: {path} holds curves for {len(curves)} stage(s); the request has {num_stages}")
+    return StepCachePolicy(thresholds=thresholds, curves=curves[:num_stages], name=mode or "custom",
+                           max_skips=POLICY_MAX_SKIPS.get(mode, POLICY_MAX_SKIPS["safe"]))
 
 
 # ----------------------------------------------------------------------------

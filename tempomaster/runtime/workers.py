@@ -248,11 +248,13 @@ class VideoReport:
     dit_calls: int
     ranks: tuple[int, ...]
     backend: str
+    dit_skipped: int = 0  # steps the step cache answered with the last DiT output
 
     def line(self) -> str:
         return (
             f"[{self.name}] {self.num_frames} frames {self.width}x{self.height} at {self.fps:g} fps -> {self.paths[0]} "
-            f"({self.seconds:.2f} s on rank(s) {','.join(map(str, self.ranks))}, {self.backend}, {self.dit_calls} DiT calls)"
+            f"({self.seconds:.2f} s on rank(s) {','.join(map(str, self.ranks))}, {self.backend}, {self.dit_calls} DiT calls"
+            f"{f', {self.dit_skipped} skipped (step cache)' if self.dit_skipped else ''})"
         )
 
 
@@ -309,7 +311,7 @@ def run_videos(
         paths = write_video(result, job) if write else (job.out,)
         report = VideoReport(
             job.name, paths, result.video.num_frames, result.height, result.width, result.video.fps,
-            result.seconds, result.dit_calls, group.ranks, dist_backend.name,
+            result.seconds, result.dit_calls, group.ranks, dist_backend.name, result.dit_skipped,
         )
         out.append((i, (report, result, dist_backend.placements) if keep_frames else report))
     _wait_for_all(world)
