@@ -204,7 +204,7 @@ def test_blueprints_spread_over_two_ranks_equal_one_process(tmp_path):
     kw = dict(seed=0, seeds=(3, 4), stop_after=0, steps=(1, 1, 1))
     spread = run_generate(_options(tmp_path / "two" / "bp.mp4", devices="cpu:2", **kw), echo=lambda _: None)
     single = run_generate(_options(tmp_path / "one" / "bp.mp4", **kw), echo=lambda _: None)
-    assert len(spread.lines) == 2 and all("state:" in line for line in spread.lines)
+    assert len(spread.lines) == len(single.lines) == 2 and all("state:" in line for line in spread.lines)
     for seed in (3, 4):
         a = json.loads((tmp_path / "two" / f"bp_seed{seed}.state.json").read_text())
         b = json.loads((tmp_path / "one" / f"bp_seed{seed}.state.json").read_text())

@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(stages.png) to DIR; one subdirectory per video when there are several")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_blueprint_flags(p)
+    p.add_argument("--cache", choices=["off", "safe", "fast"], default=None,
+                   help="step cache (MagCache): skip DiT calls whose output would barely change and reuse the last one; "
+                        "safe keeps the toy's quality tests and >= 30 dB against the uncached video, fast trades more (default off)")
+    p.add_argument("--cache-threshold", type=number_list("--cache-threshold", float, "0.05,0.15,0.2", low=0, high=1),
+                   metavar="A,B,C", help="the step cache's accumulated-error bound per stage, in [0, 1] (0: never skip in that stage); "
+                                         "overrides the --cache policy's, or turns the cache on alone")
+    p.add_argument("--cache-curves", type=Path, metavar="FILE",
+                   help="the model's calibrated magnitude curves (default: magnitude_curves.json beside its weights or in the build)")
 
     p = sub.add_parser("plan", help="how generate would place its work on N devices, without loading any model")
     _add_request(p)
@@ -139,6 +147,8 @@ def _options(args):
         devices=getattr(args, "devices", None) if args.command == "generate" else None,
         timeout=getattr(args, "timeout", 600.0), profile=getattr(args, "profile", None),
         **_blueprint_options(args),
+        cache=getattr(args, "cache", None), cache_thresholds=getattr(args, "cache_threshold", None),
+        cache_curves=getattr(args, "cache_curves", None),
     )
 
 

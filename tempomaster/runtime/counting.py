@@ -37,6 +37,8 @@ class BackendCalls:
     vae_decode_items: int = 0
     # DiT calls the release makes for the same settings (cond and uncond apart)
     release_dit: int = 0
+    # steps that reused the cached DiT output instead of a call (step cache); dit counts only the calls
+    dit_skipped: int = 0
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -49,6 +51,8 @@ def expected_backend_calls(
     guidance_scale: float,
     vae_batch: int = 1,
     vae_encode_batch: int | None = None,
+    step_cache=None,
+    shift_per_stage: Sequence[float] = (5.0, 3.0, 3.0),
 ) -> BackendCalls:
     """What `pipeline.generate` must make for these settings, from the stage plan alone.
 
@@ -57,7 +61,8 @@ def expected_backend_calls(
     the guidance scale is 1), VAE encodes of `vae_encode_batch` active chunks
     each (None: the whole stage in one call) and VAE decodes of `vae_batch`
     active chunks each (one chunk per call on one device). Chunks of nothing
-    but padding are never sent.
+    but padding are never sent. With a `step_cache` policy, the steps its
+    plan skips (at these steps and shifts) are counted in dit_skipped, not in dit.
     """
     stages = plan_stages(round_num_frames(num_frames), frame_intervals)
     guided = guidance_scale != 1.0
@@ -65,15 +70,22 @@ def expected_backend_calls(
     active = [len(s.active_chunks) for s in stages]
     encodes = sum(-(-n // (vae_encode_batch or n)) for n in active)
     decodes = sum(-(-n // vae_batch) for n in active)
+    skipped = 0
+    if step_cache is not None:
+        from .schedule import StageSchedule
+
+        for s, (steps, shift) in enumerate(zip(steps_per_stage, shift_per_stage)):
+            skipped += sum(step_cache.plan(s, StageSchedule.create(steps, shift).sigmas.tolist(), guided))
     return BackendCalls(
         text=1,
-        dit=sum(steps_per_stage),
+        dit=sum(steps_per_stage) - skipped,
         vae_encode=encodes,
         vae_decode=decodes,
         dit_batches=tuple(per_dit * n for n in active),
         vae_encode_items=sum(active),
         vae_decode_items=sum(active),
         release_dit=per_dit * sum(steps_per_stage),
+        dit_skipped=skipped,
     )
 
 
@@ -96,6 +108,7 @@ class CallLog:
     vae_decode: int = 0
     vae_encode_items: int = 0
     vae_decode_items: int = 0
+    dit_skipped: int = 0  # steps the step cache answered without a call (counted by `CountingBackend.step_end`)
     velocity: list[VelocityCall] = field(default_factory=list)
 
     def dit_batches(self) -> tuple[int, ...]:
@@ -107,7 +120,7 @@ class CallLog:
 
     def as_calls(self, release_dit: int = 0) -> BackendCalls:
         return BackendCalls(self.text, self.dit, self.vae_encode, self.vae_decode, self.dit_batches(),
-                            self.vae_encode_items, self.vae_decode_items, release_dit)
+                            self.vae_encode_items, self.vae_decode_items, release_dit, self.dit_skipped)
 
 
 class CountingBackend(BackendWrapper):
@@ -143,6 +156,10 @@ class CountingBackend(BackendWrapper):
             storage={k: t.data_ptr() for k, t in tensors.items()},
         ))
         return self.inner.velocity(x, y, timestep, context, rope_cos, rope_sin)
+
+    def step_end(self, event) -> None:
+        """A `generate` step callback: counts the steps the step cache skipped (they never reach `velocity`)."""
+        self.log.dit_skipped += int(getattr(event, "skipped", False))
 
     def vae_encode(self, video):
         if self._last != "vae_encode":  # the first of a stage's condition encodes

@@ -55,8 +55,14 @@ class GenerateReport:
     written: list[Path]
 
 
+def _skipped(count: int, cached: bool) -> str:
+    """The step cache's share of a summary line: the steps that reused a DiT output; nothing with the cache off."""
+    return f", {count} skipped (step cache)" if cached else ""
+
+
 def summarise(job: Job, result, written: list[Path], backend_name: str, write_seconds: float) -> str:
     video = result.video
+    cached = getattr(job.request, "step_cache", None) is not None
     lines = [
         f"[{job.name}] {video.num_frames} frames {result.width}x{result.height} at {video.fps:g} fps "
         f"-> {written[0]}",
@@ -66,7 +72,8 @@ def summarise(job: Job, result, written: list[Path], backend_name: str, write_se
         where = f" -> {path}" if path is not None else ""
         lines.append(
             f"  stage {stage.index}: interval {stage.interval}, {stage.num_frames} frames at {stage.fps:g} fps, "
-            f"{stage.seconds:.2f} s, {stage.dit_calls} DiT calls (batch {stage.dit_batch}){where}"
+            f"{stage.seconds:.2f} s, {stage.dit_calls} DiT calls (batch {stage.dit_batch})"
+            f"{_skipped(stage.dit_skipped, cached)}{where}"
         )
     overhead = result.seconds - result.backend_seconds
     lines.append(
@@ -74,5 +81,6 @@ def summarise(job: Job, result, written: list[Path], backend_name: str, write_se
         f"{overhead:.2f} s runtime overhead ({100 * overhead / max(result.seconds, 1e-9):.1f}%), "
         f"writing {write_seconds:.2f} s"
     )
-    lines.append(f"  DiT calls: {result.dit_calls} (the reference makes {result.reference_dit_calls} for these settings)")
+    lines.append(f"  DiT calls: {result.dit_calls}{_skipped(result.dit_skipped, cached)} "
+                 f"(the reference makes {result.reference_dit_calls} for these settings)")
     return "\n".join(lines)

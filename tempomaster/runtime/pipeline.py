@@ -30,6 +30,7 @@ from ..planner import (
     validate_run_config,
 )
 from .schedule import StageSchedule, euler_step, model_timestep
+from .step_cache import StepCachePolicy
 
 DEFAULT_NEGATIVE_PROMPT = (
     "jittery, shaky, fliker, unstable, static, ultra slow motion, distorted, blurry details, "
@@ -56,6 +57,8 @@ class GenerationRequest:
     save_fps: float = 24.0
     # The reference rounds the timestep to the model dtype before embedding it.
     cast_timestep: bool = False
+    # Which steps reuse the last DiT output instead of calling the DiT (runtime/step_cache.py); None: every step calls it.
+    step_cache: StepCachePolicy | None = None
 
     def validate(self) -> None:
         validate_run_config(
@@ -81,6 +84,7 @@ class StageOutput:
     seconds: float
     dit_calls: int
     dit_batch: int = 0  # sequences per DiT call (active chunks, x2 with guidance)
+    dit_skipped: int = 0  # steps that reused the cached DiT output (step cache)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class GenerationResult:
     reference_dit_calls: int  # what the reference makes for the same settings
     seconds: float
     backend_seconds: float  # time inside backend calls; the rest is the runtime's own
+    dit_skipped: int = 0  # steps that reused the cached DiT output instead of a call (step cache)
 
     @property
     def video(self) -> StageOutput:
@@ -105,6 +110,8 @@ class StepEvent:
     inputs are the DiT call's `(x, y, timestep, context, rope_cos, rope_sin)`,
     velocity its raw output for that whole batch (cond and uncond halves when
     guided, before guidance), latents the stage's x after this step's update.
+    skipped: the step cache reused the last computed step's output (velocity
+    is that output) instead of calling the DiT on these inputs.
     """
 
     stage: int
@@ -115,6 +122,7 @@ class StepEvent:
     inputs: tuple[torch.Tensor, ...]
     velocity: torch.Tensor
     latents: torch.Tensor
+    skipped: bool = False
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -238,6 +246,9 @@ def denoise_stage(
     """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made.
 
     `on_step_end` gets a `StepEvent` after every step (it may raise to stop the run).
+    With `request.step_cache`, the steps its plan marks reuse the last DiT
+    output (cond and uncond together: one decision per batched call) and
+    are not counted as calls.
     """
     info = backend.info
     device = backend.device
@@ -267,15 +278,23 @@ def denoise_stage(
     timesteps = host_timesteps.to(device)  # moved once; guidance reads the host copy (no device sync per step)
     apg = APGState()
     calls = 0
+    # Decided from the calibrated curve and the schedule alone, so every rank skips the same steps.
+    skips = (request.step_cache.plan(stage.index, schedule.sigmas.tolist(), guided)
+             if request.step_cache is not None else (False,) * schedule.num_steps)
+    cached = None
     for i in range(schedule.num_steps):
         t = timesteps[i]
         # The DiT concatenates x with y: hand it x in y's dtype so y is never promoted back.
         x_model = x.to(info.dit_dtype)
         x_in = torch.cat([x_model, x_model]) if guided else x_model
         inputs = (x_in, y_in, t, ctx, cos, sin)
-        with clock.timing():
-            raw = backend.velocity(*inputs)
-        calls += 1
+        if skips[i]:
+            raw = cached
+        else:
+            with clock.timing():
+                raw = backend.velocity(*inputs)
+            calls += 1
+            cached = raw if request.step_cache is not None else None
         v = raw.float()
         if guided:
             v_cond, v_uncond = v.chunk(2)
@@ -284,7 +303,7 @@ def denoise_stage(
         raise_if_interrupted()
         if on_step_end is not None:
             on_step_end(StepEvent(stage.index, i, schedule.num_steps, schedule.sigma(i), schedule.sigma_next(i),
-                                  inputs, raw, x))
+                                  inputs, raw, x, skips[i]))
     return x, calls
 
 
@@ -416,7 +435,7 @@ def generate(
         previous = decode_stage(backend, latents, stage, clock)
         outputs.append(
             StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start,
-                        calls, dit_batch=y.shape[0] * (2 if guided else 1))
+                        calls, dit_batch=y.shape[0] * (2 if guided else 1), dit_skipped=steps - calls)
         )
         del y, latents
         if on_stage_end is not None:
@@ -433,4 +452,5 @@ def generate(
         reference_dit_calls=count_reference_dit_calls(request, [out.index for out in outputs]),
         seconds=time.perf_counter() - start,
         backend_seconds=clock.seconds,
+        dit_skipped=sum(out.dit_skipped for out in outputs),
     )

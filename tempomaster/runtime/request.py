@@ -63,6 +63,9 @@ class GenerateOptions:
     profile: Path | None = None  # write a Chrome trace, breakdown.json and stages.png per video here
     seeds: Sequence[int] | None = None  # --seeds: one video per prompt and seed (instead of --seed)
     stop_after: int | None = None  # --stop-after K: stop after stage K, write its video and a state to refine
+    cache: str | None = None  # step cache: off | safe | fast (None: off, or custom with cache_thresholds)
+    cache_thresholds: Sequence[float] | None = None  # one accumulated-error bound per stage, in [0, 1]
+    cache_curves: Path | None = None  # calibrated magnitude curves (default: magnitude_curves.json beside the weights)
 
 
 @dataclass
@@ -317,6 +320,7 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     except ValueError as err:
         raise UsageError(str(err)) from None
     clip_frames = round_num_frames(settings["num_frames"])
+    step_cache = step_cache_policy(options, len(settings["frame_intervals"]))
 
     seeds = (options.seed,) if options.seeds is None else tuple(options.seeds)
     if options.seeds is not None and options.seed != 0:
@@ -338,7 +342,8 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
         images = {frame: opened[path] for frame, path in frames.items()}
         for seed in seeds:
             request = GenerationRequest(
-                prompt=prompt, ref_images=images, seed=seed, cast_timestep=options.cast_timestep, **settings
+                prompt=prompt, ref_images=images, seed=seed, cast_timestep=options.cast_timestep,
+                step_cache=step_cache, **settings
             )
             try:
                 request.validate()
@@ -348,6 +353,76 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
             label = name if options.seeds is None else (f"seed{seed}" if name == "video" else f"{name}_seed{seed}")
             jobs.append(Job(name=label, request=request))
     return jobs
+
+
+# ----------------------------------------------------------------------------
+# The step cache
+# ----------------------------------------------------------------------------
+
+def cache_curves_path(options: GenerateOptions) -> Path | None:
+    """Where the model source's calibrated magnitude curves are: --cache-curves, else beside its weights."""
+    from ..errors import CheckpointError
+    from ..models.presets import DEFAULT_PRESET, get_preset, packaged_weights_dir
+    from .step_cache import CURVES_FILE
+
+    if options.cache_curves is not None:
+        return options.cache_curves
+    if options.engines is not None:
+        return options.engines / CURVES_FILE
+    if options.checkpoints is not None:
+        return options.checkpoints / CURVES_FILE
+    if options.config is not None:
+        from ..models.checkpoints import CheckpointPaths
+        from ..models.sources import release_config_has_models
+
+        try:
+            if release_config_has_models(options.config):
+                return CheckpointPaths.from_release_config(options.config).dit.parent / CURVES_FILE
+        except CheckpointError as err:
+            raise UsageError(f"--config: {err}") from None
+    try:
+        preset = get_preset(options.preset or DEFAULT_PRESET)
+    except ValueError as err:
+        raise UsageError(f"--preset: {err}") from None
+    return packaged_weights_dir(preset) / CURVES_FILE if preset.packaged_weights else None
+
+
+def step_cache_policy(options: GenerateOptions, num_stages: int):
+    """The request's `StepCachePolicy` (None: every step calls the DiT), checked before any model loads."""
+    from .step_cache import (
+        CACHE_MODES, POLICY_MAX_SKIPS, StepCachePolicy, check_thresholds, load_curves, stage_thresholds,
+    )
+
+    mode = options.cache
+    if mode is not None and mode not in CACHE_MODES:
+        raise UsageError(f"--cache: {mode!r} is not a step-cache policy (accepted: {', '.join(CACHE_MODES)})")
+    if options.cache_thresholds is not None:
+        if mode == "off":
+            raise UsageError("--cache-threshold: the step cache is off (--cache off); give --cache safe or fast, or leave --cache out")
+        try:
+            thresholds = check_thresholds(options.cache_thresholds, num_stages)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    elif mode in (None, "off"):
+        return None
+    else:
+        thresholds = stage_thresholds(mode, num_stages)
+    path = cache_curves_path(options)
+    flag = f"--cache {mode}" if mode else "--cache-threshold"
+    if options.cache_curves is not None and not path.is_file():
+        raise UsageError(f"--cache-curves: {path}: no such file")
+    if path is None or not path.is_file():
+        where = f"no {path}" if path is not None else f"preset {options.preset!r} ships none"
+        raise UsageError(f"{flag}: the step cache needs the model's calibrated magnitude curves ({where}); "
+                         f"give --cache-curves FILE (benchmarks/bench_step_cache.py --calibrate writes one)")
+    try:
+        curves = load_curves(path)
+    except ValueError as err:
+        raise UsageError(f"--cache-curves: {err}") from None
+    if len(curves) < num_stages:
+        raise UsageError(f"--cache-curves: {path} holds curves for {len(curves)} stage(s); the request has {num_stages}")
+    return StepCachePolicy(thresholds=thresholds, curves=curves[:num_stages], name=mode or "custom",
+                           max_skips=POLICY_MAX_SKIPS.get(mode, POLICY_MAX_SKIPS["safe"]))
 
 
 # ----------------------------------------------------------------------------

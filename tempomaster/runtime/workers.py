@@ -250,11 +250,13 @@ class VideoReport:
     ranks: tuple[int, ...]
     backend: str
     blueprint_tile: object = None  # with --stop-after: the clip's middle frame (uint8 [H, W, 3]) for a contact sheet
+    dit_skipped: int = 0  # steps the step cache answered with the last DiT output
 
     def line(self) -> str:
         return (
             f"[{self.name}] {self.num_frames} frames {self.width}x{self.height} at {self.fps:g} fps -> {self.paths[0]} "
-            f"({self.seconds:.2f} s on rank(s) {','.join(map(str, self.ranks))}, {self.backend}, {self.dit_calls} DiT calls)"
+            f"({self.seconds:.2f} s on rank(s) {','.join(map(str, self.ranks))}, {self.backend}, {self.dit_calls} DiT calls"
+            f"{f', {self.dit_skipped} skipped (step cache)' if self.dit_skipped else ''})"
         )
 
 
@@ -319,7 +321,8 @@ def run_videos(
             tile = middle_frame(result.video.frames)
         report = VideoReport(
             job.name, paths, result.video.num_frames, result.height, result.width, result.video.fps,
-            result.seconds, result.dit_calls, group.ranks, dist_backend.name, tile,
+            result.seconds, result.dit_calls, group.ranks, dist_backend.name,
+            blueprint_tile=tile, dit_skipped=result.dit_skipped,
         )
         out.append((i, (report, result, dist_backend.placements) if keep_frames else report))
     _wait_for_all(world)
