@@ -5,9 +5,17 @@ the preset's shape), then generates held-out captions unquantized and with
 the FP8 DiT (the same float8 cast as the exported Q/DQ graph), and reports
 beside the velocity error and PSNR what `tempomaster.toy.quality` finds in
 each video: is the object there, does it move smoothly, does the video keep
-its blueprint.
+its blueprint. Variants: FP8 Linears (`all_stages`), FP8 Linears with
+stage-0 scales (`stage0_only`) and all FP8 (`all_fp8`: Linears and the
+self-attentions' q, k, v, the export's default).
 
-    python -m benchmarks.fp8_report_toy [--calib-prompts 12] [--report-prompts 4]
+A prompt passes when its video meets the toy's own bounds (docs/toy.md,
+tests/test_toy_quality.py): the colour found in >= 90% of the frames, no
+centroid step over 6 px, a sliding object moved >= 8 px the asked way, the
+final frames >= 20 dB from their blueprint. The summary lists, per variant,
+the prompts that pass unquantized and fail with FP8.
+
+    python -m benchmarks.fp8_report_toy [--calib-prompts 12] [--report-prompts 6]
         [--out benchmarks/results/fp8_report_toy.json]
 """
 from __future__ import annotations
@@ -21,6 +29,25 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_backends import write_json
+
+PRESENCE_BOUND = 0.9
+JUMP_BOUND_PX = 6.0
+BLUEPRINT_BOUND_DB = 20.0
+
+
+def toy_checks(q: dict) -> dict[str, bool]:
+    """The toy's per-video bounds (docs/toy.md): which of them this video meets."""
+    jump = q["max_jump"]
+    return {
+        "object_found": q["presence"] >= PRESENCE_BOUND,
+        "smooth": jump == jump and jump <= JUMP_BOUND_PX,  # NaN: never found twice in a row
+        "follows_motion": q["follows_motion"] is not False,
+        "keeps_blueprint": q["blueprint_psnr"] is not None and q["blueprint_psnr"] >= BLUEPRINT_BOUND_DB,
+    }
+
+
+def passes(q: dict) -> bool:
+    return all(toy_checks(q).values())
 
 
 def toy_prompt_split(calib: int, report: int) -> tuple[list[str], list[str]]:
@@ -38,7 +65,7 @@ def toy_prompt_split(calib: int, report: int) -> tuple[list[str], list[str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib-prompts", type=int, default=12)
-    p.add_argument("--report-prompts", type=int, default=4)
+    p.add_argument("--report-prompts", type=int, default=6)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fp8_report_toy.json"))
     args = p.parse_args(argv)
 
@@ -67,9 +94,22 @@ def main(argv=None) -> int:
         print(prompt)
         for variant, q in figures.items():
             print(f"  {variant:<12} presence {q['presence']:.2f}  max jump {q['max_jump']:.2f} px  "
-                  f"blueprint PSNR {q['blueprint_psnr']:.2f} dB  follows motion {q['follows_motion']}")
+                  f"blueprint PSNR {q['blueprint_psnr']:.2f} dB  follows motion {q['follows_motion']}  "
+                  f"{'pass' if passes(q) else 'FAIL ' + ','.join(k for k, ok in toy_checks(q).items() if not ok)}")
+    measures = report["video_measures"]
+    passing = [p for p, f in measures.items() if passes(f["unquantized"])]
+    kept = {v: {"passes": [p for p in measures if passes(measures[p][v])],
+                "lost": [p for p in passing if not passes(measures[p][v])]}
+            for v in report["variants"]}
+    print(f"pass unquantized: {len(passing)} of {len(measures)}")
+    for v, k in kept.items():
+        print(f"  {v:<12} passes {len(k['passes'])} of {len(measures)}; of the unquantized passes, lost {len(k['lost'])}"
+              + (f": {k['lost']}" if k["lost"] else ""))
     out = {"note": __doc__.split("\n\n")[1].replace("\n", " "), "calibration_prompts": calib,
-           "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1), "report": report}
+           "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1),
+           "bounds": {"presence": PRESENCE_BOUND, "max_jump_px": JUMP_BOUND_PX, "blueprint_psnr_db": BLUEPRINT_BOUND_DB,
+                      "motion_px": 8.0},
+           "pass_unquantized": passing, "kept": kept, "report": report}
     write_json(out, args.out)
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return 0

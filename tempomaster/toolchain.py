@@ -91,7 +91,7 @@ def export_and_build(
 
 def _fp8_export_and_build(out, options: EngineOptions, fp8: Mapping[str, object], *, log, progress, **source) -> BuildResult:
     """The calibrated FP8 ONNX (calibration.export.fp8_build), then the plans: TensorRT 11 reads FP8 from the Q/DQ nodes."""
-    from .calibration.export import fp8_build
+    from .calibration.export import describe_fp8, fp8_build
 
     if fp8.get("twin"):
         raise UsageError("--fp8-twin is an fp32-based graph for onnxruntime checks, not for TensorRT engines; use tm-export onnx")
@@ -100,6 +100,7 @@ def _fp8_export_and_build(out, options: EngineOptions, fp8: Mapping[str, object]
     manifest = fp8_build(out, progress=progress, extra={ENGINE_REQUEST_KEY: options.as_dict()}, **source, **fp8)
     onnx_seconds = time.perf_counter() - t0
     log(f"[I] ONNX: {len(manifest['graphs'])} graphs in {onnx_seconds:.1f}s")
+    log(f"[I] {describe_fp8(manifest)}")
     t1 = time.perf_counter()
     section = build_engines(out, options, graphs=source.get("graphs"), log=log)
     return BuildResult(Path(out), "fp8", onnx_seconds, time.perf_counter() - t1, section)

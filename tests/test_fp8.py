@@ -64,12 +64,12 @@ def _fp8_build(tmp_path_factory, tiny_models, calibrated, **kw):
 
 @pytest.fixture(scope="module")
 def twin_build(tmp_path_factory, tiny_models, calibrated):
-    return _fp8_build(tmp_path_factory, tiny_models, calibrated, twin=True)
+    return _fp8_build(tmp_path_factory, tiny_models, calibrated, twin=True, attention=True)
 
 
 @pytest.fixture(scope="module")
 def bf16_build(tmp_path_factory, tiny_models, calibrated):
-    return _fp8_build(tmp_path_factory, tiny_models, calibrated, base="bf16")
+    return _fp8_build(tmp_path_factory, tiny_models, calibrated, base="bf16", attention=True)
 
 
 # ----------------------------------------------------------------------------
@@ -378,7 +378,8 @@ def test_calibration_without_attention_refused(calibrated, tiny_models, tmp_path
     path.parent.mkdir()
     path.write_text(json.dumps(old), encoding="utf-8")
     with pytest.raises(UsageError, match=r"old/amax.json: no \"attention\" section .* --fp8-attention off$"):
-        export_fp8_onnx(tiny_models, SHAPE, tmp_path / "b", calibration=path, graphs=["dit"], progress=False, log=None)
+        export_fp8_onnx(tiny_models, SHAPE, tmp_path / "b", calibration=path, graphs=["dit"], attention=True,
+                        progress=False, log=None)
     assert not (tmp_path / "b").exists()
 
 
@@ -544,7 +545,7 @@ def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrate
     out = tmp_path_factory.mktemp("fp8c") / "b"
     shutil.copytree(build_dir / "calibration", out / "calibration")
     man = export_fp8_onnx(tiny_models, SHAPE, out, calibrate_now=False, graphs=["dit"], twin=True, skip_blocks="1",
-                          weight_scale="channel", cross_attention=True, progress=False, log=None)
+                          weight_scale="channel", attention=True, cross_attention=True, progress=False, log=None)
     assert man["fp8"]["skip_blocks"] == [1] and man["fp8"]["weight_scale"] == "channel"
     assert man["fp8"]["attention"]["quantized"] == ["blocks.0.self_attn", "blocks.0.cross_attn"]
     assert man["files"]["calibration/amax.json"]["sha256"] == sha256_file(cal.path)

@@ -55,11 +55,12 @@ def test_cli_fp8_attention_flags():
     from tempomaster.cli.export import _fp8_options, build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["onnx", "--precision", "fp8", "--out", "b", "--fp8-cross-attention", "on", "--calib-set", "full"])
+    args = parser.parse_args(["onnx", "--precision", "fp8", "--out", "b", "--fp8-attention", "on",
+                              "--fp8-cross-attention", "on", "--calib-set", "full"])
     opts = _fp8_options(args)
     assert opts["attention"] is True and opts["cross_attention"] is True and opts["calib_set"] == "full"
-    assert _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b"]))["calib_set"] == "small"
-    assert _fp8_options(parser.parse_args(["onnx", "--precision", "fp8", "--out", "b", "--fp8-attention", "off"]))["attention"] is False
-    for flags in (["--fp8-attention", "off"], ["--fp8-cross-attention", "on"], ["--calib-set", "full"]):
+    defaults = _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b"]))
+    assert defaults["calib_set"] == "small" and defaults["attention"] is False and defaults["cross_attention"] is False
+    for flags in (["--fp8-attention", "on"], ["--fp8-cross-attention", "on"], ["--calib-set", "full"]):
         with pytest.raises(UsageError, match=f"{flags[0]}: only with --precision fp8"):
             _fp8_options(parser.parse_args(["onnx", "--precision", "bf16", "--out", "b", *flags]))

@@ -38,8 +38,9 @@ def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
                    help="denoising steps per stage while calibrating (default: the --calib-set's share of the "
                         "preset's); fewer steps cover the same noise levels more coarsely")
     p.add_argument("--calib-set", choices=["small", "full"], default="small",
-                   help="small (default): 4 built-in prompts at a quarter of the preset's steps, within 1/8 of the "
-                        "full set's scales (benchmarks/calibration_convergence.py); full: all 36 at every step")
+                   help="small (default): 4 built-in prompts at a quarter of the preset's steps (on the toy: mean "
+                        "amax within 10%% of the full set's, the same velocity error; benchmarks/calibration_convergence.py); "
+                        "full: all 36 at every step")
     p.add_argument("--seed", type=bounded_int(0, 2**63 - 1), default=0, help="calibration video i uses seed + i (default 0)")
     p.add_argument("--report-prompts", type=bounded_int(0), default=4,
                    help="held-out prompts for the FP8 quality report (0: no report; default 4)")
@@ -53,8 +54,9 @@ def _add_fp8_flags(p: argparse.ArgumentParser) -> None:
                    help="--precision fp8: one scale per weight tensor (TensorRT's documented FP8 GEMM fusion) or per output channel")
     p.add_argument("--fp8-skip-blocks", metavar="LIST",
                    help="--precision fp8: transformer blocks kept in high precision, e.g. 0,1,28-29 (negative: from the end)")
-    p.add_argument("--fp8-attention", choices=["on", "off"], default="on",
-                   help="--precision fp8: FP8 q, k, v (calibrated Q/DQ) into every self-attention (default on)")
+    p.add_argument("--fp8-attention", choices=["on", "off"], default="off",
+                   help="--precision fp8: FP8 q, k, v (calibrated Q/DQ) into every self-attention (default off: on the "
+                        "trained toy it loses 2 of the 4 held-out prompts that pass unquantized; docs/export.md)")
     p.add_argument("--fp8-cross-attention", choices=["on", "off"], default="off",
                    help="--precision fp8: FP8 q, k, v into every cross-attention too (default off: over 512 text "
                         "tokens it is ~1%% of the attention FLOPs at 480x832)")
@@ -79,7 +81,7 @@ def _fp8_options(args) -> dict | None:
             given.append("--fp8-base")
         if args.calib_set != "small":
             given.append("--calib-set")
-        if args.fp8_attention != "on":
+        if args.fp8_attention != "off":
             given.append("--fp8-attention")
         if args.fp8_cross_attention != "off":
             given.append("--fp8-cross-attention")

@@ -426,6 +426,10 @@ def describe_build(manifest: dict, out: Path) -> str:
     for name, g in manifest["graphs"].items():
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:6])
         lines.append(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
+    if manifest.get("fp8"):
+        from ..calibration.export import describe_fp8
+
+        lines.append(f"  {describe_fp8(manifest)}")
     audit = manifest["op_audit"]
     lines.append(f"  op audit (TensorRT {audit['tensorrt_version']} parser): {'ok' if audit['ok'] else 'FAILED'}")
     return "\n".join(lines)
