@@ -14,7 +14,13 @@ import torch
 
 from tempomaster.cli import run_main
 from tempomaster.models.checkpoints import (
-    DIT_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, CheckpointPaths, ModelSet, load_models,
+    DIT_FILE,
+    T5_FILE,
+    TOKENIZER_DIR,
+    VAE_FILE,
+    CheckpointPaths,
+    ModelSet,
+    load_models,
 )
 from tempomaster.models.presets import DiTConfig, Preset, T5Config, VAEConfig, get_preset
 from tempomaster.runtime.video import read_video_frames, to_uint8_frames
@@ -146,7 +152,9 @@ def test_loader_reads_a_diffusers_made_standard_width_vae_put_in_the_release_lay
     beside a DiT of another preset's width, and decodes as diffusers does."""
     import shutil
 
-    from tempomaster.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, wan_vae_to_diffusers
+    from vae_diffusers_keys import wan_vae_to_diffusers
+
+    from tempomaster.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
 
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):

@@ -5,18 +5,12 @@ The oracle runs the real width (dim 96) at 32x32 with fresh random weights.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
+from vae_diffusers_keys import wan_vae_to_diffusers
 
 from tempomaster.models.presets import VAEConfig
-from tempomaster.models.vae import (
-    LATENTS_MEAN,
-    LATENTS_STD,
-    WanVAE,
-    wan_vae_to_diffusers,
-)
-
+from tempomaster.models.vae import LATENTS_MEAN, LATENTS_STD, WanVAE
 
 
 def _diffusers():

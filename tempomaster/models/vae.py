@@ -47,7 +47,6 @@ __all__ = [
     "TileSpec",
     "LATENTS_MEAN",
     "LATENTS_STD",
-    "wan_vae_to_diffusers",
 ]
 
 # Per-channel latent statistics of the Wan2.1 VAE (Wan2.1 `WanVAE.mean/std`).
@@ -104,32 +103,6 @@ class _CacheIO:
 # ---------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------
-
-
-def conv3d_taps2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
-    """F.conv3d(x, weight, bias, stride, padding) with no time padding, as 2D convolutions.
-
-    Exact rewrite (only the summation order differs): output frame t sums the
-    kernel's kt input frames, so those frames, stacked as channels, go through
-    one 2D conv with the weight's time taps stacked the same way; every output
-    frame of every batch item is one item of that 2D conv's batch.
-    """
-    if padding[0] != 0:
-        raise ValueError(f"conv3d_taps2d pads in H and W only, got padding {tuple(padding)}")
-    b, c, t, h, w = x.shape
-    out_ch, _, kt, kh, kw = weight.shape
-    st = stride[0]
-    t_out = (t - kt) // st + 1
-    if kt == 1 and st == 1:
-        frames = x.transpose(1, 2).reshape(b * t_out, c, h, w)
-        weight2d = weight[:, :, 0]
-    else:
-        # [B, T_out, kt, C, H, W]: the kt input frames of each output frame
-        taps = torch.stack([x[:, :, j : j + st * (t_out - 1) + 1 : st] for j in range(kt)], dim=1)
-        frames = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * t_out, kt * c, h, w)
-        weight2d = weight.transpose(1, 2).reshape(out_ch, kt * c, kh, kw)
-    y = F.conv2d(frames, weight2d, bias, stride[1:], padding[1:])
-    return y.reshape(b, t_out, out_ch, *y.shape[-2:]).transpose(1, 2)
 
 
 # CausalConv3d -> (weight identity and version, oneDNN-packed weight): packed once per
@@ -606,62 +579,3 @@ class WanVAE(nn.Module):
         cache = self.new_decoder_cache(b, h, w, device=latents.device)
         out = torch.cat([self.decode_chunk(latents[:, :, i:i + 1], cache) for i in range(f)], dim=2)
         return out.clamp(-1.0, 1.0) if clamp else out
-
-
-# ---------------------------------------------------------------------------
-# Key mapping to diffusers (used by the oracle tests)
-# ---------------------------------------------------------------------------
-
-
-def wan_vae_to_diffusers(state_dict: dict[str, torch.Tensor], num_res_blocks: int = 2) -> dict[str, torch.Tensor]:
-    """Rename a `Wan2.1_VAE.pth` state dict to diffusers' `AutoencoderKLWan`
-    names (tensors are shared, not copied)."""
-    res = {"0.gamma": "norm1.gamma", "2.weight": "conv1.weight", "2.bias": "conv1.bias",
-           "3.gamma": "norm2.gamma", "6.weight": "conv2.weight", "6.bias": "conv2.bias"}
-    per_up = num_res_blocks + 2  # residual blocks + upsampler per decoder stage
-
-    def block(rest: str) -> str:  # "residual.2.weight" / "shortcut.bias" / anything else
-        if rest.startswith("residual."):
-            return res[rest[len("residual."):]]
-        if rest.startswith("shortcut."):
-            return "conv_shortcut." + rest[len("shortcut."):]
-        return rest
-
-    def middle(rest: str) -> str:
-        i, tail = rest.split(".", 1)
-        if i == "1":
-            return "attentions.0." + tail
-        return f"resnets.{0 if i == '0' else 1}." + block(tail)
-
-    def head(rest: str) -> str:
-        i, tail = rest.split(".", 1)
-        return ("norm_out." if i == "0" else "conv_out.") + tail
-
-    out = {}
-    for key, v in state_dict.items():
-        part, _, rest = key.partition(".")
-        if part in ("conv1", "conv2"):
-            new = ("quant_conv." if part == "conv1" else "post_quant_conv.") + rest
-        else:
-            sub, _, rest = rest.partition(".")
-            if sub == "conv1":
-                new = "conv_in." + rest
-            elif sub == "middle":
-                new = "mid_block." + middle(rest)
-            elif sub == "head":
-                new = head(rest)
-            elif sub == "downsamples":
-                i, tail = rest.split(".", 1)
-                new = f"down_blocks.{i}." + block(tail)
-            elif sub == "upsamples":
-                i, tail = rest.split(".", 1)
-                stage, j = divmod(int(i), per_up)
-                if j == per_up - 1:
-                    new = f"up_blocks.{stage}.upsamplers.0." + tail
-                else:
-                    new = f"up_blocks.{stage}.resnets.{j}." + block(tail)
-            else:
-                raise KeyError(key)
-            new = f"{part}.{new}"
-        out[new] = v
-    return out
