@@ -7,7 +7,7 @@ beside the velocity error and PSNR what `tempomaster.toy.quality` finds in
 each video: is the object there, does it move smoothly, does the video keep
 its blueprint. Variants: FP8 Linears (`all_stages`), FP8 Linears with
 stage-0 scales (`stage0_only`) and all FP8 (`all_fp8`: Linears and the
-self-attentions' q, k, v, the export's default).
+self-attentions' q, k, v, what `--fp8-attention on` builds).
 
 A prompt passes when its video meets the toy's own bounds (docs/toy.md,
 tests/test_toy_quality.py): the colour found in >= 90% of the frames, no

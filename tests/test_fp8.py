@@ -72,6 +72,15 @@ def bf16_build(tmp_path_factory, tiny_models, calibrated):
     return _fp8_build(tmp_path_factory, tiny_models, calibrated, base="bf16", attention=True)
 
 
+@pytest.fixture(scope="module")
+def plain_dit(tmp_path_factory, tiny_models):
+    """The same DiT exported unquantized in bf16 (DiT graph only): the size and FLOP reference."""
+    from tempomaster.export.build import export_onnx
+
+    out = tmp_path_factory.mktemp("bf16") / "b"
+    return out, export_onnx(tiny_models, "bf16", SHAPE, out, graphs=["dit"], preset_name="tiny", progress=False, copy=True)
+
+
 # ----------------------------------------------------------------------------
 # Fake quantization against ml_dtypes
 # ----------------------------------------------------------------------------
@@ -325,13 +334,11 @@ def test_fp8_weights_hold_one_byte(bf16_build, tiny_models):
     assert quant_params + rest - 2 * 8 * 64 <= man["graphs"]["dit"]["weight_bytes"] <= quant_params + rest + 2 * 46 + 1
 
 
-def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, tiny_models, tmp_path):
+def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, plain_dit):
     """Every self-attention's Attention node reads q, k, v through Q/DQ at the calibrated scales;
     cross-attention stays unquantized by default; the DiT file is well under the bf16 one's size."""
     import onnx
     from onnx import numpy_helper
-
-    from tempomaster.export.build import export_onnx
 
     _, cal = calibrated
     model = onnx.load(str(bf16_build[0] / "onnx" / "dit.onnx"))
@@ -360,9 +367,7 @@ def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, tiny_models, tmp_p
     # every block Linear still reads an FP8 weight
     fp8_weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
     assert {f"dit.blocks.{b}.{n}.weight_t8" for b in range(2) for n in LINEARS} <= fp8_weights
-    plain = export_onnx(tiny_models, "bf16", SHAPE, tmp_path / "bf16", graphs=["dit"], preset_name="tiny",
-                        progress=False, copy=True)
-    ratio = bf16_build[1]["graphs"]["dit"]["weight_bytes"] / plain["graphs"]["dit"]["weight_bytes"]
+    ratio = bf16_build[1]["graphs"]["dit"]["weight_bytes"] / plain_dit[1]["graphs"]["dit"]["weight_bytes"]
     print(f"fp8 / bf16 DiT weight bytes: {ratio:.3f}")
     assert ratio < 0.9
 
@@ -750,7 +755,7 @@ def test_calibration_resumes_after_last_finished_video(tmp_path, tiny_models, mo
 # FLOPs: FP8 and 16-bit
 # ----------------------------------------------------------------------------
 
-def test_flop_split_of_fp8_graph(bf16_build, tiny_build, tiny_models, capsys):
+def test_flop_split_of_fp8_graph(bf16_build, plain_dit, tiny_models, capsys):
     from tempomaster.cli.export import main
     from tempomaster.export.flops import dit_flops_split, graph_flops, graph_flops_split
 
@@ -773,7 +778,7 @@ def test_flop_split_of_fp8_graph(bf16_build, tiny_build, tiny_models, capsys):
     model_split = dit_flops_split(cfg, 1, meta["latent_frames"][0], meta["latent_height"], meta["latent_width"], text)
     assert (model_split["fp8"], model_split["total"]) == (split["fp8"], split["total"])
     # an unquantized graph: nothing FP8
-    plain = graph_flops_split(tiny_build / "onnx" / "dit.onnx", {"batch": 1})
+    plain = graph_flops_split(plain_dit[0] / "onnx" / "dit.onnx", {"batch": 1})
     assert plain["fp8"] == 0 and plain["total"] == split["total"]
     assert main(["inspect", str(bf16_build[0])]) == 0
     out = capsys.readouterr().out

@@ -5,8 +5,8 @@ same calibration run: `all_stages` (FP8 Linears, the amax over the whole
 next-frame-rate trajectory), `stage0_only` (FP8 Linears, the amax over stage
 0 alone, what a single-stage generic recipe would give) and, when the
 calibration recorded the attentions' inputs, `all_fp8` (FP8 Linears and FP8
-q, k, v into every self-attention, all-stage amax: what the export builds by
-default):
+q, k, v into every self-attention, all-stage amax: what `--fp8-attention on`
+builds):
 
 - per stage and step, the relative error ||v_fp8 - v|| / ||v|| of the FP8
   velocity against the unquantized velocity on the same inputs (the
