@@ -125,3 +125,37 @@ def test_the_measured_video_is_the_quick_starts(tmp_path):
     assert main(["generate", "--prompt", QUICKSTART_PROMPT, "--out", str(tmp_path / "frames"), "--no-progress"]) == 0
     written, _ = read_video_frames(tmp_path / "frames" / "video")  # a directory --out holds one folder per case
     np.testing.assert_array_equal(written, generate_toy_video().final)
+
+
+def _measure_cached(mode: str) -> list[tuple]:
+    """(quality with the step cache, PSNR of its final video against the uncached one, DiT calls) per prompt."""
+    from tempomaster.models.presets import get_preset
+    from tempomaster.runtime.pipeline import generate
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
+    from tempomaster.runtime.video import to_uint8_frames
+    from tempomaster.toy.quality import measure_generation, psnr
+    from tempomaster.toy.showcase import load_backend
+
+    backend, tokenizer = load_backend("toy")
+    out = []
+    for i, prompt in enumerate(fixed_prompts()):
+        runs = {}
+        for cache in ("off", mode):
+            (job,) = build_jobs(GenerateOptions(prompt=prompt, seed=i, preset="toy", cache=cache), get_preset("toy").defaults)
+            runs[cache] = generate(backend, tokenizer, job.request, progress=False, keep_stages=True)
+        cached = runs[mode]
+        out.append((measure_generation(cached, prompt),
+                    psnr(to_uint8_frames(cached.video.frames), to_uint8_frames(runs["off"].video.frames)),
+                    cached.dit_calls, runs["off"].dit_calls))
+    return out
+
+
+@pytest.mark.slow
+def test_the_safe_step_cache_keeps_every_bound():
+    """`--cache safe` at the preset's defaults: every quality bound still met, >= 30 dB from the uncached video."""
+    measured = _measure_cached("safe")
+    runs = [q for q, _, _, _ in measured]
+    assert presence_ok(runs) and blueprint_ok(runs) and smooth_ok(runs) and motion_ok(runs), runs
+    assert all(db >= 30.0 for _, db, _, _ in measured), [round(db, 1) for _, db, _, _ in measured]
+    # and it skipped DiT calls: at steps 16/8/8 it makes 9 + 4 + 4 of the 32 (the plan depends on the schedule only)
+    assert all((calls, off) == (17, 32) for _, _, calls, off in measured), [(c, o) for _, _, c, o in measured]
