@@ -91,7 +91,8 @@ def export_and_build(
 
 def _fp8_export_and_build(out, options: EngineOptions, fp8: Mapping[str, object], *, log, progress, **source) -> BuildResult:
     """The calibrated FP8 ONNX (calibration.export.fp8_build), then the plans: TensorRT 11 reads FP8 from the Q/DQ nodes."""
-    from .calibration.export import describe_fp8, fp8_build
+    from .calibration.export import fp8_build
+    from .export.build import describe_fp8
 
     if fp8.get("twin"):
         raise UsageError("--fp8-twin is an fp32-based graph for onnxruntime checks, not for TensorRT engines; use tm-export onnx")

@@ -67,17 +67,6 @@ def resolve_calibration(
     return cal
 
 
-def describe_fp8(manifest: dict) -> str:
-    """One line on what an fp8 build quantizes (the end of `tm-export onnx` and of `tm-export build`)."""
-    fp8 = manifest["fp8"]
-    att = fp8.get("attention", {})
-    attention = " and ".join(k for k in ("self", "cross") if att.get(k))
-    skip = f", blocks {','.join(map(str, fp8['skip_blocks']))} kept in {fp8['base']}" if fp8["skip_blocks"] else ""
-    return (f"FP8: {fp8['quantized_layers']} block Linears ({fp8['weight_scale']} weight scales)"
-            + (f", q/k/v of every {attention}-attention" if attention else ", attention in " + fp8["base"])
-            + f"{skip}; {fp8['base']} elsewhere")
-
-
 def attention_kinds(attention: bool, cross_attention: bool) -> tuple[str, ...]:
     """--fp8-attention / --fp8-cross-attention -> the attentions quantize_dit makes FP8."""
     return (("self_attn",) if attention else ()) + (("cross_attn",) if cross_attention else ())

@@ -415,6 +415,17 @@ def export_build(
     )
 
 
+def describe_fp8(manifest: dict) -> str:
+    """One line on what an fp8 build quantizes (the end of `tm-export onnx` and of `tm-export build`)."""
+    fp8 = manifest["fp8"]
+    att = fp8.get("attention", {})
+    attention = " and ".join(k for k in ("self", "cross") if att.get(k))
+    skip = f", blocks {','.join(map(str, fp8['skip_blocks']))} kept in {fp8['base']}" if fp8["skip_blocks"] else ""
+    return (f"FP8: {fp8['quantized_layers']} block Linears ({fp8['weight_scale']} weight scales)"
+            + (f", q/k/v of every {attention}-attention" if attention else ", attention in " + fp8["base"])
+            + f"{skip}; {fp8['base']} elsewhere")
+
+
 def describe_build(manifest: dict, out: Path) -> str:
     """A few lines on what a build holds, for the end of `tm-export onnx`."""
     total = sum(f["bytes"] for f in manifest["files"].values())
@@ -427,8 +438,6 @@ def describe_build(manifest: dict, out: Path) -> str:
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:6])
         lines.append(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
     if manifest.get("fp8"):
-        from ..calibration.export import describe_fp8
-
         lines.append(f"  {describe_fp8(manifest)}")
     audit = manifest["op_audit"]
     lines.append(f"  op audit (TensorRT {audit['tensorrt_version']} parser): {'ok' if audit['ok'] else 'FAILED'}")
