@@ -1,5 +1,6 @@
 """`python -m benchmarks`: the benchmark suite (see benchmarks/suite.py); with --compare, this tree against a
 reference revision side by side (see benchmarks/compare.py)."""
+
 import sys
 
 if "--compare" in sys.argv[1:] or any(a.startswith("--compare=") for a in sys.argv[1:]):

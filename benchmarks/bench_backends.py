@@ -22,6 +22,7 @@ unchanged; the relative error ||ort - torch|| / ||torch|| of every op is
 printed next to its times. Without --build the preset is exported (fp32) to a
 temporary folder first; the export time is reported on its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,6 +53,7 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 5e-2}
 # Command line
 # ----------------------------------------------------------------------------
 
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -62,7 +64,9 @@ def _floats(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Time the torch and onnxruntime backends side by side.")
-    p.add_argument("--preset", default="tiny", choices=["tiny"], help="model preset (random weights, nothing downloaded)")
+    p.add_argument(
+        "--preset", default="tiny", choices=["tiny"], help="model preset (random weights, nothing downloaded)"
+    )
     p.add_argument("--height", type=int, default=None, help="default: the build's, else the preset's")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None)
@@ -72,12 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per op and backend")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per op and backend before timing")
     p.add_argument("--generate-repeats", type=int, default=3, help="timed whole-generation runs per backend")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for both backends (torch.set_num_threads and onnxruntime's intra-op pool); "
-                        "default: each library's own default")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for both backends (torch.set_num_threads and onnxruntime's intra-op pool); "
+        "default: each library's own default",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--build", type=Path, default=None, help="reuse this tm-export build instead of exporting one")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: benchmarks/results/<preset>-<date>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON file (default: benchmarks/results/<preset>-<date>.json)"
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.generate_repeats < 1:
         p.error("--repeats and --generate-repeats must be >= 1, --warmup >= 0")
@@ -89,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------
 # Setup: models, build, backends, shape
 # ----------------------------------------------------------------------------
+
 
 def resolve_shape(args, preset, manifest=None):
     """ExportShape from the flags, falling back to the build's shape, then the preset's defaults."""
@@ -144,6 +155,7 @@ def largest_stage(shape):
 # Inputs (one seeded generator, the same tensors for both backends)
 # ----------------------------------------------------------------------------
 
+
 def dit_inputs(info, stage, shape, steps: int, shift: float, gen: torch.Generator) -> dict:
     """One DiT call as the pipeline makes it: cond and uncond twins of every chunk in one batch."""
     n, f, h, w = stage.num_chunks, stage.latent_frames, shape.latent_height, shape.latent_width
@@ -174,7 +186,9 @@ def make_inputs(info, tokenizer, shape, steps, shifts, seed: int) -> dict:
     return {
         "dit": dit_inputs(info, stage, shape, steps[s], shifts[s], gen),
         "vae_decode": {
-            "latents": torch.randn(1, info.z_dim, stage.latent_frames, shape.latent_height, shape.latent_width, generator=gen)
+            "latents": torch.randn(
+                1, info.z_dim, stage.latent_frames, shape.latent_height, shape.latent_width, generator=gen
+            )
         },
         "vae_encode": {"video": torch.rand(1, 3, stage.chunk_frames, shape.height, shape.width, generator=gen) * 2 - 1},
         "text": {"ids": ids, "mask": mask},
@@ -182,14 +196,19 @@ def make_inputs(info, tokenizer, shape, steps, shifts, seed: int) -> dict:
 
 
 def op_call(backend, op: str, inputs: dict) -> Callable[[], torch.Tensor]:
-    method = {"dit": backend.velocity, "vae_decode": backend.vae_decode,
-              "vae_encode": backend.vae_encode, "text": backend.encode_text}[op]
+    method = {
+        "dit": backend.velocity,
+        "vae_decode": backend.vae_decode,
+        "vae_encode": backend.vae_encode,
+        "text": backend.encode_text,
+    }[op]
     return lambda: method(**inputs)
 
 
 # ----------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------
+
 
 def sync(backend) -> None:
     if backend.device.type == "cuda":
@@ -232,13 +251,18 @@ def summarise(raw: dict, extra: dict | None = None, names=BACKENDS) -> dict:
     entry = {}
     for name in names:
         runs = raw[name]["runs_ms"]
-        entry[name] = {"median_ms": statistics.median(runs), "runs_ms": [round(v, 3) for v in runs],
-                       "first_call_ms": round(raw[name]["first_call_ms"], 3)}
+        entry[name] = {
+            "median_ms": statistics.median(runs),
+            "runs_ms": [round(v, 3) for v in runs],
+            "first_call_ms": round(raw[name]["first_call_ms"], 3),
+        }
     if "onnxruntime" in entry:
         entry["ratio_torch_over_ort"] = entry["torch"]["median_ms"] / entry["onnxruntime"]["median_ms"]
     for name in names:
         if name != "torch":
-            entry.setdefault("rel_error_vs_torch", {})[name] = relative_error(raw[name]["output"], raw["torch"]["output"])
+            entry.setdefault("rel_error_vs_torch", {})[name] = relative_error(
+                raw[name]["output"], raw["torch"]["output"]
+            )
     if "onnxruntime" in entry:
         entry["rel_error"] = entry["rel_error_vs_torch"]["onnxruntime"]
     entry.update(extra or {})
@@ -263,7 +287,9 @@ def bench_generate(backends: dict, tokenizer, request_kwargs: dict, repeats: int
     for r in range(repeats):
         order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]
         for name in order:
-            result = generate(backends[name], tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=False)
+            result = generate(
+                backends[name], tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=False
+            )
             runs[name].append(result)
             videos[name] = result.video.frames
     entry = {}
@@ -288,6 +314,7 @@ def bench_generate(backends: dict, tokenizer, request_kwargs: dict, repeats: int
 # ----------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------
+
 
 def load_average() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -349,6 +376,7 @@ def write_json(data: dict, path: Path) -> None:
 # Main
 # ----------------------------------------------------------------------------
 
+
 def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     from tempomaster.engines.manifest import load_manifest
 
@@ -364,13 +392,25 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     backends["onnxruntime"].check_request(shape.height, shape.width, shape.num_frames, shape.intervals)
     tokenizer = models.tokenizer
 
-    print(f"shape {shape.height}x{shape.width}, {shape.num_frames} frames, intervals {list(shape.intervals)}, "
-          f"steps {steps}; {args.repeats} runs after {args.warmup} warm-up", file=sys.stderr)
+    print(
+        f"shape {shape.height}x{shape.width}, {shape.num_frames} frames, intervals {list(shape.intervals)}, "
+        f"steps {steps}; {args.repeats} runs after {args.warmup} warm-up",
+        file=sys.stderr,
+    )
     inputs = make_inputs(backends["torch"].info, tokenizer, shape, steps, shifts, args.seed)
     ops = bench_ops(backends, inputs, args.warmup, args.repeats)
-    request = dict(prompt=PROMPT, height=shape.height, width=shape.width, num_frames=shape.num_frames,
-                   frame_intervals=tuple(shape.intervals), steps_per_stage=tuple(steps),
-                   shift_per_stage=tuple(shifts), guidance_scale=d.guidance_scale, use_apg=d.use_apg, seed=args.seed)
+    request = dict(
+        prompt=PROMPT,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        frame_intervals=tuple(shape.intervals),
+        steps_per_stage=tuple(steps),
+        shift_per_stage=tuple(shifts),
+        guidance_scale=d.guidance_scale,
+        use_apg=d.use_apg,
+        seed=args.seed,
+    )
     ops["generate"] = bench_generate(backends, tokenizer, request, args.generate_repeats)
     print("  generate    done", file=sys.stderr)
 
@@ -382,11 +422,18 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
         "steps_per_stage": steps,
         "shift_per_stage": shifts,
         "dit_stage": largest_stage(shape).index,
-        "build": {"dir": None if export_seconds is not None else str(build_dir),
-                  "precision": manifest.precision, "export_seconds": export_seconds},
-        "settings": {"repeats": args.repeats, "warmup": args.warmup,
-                     "generate_repeats": args.generate_repeats, "seed": args.seed,
-                     "threads": args.threads},
+        "build": {
+            "dir": None if export_seconds is not None else str(build_dir),
+            "precision": manifest.precision,
+            "export_seconds": export_seconds,
+        },
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "generate_repeats": args.generate_repeats,
+            "seed": args.seed,
+            "threads": args.threads,
+        },
         "machine": machine_info(backends, load_at_start),
         "tolerance": tolerance,
         "agree": all(e["rel_error"] <= tolerance for e in ops.values()),
@@ -397,13 +444,17 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
 def report(data: dict) -> None:
     print(format_table(data["ops"]))
     g = data["ops"]["generate"]
-    print(f"generate: outside backend calls torch {g['torch']['outside_share']:.1%}, "
-          f"onnxruntime {g['onnxruntime']['outside_share']:.1%}; {g['torch']['dit_calls']} DiT calls")
+    print(
+        f"generate: outside backend calls torch {g['torch']['outside_share']:.1%}, "
+        f"onnxruntime {g['onnxruntime']['outside_share']:.1%}; {g['torch']['dit_calls']} DiT calls"
+    )
     if data["build"]["export_seconds"] is not None:
         print(f"export ({data['build']['precision']}, not in the table): {data['build']['export_seconds']:.1f} s")
     m = data["machine"]
-    print(f"machine: {m['cpu_count']} CPUs, load {m['load_average_start']} -> {m['load_average_end']}, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"onnxruntime {m['onnxruntime']}")
+    print(
+        f"machine: {m['cpu_count']} CPUs, load {m['load_average_start']} -> {m['load_average_end']}, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"onnxruntime {m['onnxruntime']}"
+    )
     if not data["agree"]:
         bad = [op for op, e in data["ops"].items() if e["rel_error"] > data["tolerance"]]
         print(f"WARNING: the backends disagree on {bad} (relative error above {data['tolerance']:g})")

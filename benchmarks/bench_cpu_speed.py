@@ -19,6 +19,7 @@ the generation's seconds, per stage its seconds and the seconds inside VAE
 encode and decode calls (the VAE's share), and every backend call's time, so
 that the first call of a kind can be set against the later ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # In the child: whichever `tempomaster` is on the path
 # ----------------------------------------------------------------------------
 
+
 def bench_models():
     """Tiny DiT and text encoder, full-size Wan VAE, seeded: the same bytes in every process and revision."""
     import dataclasses
@@ -91,8 +93,14 @@ class TimedBackend:
         self._last = method
         start = time.perf_counter()
         out = fn(*args)
-        self.calls.append({"method": method, "stage": max(self._stage, 0), "shape": list(args[0].shape),
-                           "seconds": time.perf_counter() - start})
+        self.calls.append(
+            {
+                "method": method,
+                "stage": max(self._stage, 0),
+                "shape": list(args[0].shape),
+                "seconds": time.perf_counter() - start,
+            }
+        )
         return out
 
     def encode_text(self, ids, mask):
@@ -140,22 +148,35 @@ def run_child(args) -> dict:
     else:
         from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend.from_build(export_build(args.build_dir, args.height, args.width, args.num_frames),
-                                                threads=args.threads)
+        backend = OnnxRuntimeBackend.from_build(
+            export_build(args.build_dir, args.height, args.width, args.num_frames), threads=args.threads
+        )
         tokenizer = backend.tokenizer()
     load_seconds = time.perf_counter() - load_start
     timed = TimedBackend(backend)
     steps = tuple(int(s) for s in args.steps.split(","))
-    request = GenerationRequest(prompt="a red ball bouncing on a beach", height=args.height, width=args.width,
-                                num_frames=args.num_frames, steps_per_stage=steps, seed=args.seed)
+    request = GenerationRequest(
+        prompt="a red ball bouncing on a beach",
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        steps_per_stage=steps,
+        seed=args.seed,
+    )
     result = generate(timed, tokenizer, request, progress=False)
     frames = result.video.frames
     stages = []
     for out in result.stages:
         vae = sum(c["seconds"] for c in timed.calls if c["stage"] == out.index and c["method"].startswith("vae"))
-        stages.append({"stage": out.index, "seconds": out.seconds, "vae_seconds": vae,
-                       "vae_share": vae / out.seconds,
-                       "vae_encode_calls": sum(c["stage"] == out.index and c["method"] == "vae_encode" for c in timed.calls)})
+        stages.append(
+            {
+                "stage": out.index,
+                "seconds": out.seconds,
+                "vae_seconds": vae,
+                "vae_share": vae / out.seconds,
+                "vae_encode_calls": sum(c["stage"] == out.index and c["method"] == "vae_encode" for c in timed.calls),
+            }
+        )
     return {
         "source": str(Path(tempomaster.__file__).resolve().parents[1]),
         "backend": args.child,
@@ -172,10 +193,28 @@ def run_child(args) -> dict:
 # The parent: interleaved rounds
 # ----------------------------------------------------------------------------
 
+
 def child_command(args, backend: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child", backend, "--threads", str(args.threads),
-            "--height", str(args.height), "--width", str(args.width), "--num-frames", str(args.num_frames),
-            "--steps", args.steps, "--seed", str(args.seed), "--build-dir", str(args.build_dir)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        backend,
+        "--threads",
+        str(args.threads),
+        "--height",
+        str(args.height),
+        "--width",
+        str(args.width),
+        "--num-frames",
+        str(args.num_frames),
+        "--steps",
+        args.steps,
+        "--seed",
+        str(args.seed),
+        "--build-dir",
+        str(args.build_dir),
+    ]
 
 
 def run_variant(args, tree: Path, backend: str) -> dict:
@@ -200,8 +239,10 @@ def first_and_later(runs: list[dict]) -> dict:
             if same:
                 laters.append(statistics.median(same))
         if firsts:
-            out[method] = {"first": round(statistics.median(firsts), 3),
-                           "later_same_shape": round(statistics.median(laters), 3) if laters else None}
+            out[method] = {
+                "first": round(statistics.median(firsts), 3),
+                "later_same_shape": round(statistics.median(laters), 3) if laters else None,
+            }
     return out
 
 
@@ -209,13 +250,15 @@ def summarise(runs: list[dict]) -> dict:
     stages = []
     for k in range(len(runs[0]["stages"])):
         per = [r["stages"][k] for r in runs]
-        stages.append({
-            "stage": k,
-            "seconds": round(statistics.median(p["seconds"] for p in per), 2),
-            "vae_seconds": round(statistics.median(p["vae_seconds"] for p in per), 2),
-            "vae_share": round(statistics.median(p["vae_share"] for p in per), 3),
-            "vae_encode_calls": per[0]["vae_encode_calls"],
-        })
+        stages.append(
+            {
+                "stage": k,
+                "seconds": round(statistics.median(p["seconds"] for p in per), 2),
+                "vae_seconds": round(statistics.median(p["vae_seconds"] for p in per), 2),
+                "vae_share": round(statistics.median(p["vae_share"] for p in per), 3),
+                "vae_encode_calls": per[0]["vae_encode_calls"],
+            }
+        )
     return {
         "seconds_median": round(statistics.median(r["seconds"] for r in runs), 2),
         "seconds_all": [round(r["seconds"], 2) for r in runs],
@@ -232,8 +275,11 @@ def frames_agreement(a: dict, b: dict) -> dict:
         return {}
     fa, fb = torch.tensor(a["frames"]), torch.tensor(b["frames"])
     mse = float(((fa - fb) / 2).pow(2).mean())  # frames in [-1, 1]: peak 1 after halving
-    return {"max_abs": float((fa - fb).abs().max()), "max_abs_x255": float(127.5 * (fa - fb).abs().max()),
-            "psnr_db": (float("inf") if mse == 0 else round(10 * __import__("math").log10(1 / mse), 1))}
+    return {
+        "max_abs": float((fa - fb).abs().max()),
+        "max_abs_x255": float(127.5 * (fa - fb).abs().max()),
+        "psnr_db": (float("inf") if mse == 0 else round(10 * __import__("math").log10(1 / mse), 1)),
+    }
 
 
 def main(argv=None) -> int:
@@ -242,10 +288,19 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args)))
         return 0
     # the build is exported once, by this checkout, before any timed run
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                    "from benchmarks.bench_cpu_speed import export_build; from pathlib import Path; "
-                    f"export_build(Path(sys.argv[2]), {args.height}, {args.width}, {args.num_frames})",
-                    str(HERE), str(args.build_dir)], check=True, cwd=HERE)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks.bench_cpu_speed import export_build; from pathlib import Path; "
+            f"export_build(Path(sys.argv[2]), {args.height}, {args.width}, {args.num_frames})",
+            str(HERE),
+            str(args.build_dir),
+        ],
+        check=True,
+        cwd=HERE,
+    )
     trees = {"this": HERE}
     if args.previous is not None:
         trees["previous"] = args.previous.resolve()
@@ -265,11 +320,22 @@ def main(argv=None) -> int:
     result = {
         "what": "one generation, loading excluded: tiny DiT + full-size Wan VAE, seeded random weights",
         "created": time.strftime("%Y-%m-%d %H:%M"),
-        "settings": {"height": args.height, "width": args.width, "num_frames": args.num_frames, "steps": args.steps,
-                     "seed": args.seed, "threads": args.threads, "repeats": args.repeats, "interleaved": True},
+        "settings": {
+            "height": args.height,
+            "width": args.width,
+            "num_frames": args.num_frames,
+            "steps": args.steps,
+            "seed": args.seed,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "interleaved": True,
+        },
         "trees": {k: str(v) for k, v in trees.items()},
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+        },
         "summary": summary,
         "frames_vs_previous_torch": agreement,
     }
@@ -279,8 +345,10 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(out)
     for k, v in summary.items():
-        print(f"{k:22s} {v['seconds_median']:7.2f} s  ({v['speedup_vs_previous_torch']:.2f}x)  "
-              f"VAE share per stage {[s['vae_share'] for s in v['stages']]}")
+        print(
+            f"{k:22s} {v['seconds_median']:7.2f} s  ({v['speedup_vs_previous_torch']:.2f}x)  "
+            f"VAE share per stage {[s['vae_share'] for s in v['stages']]}"
+        )
     print(f"written {out}")
     return 0
 

@@ -6,6 +6,7 @@ own peak RSS (getrusage). Usage:
 
     python benchmarks/bench_memory.py --frames 17 433 [--steps 2,1,1] [--out benchmarks/results/memory.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def main(argv=None) -> int:
             return 1
         row = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{frames:5d} frames: estimate {row['estimate_bytes'] / 2**20:8.0f} MiB, measured peak "
-              f"{row['peak_rss_bytes'] / 2**20:8.0f} MiB ({row['estimate_bytes'] / row['peak_rss_bytes']:.2f}x)")
+        print(
+            f"{frames:5d} frames: estimate {row['estimate_bytes'] / 2**20:8.0f} MiB, measured peak "
+            f"{row['peak_rss_bytes'] / 2**20:8.0f} MiB ({row['estimate_bytes'] / row['peak_rss_bytes']:.2f}x)"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as fh:

@@ -13,6 +13,7 @@ except by 429 (queue full), every accepted job is in the database and done.
 Writes the status latencies (p50, p90, p99, max) and the counts as JSON.
 A check, not a timed test: the latencies depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,22 @@ def free_port() -> int:
 
 
 def start_server(args, data: Path, port: int, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "import sys; from tempomaster.cli import run_main; sys.exit(run_main())", "serve",
-           "--preset", args.preset, "--threads", str(args.threads), "--data", str(data), "--port", str(port),
-           "--max-queue", str(args.max_queue)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from tempomaster.cli import run_main; sys.exit(run_main())",
+        "serve",
+        "--preset",
+        args.preset,
+        "--threads",
+        str(args.threads),
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+        "--max-queue",
+        str(args.max_queue),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -170,12 +184,18 @@ def run_load(args, port: int) -> dict:
         states[state] = states.get(state, 0) + 1
     lat = np.array(latencies) * 1000
     return {
-        "accepted": len(accepted), "status_codes": codes, "failures": failures[:20], "failure_count": len(failures),
-        "final_states": states, "accepted_ids": accepted, "status_polls": len(latencies),
+        "accepted": len(accepted),
+        "status_codes": codes,
+        "failures": failures[:20],
+        "failure_count": len(failures),
+        "final_states": states,
+        "accepted_ids": accepted,
+        "status_polls": len(latencies),
         "status_polls_per_second": round(len(latencies) / wall, 1),
         "status_ms": {q: round(float(np.percentile(lat, p)), 2) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
         | {"max": round(float(lat.max()), 2), "mean": round(float(lat.mean()), 2)},
-        "submit_burst_seconds": round(submitted, 3), "wall_seconds": round(wall, 2),
+        "submit_burst_seconds": round(submitted, 3),
+        "wall_seconds": round(wall, 2),
     }
 
 
@@ -196,13 +216,28 @@ def main(argv=None) -> int:
             stored = dict(db.execute("SELECT id, state FROM jobs").fetchall())
     lost = [j for j in result.pop("accepted_ids") if stored.get(j) != "done"]
     result.update(lost_jobs=len(lost), jobs_in_database=len(stored))
-    ok = result["failure_count"] == 0 and not lost and result["accepted"] + result["status_codes"].get("429", 0) == args.submissions
+    ok = (
+        result["failure_count"] == 0
+        and not lost
+        and result["accepted"] + result["status_codes"].get("429", 0) == args.submissions
+    )
     report = {
-        "benchmark": "serve_load", "ok": ok, "preset": args.preset, "steps": args.steps, "pollers": args.pollers,
-        "submissions": args.submissions, "max_queue": args.max_queue, "server_threads": args.threads,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after]},
-        "date": time.strftime("%Y-%m-%d"), **result,
+        "benchmark": "serve_load",
+        "ok": ok,
+        "preset": args.preset,
+        "steps": args.steps,
+        "pollers": args.pollers,
+        "submissions": args.submissions,
+        "max_queue": args.max_queue,
+        "server_threads": args.threads,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in load_after],
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        **result,
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -18,6 +18,7 @@ that give the same plan as a smaller one are measured once.
 The calibration runs on held-out prompts (the shuffle's entries after the
 measured ones, other seeds), uncached, at the same step counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ def toy_request(prompt: str, seed: int, steps, preset: str = "toy"):
     from tempomaster.models.presets import get_preset
     from tempomaster.runtime.request import GenerateOptions, build_jobs
 
-    (job,) = build_jobs(GenerateOptions(prompt=prompt, seed=seed, steps=steps, preset=preset), get_preset(preset).defaults)
+    (job,) = build_jobs(
+        GenerateOptions(prompt=prompt, seed=seed, steps=steps, preset=preset), get_preset(preset).defaults
+    )
     return job.request
 
 
@@ -83,8 +86,13 @@ def quality_row(result, prompt: str) -> dict:
     from tempomaster.toy.quality import measure_generation
 
     q = measure_generation(result, prompt)
-    return {"presence": q.presence, "blueprint_psnr": float(q.blueprint_psnr), "max_jump": q.max_jump,
-            "follows_motion": q.follows_motion, "motion": q.motion}
+    return {
+        "presence": q.presence,
+        "blueprint_psnr": float(q.blueprint_psnr),
+        "max_jump": q.max_jump,
+        "follows_motion": q.follows_motion,
+        "motion": q.motion,
+    }
 
 
 def tests_passed(rows: list[dict]) -> dict:
@@ -130,9 +138,9 @@ def psnr(a, b) -> float:
 
 
 def sweep_toy(args) -> dict:
+    from tempomaster.models.presets import get_preset, packaged_weights_dir
     from tempomaster.runtime.step_cache import POLICY_MAX_SKIPS, POLICY_THRESHOLDS, load_curves
     from tempomaster.toy.showcase import load_backend
-    from tempomaster.models.presets import get_preset, packaged_weights_dir
 
     backend, tokenizer = load_backend("toy")
     curves = load_curves(args.curves or packaged_weights_dir(get_preset("toy")) / "magnitude_curves.json")
@@ -141,8 +149,11 @@ def sweep_toy(args) -> dict:
         name, _, values = spec.partition("=")
         values, _, k = values.partition("/")
         extra[name] = (tuple(float(v) for v in values.split(",")), int(k or 2))
-    todo = policies(curves, extra=extra) if not args.only_named else [("off", None)] + [
-        p for p in policies(curves, sweep=(), extra=extra)[1:]]
+    todo = (
+        policies(curves, extra=extra)
+        if not args.only_named
+        else [("off", None)] + [p for p in policies(curves, sweep=(), extra=extra)[1:]]
+    )
     prompts = shuffled_captions()[args.first_prompt : args.first_prompt + args.prompts]
     rows: dict[str, list] = {name: [] for name, _ in todo}
     for i, prompt in enumerate(prompts, start=args.first_prompt):
@@ -152,18 +163,37 @@ def sweep_toy(args) -> dict:
             result, seconds, frames = run(backend, tokenizer, replace(base, step_cache=policy))
             if policy is None:
                 ref_frames, ref_seconds = frames, seconds
-            row = {"prompt": prompt, "seed": i, "seconds": seconds, "time_ratio": seconds / ref_seconds,
-                   "dit_calls": [s.dit_calls for s in result.stages],
-                   "dit_skipped": [s.dit_skipped for s in result.stages],
-                   "psnr_vs_off": psnr(frames, ref_frames), **quality_row(result, prompt)}
+            row = {
+                "prompt": prompt,
+                "seed": i,
+                "seconds": seconds,
+                "time_ratio": seconds / ref_seconds,
+                "dit_calls": [s.dit_calls for s in result.stages],
+                "dit_skipped": [s.dit_skipped for s in result.stages],
+                "psnr_vs_off": psnr(frames, ref_frames),
+                **quality_row(result, prompt),
+            }
             rows[name].append(row)
-            print(f"[{i}] {name:14s} calls {sum(row['dit_calls']):3d} {row['dit_calls']} {seconds:5.1f} s "
-                  f"x{row['time_ratio']:.2f} psnr {row['psnr_vs_off']:.1f} jump {row['max_jump']:.1f} "
-                  f"bp {row['blueprint_psnr']:.1f} pres {row['presence']:.2f}", flush=True)
-    meta = {name: {"thresholds": list(policy.thresholds) if policy else None,
-                   "max_skips": policy.max_skips if policy else None} for name, policy in todo}
-    return {"note": __doc__.split("\n\n")[1].replace("\n", " "), "steps": list(RELEASE_STEPS),
-            "prompts": prompts, "summary": summarise(rows, meta), "runs": rows}
+            print(
+                f"[{i}] {name:14s} calls {sum(row['dit_calls']):3d} {row['dit_calls']} {seconds:5.1f} s "
+                f"x{row['time_ratio']:.2f} psnr {row['psnr_vs_off']:.1f} jump {row['max_jump']:.1f} "
+                f"bp {row['blueprint_psnr']:.1f} pres {row['presence']:.2f}",
+                flush=True,
+            )
+    meta = {
+        name: {
+            "thresholds": list(policy.thresholds) if policy else None,
+            "max_skips": policy.max_skips if policy else None,
+        }
+        for name, policy in todo
+    }
+    return {
+        "note": __doc__.split("\n\n")[1].replace("\n", " "),
+        "steps": list(RELEASE_STEPS),
+        "prompts": prompts,
+        "summary": summarise(rows, meta),
+        "runs": rows,
+    }
 
 
 def summarise(rows: dict, meta: dict) -> dict:
@@ -173,16 +203,19 @@ def summarise(rows: dict, meta: dict) -> dict:
         calls = sum(r[0]["dit_calls"])
         summary[name] = {
             **meta[name],
-            "dit_calls": r[0]["dit_calls"], "dit_calls_total": calls,
+            "dit_calls": r[0]["dit_calls"],
+            "dit_calls_total": calls,
             "fewer_calls": sum(RELEASE_STEPS) / calls,
             "time_ratio_mean": float(np.mean([x["time_ratio"] for x in r])),
             "psnr_vs_off_min": float(min(x["psnr_vs_off"] for x in r)),
-            "psnr_vs_off_mean": float(np.mean([x["psnr_vs_off"] if math.isfinite(x["psnr_vs_off"]) else 99.0 for x in r])),
+            "psnr_vs_off_mean": float(
+                np.mean([x["psnr_vs_off"] if math.isfinite(x["psnr_vs_off"]) else 99.0 for x in r])
+            ),
             "max_jump_max": float(max(x["max_jump"] for x in r)),
             "tests": tests_passed(r),
         }
     off_tests = summary["off"]["tests"]
-    for name, s in summary.items():
+    for s in summary.values():
         keeps = all(s["tests"][k] == v or not v for k, v in off_tests.items())
         s["safe"] = bool(keeps and s["psnr_vs_off_min"] >= SAFE_PSNR_DB)
     return summary
@@ -198,11 +231,18 @@ def merge(paths: list[Path]) -> dict:
 
     parts = [json.loads(Path(p).read_text()) for p in paths]
     everywhere = [n for n in parts[0]["runs"] if all(n in part["runs"] for part in parts)]
-    meta = {n: {k: v for k, v in part["summary"][n].items() if k in ("thresholds", "max_skips")}
-            for part in parts for n in part["summary"]}
+    meta = {
+        n: {k: v for k, v in part["summary"][n].items() if k in ("thresholds", "max_skips")}
+        for part in parts
+        for n in part["summary"]
+    }
     rows = {n: [row for part in parts for row in part["runs"][n]] for n in everywhere}
-    data = {**parts[0], "prompts": [p for part in parts for p in part["prompts"]], "summary": summarise(rows, meta),
-            "runs": rows}
+    data = {
+        **parts[0],
+        "prompts": [p for part in parts for p in part["prompts"]],
+        "summary": summarise(rows, meta),
+        "runs": rows,
+    }
     partial = {n: part["runs"][n] for part in parts for n in part["runs"] if n not in everywhere}
     if partial:
         prompts = {r["prompt"] for rs in partial.values() for r in rs}
@@ -218,8 +258,13 @@ def alternate_timing(backend, tokenizer, curves, repeats: int) -> dict:
     from tempomaster.runtime.step_cache import POLICY_MAX_SKIPS, POLICY_THRESHOLDS, StepCachePolicy
 
     base = toy_request(shuffled_captions()[0], 0, RELEASE_STEPS)
-    named = {"off": None, **{n: StepCachePolicy(t, tuple(curves), max_skips=POLICY_MAX_SKIPS[n], name=n)
-                             for n, t in POLICY_THRESHOLDS.items()}}
+    named = {
+        "off": None,
+        **{
+            n: StepCachePolicy(t, tuple(curves), max_skips=POLICY_MAX_SKIPS[n], name=n)
+            for n, t in POLICY_THRESHOLDS.items()
+        },
+    }
     seconds = {n: [] for n in named}
     dit_seconds = {n: [] for n in named}
     for _ in range(repeats):
@@ -258,10 +303,16 @@ def plot(data: dict, path: Path) -> None:
     axes[0].axhline(SAFE_PSNR_DB, color="grey", linestyle="--", linewidth=1)
     axes[1].axhline(JUMP_BOUND_PX, color="grey", linestyle="--", linewidth=1)
     axes[1].axhline(data["summary"]["off"]["max_jump_max"], color="grey", linestyle=":", linewidth=1)
-    axes[0].set(xlabel="share of the 114 DiT calls skipped", ylabel="PSNR vs uncached, worst prompt (dB)",
-                title="final video vs the uncached one")
-    axes[1].set(xlabel="share of the 114 DiT calls skipped", ylabel="largest centroid step, worst prompt (px)",
-                title="toy smoothness (bound 6 px; dotted: uncached)")
+    axes[0].set(
+        xlabel="share of the 114 DiT calls skipped",
+        ylabel="PSNR vs uncached, worst prompt (dB)",
+        title="final video vs the uncached one",
+    )
+    axes[1].set(
+        xlabel="share of the 114 DiT calls skipped",
+        ylabel="largest centroid step, worst prompt (px)",
+        title="toy smoothness (bound 6 px; dotted: uncached)",
+    )
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
@@ -290,24 +341,36 @@ def wan13(args) -> dict:
     # a one-layer T5 of umT5-XXL's output width stands in for the 5.7B-parameter encoder (as fp8_report_wan13)
     t5_cfg = T5Config(vocab_size=384, dim=4096, dim_attn=256, dim_ffn=256, num_heads=4, num_layers=1)
     dit = random_model_set(base, torch.float32, torch.float32, graphs=["dit"]).dit
-    models = ModelSet(preset=replace(base, t5=t5_cfg), dit=dit, vae=WanVAE(base.vae).eval(),
-                      t5=UMT5Encoder(t5_cfg).eval(), tokenizer=tiny_tokenizer())
+    models = ModelSet(
+        preset=replace(base, t5=t5_cfg),
+        dit=dit,
+        vae=WanVAE(base.vae).eval(),
+        t5=UMT5Encoder(t5_cfg).eval(),
+        tokenizer=tiny_tokenizer(),
+    )
     backend, tokenizer = TorchBackend(models), models.tokenizer
     steps = tuple(int(s) for s in args.wan13_steps.split(","))
     shape = dict(height=16, width=16, num_frames=5, steps_per_stage=steps, shift_per_stage=(5.0, 3.0, 3.0))
     calib = [GenerationRequest(prompt="a boat on a lake", seed=100, **shape)]
     curves = calibrate(backend, tokenizer, calib)
     base_request = GenerationRequest(prompt="a red ball bouncing", seed=0, **shape)
-    out = {"note": wan13.__doc__, "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
-           "summary": {}}
+    out = {
+        "note": wan13.__doc__,
+        "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+        "summary": {},
+    }
     ref, ref_seconds, ref_frames = run(backend, tokenizer, base_request)
     out["summary"]["off"] = {"dit_calls": [s.dit_calls for s in ref.stages], "seconds": ref_seconds}
     for name, thresholds in POLICY_THRESHOLDS.items():
         policy = StepCachePolicy(thresholds, tuple(curves), max_skips=POLICY_MAX_SKIPS[name], name=name)
         result, seconds, frames = run(backend, tokenizer, replace(base_request, step_cache=policy))
-        out["summary"][name] = {"thresholds": list(thresholds), "dit_calls": [s.dit_calls for s in result.stages],
-                                "fewer_calls": sum(steps) / result.dit_calls, "time_ratio": seconds / ref_seconds,
-                                "psnr_vs_off": psnr(frames, ref_frames)}
+        out["summary"][name] = {
+            "thresholds": list(thresholds),
+            "dit_calls": [s.dit_calls for s in result.stages],
+            "fewer_calls": sum(steps) / result.dit_calls,
+            "time_ratio": seconds / ref_seconds,
+            "psnr_vs_off": psnr(frames, ref_frames),
+        }
         print(name, out["summary"][name], flush=True)
     out["curves_gamma"] = [np.exp(np.asarray(c.log_gammas)).round(4).tolist() for c in curves]
     return out
@@ -318,16 +381,30 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true", help="measure the toy's magnitude curves and write them")
     p.add_argument("--calibration-prompts", type=int, default=3)
     p.add_argument("--curves", type=Path, default=None, help="curves file to read or (--calibrate) write")
-    p.add_argument("--prompts", type=int, default=6, help="how many of the quality tests' prompts (at most 6 are the tests')")
-    p.add_argument("--candidate", action="append", metavar="NAME=A,B,C/K", help="another policy to measure (thresholds per stage / max skips)")
+    p.add_argument(
+        "--prompts", type=int, default=6, help="how many of the quality tests' prompts (at most 6 are the tests')"
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        metavar="NAME=A,B,C/K",
+        help="another policy to measure (thresholds per stage / max skips)",
+    )
     p.add_argument("--only-named", action="store_true", help="off and the named policies only (no sweep)")
     p.add_argument("--wan13", action="store_true", help="wan-1.3b-shaped random weights instead of the toy")
     p.add_argument("--wan13-steps", default="50,32,32")
     p.add_argument("--first-prompt", type=int, default=0, help="start at this prompt of the shuffle (to split a run)")
     p.add_argument("--merge", type=Path, nargs="+", help="combine these result files into --out (and its plot)")
-    p.add_argument("--timing", type=int, default=0, metavar="R",
-                   help="also time off/safe/fast alternated R times on the first prompt (the robust speed-up)")
-    p.add_argument("--timing-json", type=Path, help="a timing result (alternate_timing) measured apart, to store with --merge")
+    p.add_argument(
+        "--timing",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also time off/safe/fast alternated R times on the first prompt (the robust speed-up)",
+    )
+    p.add_argument(
+        "--timing-json", type=Path, help="a timing result (alternate_timing) measured apart, to store with --merge"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -341,9 +418,18 @@ def main(argv=None) -> int:
         requests = [toy_request(prompt, 100 + i, RELEASE_STEPS) for i, prompt in enumerate(held_out)]
         curves = calibrate(backend, tokenizer, requests)
         path = args.curves or packaged_weights_dir(get_preset("toy")) / "magnitude_curves.json"
-        save_curves(path, curves, {"prompts": held_out, "seeds": [r.seed for r in requests],
-                                   "steps": list(RELEASE_STEPS), "shifts": list(requests[0].shift_per_stage),
-                                   "guidance": requests[0].guidance_scale, "dtype": "fp32"})
+        save_curves(
+            path,
+            curves,
+            {
+                "prompts": held_out,
+                "seeds": [r.seed for r in requests],
+                "steps": list(RELEASE_STEPS),
+                "shifts": list(requests[0].shift_per_stage),
+                "guidance": requests[0].guidance_scale,
+                "dtype": "fp32",
+            },
+        )
         print(f"wrote {path}")
         return 0
     if args.wan13:
@@ -371,8 +457,10 @@ def main(argv=None) -> int:
     write_json(data, out)
     plot(data, out.with_suffix(".png"))
     for name, s in {**data.get("sweep_summary", {}), **data["summary"]}.items():
-        print(f"{name:14s} {s['dit_calls']} {s['fewer_calls']:.2f}x fewer, time x{s['time_ratio_mean']:.2f}, "
-              f"PSNR min {s['psnr_vs_off_min']:.1f} dB, jump {s['max_jump_max']:.1f} px, tests {s['tests']}, safe {s['safe']}")
+        print(
+            f"{name:14s} {s['dit_calls']} {s['fewer_calls']:.2f}x fewer, time x{s['time_ratio_mean']:.2f}, "
+            f"PSNR min {s['psnr_vs_off_min']:.1f} dB, jump {s['max_jump_max']:.1f} px, tests {s['tests']}, safe {s['safe']}"
+        )
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -7,6 +7,7 @@ all). Each form is one small graph with the decoder's widest upsampling
 input; every form's output is checked equal to torch's nearest interpolate
 before it is timed. Run: OMP_NUM_THREADS=1 python -m benchmarks.bench_upsample
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,16 @@ def _graph(form: str, shape: tuple[int, int, int, int], dtype: str):
     n, c, h, w = shape
     nodes, inits = [], []
     if form == "expand_reshape":
-        inits += [numpy_helper.from_array(np.array([n, c, h, 1, w, 1], np.int64), "s6"),
-                  numpy_helper.from_array(np.array([n, c, h, 2, w, 2], np.int64), "e6"),
-                  numpy_helper.from_array(np.array([n, c, 2 * h, 2 * w], np.int64), "s4")]
-        nodes += [helper.make_node("Reshape", ["x", "s6"], ["x6"]),
-                  helper.make_node("Expand", ["x6", "e6"], ["xe"]),
-                  helper.make_node("Reshape", ["xe", "s4"], ["y"])]
+        inits += [
+            numpy_helper.from_array(np.array([n, c, h, 1, w, 1], np.int64), "s6"),
+            numpy_helper.from_array(np.array([n, c, h, 2, w, 2], np.int64), "e6"),
+            numpy_helper.from_array(np.array([n, c, 2 * h, 2 * w], np.int64), "s4"),
+        ]
+        nodes += [
+            helper.make_node("Reshape", ["x", "s6"], ["x6"]),
+            helper.make_node("Expand", ["x6", "e6"], ["xe"]),
+            helper.make_node("Reshape", ["xe", "s4"], ["y"]),
+        ]
     else:
         inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
         src = "x"
@@ -39,12 +44,25 @@ def _graph(form: str, shape: tuple[int, int, int, int], dtype: str):
             nodes.append(helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT))
             src = "xf"
         out = "yf" if form == "cast_resize_cast" else "y"
-        nodes.append(helper.make_node("Resize", [src, "", "scales"], [out], mode="nearest",
-                                      coordinate_transformation_mode="asymmetric", nearest_mode="floor"))
+        nodes.append(
+            helper.make_node(
+                "Resize",
+                [src, "", "scales"],
+                [out],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+            )
+        )
         if form == "cast_resize_cast":
             nodes.append(helper.make_node("Cast", ["yf"], ["y"], to=elem))
-    graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", elem, list(shape))],
-                              [helper.make_tensor_value_info("y", elem, [n, c, 2 * h, 2 * w])], inits)
+    graph = helper.make_graph(
+        nodes,
+        form,
+        [helper.make_tensor_value_info("x", elem, list(shape))],
+        [helper.make_tensor_value_info("y", elem, [n, c, 2 * h, 2 * w])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -93,9 +111,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="1,96,60,104", help="N,C,H,W of the upsampling input")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--low", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                   help="the 16-bit dtype of the cast and expand forms (onnxruntime's CPU provider has few bf16 kernels: "
-                        "float16 or float32 measures the same data movement)")
+    p.add_argument(
+        "--low",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="the 16-bit dtype of the cast and expand forms (onnxruntime's CPU provider has few bf16 kernels: "
+        "float16 or float32 measures the same data movement)",
+    )
     args = p.parse_args(argv)
     print(json.dumps(bench(tuple(int(v) for v in args.shape.split(",")), args.repeats, args.low), indent=2))
     return 0

@@ -26,6 +26,7 @@ the median, its total the sum over the calls weighted by how often the VAE
 makes each. Each path's largest deviation from native is recorded too
 (float32; the rewrite sums in another order). Results as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,9 @@ def record_conv_calls(vae, batch: int, height: int, width: int) -> Counter:
     original = CausalConv3d._conv_forward
 
     def recording(self, x, weight, bias):
-        calls[(tuple(x.shape), tuple(self.kernel_size), tuple(self.stride), tuple(self.padding), self.out_channels)] += 1
+        calls[
+            (tuple(x.shape), tuple(self.kernel_size), tuple(self.stride), tuple(self.padding), self.out_channels)
+        ] += 1
         return original(self, x, weight, bias)
 
     CausalConv3d._conv_forward = recording
@@ -82,10 +85,13 @@ def onnx_conv_session(weight: torch.Tensor, bias: torch.Tensor, stride, padding,
     from onnx import TensorProto, helper, numpy_helper
 
     pads = [0, padding[1], padding[2]] * 2
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=list(stride), pads=pads,
-                            kernel_shape=list(weight.shape[2:]))
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], strides=list(stride), pads=pads, kernel_shape=list(weight.shape[2:])
+    )
     graph = helper.make_graph(
-        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(weight.numpy(), "w"), numpy_helper.from_array(bias.numpy(), "b")],
     )
@@ -115,7 +121,9 @@ def conv_paths(weight, bias, stride, padding, names, threads):
     cl_weight = weight.contiguous(memory_format=torch.channels_last_3d)
     paths = {
         "native": lambda x: F.conv3d(x, weight, bias, stride, pad),
-        "channels_last": lambda x: F.conv3d(x.contiguous(memory_format=torch.channels_last_3d), cl_weight, bias, stride, pad),
+        "channels_last": lambda x: F.conv3d(
+            x.contiguous(memory_format=torch.channels_last_3d), cl_weight, bias, stride, pad
+        ),
         "mkldnn": lambda x: torch.mkldnn_convolution(x, weight, bias, pad, stride, (1, 1, 1), 1),
         "onednn_packed": packed_conv(weight, bias, stride, pad),
         "taps2d": lambda x: conv3d_taps2d(x, weight, bias, stride, pad),
@@ -149,18 +157,28 @@ def bench(args) -> dict:
                     start = time.perf_counter()
                     fn(x)
                     times[n].append(time.perf_counter() - start)
-            rows.append({
-                "input": list(shape), "kernel": list(kernel), "stride": list(stride), "out_channels": out_ch,
-                "calls": count, "median_ms": {n: round(1e3 * statistics.median(t), 3) for n, t in times.items()},
-                "max_abs_deviation": deviation,
-            })
+            rows.append(
+                {
+                    "input": list(shape),
+                    "kernel": list(kernel),
+                    "stride": list(stride),
+                    "out_channels": out_ch,
+                    "calls": count,
+                    "median_ms": {n: round(1e3 * statistics.median(t), 3) for n, t in times.items()},
+                    "max_abs_deviation": deviation,
+                }
+            )
     totals = {n: round(sum(r["calls"] * r["median_ms"][n] for r in rows), 1) for n in names}
     return {
         "what": "CausalConv3d calls of one encode (5 frames) and one decode (2 latent frames), full-size Wan VAE",
         "created": time.strftime("%Y-%m-%d %H:%M"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+        },
         "total_ms": totals,
         "speedup_vs_native": {n: round(totals["native"] / totals[n], 2) for n in names},
         "calls": rows,

@@ -13,6 +13,7 @@ torch's peak allocated memory during the decode. The two outputs are
 compared (they differ: the tiles see less context, which is the release's
 behaviour, not an error) and everything is written as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="wan-1.3b")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
-    p.add_argument("--latent-frames", type=int, default=28, help="latent frames of the chunk (28: the release's 109-frame chunk)")
+    p.add_argument(
+        "--latent-frames", type=int, default=28, help="latent frames of the chunk (28: the release's 109-frame chunk)"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -112,18 +115,43 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("untiled", "tiled"):
             out = Path(tmp) / f"{variant}.json"
-            cmd = [sys.executable, __file__, "--child", variant, "--child-out", str(out),
-                   "--preset", args.preset, "--height", str(args.height), "--width", str(args.width),
-                   "--latent-frames", str(args.latent_frames), "--dtype", args.dtype, "--device", args.device,
-                   "--threads", str(args.threads), "--tile", ",".join(map(str, args.tile)),
-                   "--stride", ",".join(map(str, args.stride)), "--seed", str(args.seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--child-out",
+                str(out),
+                "--preset",
+                args.preset,
+                "--height",
+                str(args.height),
+                "--width",
+                str(args.width),
+                "--latent-frames",
+                str(args.latent_frames),
+                "--dtype",
+                args.dtype,
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+                "--tile",
+                ",".join(map(str, args.tile)),
+                "--stride",
+                ",".join(map(str, args.stride)),
+                "--seed",
+                str(args.seed),
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
             subprocess.run(cmd, check=True, env=env)
             results[variant] = json.loads(out.read_text())
             outputs[variant] = torch.load(out.with_suffix(".pt"))
-            print(f"{variant:8s} {results[variant]['seconds']:9.1f} s  peak RSS {results[variant]['peak_rss_mib']:9.1f} MiB "
-                  f"({results[variant]['peak_rss_above_before_mib']:.1f} above the {results[variant]['rss_before_decode_mib']:.1f} before)",
-                  flush=True)
+            print(
+                f"{variant:8s} {results[variant]['seconds']:9.1f} s  peak RSS {results[variant]['peak_rss_mib']:9.1f} MiB "
+                f"({results[variant]['peak_rss_above_before_mib']:.1f} above the {results[variant]['rss_before_decode_mib']:.1f} before)",
+                flush=True,
+            )
     a, b = outputs["tiled"].double(), outputs["untiled"].double()
     data = {
         "what": "VAE decode of one chunk, untiled vs the release's tiling",
@@ -141,13 +169,22 @@ def main(argv=None) -> int:
         "tiled": results["tiled"],
         "tiled_over_untiled_time": round(results["tiled"]["seconds"] / results["untiled"]["seconds"], 3),
         "tiled_over_untiled_peak_rss_above_before": round(
-            results["tiled"]["peak_rss_above_before_mib"] / results["untiled"]["peak_rss_above_before_mib"], 3),
+            results["tiled"]["peak_rss_above_before_mib"] / results["untiled"]["peak_rss_above_before_mib"], 3
+        ),
         "tiled_vs_untiled": {"max_abs": float((a - b).abs().max()), "rel_l2": float((a - b).norm() / b.norm())},
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = args.out or RESULTS_DIR / f"vae-tiling-{args.preset}-{args.height}x{args.width}-F{args.latent_frames}-{args.dtype}-{args.device}.json"
+    out = (
+        args.out
+        or RESULTS_DIR
+        / f"vae-tiling-{args.preset}-{args.height}x{args.width}-F{args.latent_frames}-{args.dtype}-{args.device}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")

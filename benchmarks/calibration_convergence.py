@@ -18,6 +18,7 @@ the full run (36 prompts, the preset's steps) it reports per (prompts, steps):
     OMP_NUM_THREADS=1 python -m benchmarks.calibration_convergence [--presets toy,tiny]
         [--out benchmarks/results/calibration_convergence.json] [--png benchmarks/results/calibration_convergence.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,9 @@ def per_video_amax(models, shape, prompts, steps, backend) -> tuple[dict[str, li
         t0 = time.perf_counter()
         try:
             request = make_request(CalibrationPrompt(prompt), shape, models.preset, steps, i)
-            generate(backend, models.tokenizer, request, progress=False, keep_stages=False,
-                     on_step_end=recorder.on_step_end)
+            generate(
+                backend, models.tokenizer, request, progress=False, keep_stages=False, on_step_end=recorder.on_step_end
+            )
         finally:
             recorder.remove()
         seconds.append(time.perf_counter() - t0)
@@ -71,8 +73,11 @@ def per_video_amax(models, shape, prompts, steps, backend) -> tuple[dict[str, li
         for name, rows in recorder.attention_amax.items():
             for which, row in rows.items():
                 amax.setdefault(f"{name}:{which}", []).append(max(row))
-        print(f"  video {i + 1}/{len(prompts)} steps {steps}: {cpu[-1]:.1f}s CPU, {seconds[-1]:.1f}s wall",
-              file=sys.stderr, flush=True)
+        print(
+            f"  video {i + 1}/{len(prompts)} steps {steps}: {cpu[-1]:.1f}s CPU, {seconds[-1]:.1f}s wall",
+            file=sys.stderr,
+            flush=True,
+        )
     return amax, cpu, seconds
 
 
@@ -107,8 +112,14 @@ def velocity_error(dit, amax: dict[str, float], w_amax: dict[str, float], sample
         if ":" in key:
             name, which = key.split(":")
             att.setdefault(name, {})[which] = value
-    q = quantize_dit(dit, layers, torch.float32, scale_dtype=torch.bfloat16, attention=att,
-                     attention_kinds=("self_attn",) if attention else ())
+    q = quantize_dit(
+        dit,
+        layers,
+        torch.float32,
+        scale_dtype=torch.bfloat16,
+        attention=att,
+        attention_kinds=("self_attn",) if attention else (),
+    )
     with torch.inference_mode():
         errors = [rel_error(q(*inputs), velocity) for inputs, velocity in sample]
     return sum(errors) / len(errors)
@@ -162,12 +173,20 @@ def run_preset(preset: str) -> dict:
                 "fraction_of_full_run_time": round(seconds / full_seconds, 4),
             }
             table.append(row)
-            print(f"  {label:7s} {n:2d} prompts: max change {row['max_rel_amax_change']:.3f}  "
-                  f"velocity err {row['velocity_rel_error_all_fp8']:.5f}  {cpu:.1f}s CPU", file=sys.stderr, flush=True)
+            print(
+                f"  {label:7s} {n:2d} prompts: max change {row['max_rel_amax_change']:.3f}  "
+                f"velocity err {row['velocity_rel_error_all_fp8']:.5f}  {cpu:.1f}s CPU",
+                file=sys.stderr,
+                flush=True,
+            )
     linear_only = velocity_error(models.dit, reference, w_amax, sample, attention=False)
     return {
-        "shape": {"height": shape.height, "width": shape.width, "num_frames": shape.num_frames,
-                  "intervals": list(shape.intervals)},
+        "shape": {
+            "height": shape.height,
+            "width": shape.width,
+            "num_frames": shape.num_frames,
+            "intervals": list(shape.intervals),
+        },
         "preset_steps_per_stage": list(full_steps),
         "held_out_prompts": held,
         "held_out_dit_inputs": len(sample),
@@ -176,9 +195,14 @@ def run_preset(preset: str) -> dict:
         "full_run_cpu_seconds": round(full_cpu, 2),
         "velocity_rel_error_fp8_linear_only_full": linear_only,
         "table": table,
-        "per_video": {label: {"amax": run["amax"], "cpu_seconds": [round(s, 3) for s in run["cpu_seconds"]],
-                              "seconds": [round(s, 3) for s in run["seconds"]]}
-                      for label, run in runs.items()},
+        "per_video": {
+            label: {
+                "amax": run["amax"],
+                "cpu_seconds": [round(s, 3) for s in run["cpu_seconds"]],
+                "seconds": [round(s, 3) for s in run["seconds"]],
+            }
+            for label, run in runs.items()
+        },
     }
 
 
@@ -195,16 +219,24 @@ def plot(results: dict, path: Path) -> None:
         for label in STEP_FRACTIONS:
             rows = [r for r in table if r["steps"] == label]
             xs = [r["prompts"] for r in rows]
-            line, = axes[0][col].plot(xs, [100 * r["mean_rel_amax_change"] for r in rows], marker="o",
-                                      label=f"{label} steps: mean")
-            axes[0][col].plot(xs, [100 * r["max_rel_amax_change"] for r in rows], ls=":", color=line.get_color(),
-                              label=f"{label} steps: largest")
+            (line,) = axes[0][col].plot(
+                xs, [100 * r["mean_rel_amax_change"] for r in rows], marker="o", label=f"{label} steps: mean"
+            )
+            axes[0][col].plot(
+                xs,
+                [100 * r["max_rel_amax_change"] for r in rows],
+                ls=":",
+                color=line.get_color(),
+                label=f"{label} steps: largest",
+            )
             axes[1][col].plot(xs, [r["velocity_rel_error_all_fp8"] for r in rows], marker="o", label=f"{label} steps")
-        axes[0][col].axhline(100 * results["tolerance"]["mean_rel_amax_change"], color="grey", ls="--", lw=1,
-                             label="tolerance (mean)")
+        axes[0][col].axhline(
+            100 * results["tolerance"]["mean_rel_amax_change"], color="grey", ls="--", lw=1, label="tolerance (mean)"
+        )
         full = next(r for r in table if r["steps"] == "full" and r["prompts"] == 36)["velocity_rel_error_all_fp8"]
-        axes[1][col].axhline(full * (1 + results["tolerance"]["velocity_error_growth"]), color="grey", ls="--", lw=1,
-                             label="tolerance")
+        axes[1][col].axhline(
+            full * (1 + results["tolerance"]["velocity_error_growth"]), color="grey", ls="--", lw=1, label="tolerance"
+        )
         axes[0][col].set_title(f"{preset}: amax change vs 36 prompts, full steps")
         axes[0][col].set_ylabel("relative amax change (%)")
         axes[1][col].set_title(f"{preset}: all-FP8 velocity error, held-out inputs")
@@ -225,8 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="toy,tiny")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration_convergence.json"))
     p.add_argument("--png", type=Path, default=Path("benchmarks/results/calibration_convergence.png"))
-    p.add_argument("--keep", action="store_true",
-                   help="keep the presets already in --out that this run does not redo (and their own note on timing)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the presets already in --out that this run does not redo (and their own note on timing)",
+    )
     args = p.parse_args(argv)
     from tempomaster.calibration.prompts import CALIB_SETS, CALIB_TOLERANCE
 

@@ -13,6 +13,7 @@ over reference; it fails past 1 + tolerance. The tolerance comes from the
 measured run-to-run noise of a tree against itself (reference.json says how
 it was measured). Exit 0: within tolerance; 1: slower; 2: cannot compare.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,9 @@ def _git(*args: str, cwd: Path = REPO) -> str:
     except FileNotFoundError:
         raise CompareError("git is not installed: the reference revision cannot be checked out") from None
     if done.returncode != 0:
-        raise CompareError(f"git {' '.join(args)}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}")
+        raise CompareError(
+            f"git {' '.join(args)}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'}"
+        )
     return done.stdout.strip()
 
 
@@ -111,8 +114,14 @@ def compare_trees(current: Path, reference: Path, runs: int, generations: int, t
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks --compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--compare", nargs="?", const="", default="", metavar="REV",
-                   help="the reference revision (default: the commit in benchmarks/baselines/reference.json)")
+    p.add_argument(
+        "--compare",
+        nargs="?",
+        const="",
+        default="",
+        metavar="REV",
+        help="the reference revision (default: the commit in benchmarks/baselines/reference.json)",
+    )
     p.add_argument("--runs", type=int, default=5, help="alternating rounds (each: one process per tree)")
     p.add_argument("--generations", type=int, default=3, help="timed generations per process, after one warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each process")
@@ -135,25 +144,40 @@ def main(argv: list[str] | None = None) -> int:
             rev = rev or reference["commit"]
             tolerance = reference["tolerance"] if tolerance is None else tolerance
         with revision_tree(rev) as (tree, commit):
-            print(f"comparing {REPO} (working tree) with {commit[:12]} ({rev}), {args.runs} alternating runs "
-                  f"x {args.generations} generations, {args.threads} thread(s)", flush=True)
-            times = compare_trees(REPO, tree, args.runs, args.generations, args.threads,
-                                  say=lambda line: print(line, flush=True))
+            print(
+                f"comparing {REPO} (working tree) with {commit[:12]} ({rev}), {args.runs} alternating runs "
+                f"x {args.generations} generations, {args.threads} thread(s)",
+                flush=True,
+            )
+            times = compare_trees(
+                REPO, tree, args.runs, args.generations, args.threads, say=lambda line: print(line, flush=True)
+            )
     except CompareError as err:
         print(f"python -m benchmarks --compare: error: {err}", file=sys.stderr)
         return 2
     ratio = ratio_of_medians(times["current"], times["reference"])
     ok = verdict(ratio, tolerance)
-    result = {"reference": rev, "commit": commit, "runs": args.runs, "generations": args.generations,
-              "threads": args.threads, "tolerance": tolerance, "seconds": times,
-              "median": {side: statistics.median(v) for side, v in times.items()}, "ratio": ratio, "ok": ok}
+    result = {
+        "reference": rev,
+        "commit": commit,
+        "runs": args.runs,
+        "generations": args.generations,
+        "threads": args.threads,
+        "tolerance": tolerance,
+        "seconds": times,
+        "median": {side: statistics.median(v) for side, v in times.items()},
+        "ratio": ratio,
+        "ok": ok,
+    }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(f".{args.out.name}.tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, args.out)
-    print(f"generation median: current {result['median']['current']:.3f} s, reference {result['median']['reference']:.3f} s, "
-          f"ratio {ratio:.3f} (tolerance {tolerance:.0%}): {'ok' if ok else 'REGRESSED'}")
+    print(
+        f"generation median: current {result['median']['current']:.3f} s, reference {result['median']['reference']:.3f} s, "
+        f"ratio {ratio:.3f} (tolerance {tolerance:.0%}): {'ok' if ok else 'REGRESSED'}"
+    )
     return 0 if ok else 1
 
 

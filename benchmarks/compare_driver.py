@@ -6,6 +6,7 @@ generate), so the same driver times the current tree and an older revision.
 Prints one JSON line: where `tempomaster` was imported from and the seconds
 of each timed generation (model building and one warm-up generation excluded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,15 @@ def main() -> None:
     backend = TorchBackend(models)
     steps = tuple(int(s) for s in args.steps.split(","))
     request = GenerationRequest(
-        prompt="a red ball bouncing on a striped background", height=args.height, width=args.width,
-        num_frames=args.num_frames, frame_intervals=(4, 2, 1)[-len(steps):], steps_per_stage=steps,
-        shift_per_stage=(5.0, 3.0, 3.0)[-len(steps):], guidance_scale=5.0, seed=0,
+        prompt="a red ball bouncing on a striped background",
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        frame_intervals=(4, 2, 1)[-len(steps) :],
+        steps_per_stage=steps,
+        shift_per_stage=(5.0, 3.0, 3.0)[-len(steps) :],
+        guidance_scale=5.0,
+        seed=0,
     )
     generate(backend, models.tokenizer, request, progress=False)  # warm-up: allocator, oneDNN kernels
     seconds = []

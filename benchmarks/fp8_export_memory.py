@@ -9,6 +9,7 @@ weights' true amax and every input amax set to 4.0. The graph, its FP8
 weights and the memory path (layer-by-layer quantization in place) are the
 real ones; the scales are not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,18 @@ def _sizing_calibration(models, shape, preset_name: str, out: Path) -> Path:
     import hashlib
 
     data = {
-        "format": collect.FORMAT, "format_version": collect.FORMAT_VERSION, "preset": preset_name,
-        "shape": collect._shape_key(shape), "dit_sha256": collect.dit_weights_sha256(models.dit), "seed": 0,
+        "format": collect.FORMAT,
+        "format_version": collect.FORMAT_VERSION,
+        "preset": preset_name,
+        "shape": collect._shape_key(shape),
+        "dit_sha256": collect.dit_weights_sha256(models.dit),
+        "seed": 0,
         "settings": {"steps_per_stage": [0], "note": "sizing only: input amax 4.0 everywhere, no trajectory"},
-        "prompts": [], "weight_amax_file": {"file": collect.WEIGHT_AMAX_FILE, "sha256": hashlib.sha256(data_bytes).hexdigest()},
-        "layers": {n: {"input_amax": 4.0, "input_amax_per_stage": [4.0], "weight_amax": per_tensor[n]} for n in per_tensor},
+        "prompts": [],
+        "weight_amax_file": {"file": collect.WEIGHT_AMAX_FILE, "sha256": hashlib.sha256(data_bytes).hexdigest()},
+        "layers": {
+            n: {"input_amax": 4.0, "input_amax_per_stage": [4.0], "weight_amax": per_tensor[n]} for n in per_tensor
+        },
     }
     path = cal_dir / collect.AMAX_FILE
     collect._write_atomic(path, json.dumps(data).encode())
@@ -72,16 +80,22 @@ def main(argv=None) -> int:
         from tempomaster.calibration import export_fp8_onnx
 
         cal = _sizing_calibration(models, shape, preset.name, args.out)
-        manifest = export_fp8_onnx(models, shape, args.out, calibration=cal, graphs=["dit"], copy=False,
-                                   progress=False, log=None)
+        manifest = export_fp8_onnx(
+            models, shape, args.out, calibration=cal, graphs=["dit"], copy=False, progress=False, log=None
+        )
     else:
         manifest = export_onnx(models, "bf16", shape, args.out, graphs=["dit"], copy=False, progress=False)
     files = {k: v["bytes"] for k, v in manifest["files"].items() if k.startswith("onnx/dit")}
     result = {
-        "preset": preset.name, "precision": args.precision, "shape": [args.height, args.width, args.num_frames],
-        "dit_params": dit_params, "bf16_weight_bytes": 2 * dit_params,
-        "rss_after_load_gib": round(load_rss, 3), "peak_rss_gib": round(_rss_gib(), 3),
-        "dit_files_bytes": files, "dit_total_bytes": sum(files.values()),
+        "preset": preset.name,
+        "precision": args.precision,
+        "shape": [args.height, args.width, args.num_frames],
+        "dit_params": dit_params,
+        "bf16_weight_bytes": 2 * dit_params,
+        "rss_after_load_gib": round(load_rss, 3),
+        "peak_rss_gib": round(_rss_gib(), 3),
+        "dit_files_bytes": files,
+        "dit_total_bytes": sum(files.values()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result, indent=1))

@@ -18,6 +18,7 @@ the prompts that pass unquantized and fail with FP8.
     python -m benchmarks.fp8_report_toy [--calib-prompts 12] [--report-prompts 6]
         [--out benchmarks/results/fp8_report_toy.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,31 +86,59 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        cal = calibrate(models, shape, tmp, prompts=[CalibrationPrompt(c) for c in calib], calib_set="full", seed=0,
-                        preset_name="toy", report=False, progress=False, log=None)
+        cal = calibrate(
+            models,
+            shape,
+            tmp,
+            prompts=[CalibrationPrompt(c) for c in calib],
+            calib_set="full",
+            seed=0,
+            preset_name="toy",
+            report=False,
+            progress=False,
+            log=None,
+        )
         report = quality_report(models, shape, cal, prompts=len(held), held_out=held, measure=measure, progress=False)
         seconds = time.perf_counter() - start
     print(format_report(report))
     for prompt, figures in report["video_measures"].items():
         print(prompt)
         for variant, q in figures.items():
-            print(f"  {variant:<12} presence {q['presence']:.2f}  max jump {q['max_jump']:.2f} px  "
-                  f"blueprint PSNR {q['blueprint_psnr']:.2f} dB  follows motion {q['follows_motion']}  "
-                  f"{'pass' if passes(q) else 'FAIL ' + ','.join(k for k, ok in toy_checks(q).items() if not ok)}")
+            print(
+                f"  {variant:<12} presence {q['presence']:.2f}  max jump {q['max_jump']:.2f} px  "
+                f"blueprint PSNR {q['blueprint_psnr']:.2f} dB  follows motion {q['follows_motion']}  "
+                f"{'pass' if passes(q) else 'FAIL ' + ','.join(k for k, ok in toy_checks(q).items() if not ok)}"
+            )
     measures = report["video_measures"]
     passing = [p for p, f in measures.items() if passes(f["unquantized"])]
-    kept = {v: {"passes": [p for p in measures if passes(measures[p][v])],
-                "lost": [p for p in passing if not passes(measures[p][v])]}
-            for v in report["variants"]}
+    kept = {
+        v: {
+            "passes": [p for p in measures if passes(measures[p][v])],
+            "lost": [p for p in passing if not passes(measures[p][v])],
+        }
+        for v in report["variants"]
+    }
     print(f"pass unquantized: {len(passing)} of {len(measures)}")
     for v, k in kept.items():
-        print(f"  {v:<12} passes {len(k['passes'])} of {len(measures)}; of the unquantized passes, lost {len(k['lost'])}"
-              + (f": {k['lost']}" if k["lost"] else ""))
-    out = {"note": __doc__.split("\n\n")[1].replace("\n", " "), "calibration_prompts": calib,
-           "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1),
-           "bounds": {"presence": PRESENCE_BOUND, "max_jump_px": JUMP_BOUND_PX, "blueprint_psnr_db": BLUEPRINT_BOUND_DB,
-                      "motion_px": 8.0},
-           "pass_unquantized": passing, "kept": kept, "report": report}
+        print(
+            f"  {v:<12} passes {len(k['passes'])} of {len(measures)}; of the unquantized passes, lost {len(k['lost'])}"
+            + (f": {k['lost']}" if k["lost"] else "")
+        )
+    out = {
+        "note": __doc__.split("\n\n")[1].replace("\n", " "),
+        "calibration_prompts": calib,
+        "calibration_videos": len(cal.data["prompts"]),
+        "seconds_total": round(seconds, 1),
+        "bounds": {
+            "presence": PRESENCE_BOUND,
+            "max_jump_px": JUMP_BOUND_PX,
+            "blueprint_psnr_db": BLUEPRINT_BOUND_DB,
+            "motion_px": 8.0,
+        },
+        "pass_unquantized": passing,
+        "kept": kept,
+        "report": report,
+    }
     write_json(out, args.out)
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return 0

@@ -10,6 +10,7 @@ not about picture quality.
 
     python -m benchmarks.fp8_report_wan13 [--out benchmarks/results/fp8_report_wan-1.3b.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,21 +53,37 @@ def main(argv=None) -> int:
     t5_cfg = T5Config(vocab_size=384, dim=4096, dim_attn=256, dim_ffn=256, num_heads=4, num_layers=1)
     preset = replace(base, t5=t5_cfg)
     dit = random_model_set(base, torch.float32, torch.float32, graphs=["dit"]).dit
-    models = ModelSet(preset=preset, dit=dit, vae=WanVAE(base.vae).eval(), t5=UMT5Encoder(t5_cfg).eval(),
-                      tokenizer=tiny_tokenizer())
+    models = ModelSet(
+        preset=preset, dit=dit, vae=WanVAE(base.vae).eval(), t5=UMT5Encoder(t5_cfg).eval(), tokenizer=tiny_tokenizer()
+    )
     shape = ExportShape(height=args.height, width=args.width, num_frames=args.num_frames, intervals=(4, 2, 1))
     steps = tuple(int(s) for s in args.steps.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        cal = calibrate(models, shape, tmp, prompts=builtin_prompts()[: args.calib_prompts], calib_steps=steps,
-                        seed=0, preset_name="wan-1.3b", report=True, report_prompts=args.report_prompts,
-                        progress=False, log=None)
+        cal = calibrate(
+            models,
+            shape,
+            tmp,
+            prompts=builtin_prompts()[: args.calib_prompts],
+            calib_steps=steps,
+            seed=0,
+            preset_name="wan-1.3b",
+            report=True,
+            report_prompts=args.report_prompts,
+            progress=False,
+            log=None,
+        )
         seconds = time.perf_counter() - start
         report = json.loads((Path(tmp) / "calibration" / "report.json").read_text())
     print(format_report(report))
-    out = {"note": __doc__.split("\n\n")[1].replace("\n", " "), "shape": vars(shape) | {"intervals": list(shape.intervals)},
-           "steps": list(steps), "calibration_videos": len(cal.data["prompts"]), "seconds_total": round(seconds, 1),
-           "report": report}
+    out = {
+        "note": __doc__.split("\n\n")[1].replace("\n", " "),
+        "shape": vars(shape) | {"intervals": list(shape.intervals)},
+        "steps": list(steps),
+        "calibration_videos": len(cal.data["prompts"]),
+        "seconds_total": round(seconds, 1),
+        "report": report,
+    }
     write_json(out, args.out)
     print(f"wrote {args.out} ({seconds:.0f} s)")
     return 0

@@ -8,6 +8,7 @@ selenium (the system's chromium and chromedriver), submits a prompt from
 the form, waits for the final video to play, submits a second one, and
 saves the window once the second job is past its blueprint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,11 @@ def main(argv=None) -> int:
     from tempomaster.serve.server import ServeOptions, build_service
 
     with tempfile.TemporaryDirectory(prefix="tm-serve-shot-") as tmp:
-        service = build_service(ServeOptions(base=GenerateOptions(preset=args.preset, threads=1), data=Path(tmp)),
-                                None, log=lambda line: None)
+        service = build_service(
+            ServeOptions(base=GenerateOptions(preset=args.preset, threads=1), data=Path(tmp)),
+            None,
+            log=lambda line: None,
+        )
         service.start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -63,8 +67,14 @@ def main(argv=None) -> int:
 
         options = webdriver.ChromeOptions()
         options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--hide-scrollbars",
-                     "--window-size=1280,900", "--autoplay-policy=no-user-gesture-required"):
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            "--autoplay-policy=no-user-gesture-required",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(options=options, service=DriverService(shutil.which("chromedriver")))
         try:
@@ -80,16 +90,29 @@ def main(argv=None) -> int:
             wait_for(lambda: driver.find_elements(By.ID, "final-video"), 300, "the first video")
             first = driver.find_element(By.ID, "final-video").get_attribute("data-job")
             submit(args.second)
-            second = wait_for(lambda: driver.execute_script(
-                "const li = document.querySelector('#jobs li.job'); return li && li.dataset.id;") != first
-                and service.store.get(driver.execute_script(
-                    "return document.querySelector('#jobs li.job').dataset.id;")).has_blueprint, 300,
-                "the second job's blueprint")
+            second = wait_for(
+                lambda: (
+                    driver.execute_script(
+                        "const li = document.querySelector('#jobs li.job'); return li && li.dataset.id;"
+                    )
+                    != first
+                    and service.store.get(
+                        driver.execute_script("return document.querySelector('#jobs li.job').dataset.id;")
+                    ).has_blueprint
+                ),
+                300,
+                "the second job's blueprint",
+            )
             assert second
             # show the finished one in the player, the running one in the queue
             driver.find_element(By.CSS_SELECTOR, f'li.job[data-id="{first}"]').click()
-            wait_for(lambda: driver.execute_script(
-                "const v = document.getElementById('final-video'); return v && v.currentTime > 0.3;"), 60, "playback")
+            wait_for(
+                lambda: driver.execute_script(
+                    "const v = document.getElementById('final-video'); return v && v.currentTime > 0.3;"
+                ),
+                60,
+                "playback",
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(args.out))
         finally:

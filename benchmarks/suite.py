@@ -23,6 +23,7 @@ stage plan makes). On a GPU the absolute per-op latencies are checked too,
 against a baseline from the same GPU model. Every figure is "lower is
 better"; one that exceeds the baseline's by more than --tolerance is named.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ from pathlib import Path
 
 import torch
 
-from . import bench_backends as bb
 from tempomaster.runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, GenerationRequest, generate
+
+from . import bench_backends as bb
 
 BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
 DEFAULT_TOLERANCE = 0.15
@@ -60,14 +62,23 @@ class CheckError(Exception):
 # Command line
 # ----------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "toy"],
-                   help="model preset: tiny (random weights) or toy (the shipped trained toy; its results also measure "
-                        "each backend's video with tempomaster.toy.quality)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "toy"],
+        help="model preset: tiny (random weights) or toy (the shipped trained toy; its results also measure "
+        "each backend's video with tempomaster.toy.quality)",
+    )
     p.add_argument("--build", type=Path, default=None, help="reuse this tm-export fp32 build instead of exporting one")
-    p.add_argument("--engines", type=Path, default=None,
-                   help="TensorRT engines directory (tm-export build); times the tensorrt backend on a GPU")
+    p.add_argument(
+        "--engines",
+        type=Path,
+        default=None,
+        help="TensorRT engines directory (tm-export build); times the tensorrt backend on a GPU",
+    )
     p.add_argument("--height", type=int, default=None, help="default: the build's, else the preset's")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None)
@@ -77,26 +88,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="timed samples per op and backend")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per op and backend before timing")
     p.add_argument("--generate-repeats", type=int, default=5, help="timed whole generations per backend")
-    p.add_argument("--sample-ms", type=float, default=200.0,
-                   help="each timed sample of an op repeats it back to back for about this long (default 200)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads of every backend (default 1: steadier on a shared machine); 0 = libraries' default")
+    p.add_argument(
+        "--sample-ms",
+        type=float,
+        default=200.0,
+        help="each timed sample of an op repeats it back to back for about this long (default 200)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads of every backend (default 1: steadier on a shared machine); 0 = libraries' default",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    p.add_argument("--runs", type=int, default=1,
-                   help="run the whole suite this many times; each figure is the median over the runs "
-                        "(use 3 or more to record a baseline on a shared machine)")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/suite-<kind>-<date>.json)")
-    p.add_argument("--record-baseline", action="store_true",
-                   help="also write the results as benchmarks/baselines/<machine-kind>.json")
-    p.add_argument("--check", type=Path, default=None, metavar="BASELINE",
-                   help="compare with this baseline JSON; exit 1 naming every figure past --tolerance")
-    p.add_argument("--results", type=Path, default=None, metavar="FILE",
-                   help="check this earlier results JSON instead of measuring (with --check)")
-    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                   help="also draw the per-stage breakdown of each backend's generation (PNG; '{backend}' in the name "
-                        "is replaced, else one file per backend beside it)")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="allowed relative increase of a figure over the baseline (default 0.15)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="run the whole suite this many times; each figure is the median over the runs "
+        "(use 3 or more to record a baseline on a shared machine)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: benchmarks/results/suite-<kind>-<date>.json)"
+    )
+    p.add_argument(
+        "--record-baseline",
+        action="store_true",
+        help="also write the results as benchmarks/baselines/<machine-kind>.json",
+    )
+    p.add_argument(
+        "--check",
+        type=Path,
+        default=None,
+        metavar="BASELINE",
+        help="compare with this baseline JSON; exit 1 naming every figure past --tolerance",
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="check this earlier results JSON instead of measuring (with --check)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also draw the per-stage breakdown of each backend's generation (PNG; '{backend}' in the name "
+        "is replaced, else one file per backend beside it)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="allowed relative increase of a figure over the baseline (default 0.15)",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.generate_repeats < 1:
         p.error("--repeats and --generate-repeats must be >= 1, --warmup >= 0")
@@ -114,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------
 # Machine
 # ----------------------------------------------------------------------------
+
 
 def _cpu_model() -> str:
     try:
@@ -133,12 +181,25 @@ def _gpu() -> dict | None:
     try:
         import subprocess
 
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except Exception:  # no nvidia-smi: the driver stays unknown, nothing else depends on it
         pass
-    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver,
-            "cuda": torch.version.cuda, "capability": f"{props.major}.{props.minor}"}
+    return {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "driver": driver,
+        "cuda": torch.version.cuda,
+        "capability": f"{props.major}.{props.minor}",
+    }
 
 
 def _version(module: str) -> str | None:
@@ -158,8 +219,10 @@ def fingerprint() -> dict:
         "gpu": _gpu(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "libraries": {name: _version(name) for name in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy",
-                                                         "tensorrt", "torch-tensorrt")},
+        "libraries": {
+            name: _version(name)
+            for name in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "torch-tensorrt")
+        },
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
     }
 
@@ -175,6 +238,7 @@ def machine_kind(fp: dict) -> str:
 # ----------------------------------------------------------------------------
 # Backends and inputs
 # ----------------------------------------------------------------------------
+
 
 def available_backends(models, build_dir: Path, threads: int, engines: Path | None) -> tuple[dict, dict]:
     """The backends this machine can run, and a note for each one it cannot."""
@@ -218,9 +282,14 @@ def suite_inputs(info, tokenizer, shape, steps, shifts, seed: int) -> dict:
         inputs[f"dit_b{2 * n}"] = bb.dit_inputs(info, stage, shape, steps[s], shifts[s], gen)
     stage = bb.largest_stage(shape)
     ids, mask = tokenizer([bb.PROMPT, DEFAULT_NEGATIVE_PROMPT])
-    inputs["vae_encode"] = {"video": torch.rand(1, 3, stage.chunk_frames, shape.height, shape.width, generator=gen) * 2 - 1}
-    inputs["vae_decode"] = {"latents": torch.randn(1, info.z_dim, stage.latent_frames, shape.latent_height,
-                                                   shape.latent_width, generator=gen)}
+    inputs["vae_encode"] = {
+        "video": torch.rand(1, 3, stage.chunk_frames, shape.height, shape.width, generator=gen) * 2 - 1
+    }
+    inputs["vae_decode"] = {
+        "latents": torch.randn(
+            1, info.z_dim, stage.latent_frames, shape.latent_height, shape.latent_width, generator=gen
+        )
+    }
     inputs["text"] = {"ids": ids, "mask": mask}
     return inputs
 
@@ -238,6 +307,7 @@ def op_method(op: str) -> str:
 # Timing
 # ----------------------------------------------------------------------------
 
+
 def inner_calls(backends: dict, calls: dict, target_ms: float) -> int:
     """Calls per timed sample so that the fastest backend's sample lasts `target_ms`.
 
@@ -252,7 +322,9 @@ def bench_ops(backends: dict, inputs: dict, warmup: int, repeats: int, target_ms
     names = tuple(backends)
     results = {}
     for op, op_inputs in inputs.items():
-        single = {name: bb.op_call(backends[name], op_method(op), on_device(op_inputs, backends[name])) for name in names}
+        single = {
+            name: bb.op_call(backends[name], op_method(op), on_device(op_inputs, backends[name])) for name in names
+        }
         for name in names:  # sessions, caches, first-call allocations: not timed
             single[name]()
         n = inner_calls(backends, single, target_ms)
@@ -280,8 +352,16 @@ def part_weights(shape, steps, guided: bool) -> dict[str, int]:
     return weights
 
 
-def bench_generate(backends: dict, tokenizer, request_kwargs: dict, warmup: int, repeats: int,
-                   inputs: dict, weights: dict[str, int], per_sample: dict[str, int]) -> dict:
+def bench_generate(
+    backends: dict,
+    tokenizer,
+    request_kwargs: dict,
+    warmup: int,
+    repeats: int,
+    inputs: dict,
+    weights: dict[str, int],
+    per_sample: dict[str, int],
+) -> dict:
     """Whole generations, interleaved across backends. Right after each, every op of the generation is
     timed once more (a sample of `per_sample[op]` back-to-back calls) and weighted by the calls the
     generation makes of it, so that "time / sum of parts" compares runs made under the same machine load."""
@@ -292,25 +372,37 @@ def bench_generate(backends: dict, tokenizer, request_kwargs: dict, warmup: int,
     def sampled(fn, n):
         return lambda: [fn() for _ in range(n)][-1]
 
-    calls = {name: {op: sampled(bb.op_call(backends[name], op_method(op), on_device(inputs[op], backends[name])),
-                                per_sample[op]) for op in weights} for name in names}
+    calls = {
+        name: {
+            op: sampled(
+                bb.op_call(backends[name], op_method(op), on_device(inputs[op], backends[name])), per_sample[op]
+            )
+            for op in weights
+        }
+        for name in names
+    }
     for _ in range(warmup):
         for name in names:
             generate(backends[name], tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=False)
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             bb.sync(backends[name])
-            runs[name].append(generate(backends[name], tokenizer, GenerationRequest(**request_kwargs),
-                                       progress=False, keep_stages=False))
-            parts[name].append(sum(w * bb.timed(backends[name], calls[name][op])[1] / per_sample[op]
-                                   for op, w in weights.items()))
+            runs[name].append(
+                generate(
+                    backends[name], tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=False
+                )
+            )
+            parts[name].append(
+                sum(w * bb.timed(backends[name], calls[name][op])[1] / per_sample[op] for op, w in weights.items())
+            )
     breakdowns = {}
     for name in names:  # one more, untimed, through the profiling wrapper: where the time went, per stage
         from tempomaster.runtime.profiling import GenerationProfile
 
         prof = GenerationProfile(backends[name].device)
-        generate(prof.wrap(backends[name]), tokenizer, GenerationRequest(**request_kwargs), progress=False,
-                 keep_stages=False)
+        generate(
+            prof.wrap(backends[name]), tokenizer, GenerationRequest(**request_kwargs), progress=False, keep_stages=False
+        )
         breakdowns[name] = prof.breakdown()
     entry = {}
     for name in names:
@@ -332,6 +424,7 @@ def bench_generate(backends: dict, tokenizer, request_kwargs: dict, warmup: int,
 # ----------------------------------------------------------------------------
 # Figures and the check
 # ----------------------------------------------------------------------------
+
 
 def figures(data: dict) -> dict[str, float]:
     """Every checked figure, named; all are "lower is better"."""
@@ -363,9 +456,14 @@ def check(data: dict, baseline: dict, tolerance: float = DEFAULT_TOLERANCE) -> l
     """
     for key in CONFIG_KEYS:
         if data["config"].get(key) != baseline["config"].get(key):
-            raise CheckError(f"the baseline was measured with {key} = {baseline['config'].get(key)!r}, "
-                             f"this run with {data['config'].get(key)!r}: rerun with the baseline's settings")
-    same_gpu = bool(data["machine"].get("gpu")) and (baseline["machine"].get("gpu") or {}).get("name") == data["machine"]["gpu"]["name"]
+            raise CheckError(
+                f"the baseline was measured with {key} = {baseline['config'].get(key)!r}, "
+                f"this run with {data['config'].get(key)!r}: rerun with the baseline's settings"
+            )
+    same_gpu = (
+        bool(data["machine"].get("gpu"))
+        and (baseline["machine"].get("gpu") or {}).get("name") == data["machine"]["gpu"]["name"]
+    )
     base = baseline["figures"]
     unsteady = baseline.get("unsteady", {})
     problems = []
@@ -377,14 +475,17 @@ def check(data: dict, baseline: dict, tolerance: float = DEFAULT_TOLERANCE) -> l
             # a share of a few percent moves by a fraction of a point from run to run: one point of slack
             limit = max(limit, base[name] + SHARE_FLOOR)
         if value > limit:
-            problems.append(f"{name}: {value:.4g} vs baseline {base[name]:.4g} (+{value / base[name] - 1:.0%}, "
-                            f"tolerance {tolerance:.0%})")
+            problems.append(
+                f"{name}: {value:.4g} vs baseline {base[name]:.4g} (+{value / base[name] - 1:.0%}, "
+                f"tolerance {tolerance:.0%})"
+            )
     return problems
 
 
 # ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
+
 
 def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     from tempomaster.engines.manifest import load_manifest
@@ -401,32 +502,55 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     if "onnxruntime" in backends:
         backends["onnxruntime"].check_request(shape.height, shape.width, shape.num_frames, shape.intervals)
     tokenizer = models.tokenizer
-    print(f"backends {list(backends)}; shape {shape.height}x{shape.width}, {shape.num_frames} frames, intervals "
-          f"{list(shape.intervals)}, steps {steps}; {args.repeats} runs after {args.warmup} warm-up", file=sys.stderr)
+    print(
+        f"backends {list(backends)}; shape {shape.height}x{shape.width}, {shape.num_frames} frames, intervals "
+        f"{list(shape.intervals)}, steps {steps}; {args.repeats} runs after {args.warmup} warm-up",
+        file=sys.stderr,
+    )
     inputs = suite_inputs(backends["torch"].info, tokenizer, shape, steps, shifts, args.seed)
     ops = bench_ops(backends, inputs, args.warmup, args.repeats, args.sample_ms)
     prompt = bb.PROMPT
     if args.preset == "toy":
         from tempomaster.toy.showcase import QUICKSTART_PROMPT as prompt
-    request = dict(prompt=prompt, height=shape.height, width=shape.width, num_frames=shape.num_frames,
-                   frame_intervals=tuple(shape.intervals), steps_per_stage=tuple(steps),
-                   shift_per_stage=tuple(shifts), guidance_scale=d.guidance_scale, use_apg=d.use_apg, seed=args.seed)
+    request = dict(
+        prompt=prompt,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        frame_intervals=tuple(shape.intervals),
+        steps_per_stage=tuple(steps),
+        shift_per_stage=tuple(shifts),
+        guidance_scale=d.guidance_scale,
+        use_apg=d.use_apg,
+        seed=args.seed,
+    )
     weights = part_weights(shape, steps, d.guidance_scale != 1.0)
     # a quarter of the op samples' length: enough to average over time slices, short beside a generation
     per_sample = {op: max(1, math.ceil(ops[op]["calls_per_sample"] / 4)) for op in weights}
     gen = bench_generate(backends, tokenizer, request, 1, args.generate_repeats, inputs, weights, per_sample)
     print("  generate    done", file=sys.stderr)
     machine = fingerprint()
-    machine.update(load_average_start=load_at_start, load_average_end=bb.load_average(),
-                   torch_threads=torch.get_num_threads())
+    machine.update(
+        load_average_start=load_at_start, load_average_end=bb.load_average(), torch_threads=torch.get_num_threads()
+    )
     data = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine_kind": machine_kind(machine),
-        "config": {"preset": args.preset, "shape": shape.as_dict(), "steps_per_stage": steps,
-                   "precision": manifest.precision, "threads": args.threads},
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "generate_repeats": args.generate_repeats,
-                     "sample_ms": args.sample_ms,
-                     "seed": args.seed, "shift_per_stage": shifts},
+        "config": {
+            "preset": args.preset,
+            "shape": shape.as_dict(),
+            "steps_per_stage": steps,
+            "precision": manifest.precision,
+            "threads": args.threads,
+        },
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "generate_repeats": args.generate_repeats,
+            "sample_ms": args.sample_ms,
+            "seed": args.seed,
+            "shift_per_stage": shifts,
+        },
         "build": {"dir": None if export_seconds is not None else str(build_dir), "export_seconds": export_seconds},
         "backends": list(backends),
         "skipped_backends": skipped,
@@ -554,8 +678,11 @@ def plot_results(data: dict, path: Path) -> list[Path]:
             target = path.with_name(path.name.replace("{backend}", name))
         else:
             target = path.with_name(f"{path.stem}-{name}{path.suffix or '.png'}")
-        out.append(plot_breakdown(breakdown, target, title=f"{data['config']['preset']} preset, {name} "
-                                                           f"({data['machine_kind']})"))
+        out.append(
+            plot_breakdown(
+                breakdown, target, title=f"{data['config']['preset']} preset, {name} ({data['machine_kind']})"
+            )
+        )
     return out
 
 

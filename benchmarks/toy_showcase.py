@@ -5,6 +5,7 @@
 
 With no flags: the quick start's video (same prompt, preset defaults and seed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         frame_strip(video.stages).save(args.strip)
         print(f"strip written to {args.strip}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"prompt": args.prompt, "seed": args.seed, "preset": args.preset, **quality}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"prompt": args.prompt, "seed": args.seed, "preset": args.preset, **quality}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ The kept frames' PSNR says how much of the input survives a method: the
 baselines return the kept frames as they are (infinite PSNR); upsample
 returns them through the toy's VAE, like every frame it makes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ METHODS = ("upsample", "repeat", "blend", "flow")
 # ----------------------------------------------------------------------------
 # Measures
 # ----------------------------------------------------------------------------
+
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
@@ -115,6 +117,7 @@ def measure(pred: np.ndarray, truth: np.ndarray, colour: str) -> dict:
 # The baselines: kept uint8 frames [K, H, W, 3] -> [K * FACTOR, H, W, 3]
 # ----------------------------------------------------------------------------
 
+
 def lift_repeat(kept: np.ndarray) -> np.ndarray:
     return np.repeat(kept, FACTOR, axis=0)
 
@@ -179,14 +182,16 @@ def lift_upsample(kept: np.ndarray, prompt: str, backend, tokenizer) -> np.ndarr
     (job,) = build_jobs(GenerateOptions(prompt=prompt, preset="toy", seed=0), get_preset("toy").defaults)
     h, w = kept.shape[1:3]
     plan = plan_lift(job.request, VideoInfo(Path("<kept frames>"), 6.0, w, h, len(kept)), None)
-    frames = torch.stack([cover_resize_center_crop(Image.fromarray(f), job.request.height, job.request.width)
-                          for f in kept], dim=1)
+    frames = torch.stack(
+        [cover_resize_center_crop(Image.fromarray(f), job.request.height, job.request.width) for f in kept], dim=1
+    )
     return to_uint8_frames(lift(backend, tokenizer, plan, frames).video.frames)
 
 
 # ----------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------
+
 
 def clip_specs(count: int):
     from tempomaster.toy.clips import MOTIONS, sample_clip_spec
@@ -199,7 +204,9 @@ def strip(rows: list[tuple[str, np.ndarray]], frames: list[int], scale: int = 2,
     from PIL import Image, ImageDraw
 
     h, w = rows[0][1].shape[1:3]
-    canvas = Image.new("RGB", (label_w + len(frames) * (w * scale + gap), len(rows) * (h * scale + gap)), (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (label_w + len(frames) * (w * scale + gap), len(rows) * (h * scale + gap)), (255, 255, 255)
+    )
     draw = ImageDraw.Draw(canvas)
     for r, (name, video) in enumerate(rows):
         y = r * (h * scale + gap)
@@ -236,8 +243,13 @@ def run(count: int, strip_paths: list[Path]) -> dict:
         for m in METHODS:
             totals[m].append(scores[m])
         per_clip.append({"seed": HELD_OUT_BASE + n, "caption": spec.caption, **scores})
-        print(f"[{n + 1}/{count}] {spec.caption}: " + ", ".join(
-            f"{m} {s['psnr_db']:.1f} dB / {s['centroid_error_px']:.2f} px / {s['presence']:.2f}" for m, s in scores.items()))
+        print(
+            f"[{n + 1}/{count}] {spec.caption}: "
+            + ", ".join(
+                f"{m} {s['psnr_db']:.1f} dB / {s['centroid_error_px']:.2f} px / {s['presence']:.2f}"
+                for m, s in scores.items()
+            )
+        )
         if n == 0 and strip_paths:
             rows = [("truth", truth)] + [(m, lifted[m]) for m in METHODS]
             image = strip(rows, list(range(0, 13)))
@@ -250,8 +262,11 @@ def run(count: int, strip_paths: list[Path]) -> dict:
         errors = [r["centroid_error_px"] for r in rows if not math.isnan(r["centroid_error_px"])]
         summary[m] = {
             "psnr_db": float(np.mean([r["psnr_db"] for r in rows])),
-            "kept_psnr_db": (None if any(r["kept_psnr_db"] is None for r in rows)
-                             else float(np.mean([r["kept_psnr_db"] for r in rows]))),
+            "kept_psnr_db": (
+                None
+                if any(r["kept_psnr_db"] is None for r in rows)
+                else float(np.mean([r["kept_psnr_db"] for r in rows]))
+            ),
             "ssim": float(np.mean([r["ssim"] for r in rows])),
             "centroid_error_px": float(np.mean(errors)) if errors else float("nan"),
             "presence": float(np.mean([r["presence"] for r in rows])),
@@ -259,19 +274,30 @@ def run(count: int, strip_paths: list[Path]) -> dict:
         }
     return {
         "what": "toy clips at 24 fps, every 4th frame kept (6 fps, 17 frames), lifted back to 68 frames; "
-                "measured on the 48 in-between frames of each clip",
-        "clips": count, "methods": list(METHODS), "summary": summary, "per_clip": per_clip,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine()},
+        "measured on the 48 in-between frames of each clip",
+        "clips": count,
+        "methods": list(METHODS),
+        "summary": summary,
+        "per_clip": per_clip,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
     }
 
 
 def table(summary: dict) -> str:
-    lines = ["| method | PSNR (dB) | SSIM | centroid error (px) | object found | kept frames' PSNR (dB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | PSNR (dB) | SSIM | centroid error (px) | object found | kept frames' PSNR (dB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m, s in summary.items():
-        lines.append(f"| {m} | {s['psnr_db']:.2f} | {s['ssim']:.3f} | {s['centroid_error_px']:.2f} | "
-                     f"{100 * s['presence']:.0f}% | {'exact' if s['kept_psnr_db'] is None else format(s['kept_psnr_db'], '.1f')} |")
+        lines.append(
+            f"| {m} | {s['psnr_db']:.2f} | {s['ssim']:.3f} | {s['centroid_error_px']:.2f} | "
+            f"{100 * s['presence']:.0f}% | {'exact' if s['kept_psnr_db'] is None else format(s['kept_psnr_db'], '.1f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -280,10 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.upsample_baselines", description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=12, help="held-out clips, cycling through the motions (default 12)")
     p.add_argument("--json", type=Path, default=root / "benchmarks" / "results" / "upsample_baselines_toy.json")
-    p.add_argument("--strip", type=Path, action="append", default=None,
-                   help="side-by-side strip of the first clip (PNG; repeatable; default: benchmarks/results and docs)")
+    p.add_argument(
+        "--strip",
+        type=Path,
+        action="append",
+        default=None,
+        help="side-by-side strip of the first clip (PNG; repeatable; default: benchmarks/results and docs)",
+    )
     args = p.parse_args(argv)
-    strips = args.strip or [root / "benchmarks" / "results" / "upsample_strip_toy.png", root / "docs" / "upsample-strip.png"]
+    strips = args.strip or [
+        root / "benchmarks" / "results" / "upsample_strip_toy.png",
+        root / "docs" / "upsample-strip.png",
+    ]
     data = run(args.clips, strips)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=2) + "\n")

@@ -10,13 +10,14 @@ output stays exactly as it was, and the command stops with one line.
 Kept below every layer (it imports only errors), so export, calibration,
 engines and the runtime share it.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .errors import OutputError, UsageError
 
@@ -136,4 +137,3 @@ def check_writable_folder(folder: Path, target: Path | None = None, flag: str = 
         os.rmdir(tempfile.mkdtemp(prefix=".tm-probe-", dir=probe))
     except OSError as err:
         raise UsageError(f"{flag}: cannot write under {probe} ({err.strerror or err})") from None
-

@@ -3,12 +3,13 @@
 Kept below every layer so export can write a manifest that engines and the
 runtime read, without export importing either of them.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "tempomaster-build"
@@ -25,8 +26,17 @@ CALIBRATION_FORMAT = "tempomaster-fp8-calibration"
 GRAPH_NAMES = ("dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")
 # ONNX TensorProto element types -> the dtype names a manifest records
 ONNX_DTYPE_NAMES = {
-    1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
-    9: "bool", 10: "float16", 11: "float64", 16: "bfloat16", 17: "float8e4m3fn",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
+    17: "float8e4m3fn",
 }
 # ... and, while it runs, the maxima so far (resumed by a rerun with the same arguments)
 CALIBRATION_PROGRESS_FILE = "progress.json"

@@ -4,6 +4,7 @@ Every layer may import this module (it imports nothing of the project). The CLI 
 ``TempoMasterError`` and prints ``prog: error: message`` with the error's
 ``exit_code``; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import sys

@@ -15,6 +15,7 @@ checkpoints never raise.
 
 Only the standard library is imported here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,10 @@ def catch_interrupts():
     handler (ignored by the parent, or a caller's own handler).
     """
     global _pressed
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     _pressed = False

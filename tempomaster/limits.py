@@ -6,6 +6,7 @@ can apply them to any caller.  Each bound is far past what a real run asks
 for; what decides whether a request fits a machine is the memory estimate
 (runtime/memory.py), made once the request is known to be bounded.
 """
+
 from __future__ import annotations
 
 # Frames of the finished video (stage-0 frames x first interval / last interval):

@@ -20,11 +20,12 @@ not modelled: the projection is a lower bound on the DiT time.
 The runtime (``tempomaster.runtime.distributed``) calls ``place_sequences``
 for every DiT call, so it runs exactly the placement ``plan_schedule`` prints.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
 
 from .errors import UsageError
 from .planner import plan_stages, validate_run_config
@@ -97,7 +98,9 @@ class Placement:
         return 1 - Fraction(self.sequences) / (self.devices * self.step_forwards)
 
 
-def place_sequences(sequences: int, devices: int, num_heads: int, sequence_parallel: bool = True, tokens: int | None = None) -> Placement:
+def place_sequences(
+    sequences: int, devices: int, num_heads: int, sequence_parallel: bool = True, tokens: int | None = None
+) -> Placement:
     """The placement of S sequences on P ranks with the shortest step (smaller d on a tie).
 
     d ranges over the divisors of ``num_heads`` up to P (and up to ``tokens``,
@@ -180,25 +183,30 @@ class SchedulePlan:
         stages = []
         for s in self.stages:
             p = s.placement
-            stages.append({
-                "stage": s.index,
-                "interval": s.interval,
-                "chunks": s.chunks,
-                "steps": s.steps,
-                "sequences_per_step": s.sequences,
-                "tokens_per_sequence": s.tokens,
-                "groups": p.groups,
-                "sp_degree": p.sp_degree,
-                "placement": [
-                    {"ranks": list(p.group_ranks(k)), "sequences": list(range(*p.shares[k]))} for k in range(p.groups)
-                ],
-                "idle_ranks": list(range(p.groups * p.sp_degree, p.devices)),
-                "forwards_per_rank": [float(f) for f in s.forwards_per_rank()],
-                "dit_calls_per_rank": s.calls_per_rank(),
-                "sequential_forwards": float(s.sequential_forwards),
-                "idle_fraction": float(p.idle_fraction),
-                "seconds": None if self.forward_seconds is None else float(s.sequential_forwards) * self.forward_seconds,
-            })
+            stages.append(
+                {
+                    "stage": s.index,
+                    "interval": s.interval,
+                    "chunks": s.chunks,
+                    "steps": s.steps,
+                    "sequences_per_step": s.sequences,
+                    "tokens_per_sequence": s.tokens,
+                    "groups": p.groups,
+                    "sp_degree": p.sp_degree,
+                    "placement": [
+                        {"ranks": list(p.group_ranks(k)), "sequences": list(range(*p.shares[k]))}
+                        for k in range(p.groups)
+                    ],
+                    "idle_ranks": list(range(p.groups * p.sp_degree, p.devices)),
+                    "forwards_per_rank": [float(f) for f in s.forwards_per_rank()],
+                    "dit_calls_per_rank": s.calls_per_rank(),
+                    "sequential_forwards": float(s.sequential_forwards),
+                    "idle_fraction": float(p.idle_fraction),
+                    "seconds": None
+                    if self.forward_seconds is None
+                    else float(s.sequential_forwards) * self.forward_seconds,
+                }
+            )
         return {
             "devices": self.devices,
             "sequence_parallel": self.sequence_parallel,
@@ -279,8 +287,10 @@ def format_schedule(plan: SchedulePlan) -> str:
             f"{s.index:>5}  {s.steps:>5}  {s.sequences:>8}  {s.tokens:>6}  {p.groups:>6} x {p.sp_degree:<2}  "
             f"{_num(max(s.forwards_per_rank())):>19}  {_num(s.sequential_forwards):>19}  {float(p.idle_fraction):>4.0%}"
         )
-    total = f"total: {_num(plan.sequential_forwards)} sequential forwards (1 device: {plan.single_device_forwards}), " \
-            f"speed-up {plan.speedup:.2f}x, idle {plan.idle_fraction:.0%}"
+    total = (
+        f"total: {_num(plan.sequential_forwards)} sequential forwards (1 device: {plan.single_device_forwards}), "
+        f"speed-up {plan.speedup:.2f}x, idle {plan.idle_fraction:.0%}"
+    )
     seconds = plan.seconds()
     if seconds is not None:
         total += f", projected DiT time {seconds:.1f} s at {plan.forward_seconds:g} s/forward"

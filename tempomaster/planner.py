@@ -20,8 +20,8 @@ field says "stage timeline".
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -257,8 +257,15 @@ def plan_stage0(num_frames: int, interval: int, ref_frames: Iterable[int] = ()) 
     sources = [p if p in refs else None for p in range(num_frames)]
     chunk = _chunk(0, 0, num_frames, num_frames, sources, f, interval)
     return StagePlan(
-        index=0, interval=interval, prev_interval=None, ratio=1, input_frames=0,
-        total_frames=num_frames, num_chunks=1, chunk_frames=num_frames, latent_frames=f,
+        index=0,
+        interval=interval,
+        prev_interval=None,
+        ratio=1,
+        input_frames=0,
+        total_frames=num_frames,
+        num_chunks=1,
+        chunk_frames=num_frames,
+        latent_frames=f,
         chunks=(chunk,),
     )
 
@@ -294,9 +301,16 @@ def plan_next_stage(index: int, input_frames: int, prev_interval: int, interval:
             sources[valid - 1] = (start + valid - 1) // ratio
         chunks.append(_chunk(c, start, length, valid, sources, f, interval))
     return StagePlan(
-        index=index, interval=interval, prev_interval=prev_interval, ratio=ratio,
-        input_frames=input_frames, total_frames=total, num_chunks=n, chunk_frames=length,
-        latent_frames=f, chunks=tuple(chunks),
+        index=index,
+        interval=interval,
+        prev_interval=prev_interval,
+        ratio=ratio,
+        input_frames=input_frames,
+        total_frames=total,
+        num_chunks=n,
+        chunk_frames=length,
+        latent_frames=f,
+        chunks=tuple(chunks),
     )
 
 
@@ -443,7 +457,9 @@ def validate_stage_lists(
 def validate_size(height: int, width: int) -> None:
     for flag, value in ((FLAG_HEIGHT, height), (FLAG_WIDTH, width)):
         if not _is_int(value) or not SIZE_MULTIPLE <= value <= MAX_SIDE or value % SIZE_MULTIPLE != 0:
-            raise ValueError(f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIDE}, got {value!r}")
+            raise ValueError(
+                f"{flag} must be a positive multiple of {SIZE_MULTIPLE}, at most {MAX_SIDE}, got {value!r}"
+            )
 
 
 def validate_ref_frames(ref_frames: Iterable[int], num_frames: int) -> frozenset[int]:

@@ -4,6 +4,7 @@ A PNG of a few KB can declare 13000 x 13000 pixels and decode to GBs, so
 the size a file declares is checked against ``limits.MAX_REFERENCE_PIXELS``
 before a single pixel is decoded (``Image.open`` reads the header only).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,8 +26,10 @@ def open_reference_image(path: Path, where: str):
         try:
             img = Image.open(path)  # reads the header only
         except Image.DecompressionBombError as err:  # past twice Pillow's bound: it refuses at the header
-            raise UsageError(f"{where}: image {path} is too large to decode ({err}); "
-                             f"at most {MAX_REFERENCE_PIXELS} pixels are accepted") from None
+            raise UsageError(
+                f"{where}: image {path} is too large to decode ({err}); "
+                f"at most {MAX_REFERENCE_PIXELS} pixels are accepted"
+            ) from None
         except unreadable as err:
             raise _cannot_read(path, where, err) from None
         with img:

@@ -4,9 +4,10 @@ Pure functions shared by the model, the exporter and the runtime: the runtime
 computes the cos/sin tables per chunk and every backend takes them as inputs,
 so no graph needs complex numbers or a fixed-size position table.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -64,5 +65,3 @@ def batched_rope_table(
     """Stack per-chunk tables: [B, L, head_dim // 2] each for cos and sin."""
     tables = [rope_table(p, height, width, head_dim) for p in positions_per_item]
     return torch.stack([c for c, _ in tables]), torch.stack([s for _, s in tables])
-
-

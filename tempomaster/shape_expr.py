@@ -8,12 +8,13 @@ Everything else (powers, calls, attributes, floats, ...) is refused, and every
 constant and intermediate value is bounded, so no expression can run long or
 build a huge number (`batch*9**9**9` is refused before anything is computed).
 """
+
 from __future__ import annotations
 
 import ast
 import operator
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 MAX_EXPR_CHARS = 200
 MAX_ABS_VALUE = 2**62  # far above any tensor dimension; keeps every step a small integer

@@ -1,4 +1,5 @@
 """The release's checkpoint key layouts, kept as test data in tests/data/checkpoint_keys.md."""
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ the real architectures at the smallest sizes that keep every code path
 (4 VAE levels for 8x/4x compression, 1 DiT and 1 T5 block), because
 torch.onnx's dynamo export costs time per traced op, not per FLOP.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -31,7 +32,7 @@ _ROOT = Path(tempfile.mkdtemp(prefix="tm-export-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def micro_models():
     from tempomaster.models.checkpoints import ModelSet
     from tempomaster.models.dit import WanDiT
@@ -58,7 +59,7 @@ def micro_shape():
     return ExportShape.from_preset(MICRO)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(precision: str = "fp32", graphs: tuple[str, ...] | None = None) -> Path:
     """A build directory of the micro set (cached; treat as read-only: copy before tampering)."""
     from tempomaster.export.build import export_onnx
@@ -108,6 +109,7 @@ def run_graph(path, feeds: dict, evaluator: str = "ort"):
 
 # -- streaming the VAE step graphs ---------------------------------------------
 
+
 def stream_vae(build_dir: Path, direction: str, x: np.ndarray, manifest: dict, evaluator: str = "ort") -> np.ndarray:
     """Chain `vae_{direction}_first` and `vae_{direction}` over a clip with explicit caches."""
     first_g = manifest["graphs"][f"vae_{direction}_first"]
@@ -131,7 +133,7 @@ def stream_vae(build_dir: Path, direction: str, x: np.ndarray, manifest: dict, e
     main_in = first_g["inputs"][0]["name"]
     step_in = rest_g["meta"]["in_frames"]
     t = x.shape[2]
-    chunks = [x[:, :, :1]] + [x[:, :, i:i + step_in] for i in range(1, t, step_in)]
+    chunks = [x[:, :, :1]] + [x[:, :, i : i + step_in] for i in range(1, t, step_in)]
     outs = []
     for k, chunk in enumerate(chunks):
         g = first_g if k == 0 else rest_g

@@ -1,4 +1,5 @@
 """Shared pieces of the serve tests: a service on the tiny preset, small requests, waiting, a live server."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ def make_service(data: Path, token: str | None = None, max_queue: int = 16):
     from tempomaster.runtime.request import GenerateOptions
     from tempomaster.serve.server import ServeOptions, build_service
 
-    options = ServeOptions(base=GenerateOptions(preset="tiny", threads=1, progress=False), data=data,
-                           max_queue=max_queue)
+    options = ServeOptions(
+        base=GenerateOptions(preset="tiny", threads=1, progress=False), data=data, max_queue=max_queue
+    )
     return build_service(options, token, log=lambda line: None)
 
 
@@ -42,8 +44,11 @@ def status(client, job_id: str) -> dict:
 
 
 def wait_state(client, job_id: str, states, timeout=60.0) -> dict:
-    return wait_for(lambda: (s := status(client, job_id))["state"] in states and s, timeout=timeout,
-                    what=f"job {job_id} to be {states}")
+    return wait_for(
+        lambda: (s := status(client, job_id))["state"] in states and s,
+        timeout=timeout,
+        what=f"job {job_id} to be {states}",
+    )
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
 """The same-run comparison of benchmarks/compare.py: its arithmetic and its worktree (no timing)."""
+
 import subprocess
 
 import pytest
@@ -11,9 +12,17 @@ def test_ratio_is_current_median_over_reference_median():
     assert compare.ratio_of_medians([2.0, 9.0, 1.9, 2.1, 2.0], [1.6, 0.1, 1.7, 1.5, 1.6]) == pytest.approx(1.25)
 
 
-@pytest.mark.parametrize("ratio, tolerance, ok", [
-    (1.0, 0.1, True), (1.1, 0.1, True), (1.1001, 0.1, False), (0.5, 0.0, True), (1.2, 0.25, True), (1.3, 0.25, False),
-])
+@pytest.mark.parametrize(
+    "ratio, tolerance, ok",
+    [
+        (1.0, 0.1, True),
+        (1.1, 0.1, True),
+        (1.1001, 0.1, False),
+        (0.5, 0.0, True),
+        (1.2, 0.25, True),
+        (1.3, 0.25, False),
+    ],
+)
 def test_verdict_fails_only_past_the_tolerance(ratio, tolerance, ok):
     assert compare.verdict(ratio, tolerance) is ok
 
@@ -35,7 +44,9 @@ def test_a_bad_reference_file_is_one_clear_error(tmp_path):
 
 
 def _in_git_checkout() -> bool:
-    done = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=compare.REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "rev-parse", "--is-inside-work-tree"], cwd=compare.REPO, capture_output=True, text=True
+    )
     return done.returncode == 0 and done.stdout.strip() == "true"
 
 

@@ -1,4 +1,5 @@
 """Smoke tests of benchmarks/bench_backends.py at a tiny shape (one timed run per op)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -43,8 +44,24 @@ def test_bench_reuses_a_build(tiny_build, tmp_path, capsys):
     bench = _load_script()
     out = tmp_path / "results.json"
     threads = torch.get_num_threads()
-    rc = bench.main(["--build", str(tiny_build), "--steps", "1,1,1", "--repeats", "1", "--warmup", "0",
-                     "--generate-repeats", "1", "--threads", "1", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--build",
+            str(tiny_build),
+            "--steps",
+            "1,1,1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--generate-repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert torch.get_num_threads() == threads  # --threads holds for the run only
     data = _check_results(out, {"height": 32, "width": 48, "num_frames": 9, "intervals": [4, 2, 1]})
@@ -65,8 +82,28 @@ def test_bench_exports_its_own_build(tmp_path):
     """Without --build the script exports the preset first (a minute or more on a CPU)."""
     bench = _load_script()
     out = tmp_path / "results.json"
-    rc = bench.main(["--height", "32", "--width", "48", "--num-frames", "5", "--intervals", "2,1", "--steps", "1,1",
-                     "--repeats", "1", "--warmup", "0", "--generate-repeats", "1", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-frames",
+            "5",
+            "--intervals",
+            "2,1",
+            "--steps",
+            "1,1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--generate-repeats",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = _check_results(out, {"height": 32, "width": 48, "num_frames": 5, "intervals": [2, 1]})
     assert data["build"]["export_seconds"] > 0
@@ -81,8 +118,26 @@ def test_suite_smoke(tiny_build, tmp_path, capsys):
     from benchmarks import suite
 
     out = tmp_path / "suite.json"
-    rc = suite.main(["--build", str(tiny_build), "--steps", "1,1,1", "--repeats", "1", "--warmup", "0",
-                     "--generate-repeats", "1", "--sample-ms", "1", "--out", str(out), "--plot", str(tmp_path / "g.png")])
+    rc = suite.main(
+        [
+            "--build",
+            str(tiny_build),
+            "--steps",
+            "1,1,1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--generate-repeats",
+            "1",
+            "--sample-ms",
+            "1",
+            "--out",
+            str(out),
+            "--plot",
+            str(tmp_path / "g.png"),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     # the stage plan of 9 frames at [4, 2, 1] has 1, 2 and 4 chunks: DiT batches 2, 4 and 8
@@ -101,8 +156,12 @@ def test_suite_smoke(tiny_build, tmp_path, capsys):
     capsys.readouterr()
     assert suite.main(["--results", str(out), "--check", str(out)]) == 0
     assert "figures within 15%" in capsys.readouterr().out
-    help_text = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parents[1]).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert "--check BASELINE" in help_text and "--record-baseline" in help_text
 
 
@@ -118,8 +177,14 @@ def test_op_inputs_take_the_presets_text_length():
     models = load_model_set("toy", None, None)
     backend = TorchBackend(models)
     d = models.preset.defaults
-    inputs = bb.make_inputs(backend.info, models.tokenizer, ExportShape.from_preset(models.preset),
-                            d.steps_per_stage, d.shift_per_stage, seed=0)
+    inputs = bb.make_inputs(
+        backend.info,
+        models.tokenizer,
+        ExportShape.from_preset(models.preset),
+        d.steps_per_stage,
+        d.shift_per_stage,
+        seed=0,
+    )
     assert inputs["text"]["ids"].shape[1] == inputs["dit"]["context"].shape[1] == models.preset.t5.text_len == 32
     velocity = backend.velocity(**inputs["dit"])
     assert velocity.shape == inputs["dit"]["x"].shape and torch.isfinite(velocity).all()

@@ -1,5 +1,6 @@
 """No bf16 Resize reaches TensorRT: the bf16 VAE decoder exports its nearest 2x in fp32 between casts, and the
 op audit reports a bf16 Resize in any graph."""
+
 from __future__ import annotations
 
 import onnx
@@ -14,8 +15,13 @@ from tempomaster.models.vae import Upsample2x
 def _resize_graph(elem: int):
     scales = numpy_helper.from_array(torch.tensor([1.0, 1.0, 2.0, 2.0]).numpy(), "scales")
     node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode="nearest")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, [1, 4, 3, 5])],
-                              [helper.make_tensor_value_info("y", elem, [1, 4, 6, 10])], [scales])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", elem, [1, 4, 3, 5])],
+        [helper.make_tensor_value_info("y", elem, [1, 4, 6, 10])],
+        [scales],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -43,12 +49,22 @@ def test_an_exported_bf16_vae_decoder_holds_no_bf16_resize(tmp_path, tiny_models
 
     out = tmp_path / "bf16"
     graphs = ("vae_decoder_first", "vae_decoder")
-    manifest = export_onnx(tiny_models, "bf16", ExportShape(32, 48, 9, (4, 2, 1)), out, preset_name="tiny",
-                           progress=False, copy=True, graphs=graphs)
+    manifest = export_onnx(
+        tiny_models,
+        "bf16",
+        ExportShape(32, 48, 9, (4, 2, 1)),
+        out,
+        preset_name="tiny",
+        progress=False,
+        copy=True,
+        graphs=graphs,
+    )
     assert manifest["op_audit"]["ok"]
     for name in graphs:
         model = onnx.load(str(out / manifest["graphs"][name]["file"]), load_external_data=False)
         ops = [n.op_type for n in model.graph.node]
         assert "Resize" in ops  # the upsampling is still a Resize ...
         assert bf16_resize_nodes(model) == []  # ... on fp32 data
-    assert all(m.resize_dtype is None for m in tiny_models.vae.modules() if isinstance(m, Upsample2x))  # the copy, not the caller's
+    assert all(
+        m.resize_dtype is None for m in tiny_models.vae.modules() if isinstance(m, Upsample2x)
+    )  # the copy, not the caller's

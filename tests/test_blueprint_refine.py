@@ -1,4 +1,5 @@
 """generate --stop-after K, its state, and refine: the refined video is the uninterrupted one, bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,9 @@ def test_refine_gives_the_uninterrupted_video(blueprint, tmp_path):
     blueprint_frames, _ = read_video_frames(root / "bp" / "video")
     final, _ = read_video_frames(root / "full" / "video")
     assert blueprint_frames.shape == (17, 64, 96, 3)
-    report = run_refine(RefineOptions(state=state, out=tmp_path / "refined", progress=False, threads=1), echo=lambda _: None)
+    report = run_refine(
+        RefineOptions(state=state, out=tmp_path / "refined", progress=False, threads=1), echo=lambda _: None
+    )
     refined, _ = read_video_frames(tmp_path / "refined" / "video")
     assert refined.shape == final.shape == (68, 64, 96, 3)
     assert np.array_equal(refined, final)
@@ -116,7 +119,7 @@ def test_unknown_version_and_shape_are_refused(blueprint, tmp_path):
     _refused(state, tmp_path, "format version 99: this tm-run reads version 1")
     state.write_text(json.dumps({**data, "tensors": {**data["tensors"], "shape": [3, 16, 64, 96]}}))
     _refused(state, tmp_path, r"shape \[3, 16, 64, 96\]")
-    state.write_text("{\"format\": \"something else\"}")
+    state.write_text('{"format": "something else"}')
     _refused(state, tmp_path, "not a tempomaster-stage-state file")
 
 
@@ -154,8 +157,10 @@ def test_blueprints_of_prompts_times_seeds_and_contact_sheet(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\n# skipped\na blue square\n")
     out = tmp_path / "bp.gif"
-    report = run_generate(_options(out, prompt=None, prompts=prompts, seed=0, seeds=(0, 1), stop_after=0, steps=(1, 1, 1)),
-                          echo=lambda _: None)
+    report = run_generate(
+        _options(out, prompt=None, prompts=prompts, seed=0, seeds=(0, 1), stop_after=0, steps=(1, 1, 1)),
+        echo=lambda _: None,
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
     for label in ("prompt0_seed0", "prompt0_seed1", "prompt1_seed0", "prompt1_seed1"):
         assert f"bp_{label}.gif" in names and f"bp_{label}.state.json" in names
@@ -175,7 +180,11 @@ def test_a_second_blueprint_replaces_the_first_state(tmp_path):
         run_generate(_options(tmp_path / "bp", seed=seed, stop_after=0, steps=(1, 1, 1)), echo=lambda _: None)
     state = json.loads((tmp_path / "bp" / "video.state.json").read_text())
     assert state["request"]["seed"] == 2
-    assert sorted(p.name for p in (tmp_path / "bp").iterdir()) == ["video", "video.state.json", "video.state.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "bp").iterdir()) == [
+        "video",
+        "video.state.json",
+        "video.state.safetensors",
+    ]
 
 
 def test_refine_with_a_reference_image_keeps_its_output_size(tmp_path):
@@ -190,8 +199,10 @@ def test_refine_with_a_reference_image_keeps_its_output_size(tmp_path):
     state = json.loads((tmp_path / "bp" / "video.state.json").read_text())
     assert (state["request"]["height"], state["request"]["width"]) == (48, 128)
     assert state["request"]["reference_images"][0]["rgb_sha256"]
-    run_refine(RefineOptions(state=tmp_path / "bp" / "video.state.json", out=tmp_path / "refined", progress=False,
-                             threads=1), echo=lambda _: None)
+    run_refine(
+        RefineOptions(state=tmp_path / "bp" / "video.state.json", out=tmp_path / "refined", progress=False, threads=1),
+        echo=lambda _: None,
+    )
     refined, _ = read_video_frames(tmp_path / "refined" / "video")
     final, _ = read_video_frames(tmp_path / "full" / "video")
     assert refined.shape == (68, 48, 128, 3) and np.array_equal(refined, final)

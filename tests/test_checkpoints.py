@@ -1,13 +1,18 @@
 """Loading release-layout checkpoints: clear errors for every way a file can be wrong."""
+
 import json
 
 import pytest
 import torch
 
 from tempomaster.errors import UsageError
-
 from tempomaster.models.checkpoints import (
-    CheckpointError, CheckpointPaths, infer_dit_config, load_dit, load_models, read_state_dict,
+    CheckpointError,
+    CheckpointPaths,
+    infer_dit_config,
+    load_dit,
+    load_models,
+    read_state_dict,
 )
 from tempomaster.models.dit import WanDiT
 from tempomaster.models.presets import DiTConfig, get_preset
@@ -135,7 +140,10 @@ def test_preset_parameter_counts_on_meta():
     for name in ("tiny", "wan-1.3b", "tempomaster-14b"):
         preset = get_preset(name)
         with torch.device("meta"):
-            counts[name] = [sum(p.numel() for p in m.parameters()) for m in (WanDiT(preset.dit), WanVAE(preset.vae), UMT5Encoder(preset.t5))]
+            counts[name] = [
+                sum(p.numel() for p in m.parameters())
+                for m in (WanDiT(preset.dit), WanVAE(preset.vae), UMT5Encoder(preset.t5))
+            ]
     dit14, vae14, t5_14 = counts["tempomaster-14b"]
     assert 14.0e9 < dit14 < 14.5e9
     assert abs(vae14 - 126.9e6) < 0.1e6

@@ -1,4 +1,5 @@
 """`tm-run plan` and `tm-run generate --devices` as a user runs them."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,24 @@ def test_plan_for_the_release_defaults(capsys):
 
 
 def test_generate_on_two_cpu_processes_equals_one(tmp_path, capsys):
-    common = ["generate", "--prompt", "a red ball", "--height", "32", "--width", "48", "--num-frames", "9",
-              "--steps", "2,1,1", "--seed", "3", "--no-progress", "--threads", "1"]
+    common = [
+        "generate",
+        "--prompt",
+        "a red ball",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-frames",
+        "9",
+        "--steps",
+        "2,1,1",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     # lossless PNG frames: H.264 would turn a one-level difference into several
     assert run_main([*common, "--out", str(tmp_path / "one")]) == 0
     assert run_main([*common, "--devices", "cpu:2", "--timeout", "120", "--out", str(tmp_path / "two")]) == 0

@@ -1,4 +1,5 @@
 """Every bad input is one line and exit code 2 before any model loads; Ctrl-C is one line and 130; files take the umask."""
+
 from __future__ import annotations
 
 import json
@@ -56,6 +57,7 @@ def png(tmp_path_factory):
 # --out, --seed, numbers, images, prompt
 # ----------------------------------------------------------------------------
 
+
 def test_out_that_cannot_be_created(tmp_path, capsys, no_models):
     _refused(capsys, ["generate", "--prompt", "x", "--out", "/proc/tm-run-test/video.mp4"], "--out", tmp_path)
     _refused(capsys, ["generate", "--prompt", "x", "--out", "/proc/tm-run-test/frames"], "--out", tmp_path)
@@ -69,33 +71,47 @@ def test_mp4_path_that_is_a_directory(tmp_path, capsys, no_models):
 
 @pytest.mark.parametrize("seed", [str(2**64), "-1", "1e3"])
 def test_seed_outside_torchs_range(seed, tmp_path, capsys, no_models):
-    _refused(capsys, ["generate", "--prompt", "x", f"--seed={seed}", "--out", str(tmp_path / "v.mp4")], "--seed", tmp_path)
+    _refused(
+        capsys, ["generate", "--prompt", "x", f"--seed={seed}", "--out", str(tmp_path / "v.mp4")], "--seed", tmp_path
+    )
 
 
 def test_largest_seed_is_accepted(tmp_path):
-    from tempomaster.runtime.request import GenerateOptions, build_jobs
     from tempomaster.models.presets import get_preset
+    from tempomaster.runtime.request import GenerateOptions, build_jobs
 
     jobs = build_jobs(GenerateOptions(prompt="x", seed=2**64 - 1), get_preset("tiny").defaults)
     assert jobs[0].request.seed == 2**64 - 1
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--guidance", "nan"), ("--guidance", "inf"), ("--guidance", "0"), ("--guidance", "-2"),
-    ("--save-fps", "nan"), ("--save-fps", "-inf"), ("--save-fps", "0"), ("--save-fps", "5000"),
-    ("--shifts", "5,nan,3"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--guidance", "nan"),
+        ("--guidance", "inf"),
+        ("--guidance", "0"),
+        ("--guidance", "-2"),
+        ("--save-fps", "nan"),
+        ("--save-fps", "-inf"),
+        ("--save-fps", "0"),
+        ("--save-fps", "5000"),
+        ("--shifts", "5,nan,3"),
+    ],
+)
 def test_numbers_out_of_range(flag, value, tmp_path, capsys, no_models):
     _refused(capsys, ["generate", "--prompt", "x", f"{flag}={value}", "--out", str(tmp_path / "v.mp4")], flag, tmp_path)
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("cfg_scale", "8", "inference_configs.cfg_scale"),
-    ("save_fps", "24", "inference_configs.save_fps"),
-    ("use_apg", "false", "inference_configs.use_apg"),
-    ("num_frames", 17.5, "inference_configs.num_frames"),
-    ("cfg_scale", None, None),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("cfg_scale", "8", "inference_configs.cfg_scale"),
+        ("save_fps", "24", "inference_configs.save_fps"),
+        ("use_apg", "false", "inference_configs.use_apg"),
+        ("num_frames", 17.5, "inference_configs.num_frames"),
+        ("cfg_scale", None, None),
+    ],
+)
 def test_release_config_values_of_the_wrong_type(key, value, needle, tmp_path, capsys, no_models):
     config = {"inference_configs": {"height": 64, "width": 96, "num_frames": 17, "cfg_scale": 8, "use_apg": True}}
     if needle is None:  # a NaN cfg_scale, as Python's json writes it
@@ -106,21 +122,31 @@ def test_release_config_values_of_the_wrong_type(key, value, needle, tmp_path, c
         text = json.dumps(config)
     path = tmp_path / "cfg.json"
     path.write_text(text)
-    err = _refused(capsys, ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path),
-                            "--out", str(tmp_path / "v.mp4")], needle, tmp_path)
+    err = _refused(
+        capsys,
+        ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(tmp_path / "v.mp4")],
+        needle,
+        tmp_path,
+    )
     assert "--config" in err
 
 
 def test_parallel_config_lists_must_hold_numbers(tmp_path, capsys, no_models):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"inference_configs": {"parallel_configs": {"steps_per_stage": ["50", 32, 32]}}}))
-    _refused(capsys, ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(tmp_path / "v.mp4")],
-             "parallel_configs.steps_per_stage", tmp_path)
+    _refused(
+        capsys,
+        ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(tmp_path / "v.mp4")],
+        "parallel_configs.steps_per_stage",
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("image", ["²:a.png", "٣:a.png", "0x1:a.png", ":a.png", "3:"])
 def test_image_frame_that_is_not_an_integer(image, tmp_path, capsys, no_models):
-    _refused(capsys, ["generate", "--prompt", "x", f"--image={image}", "--out", str(tmp_path / "v.mp4")], "--image", tmp_path)
+    _refused(
+        capsys, ["generate", "--prompt", "x", f"--image={image}", "--out", str(tmp_path / "v.mp4")], "--image", tmp_path
+    )
 
 
 def test_negative_image_index_counts_from_the_end(png):
@@ -133,14 +159,22 @@ def test_negative_image_index_counts_from_the_end(png):
 
 
 def test_negative_image_index_past_the_start(png, tmp_path, capsys, no_models):
-    err = _refused(capsys, ["generate", "--prompt", "x", f"--image=-18:{png}", "--out", str(tmp_path / "v.mp4")],
-                   "--image", tmp_path)
+    err = _refused(
+        capsys,
+        ["generate", "--prompt", "x", f"--image=-18:{png}", "--out", str(tmp_path / "v.mp4")],
+        "--image",
+        tmp_path,
+    )
     assert "-17..16" in err
 
 
 def test_same_frame_twice(png, tmp_path, capsys, no_models):
-    _refused(capsys, ["generate", "--prompt", "x", f"--image=0:{png}", f"--image=-17:{png}",
-                      "--out", str(tmp_path / "v.mp4")], "given twice", tmp_path)
+    _refused(
+        capsys,
+        ["generate", "--prompt", "x", f"--image=0:{png}", f"--image=-17:{png}", "--out", str(tmp_path / "v.mp4")],
+        "given twice",
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
@@ -150,9 +184,11 @@ def test_empty_prompt_names_the_flag(prompt, tmp_path, capsys, no_models):
 
 
 def test_flag_errors_answer_before_torch_is_imported():
-    code = ("import sys\nfrom tempomaster.cli import run_main\n"
-            "try:\n    run_main(['generate', '--guidance', 'nan'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
-            "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]\n")
+    code = (
+        "import sys\nfrom tempomaster.cli import run_main\n"
+        "try:\n    run_main(['generate', '--guidance', 'nan'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
+        "assert 'torch' not in sys.modules and 'onnx' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
@@ -172,6 +208,7 @@ def test_every_flag_has_help():
 # Build integrity (--engines)
 # ----------------------------------------------------------------------------
 
+
 def _tamper_manifest(build: Path, edit) -> None:
     path = build / "manifest.json"
     data = json.loads(path.read_text())
@@ -180,25 +217,47 @@ def _tamper_manifest(build: Path, edit) -> None:
     path.write_text(manifest_text(data) if isinstance(data, dict) else json.dumps(data))
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda d: [1, 2, 3], "must hold a JSON object"),
-    (lambda d: {k: v for k, v in d.items() if k != "models"}, "missing models"),
-    (lambda d: {k: v for k, v in d.items() if k != "shape"}, "missing shape"),
-    (lambda d: {**d, "preset": "giant"}, "unknown preset 'giant'"),
-    (lambda d: {**d, "graphs": {**d["graphs"], "dit": {k: v for k, v in d["graphs"]["dit"].items() if k != "max_batch"}}},
-     "graph 'dit' lacks max_batch"),
-    (lambda d: {**d, "files": {k: v for k, v in d["files"].items() if k != "onnx/dit.onnx"}},
-     "names onnx/dit.onnx, which has no sha256"),
-    (lambda d: {**d, "models": {**d["models"], "dit": {}}}, "models.dit.dim must be a positive integer, got nothing"),
-    (lambda d: {**d, "models": {**d["models"], "t5": {**d["models"]["t5"], "text_len": "512"}}},
-     "models.t5.text_len must be a positive integer, got '512'"),
-    (lambda d: {**d, "models": {**d["models"], "dit": {**d["models"]["dit"], "patch_size": [1, 2]}}},
-     "models.dit.patch_size must be a list of 3 positive integers"),
-    (lambda d: {**d, "shape": {**d["shape"], "num_frames": 9.5}}, "shape.num_frames must be a positive integer"),
-    (lambda d: {**d, "graphs": {**d["graphs"], "t5": {**d["graphs"]["t5"], "file": "../../t5.onnx"}},
-                "files": {**d["files"], "../../t5.onnx": d["files"]["onnx/t5.onnx"]}},
-     "graphs.t5.file: '../../t5.onnx' climbs out with '..'"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: [1, 2, 3], "must hold a JSON object"),
+        (lambda d: {k: v for k, v in d.items() if k != "models"}, "missing models"),
+        (lambda d: {k: v for k, v in d.items() if k != "shape"}, "missing shape"),
+        (lambda d: {**d, "preset": "giant"}, "unknown preset 'giant'"),
+        (
+            lambda d: {
+                **d,
+                "graphs": {**d["graphs"], "dit": {k: v for k, v in d["graphs"]["dit"].items() if k != "max_batch"}},
+            },
+            "graph 'dit' lacks max_batch",
+        ),
+        (
+            lambda d: {**d, "files": {k: v for k, v in d["files"].items() if k != "onnx/dit.onnx"}},
+            "names onnx/dit.onnx, which has no sha256",
+        ),
+        (
+            lambda d: {**d, "models": {**d["models"], "dit": {}}},
+            "models.dit.dim must be a positive integer, got nothing",
+        ),
+        (
+            lambda d: {**d, "models": {**d["models"], "t5": {**d["models"]["t5"], "text_len": "512"}}},
+            "models.t5.text_len must be a positive integer, got '512'",
+        ),
+        (
+            lambda d: {**d, "models": {**d["models"], "dit": {**d["models"]["dit"], "patch_size": [1, 2]}}},
+            "models.dit.patch_size must be a list of 3 positive integers",
+        ),
+        (lambda d: {**d, "shape": {**d["shape"], "num_frames": 9.5}}, "shape.num_frames must be a positive integer"),
+        (
+            lambda d: {
+                **d,
+                "graphs": {**d["graphs"], "t5": {**d["graphs"]["t5"], "file": "../../t5.onnx"}},
+                "files": {**d["files"], "../../t5.onnx": d["files"]["onnx/t5.onnx"]},
+            },
+            "graphs.t5.file: '../../t5.onnx' climbs out with '..'",
+        ),
+    ],
+)
 def test_a_broken_manifest_is_one_line(edit, needle, tiny_build, tmp_path, capsys, no_models):
     build = shutil.copytree(tiny_build, tmp_path / "b")
     _tamper_manifest(build, edit)
@@ -215,8 +274,12 @@ def test_a_hand_edited_manifest_is_one_line(tiny_build, tmp_path, capsys, no_mod
     path.write_text(json.dumps(data, indent=1))  # edited, not re-exported
     out = tmp_path / "out"
     out.mkdir()
-    _refused(capsys, ["generate", "--prompt", "x", "--engines", str(build), "--out", str(out / "v.mp4")],
-             f"{path}: edited after tm-export wrote it", out)
+    _refused(
+        capsys,
+        ["generate", "--prompt", "x", "--engines", str(build), "--out", str(out / "v.mp4")],
+        f"{path}: edited after tm-export wrote it",
+        out,
+    )
 
 
 def test_a_graph_modified_after_its_hash_was_dropped_is_refused(tiny_build, tmp_path):
@@ -235,13 +298,21 @@ def test_a_graph_modified_after_its_hash_was_dropped_is_refused(tiny_build, tmp_
 # Interruption and file modes
 # ----------------------------------------------------------------------------
 
+
 def _interrupt(args: list[str], wait_for, workdir: Path, timeout: float = 240.0) -> subprocess.CompletedProcess:
     """Start a CLI, send SIGINT once `wait_for()` holds, collect the result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A shell starts background jobs with SIGINT ignored, and an ignored signal survives exec:
     # the CLI would rightly not hear Ctrl+C. Give the child the default disposition a terminal gives.
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + timeout
     while not wait_for() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -255,8 +326,20 @@ def test_ctrl_c_during_generation(tmp_path):
     out = tmp_path / "v.mp4"
     # the progress bar's first stage line appears once generation is under way
     log = tmp_path / "started"
-    args = [str(BIN / "tm-run"), "generate", "--prompt", "x", "--num-frames", "33", "--threads", "1",
-            "--steps", "50,50,50", "--out", str(out)]
+    args = [
+        str(BIN / "tm-run"),
+        "generate",
+        "--prompt",
+        "x",
+        "--num-frames",
+        "33",
+        "--threads",
+        "1",
+        "--steps",
+        "50,50,50",
+        "--out",
+        str(out),
+    ]
     proc_args = ["bash", "-c", f'exec "$@" 2> >(tee {log} >&2)', "_", *args]
     res = _interrupt(proc_args, lambda: log.exists() and "stage 0" in log.read_text(errors="ignore"), tmp_path)
     assert res.returncode == 130, res.stderr[-2000:]
@@ -296,7 +379,9 @@ def test_outputs_take_the_umask(tmp_path):
 
 def test_missing_onnxruntime_says_how_to_install_it_from_a_clone(tiny_build, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    rc = run_main(
+        ["generate", "--prompt", "x", "--engines", str(tiny_build), "--out", str(tmp_path / "v.mp4"), "--no-progress"]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 3 and len(err.splitlines()) == 1
     assert "pip install -e '.[ort]'" in err
@@ -320,5 +405,9 @@ def test_tile_comes_from_the_flag_else_the_release_config(tmp_path, capsys, no_m
     path.write_text(json.dumps({"inference_configs": {"tile": "true"}}))
     out = tmp_path / "out"
     out.mkdir()
-    _refused(capsys, ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(out / "v.mp4")],
-             "inference_configs.tile", out)
+    _refused(
+        capsys,
+        ["generate", "--prompt", "x", "--preset", "tiny", "--config", str(path), "--out", str(out / "v.mp4")],
+        "inference_configs.tile",
+        out,
+    )

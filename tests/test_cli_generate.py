@@ -1,4 +1,5 @@
 """`tm-run generate` and `tm-export init-tiny` as a user runs them."""
+
 import json
 import subprocess
 import sys
@@ -24,8 +25,21 @@ def ref_png(tmp_path_factory):
 
 def test_generate_writes_final_and_stage_videos(tmp_path, ref_png, capsys):
     out = tmp_path / "ball.mp4"
-    rc = run_main(["generate", "--prompt", "a red ball", "--num-frames", "17", "--image", f"0:{ref_png}",
-                   "--save-stages", "--out", str(out), *FAST])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "a red ball",
+            "--num-frames",
+            "17",
+            "--image",
+            f"0:{ref_png}",
+            "--save-stages",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
     assert rc == 0
     # plan for 17 frames at [4,2,1]: 17 -> 34 -> 68 frames at 6, 12, 24 fps
     # the last stage is the video itself: not written a second time as ball_stage2.mp4
@@ -40,8 +54,25 @@ def test_generate_writes_final_and_stage_videos(tmp_path, ref_png, capsys):
 
 
 def test_generate_to_directory_writes_png_frames(tmp_path):
-    rc = run_main(["generate", "--prompt", "a boat", "--num-frames", "5", "--intervals", "2,1", "--steps", "1,1",
-                   "--shifts", "3,3", "--save-stages", "--out", str(tmp_path / "run"), "--no-progress"])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "a boat",
+            "--num-frames",
+            "5",
+            "--intervals",
+            "2,1",
+            "--steps",
+            "1,1",
+            "--shifts",
+            "3,3",
+            "--save-stages",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     # 5 frames at [2,1]: stage 1 has 10 frames
     assert len(list((tmp_path / "run" / "video").glob("*.png"))) == 10
@@ -51,10 +82,16 @@ def test_generate_to_directory_writes_png_frames(tmp_path):
 
 def test_config_cases_and_release_format(tmp_path, ref_png, tiny_checkpoints):
     config = json.loads((tiny_checkpoints / "inference_configs.json").read_text())
-    config["inference_configs"]["parallel_configs"] = {"frame_intervals": [2, 1], "steps_per_stage": [1, 1], "shift_per_stage": [3, 3]}
+    config["inference_configs"]["parallel_configs"] = {
+        "frame_intervals": [2, 1],
+        "steps_per_stage": [1, 1],
+        "shift_per_stage": [3, 3],
+    }
     config["inference_configs"]["num_frames"] = 5
-    config["inference_cases"] = {"first": {"prompt": "a cat", "ref_images": {"0": str(ref_png)}},
-                                 "second": {"prompt": "a dog", "ref_images": {}}}
+    config["inference_cases"] = {
+        "first": {"prompt": "a cat", "ref_images": {"0": str(ref_png)}},
+        "second": {"prompt": "a dog", "ref_images": {}},
+    }
     path = tmp_path / "inference_configs.json"
     path.write_text(json.dumps(config))
     rc = run_main(["generate", "--config", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
@@ -63,20 +100,23 @@ def test_config_cases_and_release_format(tmp_path, ref_png, tiny_checkpoints):
     assert len(list((tmp_path / "out" / "second").glob("*.png"))) == 10
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (["--intervals", "4,3,1"], "--intervals"),
-    (["--intervals", "1,2"], "--intervals"),
-    (["--steps", "5,5"], "--steps"),
-    (["--shifts", "5,3"], "--shifts"),
-    (["--num-frames", "0"], "--num-frames"),
-    (["--height", "40"], "--height"),
-    (["--width", "100"], "--width"),
-    (["--image", "99:x.png"], "--image"),
-    (["--image", "0:/nonexistent/img.png"], "--image"),
-    (["--image", "zero.png"], "--image"),
-    (["--out", "BLOCKED/video.mp4"], "--out"),
-    (["--steps", "a,b"], "--steps"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--intervals", "4,3,1"], "--intervals"),
+        (["--intervals", "1,2"], "--intervals"),
+        (["--steps", "5,5"], "--steps"),
+        (["--shifts", "5,3"], "--shifts"),
+        (["--num-frames", "0"], "--num-frames"),
+        (["--height", "40"], "--height"),
+        (["--width", "100"], "--width"),
+        (["--image", "99:x.png"], "--image"),
+        (["--image", "0:/nonexistent/img.png"], "--image"),
+        (["--image", "zero.png"], "--image"),
+        (["--out", "BLOCKED/video.mp4"], "--out"),
+        (["--steps", "a,b"], "--steps"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(flags, needle, tmp_path, capsys, monkeypatch):
     import tempomaster.runtime.jobs as jobs
 
@@ -105,14 +145,18 @@ def _exit_code(main, args) -> int:
 def test_init_tiny_then_inspect_from_the_cli(tmp_path):
     out = tmp_path / "ckpt"
     assert export_main(["init-tiny", "--out", str(out)]) == 0
-    for rel in ("wan_video_dit_bf16.bin", "encoders/models_t5_umt5-xxl-enc-bf16.pth", "encoders/Wan2.1_VAE.pth",
-                "encoders/google/umt5-xxl/tokenizer.json", "inference_configs.json"):
+    for rel in (
+        "wan_video_dit_bf16.bin",
+        "encoders/models_t5_umt5-xxl-enc-bf16.pth",
+        "encoders/Wan2.1_VAE.pth",
+        "encoders/google/umt5-xxl/tokenizer.json",
+        "inference_configs.json",
+    ):
         assert (out / rel).is_file(), rel
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert size < 20 * 2**20
     tm_export = Path(sys.executable).parent / "tm-export"  # the installed console script
-    res = subprocess.run([str(tm_export), "inspect", "--checkpoints", str(out)],
-                         capture_output=True, text=True)
+    res = subprocess.run([str(tm_export), "inspect", "--checkpoints", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "dit" in res.stdout and "vae" in res.stdout and "t5" in res.stdout
     # a second init-tiny into the same folder is refused, leaving it intact

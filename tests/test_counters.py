@@ -8,6 +8,7 @@ skipped). Real generations with the tiny preset at
 16x16 pixels (the call structure does not depend on the resolution) must make
 exactly those calls.
 """
+
 import copy
 
 import pytest
@@ -30,17 +31,34 @@ RELEASE = dict(num_frames=109, frame_intervals=(4, 2, 1), steps_per_stage=(50, 3
 HAND = {
     # 50 + 32 + 32 steps, one batched call each; the release runs cond and uncond apart: 2 x 114;
     # 1 + 2 + 4 chunks, encoded in one call per stage, each decoded on its own
-    "release defaults": (RELEASE, BackendCalls(text=1, dit=114, vae_encode=3, vae_decode=7, dit_batches=(2, 4, 8),
-                                               vae_encode_items=7, vae_decode_items=7, release_dit=228)),
+    "release defaults": (
+        RELEASE,
+        BackendCalls(
+            text=1,
+            dit=114,
+            vae_encode=3,
+            vae_decode=7,
+            dit_batches=(2, 4, 8),
+            vae_encode_items=7,
+            vae_decode_items=7,
+            release_dit=228,
+        ),
+    ),
     # [4, 1]: stage 1 at interval 1 has 4 chunks; 50 + 32 steps
-    "[4,1]": (dict(RELEASE, frame_intervals=(4, 1), steps_per_stage=(50, 32)),
-              BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164)),
+    "[4,1]": (
+        dict(RELEASE, frame_intervals=(4, 1), steps_per_stage=(50, 32)),
+        BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164),
+    ),
     # [2, 1]: the same chunk counts as [4, 1] (stage 0 is always one chunk)
-    "[2,1]": (dict(RELEASE, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
-              BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164)),
+    "[2,1]": (
+        dict(RELEASE, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
+        BackendCalls(1, 82, 2, 5, (2, 8), 5, 5, 164),
+    ),
     # [2, 1] at 5 frames: 10 frames in 4 chunks of 5, chunks 2 and 3 all padding: a DiT batch of 4, not 8
-    "[2,1] 5 frames": (dict(RELEASE, num_frames=5, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
-                       BackendCalls(1, 82, 2, 3, (2, 4), 3, 3, 164)),
+    "[2,1] 5 frames": (
+        dict(RELEASE, num_frames=5, frame_intervals=(2, 1), steps_per_stage=(50, 32)),
+        BackendCalls(1, 82, 2, 3, (2, 4), 3, 3, 164),
+    ),
     # no unconditional twins: half the DiT batch, the same number of calls; the release needs one per step too
     "guidance 1": (dict(RELEASE, guidance_scale=1.0), BackendCalls(1, 114, 3, 7, (1, 2, 4), 7, 7, 114)),
     # four times the frames: longer chunks, not more calls
@@ -50,14 +68,23 @@ HAND = {
 
 def run_counted(models, **settings) -> tuple[CountingBackend, "pipeline.GenerationResult"]:
     backend = CountingBackend(TorchBackend(models))
-    request = GenerationRequest(prompt="a red ball bouncing on a beach", height=16, width=16, seed=3,
-                                shift_per_stage=(5.0, 3.0, 3.0)[: len(settings["frame_intervals"])], **settings)
+    request = GenerationRequest(
+        prompt="a red ball bouncing on a beach",
+        height=16,
+        width=16,
+        seed=3,
+        shift_per_stage=(5.0, 3.0, 3.0)[: len(settings["frame_intervals"])],
+        **settings,
+    )
     return backend, generate(backend, models.tokenizer, request, progress=False, keep_stages=False)
 
 
 def mismatches(got: BackendCalls, want: BackendCalls) -> list[str]:
-    return [f"{k}: {getattr(got, k)} != {getattr(want, k)}" for k in want.__dataclass_fields__
-            if k != "release_dit" and getattr(got, k) != getattr(want, k)]
+    return [
+        f"{k}: {getattr(got, k)} != {getattr(want, k)}"
+        for k in want.__dataclass_fields__
+        if k != "release_dit" and getattr(got, k) != getattr(want, k)
+    ]
 
 
 @pytest.mark.parametrize("case", list(HAND))
@@ -76,8 +103,9 @@ def test_release_defaults_make_114_dit_calls(tiny_models):
     assert backend.log.dit == 114 and want.release_dit == 228
 
 
-@pytest.mark.parametrize("case,steps", [("[4,1]", (3, 2)), ("[2,1]", (2, 3)), ("guidance 1", (3, 2, 2)),
-                                        ("long video", (2, 1, 1))])
+@pytest.mark.parametrize(
+    "case,steps", [("[4,1]", (3, 2)), ("[2,1]", (2, 3)), ("guidance 1", (3, 2, 2)), ("long video", (2, 1, 1))]
+)
 def test_real_runs_make_the_expected_calls(tiny_models, case, steps):
     """Fewer steps than the release (DiT calls scale with steps alone, checked above) to keep it fast."""
     settings = dict(HAND[case][0], steps_per_stage=steps)
@@ -116,6 +144,7 @@ def _rope(backend, stage, y):
 # What each DiT call is handed
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_velocity_inputs_are_ready_and_constant_per_stage(tiny_models, dtype):
     models = copy.deepcopy(tiny_models)  # TorchBackend casts the modules in place
@@ -152,8 +181,9 @@ class PerStepCast(Backend):
 
     def velocity(self, x, y, timestep, context, rope_cos, rope_sin):
         dtype = self.info.dit_dtype
-        return self.inner.velocity(x, y.float().to(dtype), timestep, context, rope_cos.to(torch.float64).float(),
-                                   rope_sin)
+        return self.inner.velocity(
+            x, y.float().to(dtype), timestep, context, rope_cos.to(torch.float64).float(), rope_sin
+        )
 
     def vae_encode(self, video):
         return self.inner.vae_encode(video)

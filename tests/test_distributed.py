@@ -5,6 +5,7 @@ on this machine); the ranks return plain numbers and numpy frames, and the
 tests below assert on them against one-process runs made here.  The 2-rank
 Ulysses check uses the 2-rank subgroups of that 4-rank world.
 """
+
 import os
 import signal
 import sys
@@ -26,13 +27,16 @@ from tempomaster.runtime.distributed import WorkerError
 from tempomaster.runtime.pipeline import GenerationRequest, generate
 from tempomaster.runtime.workers import VideoJob, launch, parse_devices, run_videos
 
-FAST = dict(height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0)
+FAST = dict(
+    height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), shift_per_stage=(5.0, 3.0, 3.0), guidance_scale=5.0
+)
 CPU = torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------
 # What the ranks run (module level: the spawned processes import it)
 # ----------------------------------------------------------------------------
+
 
 def _dit_inputs(cfg, batch, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -62,7 +66,10 @@ def sharded_dit_forward(world):
         inputs = _dit_inputs(dit.cfg, 2, dtype)
         with torch.inference_mode():
             full = dit(*inputs)
-            for d, sp in ((2, SequenceParallel(halves[world.rank // 2], world.rank % 2, 2)), (4, SequenceParallel(whole, world.rank, 4))):
+            for d, sp in (
+                (2, SequenceParallel(halves[world.rank // 2], world.rank % 2, 2)),
+                (4, SequenceParallel(whole, world.rank, 4)),
+            ):
                 diffs[(d, str(dtype))] = (dit(*inputs, sequence_parallel=sp) - full).abs().max().item()
     return diffs
 
@@ -147,6 +154,7 @@ def faulty_run(world, jobs, how):
 # One-process references
 # ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def single_video(tiny_models):
     backend = TorchBackend(tiny_models)
@@ -182,6 +190,7 @@ def four_ranks(single_video, many_singles, tmp_path_factory):
 # ----------------------------------------------------------------------------
 # Tests
 # ----------------------------------------------------------------------------
+
 
 def test_sharded_dit_forward_equals_unsharded_over_2_and_4_ranks(four_ranks):
     results, _ = four_ranks
@@ -229,9 +238,14 @@ def test_four_ranks_video_equals_single_process(four_ranks, single_video):
     # the run placed its DiT calls as the plan says (tiny: 2 heads): stage 0 split into 2 groups x SP 2
     request = single_video[0]
     plan = plan_schedule(
-        devices=4, num_heads=2, num_frames=request.num_frames, frame_intervals=request.frame_intervals,
-        steps_per_stage=request.steps_per_stage, guidance_scale=request.guidance_scale,
-        height=request.height, width=request.width,
+        devices=4,
+        num_heads=2,
+        num_frames=request.num_frames,
+        frame_intervals=request.frame_intervals,
+        steps_per_stage=request.steps_per_stage,
+        guidance_scale=request.guidance_scale,
+        height=request.height,
+        width=request.width,
     )
     expected = [s.placement for s in plan.stages for _ in range(s.steps)]
     assert placements == expected
@@ -247,11 +261,17 @@ def test_four_ranks_video_equals_single_process(four_ranks, single_video):
 def test_backend_without_ulysses_falls_back_to_chunk_cfg_split(four_ranks, single_video):
     results, _ = four_ranks
     request, reference = single_video
-    (_, frames, placements), = [item for res in results for item in res["engine-like"]]
+    ((_, frames, placements),) = [item for res in results for item in res["engine-like"]]
     plan = plan_schedule(
-        devices=4, num_heads=2, num_frames=request.num_frames, frame_intervals=request.frame_intervals,
-        steps_per_stage=request.steps_per_stage, guidance_scale=request.guidance_scale,
-        height=request.height, width=request.width, sequence_parallel=False,
+        devices=4,
+        num_heads=2,
+        num_frames=request.num_frames,
+        frame_intervals=request.frame_intervals,
+        steps_per_stage=request.steps_per_stage,
+        guidance_scale=request.guidance_scale,
+        height=request.height,
+        width=request.width,
+        sequence_parallel=False,
     )
     assert placements == [s.placement for s in plan.stages for _ in range(s.steps)]
     # stage 0: cond on rank 0, uncond on rank 1, ranks 2 and 3 idle
@@ -277,9 +297,14 @@ def test_many_videos_on_groups_of_ranks(four_ranks, many_singles):
     assert not np.allclose(produced[1][1][-1], produced[2][1][-1])
 
 
-@pytest.mark.parametrize("how, expected", [
-    ("kill", "rank 1 died"), ("hang", "rank 1 hangs"), ("stop", "rank 1 does not answer"),
-])
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        ("kill", "rank 1 died"),
+        ("hang", "rank 1 hangs"),
+        ("stop", "rank 1 does not answer"),
+    ],
+)
 def test_failed_rank_stops_all_with_one_line(tmp_path, how, expected):
     out = tmp_path / "v.mp4"
     jobs = [VideoJob("v", GenerationRequest(prompt="x", seed=1, **FAST), out)]
@@ -363,7 +388,9 @@ def test_torchrun_environment_joins_the_group(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run(
         [torchrun, "--nproc-per-node", "2", str(script), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     reports = sorted(line for line in proc.stdout.splitlines() if line.startswith("REPORT"))
@@ -504,8 +531,9 @@ def test_a_run_listens_on_loopback_only(tmp_path):
         env["GLOO_SOCKET_IFNAME"] = interface
     script = tmp_path / "run.py"
     script.write_text(LISTEN_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     seen: set[tuple[int, str, int]] = set()
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

@@ -2,18 +2,19 @@
 
 Only the oracle tests need diffusers; RoPE, batch independence and key layouts run without it.
 """
+
 import pytest
 import torch
 
 from tempomaster.models.dit import WanDiT, apply_rope
-from tempomaster.rope import batched_rope_table, rope_split, rope_table
 from tempomaster.models.presets import DiTConfig, get_preset
-
+from tempomaster.rope import batched_rope_table, rope_split, rope_table
 
 
 @pytest.fixture(scope="module")
 def diffusers():
     return pytest.importorskip("diffusers")
+
 
 CFG = DiTConfig(dim=96, ffn_dim=160, num_heads=4, num_layers=2, text_dim=48)
 
@@ -30,11 +31,21 @@ def wan_dit_to_diffusers(sd: dict) -> dict:
         "head.head": "proj_out",
     }
     block = {
-        "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-        "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
-        "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-        "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
-        "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+        "self_attn.q": "attn1.to_q",
+        "self_attn.k": "attn1.to_k",
+        "self_attn.v": "attn1.to_v",
+        "self_attn.o": "attn1.to_out.0",
+        "self_attn.norm_q": "attn1.norm_q",
+        "self_attn.norm_k": "attn1.norm_k",
+        "cross_attn.q": "attn2.to_q",
+        "cross_attn.k": "attn2.to_k",
+        "cross_attn.v": "attn2.to_v",
+        "cross_attn.o": "attn2.to_out.0",
+        "cross_attn.norm_q": "attn2.norm_q",
+        "cross_attn.norm_k": "attn2.norm_k",
+        "norm3": "norm2",
+        "ffn.0": "ffn.net.0.proj",
+        "ffn.2": "ffn.net.2",
     }
     out = {}
     for key, value in sd.items():
@@ -69,10 +80,18 @@ def random_dit(cfg=CFG, seed=0) -> WanDiT:
 def diffusers_twin(model: WanDiT, diffusers):
     cfg = model.cfg
     ref = diffusers.WanTransformer3DModel(
-        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=cfg.eps,
+        patch_size=cfg.patch_size,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.head_dim,
+        in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim,
+        text_dim=cfg.text_dim,
+        freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=cfg.eps,
     ).eval()
     ref.load_state_dict(wan_dit_to_diffusers(model.state_dict()), strict=True)
     return ref
@@ -128,13 +147,25 @@ def complex_rope_float64(positions, h, w, head_dim):
 
     def table(pos, d):
         freqs = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        return torch.polar(torch.ones(len(pos), d // 2, dtype=torch.float64), torch.outer(torch.tensor(pos, dtype=torch.float64), freqs))
+        return torch.polar(
+            torch.ones(len(pos), d // 2, dtype=torch.float64),
+            torch.outer(torch.tensor(pos, dtype=torch.float64), freqs),
+        )
 
     f = len(positions)
-    ft, fh, fw = table(positions, 2 * parts[0]), table(list(range(h)), 2 * parts[1]), table(list(range(w)), 2 * parts[2])
-    return torch.cat([
-        ft[:, None, None].expand(f, h, w, -1), fh[None, :, None].expand(f, h, w, -1), fw[None, None].expand(f, h, w, -1)
-    ], -1).reshape(f * h * w, c)
+    ft, fh, fw = (
+        table(positions, 2 * parts[0]),
+        table(list(range(h)), 2 * parts[1]),
+        table(list(range(w)), 2 * parts[2]),
+    )
+    return torch.cat(
+        [
+            ft[:, None, None].expand(f, h, w, -1),
+            fh[None, :, None].expand(f, h, w, -1),
+            fw[None, None].expand(f, h, w, -1),
+        ],
+        -1,
+    ).reshape(f * h * w, c)
 
 
 def test_dit_forward_past_position_1024_against_float64():

@@ -3,6 +3,7 @@
 These tests need a machine that lacks TensorRT or a CUDA GPU (they check the
 refusal); on a GPU machine with TensorRT, tests/test_gpu_tensorrt.py runs instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ pytestmark = pytest.mark.skipif(
     cuda_available() and tensorrt_available(), reason="this machine has TensorRT and a GPU: nothing is missing"
 )
 
-OPTIONS = EngineOptions(opt_level=4, workspace=6 * 2**30, weight_streaming=True, hardware_compat="ampere+",
-                        version_compatible=True, strip_weights=True)
+OPTIONS = EngineOptions(
+    opt_level=4,
+    workspace=6 * 2**30,
+    weight_streaming=True,
+    hardware_compat="ampere+",
+    version_compatible=True,
+    strip_weights=True,
+)
 
 
 def _check_exit_3(err: MissingDependencyError, build) -> None:
@@ -42,8 +49,19 @@ def test_build_exports_the_onnx_then_stops_with_exit_3(tmp_path):
     out = tmp_path / "tiny-t5"
     lines = []
     with pytest.raises(MissingDependencyError) as info:
-        export_and_build(out=out, precision="fp16", preset="tiny", height=32, width=48, num_frames=9,
-                         intervals=(4, 2, 1), graphs=["t5"], options=OPTIONS, progress=False, log=lines.append)
+        export_and_build(
+            out=out,
+            precision="fp16",
+            preset="tiny",
+            height=32,
+            width=48,
+            num_frames=9,
+            intervals=(4, 2, 1),
+            graphs=["t5"],
+            options=OPTIONS,
+            progress=False,
+            log=lines.append,
+        )
     _check_exit_3(info.value, out)
     # the ONNX step is complete and intact, and remembers the engine options for --resume
     manifest = load_manifest(out)
@@ -83,7 +101,9 @@ def test_resume_names_the_manifest_field_not_a_flag_never_given(tiny_build, tmp_
         resume_build(build, log=lambda _l: None)
     assert f"{build / 'manifest.json'}: precision 'int4'" in str(info.value) and "--precision" not in str(info.value)
 
-    _edit_manifest(build, lambda d: d.update(precision="fp32", **{ENGINE_REQUEST_KEY: {"opt_level": 9, "hardware_compat": "all"}}))
+    _edit_manifest(
+        build, lambda d: d.update(precision="fp32", **{ENGINE_REQUEST_KEY: {"opt_level": 9, "hardware_compat": "all"}})
+    )
     assert export_main(["build", "--resume", str(build)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -129,9 +149,19 @@ def test_fp8_build_calibrates_exports_then_stops_with_exit_3(tmp_path):
     prompts.write_text("a red ball bouncing\n# a comment\na blue square sliding left\n")
     out = tmp_path / "fp8"
     with pytest.raises(MissingDependencyError) as info:
-        export_and_build(out=out, precision="fp8", preset="tiny", height=32, width=48, num_frames=5, intervals=(4, 2, 1),
-                         graphs=["dit"], progress=False, log=lambda _l: None,
-                         fp8=dict(prompts=prompts, calib_steps=(1, 1, 1), report_prompts=0))
+        export_and_build(
+            out=out,
+            precision="fp8",
+            preset="tiny",
+            height=32,
+            width=48,
+            num_frames=5,
+            intervals=(4, 2, 1),
+            graphs=["dit"],
+            progress=False,
+            log=lambda _l: None,
+            fp8=dict(prompts=prompts, calib_steps=(1, 1, 1), report_prompts=0),
+        )
     _check_exit_3(info.value, out)
     manifest = load_manifest(out)
     verify_files(manifest)  # the calibration files are part of the build, hashed
@@ -167,7 +197,9 @@ def test_full_tiny_build_stops_at_the_engine_step(tmp_path):
     _check_exit_3(info.value, out)
     manifest = load_manifest(out)
     verify_files(manifest)
-    assert sorted(manifest.graphs) == sorted(["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"])
+    assert sorted(manifest.graphs) == sorted(
+        ["dit", "t5", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"]
+    )
     assert (out / "tokenizer").is_dir()
 
 
@@ -176,8 +208,26 @@ def test_cli_build_stops_with_exit_3_and_says_how_to_finish(tmp_path, capsys):
     from tempomaster.cli import export_main
 
     out = tmp_path / "b"
-    rc = export_main(["build", "--precision", "fp16", "--graphs", "t5", "--num-frames", "9", "--height", "32",
-                      "--width", "48", "--workspace", "1GiB", "--out", str(out), "--no-progress"])
+    rc = export_main(
+        [
+            "build",
+            "--precision",
+            "fp16",
+            "--graphs",
+            "t5",
+            "--num-frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--workspace",
+            "1GiB",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3
     assert err[-1].startswith("tm-export: error: ") and f"tm-export build --resume {out}" in err[-1]
@@ -206,7 +256,10 @@ def test_cli_fp8_refusals_and_missing_out(tmp_path, capsys):
     empty.write_text("# nothing but a comment\n")
     small = ["--num-frames", "5", "--height", "32", "--width", "48", "--no-progress"]
     cases = [
-        (["build", "--precision", "fp8", "--calib-prompts", str(empty), "--out", str(tmp_path / "b"), *small], "no prompt"),
+        (
+            ["build", "--precision", "fp8", "--calib-prompts", str(empty), "--out", str(tmp_path / "b"), *small],
+            "no prompt",
+        ),
         (["build", "--precision", "fp8", "--no-calibrate", "--out", str(tmp_path / "b"), *small], "--no-calibrate"),
         (["onnx", "--fp8-skip-blocks", "0", "--out", str(tmp_path / "b"), *small], "only with --precision fp8"),
         (["build", "--precision", "fp8", "--fp8-twin", "--out", str(tmp_path / "b"), *small], "--fp8-twin"),
@@ -229,9 +282,22 @@ def test_cli_backend_choice(tiny_build, tmp_path, capsys):
 
     rc = run_main(["generate", "--prompt", "x", "--backend", "onnxruntime", "--out", str(tmp_path / "v.mp4")])
     assert rc == 2 and "give --engines BUILD" in capsys.readouterr().err
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--cuda-graphs", "--out", str(tmp_path / "v.mp4")])
+    rc = run_main(
+        ["generate", "--prompt", "x", "--engines", str(tiny_build), "--cuda-graphs", "--out", str(tmp_path / "v.mp4")]
+    )
     assert rc == 2 and "--cuda-graphs needs the tensorrt backend" in capsys.readouterr().err
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--backend", "tensorrt",
-                   "--out", str(tmp_path / "v.mp4")])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--engines",
+            str(tiny_build),
+            "--backend",
+            "tensorrt",
+            "--out",
+            str(tmp_path / "v.mp4"),
+        ]
+    )
     assert rc in (2, 3) and "Traceback" not in capsys.readouterr().err  # no plans / no TensorRT here
     assert not list(tmp_path.iterdir())

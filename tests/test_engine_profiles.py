@@ -9,11 +9,12 @@ Hand arithmetic used below (480x832, 109 frames, intervals [4,2,1]):
   wan-1.3b: 43680 * 8960 = 391,372,800 -> 5.
   Guided DiT batches 2 (50 steps), 4 (32), 8 (32).
 """
+
 from __future__ import annotations
 
 import pytest
-
 from export_helpers import MICRO, micro_models
+
 from tempomaster.engines.profiles import build_profiles, call_counts, graph_profile, split_batch
 from tempomaster.errors import ManifestError
 from tempomaster.export.shapes import ExportShape, dit_elements_per_item, estimate_dit_max_batch
@@ -79,7 +80,9 @@ def test_dit_safe_batch_estimate_matches_an_export(tmp_path):
     """
     from tempomaster.export.build import export_onnx
 
-    manifest = export_onnx(micro_models(), "fp32", SHAPE_480, tmp_path / "b", graphs=["dit"], progress=False, audit=False)
+    manifest = export_onnx(
+        micro_models(), "fp32", SHAPE_480, tmp_path / "b", graphs=["dit"], progress=False, audit=False
+    )
     assert manifest["graphs"]["dit"]["max_batch"] == 341
     assert estimate_dit_max_batch(MICRO.dit, SHAPE_480) == 341
     assert manifest["graphs"]["dit"]["largest_activation"]["elements_per_item"] == 36 * 28 * 60 * 104
@@ -88,8 +91,9 @@ def test_dit_safe_batch_estimate_matches_an_export(tmp_path):
 def test_14b_profiles():
     cfg = get_preset("tempomaster-14b").dit
     shape = SHAPE_480.as_dict()
-    dit = graph_profile("dit", _dit_entry(cfg, SHAPE_480, estimate_dit_max_batch(cfg, SHAPE_480)), shape,
-                        steps_per_stage=(50, 32, 32))
+    dit = graph_profile(
+        "dit", _dit_entry(cfg, SHAPE_480, estimate_dit_max_batch(cfg, SHAPE_480)), shape, steps_per_stage=(50, 32, 32)
+    )
     # pieces: 2 -> [2] x50; 4 -> [3,1] x32; 8 -> [3,3,2] x32 => 1: 32, 2: 82, 3: 96
     assert dit.calls == {"1x28": 32, "2x28": 82, "3x28": 96}
     assert dit.batch == (1, 3, 3)
@@ -139,7 +143,10 @@ def test_tiny_profiles_from_the_manifest_defaults():
     manifest = {
         "preset": "tiny",
         "shape": s.as_dict(),
-        "graphs": {"dit": _dit_entry(preset.dit, s, estimate_dit_max_batch(preset.dit, s)), "t5": _batch_entry(t5_in, 1024)},
+        "graphs": {
+            "dit": _dit_entry(preset.dit, s, estimate_dit_max_batch(preset.dit, s)),
+            "t5": _batch_entry(t5_in, 1024),
+        },
     }
     profiles = build_profiles(manifest)
     dit = profiles["dit"]
@@ -182,8 +189,12 @@ def test_padding_only_chunks_are_not_counted():
     assert call_counts("vae_encoder_first", shape) == {(1, None): 1, (2, None): 1}  # 1, then 2 active chunks batched
     assert call_counts("vae_encoder", shape) == {(1, None): 1, (2, None): 1}  # (5 - 1) / 4 = 1 step per stage
     assert call_counts("vae_decoder", shape) == {(1, None): 3}  # 2 latent frames: 1 step per chunk
-    profile = graph_profile("dit", {"max_batch": 1024, "inputs": [{"name": "x", "shape": ["batch", 16, 2, 4, 6]}]},
-                            shape, steps_per_stage=(3, 2))
+    profile = graph_profile(
+        "dit",
+        {"max_batch": 1024, "inputs": [{"name": "x", "shape": ["batch", 16, 2, 4, 6]}]},
+        shape,
+        steps_per_stage=(3, 2),
+    )
     assert profile.batch == (1, 2, 4)
 
 
@@ -200,6 +211,7 @@ def test_call_counts_and_unknown_axes():
 # ----------------------------------------------------------------------------
 # Dimension expressions come from files: parsed, never eval'd
 # ----------------------------------------------------------------------------
+
 
 def _run_bounded(code: str, timeout: float = 60.0) -> str:
     """Run `code` in a fresh interpreter; a hang fails the test instead of stalling the suite."""
@@ -255,16 +267,19 @@ def test_a_huge_power_in_an_onnx_dim_param_is_not_computed():
     assert int(batch) > 1 and unsized == "1" and value == "None"
 
 
-@pytest.mark.parametrize("dim, value", [
-    ("batch", lambda b, f: b),
-    ("2*batch", lambda b, f: 2 * b),
-    ("4*batch", lambda b, f: 4 * b),
-    ("6*frames", lambda b, f: 6 * f),
-    ("120*frames", lambda b, f: 120 * f),
-    ("batch*frames", lambda b, f: b * f),
-    ("(frames - 1)//4 + 1", lambda b, f: (f - 1) // 4 + 1),
-    ("-1 + 2*frames", lambda b, f: 2 * f - 1),
-])
+@pytest.mark.parametrize(
+    "dim, value",
+    [
+        ("batch", lambda b, f: b),
+        ("2*batch", lambda b, f: 2 * b),
+        ("4*batch", lambda b, f: 4 * b),
+        ("6*frames", lambda b, f: 6 * f),
+        ("120*frames", lambda b, f: 120 * f),
+        ("batch*frames", lambda b, f: b * f),
+        ("(frames - 1)//4 + 1", lambda b, f: (f - 1) // 4 + 1),
+        ("-1 + 2*frames", lambda b, f: 2 * f - 1),
+    ],
+)
 def test_the_dimensions_exports_write_still_evaluate(dim, value):
     import random
 
@@ -278,7 +293,9 @@ def test_the_dimensions_exports_write_still_evaluate(dim, value):
         assert _eval_dim(dim, {"batch": b, "frames": f}) == value(b, f)
 
 
-@pytest.mark.parametrize("dim", ["batch/2", "1.5", "batch if 1 else 2", "batch.real", "[batch][0]", "True", "9" * 30, "frames//0"])
+@pytest.mark.parametrize(
+    "dim", ["batch/2", "1.5", "batch if 1 else 2", "batch.real", "[batch][0]", "True", "9" * 30, "frames//0"]
+)
 def test_dimensions_outside_the_grammar_are_refused(dim):
     from tempomaster.engines.profiles import eval_dim
 
@@ -312,8 +329,9 @@ def test_call_counts_are_what_the_runtime_sends(tiny_models):
     steps = (2, 1, 1)
     shape = ExportShape(32, 48, 9, (4, 2, 1)).as_dict()
     backend = BatchLog(TorchBackend(tiny_models))
-    request = GenerationRequest(prompt="a red ball", height=32, width=48, num_frames=9, steps_per_stage=steps,
-                                seed=torch.seed() % 2**31)
+    request = GenerationRequest(
+        prompt="a red ball", height=32, width=48, num_frames=9, steps_per_stage=steps, seed=torch.seed() % 2**31
+    )
     generate(backend, tiny_models.tokenizer, request, progress=False)
     assert backend.dit == call_counts("dit", shape, steps_per_stage=steps)
     assert backend.encode == call_counts("vae_encoder_first", shape)  # one encode per stage, each with one _first call

@@ -5,6 +5,7 @@ The inspector JSON here is written by the test in the shape TensorRT's detailed 
 gives ("Layers": [{"Name", "LayerType", "Inputs": [{"Format/Datatype"}], "TacticName", "Metadata"}]); the
 ONNX is a real graph made with onnx.helper.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tempomaster.engines import builder
 from tempomaster.engines.layer_report import (
-    describe_report, fp8_layer_report, layer_is_fp8, quantized_nodes, report_warning,
+    describe_report,
+    fp8_layer_report,
+    layer_is_fp8,
+    quantized_nodes,
+    report_warning,
 )
 
 
@@ -35,17 +40,34 @@ def _fp8_graph():
         helper.make_node("Add", ["a", "b"], ["ab"], name="add"),
         helper.make_node("Add", ["ab", "c"], ["y"], name="add2"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w, w2, scale, zp])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [w, w2, scale, zp],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(model)
     return model
 
 
 def _layer(name, fmt, tactic="", metadata=""):
-    return {"Name": name, "LayerType": "CaskGemmMatrixMultiply", "Metadata": metadata, "TacticName": tactic,
-            "Inputs": [{"Name": "in", "Location": "Device", "Dimensions": [2, 8], "Format/Datatype": fmt}],
-            "Outputs": [{"Name": "out", "Location": "Device", "Dimensions": [2, 8], "Format/Datatype": "Row major linear BF16 format"}]}
+    return {
+        "Name": name,
+        "LayerType": "CaskGemmMatrixMultiply",
+        "Metadata": metadata,
+        "TacticName": tactic,
+        "Inputs": [{"Name": "in", "Location": "Device", "Dimensions": [2, 8], "Format/Datatype": fmt}],
+        "Outputs": [
+            {
+                "Name": "out",
+                "Location": "Device",
+                "Dimensions": [2, 8],
+                "Format/Datatype": "Row major linear BF16 format",
+            }
+        ],
+    }
 
 
 def test_quantized_gemms_are_those_fed_by_a_dequantize():
@@ -53,11 +75,19 @@ def test_quantized_gemms_are_those_fed_by_a_dequantize():
 
 
 def test_fp8_report_names_the_layers_tensorrt_left_in_16_bit():
-    info = {"Layers": [
-        _layer("x_q + /blocks.0/q/MatMul", "Row major linear FP8 format", "sm90_xmma_gemm_e4m3e4m3_bf16"),
-        _layer("myelin_1", "Row major linear BF16 format", "sm90_xmma_gemm_bf16bf16", metadata="[ONNX Layer: /blocks.0/k/MatMul]"),
-        _layer("/head/MatMul", "Row major linear BF16 format"),
-    ], "Bindings": ["x", "y"]}
+    info = {
+        "Layers": [
+            _layer("x_q + /blocks.0/q/MatMul", "Row major linear FP8 format", "sm90_xmma_gemm_e4m3e4m3_bf16"),
+            _layer(
+                "myelin_1",
+                "Row major linear BF16 format",
+                "sm90_xmma_gemm_bf16bf16",
+                metadata="[ONNX Layer: /blocks.0/k/MatMul]",
+            ),
+            _layer("/head/MatMul", "Row major linear BF16 format"),
+        ],
+        "Bindings": ["x", "y"],
+    }
     assert layer_is_fp8(info["Layers"][0]) and not layer_is_fp8(info["Layers"][1])
     assert layer_is_fp8(_layer("g", "Row major linear BF16 format", "sm90_gemm_e4m3_tn"))  # the kernel says FP8
     report = fp8_layer_report(info, quantized_nodes(_fp8_graph()))
@@ -111,14 +141,20 @@ def test_an_unreadable_timing_cache_is_named_and_skipped(tmp_path):
 def test_inspect_prints_each_plans_fp8_layers(tmp_path, capsys):
     import json
 
+    from test_tensorrt_plans import _manifest
+
     from tempomaster.build_format import manifest_text
     from tempomaster.cli import export_main
-    from test_tensorrt_plans import _manifest
 
     build = tmp_path / "b"
     _manifest(build)
     data = json.loads((build / "manifest.json").read_text())
-    data["engines"]["plans"]["dit"]["fp8_layers"] = {"quantized": 3, "fp8": ["a", "b"], "not_fp8": ["c"], "not_found": []}
+    data["engines"]["plans"]["dit"]["fp8_layers"] = {
+        "quantized": 3,
+        "fp8": ["a", "b"],
+        "not_fp8": ["c"],
+        "not_found": [],
+    }
     (build / "manifest.json").write_text(manifest_text(data))
     assert export_main(["inspect", str(build)]) == 0
     out = capsys.readouterr().out

@@ -1,11 +1,11 @@
 """Op audit against TensorRT's ONNX parser table, and the largest-batch rule."""
+
 import json
 
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from export_helpers import build
+from onnx import TensorProto, helper
 
 from tempomaster.export.onnx_utils import TRT_MAX_ELEMENTS, largest_batch
 from tempomaster.export.op_audit import OpAuditError, audit_file, audit_files, audit_model, load_table, supported_ops

@@ -2,6 +2,7 @@
 
 The builds here hold a real (small) ONNX DiT stand-in each; the reference build is the same graph, or the same
 graph with its weight rounded as a 16-bit or fp8 export would round it, or a wrong one."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_tensorrt_plans import _manifest
 
 from tempomaster.build_format import manifest_text
 from tempomaster.cli import export_main
 from tempomaster.engines.check import Tolerance, check_build, error_stats, random_feeds, tolerance_for
 from tempomaster.engines.manifest import load_manifest
-from test_tensorrt_plans import _manifest
 
 pytest.importorskip("polygraphy")
 W = np.random.default_rng(21).standard_normal((8, 8)).astype(np.float32)
@@ -27,16 +28,20 @@ def _build(root: Path, weight: np.ndarray, precision: str = "fp32") -> Path:
     _manifest(root)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Tanh", ["h"], ["velocity"])],
-        "dit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        "dit",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
         [helper.make_tensor_value_info("velocity", TensorProto.FLOAT, ["batch", 8])],
-        [numpy_helper.from_array(weight, "w")])
+        [numpy_helper.from_array(weight, "w")],
+    )
     blob = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
     (root / "onnx").mkdir(exist_ok=True)
     (root / "onnx" / "dit.onnx").write_bytes(blob)
     data = json.loads((root / "manifest.json").read_text())
     data["precision"] = precision
-    data["graphs"]["dit"].update(inputs=[{"name": "x", "dtype": "float32", "shape": ["batch", 8]}],
-                                 outputs=[{"name": "velocity", "dtype": "float32", "shape": ["batch", 8]}])
+    data["graphs"]["dit"].update(
+        inputs=[{"name": "x", "dtype": "float32", "shape": ["batch", 8]}],
+        outputs=[{"name": "velocity", "dtype": "float32", "shape": ["batch", 8]}],
+    )
     data["files"]["onnx/dit.onnx"] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
     (root / "manifest.json").write_text(manifest_text(data))
     return root
@@ -68,8 +73,14 @@ def test_errors_are_measured_against_an_independent_reference(tmp_path):
         assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-6), k
     assert 0 < got["mean_abs"] < 1e-2 and result.passed
     # the same numbers judged by a tolerance they exceed fail
-    [strict] = check_build(build, graphs=["dit"], reference=ref, seed=4, tolerance=Tolerance("max", 1e-6, 1e-6, "test"),
-                           log=lambda _l: None)
+    [strict] = check_build(
+        build,
+        graphs=["dit"],
+        reference=ref,
+        seed=4,
+        tolerance=Tolerance("max", 1e-6, 1e-6, "test"),
+        log=lambda _l: None,
+    )
     assert not strict.passed
 
 
@@ -95,11 +106,30 @@ def test_the_fp8_twin_dit_against_the_fp32_dit(tmp_path, tiny_models):
     from tempomaster.export.shapes import ExportShape
 
     fp32 = tmp_path / "fp32"
-    export_onnx(tiny_models, "fp32", ExportShape(32, 48, 9, (4, 2, 1)), fp32, preset_name="tiny", progress=False,
-                copy=True, graphs=["dit"])
+    export_onnx(
+        tiny_models,
+        "fp32",
+        ExportShape(32, 48, 9, (4, 2, 1)),
+        fp32,
+        preset_name="tiny",
+        progress=False,
+        copy=True,
+        graphs=["dit"],
+    )
     twin = tmp_path / "twin"
-    fp8_build(twin, preset="tiny", height=32, width=48, num_frames=9, intervals=(4, 2, 1), graphs=["dit"],
-              calib_steps=(2, 1, 1), report_prompts=0, twin=True, progress=False)
+    fp8_build(
+        twin,
+        preset="tiny",
+        height=32,
+        width=48,
+        num_frames=9,
+        intervals=(4, 2, 1),
+        graphs=["dit"],
+        calib_steps=(2, 1, 1),
+        report_prompts=0,
+        twin=True,
+        progress=False,
+    )
     [result] = check_build(twin, graphs=["dit"], reference=fp32, log=lambda _l: None)
     stats = result.outputs["velocity"]
     print("fp8 twin vs fp32 DiT:", stats)

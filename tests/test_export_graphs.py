@@ -1,10 +1,10 @@
 """fp32 graphs against the torch models, in onnxruntime, on fresh random inputs at two batch sizes."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import build, micro_models, micro_shape, rel_err, session, stream_vae
 
 from tempomaster.export.dit import dit_example_inputs
@@ -26,11 +26,21 @@ def test_dit_matches_torch(fp32_build, batch):
     g = manifest["graphs"]["dit"]
     f = g["meta"]["latent_frames"][0]
     gen = torch.Generator().manual_seed(100 + batch)
-    args = dit_example_inputs(models.dit.cfg, batch, f, shape.latent_height, shape.latent_width, torch.float32,
-                              generator=gen, timestep=float(torch.rand(1, generator=gen)) * 1000)
+    args = dit_example_inputs(
+        models.dit.cfg,
+        batch,
+        f,
+        shape.latent_height,
+        shape.latent_width,
+        torch.float32,
+        generator=gen,
+        timestep=float(torch.rand(1, generator=gen)) * 1000,
+    )
     with torch.no_grad():
         ref = models.dit(*args).numpy()
-    out = session(d / g["file"]).run(None, {n: a.numpy() for n, a in zip(["x", "y", "timestep", "context", "rope_cos", "rope_sin"], args)})[0]
+    out = session(d / g["file"]).run(
+        None, {n: a.numpy() for n, a in zip(["x", "y", "timestep", "context", "rope_cos", "rope_sin"], args)}
+    )[0]
     err = rel_err(out, ref)
     print(f"dit fp32 batch {batch}: rel err {err:.2e}")
     assert out.shape == ref.shape
@@ -58,7 +68,7 @@ def test_vae_streamed_matches_torch(fp32_build, batch):
     d, manifest = fp32_build
     vae, shape = micro_models().vae, micro_shape()
     gen = torch.Generator().manual_seed(31 + batch)
-    video = (torch.rand(batch, 3, 9, shape.height, shape.width, generator=gen) * 2 - 1)
+    video = torch.rand(batch, 3, 9, shape.height, shape.width, generator=gen) * 2 - 1
     latents = torch.randn(batch, vae.z_dim, 3, shape.latent_height, shape.latent_width, generator=gen)
     with torch.no_grad():
         ref_lat = vae.encode(video).numpy()
@@ -67,8 +77,10 @@ def test_vae_streamed_matches_torch(fp32_build, batch):
     vid = np.clip(stream_vae(d, "decoder", latents.numpy(), manifest), -1, 1)
     e_err, d_err = norm_rel_err(lat, ref_lat), norm_rel_err(vid, ref_vid)
     e_max, d_max = rel_err(lat, ref_lat), rel_err(vid, ref_vid)
-    print(f"vae fp32 batch {batch}: encoder rel err {e_err:.2e} (max-abs {e_max:.2e}), "
-          f"decoder rel err {d_err:.2e} (max-abs {d_max:.2e})")
+    print(
+        f"vae fp32 batch {batch}: encoder rel err {e_err:.2e} (max-abs {e_max:.2e}), "
+        f"decoder rel err {d_err:.2e} (max-abs {d_max:.2e})"
+    )
     assert lat.shape == ref_lat.shape == (batch, vae.z_dim, 3, shape.latent_height, shape.latent_width)
     assert vid.shape == ref_vid.shape == (batch, 3, 9, shape.height, shape.width)
     # relative error ||a-b|| / ||b|| as for every other graph; the worst element stays close too
@@ -84,8 +96,10 @@ def norm_rel_err(out, ref) -> float:
 def test_vae_cache_io_matches_model(fp32_build):
     d, manifest = fp32_build
     vae, shape = micro_models().vae, micro_shape()
-    for direction, shapes in (("encoder", vae.encoder_cache_shapes(1, shape.height, shape.width)),
-                              ("decoder", vae.decoder_cache_shapes(1, shape.latent_height, shape.latent_width))):
+    for direction, shapes in (
+        ("encoder", vae.encoder_cache_shapes(1, shape.height, shape.width)),
+        ("decoder", vae.decoder_cache_shapes(1, shape.latent_height, shape.latent_width)),
+    ):
         for name in (f"vae_{direction}_first", f"vae_{direction}"):
             g = manifest["graphs"][name]
             ins = {t["name"]: t for t in g["inputs"]}
@@ -100,7 +114,14 @@ def test_vae_cache_io_matches_model(fp32_build):
 def test_manifest_records_shapes_and_batches(fp32_build):
     d, manifest = fp32_build
     assert manifest["preset"] == "micro" and manifest["precision"] == "fp32"
-    assert set(manifest["graphs"]) == {"dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5"}
+    assert set(manifest["graphs"]) == {
+        "dit",
+        "vae_encoder_first",
+        "vae_encoder",
+        "vae_decoder_first",
+        "vae_decoder",
+        "t5",
+    }
     s = manifest["shape"]
     assert (s["height"], s["width"], s["dit_latent_frames"]) == (32, 48, [3])
     assert [st["chunks"] for st in s["stages"]] == [1, 2, 4]

@@ -1,14 +1,13 @@
 """Manifest verification (engines.manifest) and the build's all-or-nothing swap."""
+
 import json
 import shutil
 
 import onnx
 import pytest
-
 from export_helpers import build, copy_build, micro_models, micro_shape
 
 from tempomaster.build_format import manifest_text
-from tempomaster.errors import UsageError
 from tempomaster.engines.manifest import (
     ManifestError,
     check_graph_io,
@@ -18,6 +17,7 @@ from tempomaster.engines.manifest import (
     verify_build,
     verify_files,
 )
+from tempomaster.errors import UsageError
 
 
 @pytest.fixture()
@@ -26,8 +26,17 @@ def build_copy(tmp_path):
 
 
 def test_clean_build_verifies(build_copy):
-    m = verify_build(build_copy, request={"preset": "micro", "precision": "fp32", "height": 32, "width": 48,
-                                         "num_frames": 9, "intervals": [4, 2, 1]})
+    m = verify_build(
+        build_copy,
+        request={
+            "preset": "micro",
+            "precision": "fp32",
+            "height": 32,
+            "width": 48,
+            "num_frames": 9,
+            "intervals": [4, 2, 1],
+        },
+    )
     assert m.max_batch("dit") >= 1 and m.path("t5").is_file()
 
 
@@ -85,8 +94,12 @@ def test_request_mismatch_says_what_differs(build_copy):
     with pytest.raises(ManifestError) as err:
         check_request(m, preset="tiny", precision="fp16", height=64, width=48, num_frames=17)
     msg = str(err.value)
-    for part in ("preset: build 'micro', asked 'tiny'", "precision: build 'fp32', asked 'fp16'",
-                 "height: build 32, asked 64", "DiT latent frames"):
+    for part in (
+        "preset: build 'micro', asked 'tiny'",
+        "precision: build 'fp32', asked 'fp16'",
+        "height: build 32, asked 64",
+        "DiT latent frames",
+    ):
         assert part in msg
     assert "width" not in msg
 
@@ -102,7 +115,9 @@ def test_failed_export_leaves_previous_build(tmp_path, monkeypatch):
 
     out = tmp_path / "b"
     build_mod.export_onnx(micro_models(), "fp32", micro_shape(), out, graphs=["t5"], progress=False)
-    before = {p.name: p.read_bytes() for p in sorted((out / "onnx").iterdir())} | {"m": (out / "manifest.json").read_bytes()}
+    before = {p.name: p.read_bytes() for p in sorted((out / "onnx").iterdir())} | {
+        "m": (out / "manifest.json").read_bytes()
+    }
     real = onnx_utils.export_graph
 
     def failing(spec, *a, **k):
@@ -113,7 +128,9 @@ def test_failed_export_leaves_previous_build(tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "export_graph", failing)
     with pytest.raises(onnx_utils.ExportError, match="simulated"):
         build_mod.export_onnx(micro_models(), "fp32", micro_shape(), out, graphs=["t5", "dit"], progress=False)
-    after = {p.name: p.read_bytes() for p in sorted((out / "onnx").iterdir())} | {"m": (out / "manifest.json").read_bytes()}
+    after = {p.name: p.read_bytes() for p in sorted((out / "onnx").iterdir())} | {
+        "m": (out / "manifest.json").read_bytes()
+    }
     assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging left behind
     # a directory that is not a build is never replaced
@@ -139,6 +156,7 @@ def test_cli_export_tiny_t5(tmp_path, capsys):
 # ----------------------------------------------------------------------------
 # Nothing outside the build folder: paths, links, the manifest's own checksum
 # ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def outside(tmp_path):
@@ -167,6 +185,7 @@ def watch_outside(monkeypatch, outside):
             if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith("secret.bin"):
                 touched.append((real.__name__, os.fspath(path)))
             return real(path, *a, **k)
+
         return call
 
     for name in ("stat", "lstat", "open"):
@@ -189,15 +208,20 @@ def _point_dit_at(data, rel, size=1):
     data["files"][rel] = {"sha256": "0" * 64, "bytes": size}
 
 
-@pytest.mark.parametrize("how, field", [
-    ("dotdot", "graphs.dit.file"),
-    ("absolute", "graphs.dit.file"),
-    ("files-only", "files["),
-    ("external-data", "graphs.dit.external_data"),
-    ("plan", "engines.plans.dit.file"),
-    ("calibration", "fp8.calibration.file"),
-])
-def test_a_manifest_path_out_of_the_build_is_refused_without_looking_at_it(how, field, build_copy, outside, watch_outside):
+@pytest.mark.parametrize(
+    "how, field",
+    [
+        ("dotdot", "graphs.dit.file"),
+        ("absolute", "graphs.dit.file"),
+        ("files-only", "files["),
+        ("external-data", "graphs.dit.external_data"),
+        ("plan", "engines.plans.dit.file"),
+        ("calibration", "fp8.calibration.file"),
+    ],
+)
+def test_a_manifest_path_out_of_the_build_is_refused_without_looking_at_it(
+    how, field, build_copy, outside, watch_outside
+):
     import os
 
     size = len(outside.read_bytes())
@@ -207,8 +231,10 @@ def test_a_manifest_path_out_of_the_build_is_refused_without_looking_at_it(how, 
         "dotdot": lambda d: _point_dit_at(d, rel_up),
         "absolute": lambda d: _point_dit_at(d, str(outside)),
         "files-only": lambda d: d["files"].update({rel_up: {"sha256": "0" * 64, "bytes": 1}}),
-        "external-data": lambda d: (d["graphs"]["dit"].update(external_data=rel_up),
-                                    d["files"].update({rel_up: {"sha256": "0" * 64, "bytes": 1}})),
+        "external-data": lambda d: (
+            d["graphs"]["dit"].update(external_data=rel_up),
+            d["files"].update({rel_up: {"sha256": "0" * 64, "bytes": 1}}),
+        ),
         "plan": lambda d: d.update(engines={"plans": {"dit": {"file": str(outside), "sha256": "0" * 64, "bytes": 1}}}),
         "calibration": lambda d: d.update(fp8={"calibration": {"file": rel_up}}),
     }
@@ -234,7 +260,9 @@ def test_a_link_out_of_the_build_is_refused_even_when_its_bytes_match(link, buil
     else:
         shutil.copy(build_copy / "onnx" / "t5.onnx", elsewhere / "t5.onnx")
         (build_copy / "onnx" / "t5.onnx").unlink()
-        target = elsewhere / "t5.onnx" if link == "absolute" else os.path.relpath(elsewhere / "t5.onnx", build_copy / "onnx")
+        target = (
+            elsewhere / "t5.onnx" if link == "absolute" else os.path.relpath(elsewhere / "t5.onnx", build_copy / "onnx")
+        )
         (build_copy / "onnx" / "t5.onnx").symlink_to(target)
     with pytest.raises(ManifestError, match="symbolic link") as err:
         verify_files(load_manifest(build_copy))
@@ -247,8 +275,13 @@ def test_a_link_that_stays_inside_the_build_is_followed(build_copy):
     (build_copy / "onnx" / "t5.onnx").rename(real)
     (build_copy / "onnx" / "t5.onnx").symlink_to("t5-v1.onnx")
     (build_copy / "graphs").symlink_to("onnx", target_is_directory=True)
-    _reseal(build_copy, lambda d: d["graphs"]["vae_decoder"].update(file="graphs/vae_decoder.onnx")
-            or d["files"].update({"graphs/vae_decoder.onnx": d["files"]["onnx/vae_decoder.onnx"]}))
+    _reseal(
+        build_copy,
+        lambda d: (
+            d["graphs"]["vae_decoder"].update(file="graphs/vae_decoder.onnx")
+            or d["files"].update({"graphs/vae_decoder.onnx": d["files"]["onnx/vae_decoder.onnx"]})
+        ),
+    )
     verify_files(load_manifest(build_copy))
 
 
@@ -264,9 +297,11 @@ def test_an_edited_manifest_is_refused_and_an_older_one_still_reads(build_copy):
     path = build_copy / "manifest.json"
     sealed = json.loads(path.read_text())
     assert sealed["manifest_sha256"]
-    for edit in (lambda d: d["shape"].update(num_frames=d["shape"]["num_frames"] + 4),
-                 lambda d: d["graphs"]["dit"].update(max_batch=d["graphs"]["dit"]["max_batch"] + 1),
-                 lambda d: d.update(note="hand-edited")):
+    for edit in (
+        lambda d: d["shape"].update(num_frames=d["shape"]["num_frames"] + 4),
+        lambda d: d["graphs"]["dit"].update(max_batch=d["graphs"]["dit"]["max_batch"] + 1),
+        lambda d: d.update(note="hand-edited"),
+    ):
         data = json.loads(json.dumps(sealed))
         edit(data)
         path.write_text(json.dumps(data, indent=1))

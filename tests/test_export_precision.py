@@ -4,12 +4,12 @@ onnxruntime's CPU provider has no bfloat16 kernels for most ops (and few
 float16 ones for some); where it cannot run a graph the test says which node
 it refused and runs the graph with onnx's reference evaluator instead.
 """
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import build, micro_models, micro_shape, np_of, rel_err, session, stream_vae
 
 from tempomaster.export.dit import dit_example_inputs
@@ -43,13 +43,28 @@ def test_dit_low_precision(precision):
     g = manifest["graphs"]["dit"]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     assert g["precision"] == precision
-    assert [t["dtype"] for t in g["inputs"]] == [g["inputs"][0]["dtype"]] * 2 + ["float32", g["inputs"][0]["dtype"], "float32", "float32"]
+    assert [t["dtype"] for t in g["inputs"]] == [g["inputs"][0]["dtype"]] * 2 + [
+        "float32",
+        g["inputs"][0]["dtype"],
+        "float32",
+        "float32",
+    ]
     models, shape = micro_models(), micro_shape()
-    args = dit_example_inputs(models.dit.cfg, 2, g["meta"]["latent_frames"][0], shape.latent_height, shape.latent_width,
-                              torch.float32, generator=torch.Generator().manual_seed(5))
+    args = dit_example_inputs(
+        models.dit.cfg,
+        2,
+        g["meta"]["latent_frames"][0],
+        shape.latent_height,
+        shape.latent_width,
+        torch.float32,
+        generator=torch.Generator().manual_seed(5),
+    )
     with torch.no_grad():
         ref = models.dit(*args).numpy()
-    feeds = {n: np_of(a.to(dtype) if a.dtype == torch.float32 and n in ("x", "y", "context") else a) for n, a in zip(DIT_INPUTS, args)}
+    feeds = {
+        n: np_of(a.to(dtype) if a.dtype == torch.float32 and n in ("x", "y", "context") else a)
+        for n, a in zip(DIT_INPUTS, args)
+    }
     outs, ev, why = _run(d / g["file"], feeds)
     err = rel_err(outs[0].astype(np.float32), ref)
     _report(f"dit {precision}", err, ev, why)
@@ -77,7 +92,9 @@ def test_vae_decoder_fp16_streamed():
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["graphs"]["vae_decoder"]["precision"] == "fp16"
     vae, shape = micro_models().vae, micro_shape()
-    latents = torch.randn(1, vae.z_dim, 3, shape.latent_height, shape.latent_width, generator=torch.Generator().manual_seed(9))
+    latents = torch.randn(
+        1, vae.z_dim, 3, shape.latent_height, shape.latent_width, generator=torch.Generator().manual_seed(9)
+    )
     with torch.no_grad():
         ref = vae.decode(latents).numpy()
     try:

@@ -1,5 +1,6 @@
 """`tm-export --out DIR`: only a folder of ours is replaced, the refusal comes before any model loads,
 and the staging folders a killed export leaves are removed by the next run (ours, stale, on this host only)."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from export_helpers import micro_models, micro_shape
-from tempomaster.build_format import manifest_text
+
 from tempomaster.cli import export_main
 from tempomaster.errors import UsageError
 from tempomaster.export.target import STAGING_MARKER, check_replaceable, remove_stale_staging
@@ -56,12 +56,15 @@ def _refused_fast(capsys, args: list[str], needle: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("command", [
-    ["onnx", "--preset", "tiny"],
-    ["build", "--preset", "tiny"],
-    ["onnx", "--preset", "tiny", "--precision", "fp8"],
-    ["calibrate", "--preset", "tiny"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["onnx", "--preset", "tiny"],
+        ["build", "--preset", "tiny"],
+        ["onnx", "--preset", "tiny", "--precision", "fp8"],
+        ["calibrate", "--preset", "tiny"],
+    ],
+)
 def test_a_folder_with_someone_elses_manifest_json_is_never_replaced(command, tmp_path, capsys, no_model_loads):
     app = _web_app(tmp_path / "app")
     before = _tree(app)
@@ -80,8 +83,10 @@ def test_manifest_json_that_only_looks_like_ours_is_refused(tiny_build, tmp_path
     err = _refused_fast(capsys, ["onnx", "--preset", "tiny", "--out", str(linked)], "not a regular file")
     assert str(linked / "manifest.json") in err and (linked / "photo.raw").is_file()
     # our format key with a version that is not ours, and a file that is not JSON at all
-    for name, text in (("wrong-version", json.dumps({"format": "tempomaster-build", "format_version": "1"})),
-                       ("not-json", "\x00\x01 binary")):
+    for name, text in (
+        ("wrong-version", json.dumps({"format": "tempomaster-build", "format_version": "1"})),
+        ("not-json", "\x00\x01 binary"),
+    ):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "manifest.json").write_text(text)
@@ -96,10 +101,15 @@ def test_manifest_json_that_only_looks_like_ours_is_refused(tiny_build, tmp_path
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_loading(tmp_path, capsys, no_model_loads):
-    _refused_fast(capsys, ["onnx", "--preset", "tiny", "--out", "/proc/tm-export-test/build"], "--out: cannot write under /proc")
+    _refused_fast(
+        capsys, ["onnx", "--preset", "tiny", "--out", "/proc/tm-export-test/build"], "--out: cannot write under /proc"
+    )
     (tmp_path / "notes.txt").write_text("mine")
-    _refused_fast(capsys, ["build", "--preset", "tiny", "--out", str(tmp_path / "notes.txt" / "build")],
-                  f"--out: {tmp_path / 'notes.txt'} is not a directory")
+    _refused_fast(
+        capsys,
+        ["build", "--preset", "tiny", "--out", str(tmp_path / "notes.txt" / "build")],
+        f"--out: {tmp_path / 'notes.txt'} is not a directory",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
@@ -115,7 +125,9 @@ def test_folders_of_ours_may_be_replaced(tiny_build, tmp_path):
     check_replaceable(legacy)
     cal = tmp_path / "calibrated"
     (cal / "calibration").mkdir(parents=True)
-    (cal / "calibration" / "amax.json").write_text(json.dumps({"format": "tempomaster-fp8-calibration", "format_version": 1}))
+    (cal / "calibration" / "amax.json").write_text(
+        json.dumps({"format": "tempomaster-fp8-calibration", "format_version": 1})
+    )
     check_replaceable(cal)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
@@ -125,6 +137,7 @@ def test_folders_of_ours_may_be_replaced(tiny_build, tmp_path):
 # ----------------------------------------------------------------------------
 # Staging folders left by a killed export
 # ----------------------------------------------------------------------------
+
 
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -142,8 +155,15 @@ def _staging(parent: Path, target: str, suffix: str, marker: dict | None, size: 
 
 
 def _marker(target: str, pid: int, **over) -> dict:
-    return {"format": "tempomaster-export-staging", "format_version": 1, "pid": pid, "host": socket.gethostname(),
-            "target": target, "created": time.time() - 60, **over}
+    return {
+        "format": "tempomaster-export-staging",
+        "format_version": 1,
+        "pid": pid,
+        "host": socket.gethostname(),
+        "target": target,
+        "created": time.time() - 60,
+        **over,
+    }
 
 
 def test_only_stale_staging_of_our_own_is_removed(tmp_path):
@@ -204,8 +224,12 @@ def test_the_next_export_removes_what_a_killed_one_left(tmp_path, capfd):
     from tempomaster.export.build import export_onnx
 
     out = tmp_path / "build"
-    res = subprocess.run([sys.executable, "-c", KILLED_EXPORT.format(tests=str(TESTS), out=str(out))],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", KILLED_EXPORT.format(tests=str(TESTS), out=str(out))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".build.tmp-")]
     assert len(left) == 1 and (left[0] / STAGING_MARKER).is_file()

@@ -5,6 +5,7 @@ rounding for the fake quantization, a torch DiT fake-quantized by hooks and
 weight replacement (not `FP8Linear`) for the graphs, hooks of the test's own
 for the recorded amax.
 """
+
 import json
 
 import ml_dtypes
@@ -20,13 +21,24 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 SHAPE = ExportShape(height=32, width=48, num_frames=9, intervals=(4, 2, 1))
 DIT_INPUTS = ["x", "y", "timestep", "context", "rope_cos", "rope_sin"]
-LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-           "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+LINEARS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+)
 
 
 # ----------------------------------------------------------------------------
 # Fixtures: one calibration and two DiT-only fp8 builds per module
 # ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory):
@@ -47,8 +59,18 @@ def calibrated(tmp_path_factory, tiny_models, prompt_file):
     from tempomaster.calibration import calibrate
 
     out = tmp_path_factory.mktemp("fp8") / "build"
-    cal = calibrate(tiny_models, SHAPE, out, prompts=prompt_file, calib_steps=2, seed=5,
-                    report=True, report_prompts=1, progress=False, log=None)
+    cal = calibrate(
+        tiny_models,
+        SHAPE,
+        out,
+        prompts=prompt_file,
+        calib_steps=2,
+        seed=5,
+        report=True,
+        report_prompts=1,
+        progress=False,
+        log=None,
+    )
     return out, cal
 
 
@@ -57,8 +79,9 @@ def _fp8_build(tmp_path_factory, tiny_models, calibrated, **kw):
 
     build_dir, cal = calibrated
     out = tmp_path_factory.mktemp("fp8b") / "b"
-    manifest = export_fp8_onnx(tiny_models, SHAPE, out, calibration=cal.path, graphs=["dit"], progress=False,
-                               log=None, **kw)
+    manifest = export_fp8_onnx(
+        tiny_models, SHAPE, out, calibration=cal.path, graphs=["dit"], progress=False, log=None, **kw
+    )
     return out, manifest
 
 
@@ -78,12 +101,15 @@ def plain_dit(tmp_path_factory, tiny_models):
     from tempomaster.export.build import export_onnx
 
     out = tmp_path_factory.mktemp("bf16") / "b"
-    return out, export_onnx(tiny_models, "bf16", SHAPE, out, graphs=["dit"], preset_name="tiny", progress=False, copy=True)
+    return out, export_onnx(
+        tiny_models, "bf16", SHAPE, out, graphs=["dit"], preset_name="tiny", progress=False, copy=True
+    )
 
 
 # ----------------------------------------------------------------------------
 # Fake quantization against ml_dtypes
 # ----------------------------------------------------------------------------
+
 
 def _e4m3_reference(x: np.ndarray) -> np.ndarray:
     """ONNX QuantizeLinear(saturate=1) to FLOAT8E4M3FN then back, through ml_dtypes."""
@@ -147,11 +173,16 @@ def test_skip_blocks_parsing():
 # Prompts
 # ----------------------------------------------------------------------------
 
+
 def test_prompt_file_format(prompt_file, tmp_path):
     from tempomaster.calibration.prompts import BUILTIN_PROMPTS, HELD_OUT_PROMPTS, read_prompt_file
 
     prompts = read_prompt_file(prompt_file)
-    assert [p.prompt for p in prompts] == ["a red fox in the snow", "a cat jumps onto the sofa", "clouds | over the sea"]
+    assert [p.prompt for p in prompts] == [
+        "a red fox in the snow",
+        "a cat jumps onto the sofa",
+        "clouds | over the sea",
+    ]
     assert prompts[1].images == {0: prompt_file.parent / "ref.png"} and prompts[0].images == {}
     assert len(set(BUILTIN_PROMPTS)) >= 32 and not set(BUILTIN_PROMPTS) & set(HELD_OUT_PROMPTS)
     empty = tmp_path / "empty.txt"
@@ -167,6 +198,7 @@ def test_prompt_file_format(prompt_file, tmp_path):
 # ----------------------------------------------------------------------------
 # Calibration
 # ----------------------------------------------------------------------------
+
 
 def test_calibration_file(calibrated, tiny_models):
     build_dir, cal = calibrated
@@ -200,17 +232,31 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import generate
 
-    cal = calibrate(tiny_models, SHAPE, tmp_path, prompts=["a boat on a lake"], calib_steps=[1, 2, 1], seed=9,
-                    report=False, progress=False, log=None)
+    cal = calibrate(
+        tiny_models,
+        SHAPE,
+        tmp_path,
+        prompts=["a boat on a lake"],
+        calib_steps=[1, 2, 1],
+        seed=9,
+        report=False,
+        progress=False,
+        log=None,
+    )
     seen = {"blocks.1.ffn.2": [], "blocks.0.cross_attn.k": []}
     calls = []
     modules = dict(tiny_models.dit.named_modules())
-    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].abs().max().item()))
-               for n in seen]
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].abs().max().item())) for n in seen
+    ]
     # what attention reads: v of block 1's self-attention, k of block 0's cross-attention
     attention_seen = {("blocks.1.self_attn", 2): [], ("blocks.0.cross_attn", 1): []}
-    handles += [modules[f"{n}.attn"].register_forward_hook(
-        lambda m, a, o, key=(n, i): attention_seen[key].append(a[key[1]].abs().max().item())) for n, i in attention_seen]
+    handles += [
+        modules[f"{n}.attn"].register_forward_hook(
+            lambda m, a, o, key=(n, i): attention_seen[key].append(a[key[1]].abs().max().item())
+        )
+        for n, i in attention_seen
+    ]
     backend = TorchBackend(tiny_models)
     original = backend.velocity
     backend.velocity = lambda *a: (calls.append(a[0].shape[0]), original(*a))[1]
@@ -249,12 +295,16 @@ def test_quality_report(calibrated):
     text = format_report(report)
     assert "stage 0 only" in text and "all FP8" in text and len(text.splitlines()) == 3 + 6 + 5
     # quantizing attention too moves the velocity further than the Linears alone
-    assert report["variants"]["all_fp8"]["velocity_rel_error_mean"] > report["variants"]["all_stages"]["velocity_rel_error_mean"]
+    assert (
+        report["variants"]["all_fp8"]["velocity_rel_error_mean"]
+        > report["variants"]["all_stages"]["velocity_rel_error_mean"]
+    )
 
 
 # ----------------------------------------------------------------------------
 # Graphs
 # ----------------------------------------------------------------------------
+
 
 def _quantized_matmuls(path):
     """layer -> {weight fp8 bytes, weight scale, input scale, scale dtype} read from the graph alone."""
@@ -383,8 +433,16 @@ def test_calibration_without_attention_refused(calibrated, tiny_models, tmp_path
     path.parent.mkdir()
     path.write_text(json.dumps(old), encoding="utf-8")
     with pytest.raises(UsageError, match=r"old/amax.json: no \"attention\" section .* --fp8-attention off$"):
-        export_fp8_onnx(tiny_models, SHAPE, tmp_path / "b", calibration=path, graphs=["dit"], attention=True,
-                        progress=False, log=None)
+        export_fp8_onnx(
+            tiny_models,
+            SHAPE,
+            tmp_path / "b",
+            calibration=path,
+            graphs=["dit"],
+            attention=True,
+            progress=False,
+            log=None,
+        )
     assert not (tmp_path / "b").exists()
 
 
@@ -485,7 +543,8 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
                 near_tie = (t[differ] - mid).abs() <= 1e-4 * mid.abs() + 2e-4
                 assert bool(near_tie.all()), (
                     f"{name}: FP8 values differ away from a rounding tie: x/s {t[differ][~near_tie][:4].tolist()}, "
-                    f"torch {q[differ][~near_tie][:4].tolist()}, onnxruntime {other[differ][~near_tie][:4].tolist()}")
+                    f"torch {q[differ][~near_tie][:4].tolist()}, onnxruntime {other[differ][~near_tie][:4].tolist()}"
+                )
                 flips.append(int(differ.sum()))
                 q = torch.where(differ, other, q)
         return q * s
@@ -504,8 +563,11 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
 
 def _attention_amax(cal, *kinds):
     """The calibration's q/k/v amax for the attentions of `kinds`, read off amax.json's own keys."""
-    return {name: {w: rec[f"{w}_amax"] for w in "qkv"} for name, rec in cal.data["attention"].items()
-            if name.rsplit(".", 1)[1] in kinds}
+    return {
+        name: {w: rec[f"{w}_amax"] for w in "qkv"}
+        for name, rec in cal.data["attention"].items()
+        if name.rsplit(".", 1)[1] in kinds
+    }
 
 
 def _check_twin(path, dit, layers, args, per_channel=None, skip=(), attention=None):
@@ -525,10 +587,23 @@ def test_twin_matches_torch_fake_quant(twin_build, calibrated, tiny_models):
     frames = twin_build[1]["graphs"]["dit"]["meta"]["latent_frames"][0]
     seed = int(torch.randint(0, 2**31 - 1, (1,)))  # fresh inputs on every run, seed printed on failure
     for batch in (1, 4):
-        args = dit_example_inputs(cfg, batch, frames, SHAPE.latent_height, SHAPE.latent_width, torch.float32,
-                                  generator=torch.Generator().manual_seed(seed + batch), timestep=float(seed % 1000))
-        err, flips, out = _check_twin(twin_build[0] / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args,
-                                      attention=_attention_amax(cal, "self_attn"))
+        args = dit_example_inputs(
+            cfg,
+            batch,
+            frames,
+            SHAPE.latent_height,
+            SHAPE.latent_width,
+            torch.float32,
+            generator=torch.Generator().manual_seed(seed + batch),
+            timestep=float(seed % 1000),
+        )
+        err, flips, out = _check_twin(
+            twin_build[0] / "onnx" / "dit.onnx",
+            tiny_models.dit,
+            cal.layers,
+            args,
+            attention=_attention_amax(cal, "self_attn"),
+        )
         print(f"batch {batch}: rel err {err:.2e}, {sum(flips)} tie flip(s) (seed {seed})")
         assert err < 1e-5, (seed, batch, err)
         with torch.no_grad():
@@ -538,9 +613,9 @@ def test_twin_matches_torch_fake_quant(twin_build, calibrated, tiny_models):
 
 
 def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrated):
-    import onnx
-
     import shutil
+
+    import onnx
 
     from tempomaster.calibration import export_fp8_onnx
     from tempomaster.engines.manifest import sha256_file
@@ -549,14 +624,34 @@ def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrate
     # `tm-export calibrate --out B` then `tm-export build --precision fp8 --no-calibrate --out B`
     out = tmp_path_factory.mktemp("fp8c") / "b"
     shutil.copytree(build_dir / "calibration", out / "calibration")
-    man = export_fp8_onnx(tiny_models, SHAPE, out, calibrate_now=False, graphs=["dit"], twin=True, skip_blocks="1",
-                          weight_scale="channel", attention=True, cross_attention=True, progress=False, log=None)
+    man = export_fp8_onnx(
+        tiny_models,
+        SHAPE,
+        out,
+        calibrate_now=False,
+        graphs=["dit"],
+        twin=True,
+        skip_blocks="1",
+        weight_scale="channel",
+        attention=True,
+        cross_attention=True,
+        progress=False,
+        log=None,
+    )
     assert man["fp8"]["skip_blocks"] == [1] and man["fp8"]["weight_scale"] == "channel"
     assert man["fp8"]["attention"]["quantized"] == ["blocks.0.self_attn", "blocks.0.cross_attn"]
     assert man["files"]["calibration/amax.json"]["sha256"] == sha256_file(cal.path)
-    assert man["fp8"]["twin"] and man["fp8"]["twin_of"] == "bf16" and man["graphs"]["dit"]["inputs"][0]["dtype"] == "float32"
+    assert (
+        man["fp8"]["twin"]
+        and man["fp8"]["twin_of"] == "bf16"
+        and man["graphs"]["dit"]["inputs"][0]["dtype"] == "float32"
+    )
     model = onnx.load(str(out / "onnx" / "dit.onnx"))
-    fp8 = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and "weight_t8" in i.name]
+    fp8 = [
+        i.name
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT8E4M3FN and "weight_t8" in i.name
+    ]
     assert sorted(fp8) == sorted(f"dit.blocks.0.{n}.weight_t8" for n in LINEARS)
     per_channel = cal.per_channel()
     for node in model.graph.node:
@@ -567,17 +662,31 @@ def test_skip_blocks_and_channel_scales(tmp_path_factory, tiny_models, calibrate
             assert [a.i for a in node.attribute if a.name == "axis"] == [1]
     # numerics: block 1 in fp32, block 0 per-channel FP8
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    args = dit_example_inputs(tiny_models.dit.cfg, 2, man["graphs"]["dit"]["meta"]["latent_frames"][0],
-                              SHAPE.latent_height, SHAPE.latent_width, torch.float32,
-                              generator=torch.Generator().manual_seed(seed))
-    err, flips, _ = _check_twin(out / "onnx" / "dit.onnx", tiny_models.dit, cal.layers, args, per_channel, skip=(1,),
-                                attention=_attention_amax(cal, "self_attn", "cross_attn"))
+    args = dit_example_inputs(
+        tiny_models.dit.cfg,
+        2,
+        man["graphs"]["dit"]["meta"]["latent_frames"][0],
+        SHAPE.latent_height,
+        SHAPE.latent_width,
+        torch.float32,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    err, flips, _ = _check_twin(
+        out / "onnx" / "dit.onnx",
+        tiny_models.dit,
+        cal.layers,
+        args,
+        per_channel,
+        skip=(1,),
+        attention=_attention_amax(cal, "self_attn", "cross_attn"),
+    )
     assert err < 1e-5, (seed, err)
 
 
 # ----------------------------------------------------------------------------
 # Manifest and refusals
 # ----------------------------------------------------------------------------
+
 
 def test_manifest_records_fp8(bf16_build, calibrated):
     from tempomaster.engines.manifest import sha256_file, verify_build
@@ -632,27 +741,39 @@ def test_refusals(tmp_path, tiny_models, calibrated):
 # End to end (slow: the VAE and umT5 graphs too)
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_file):
     from tempomaster.calibration import export_fp8_onnx
+    from tempomaster.calibration.collect import load_calibration
+    from tempomaster.calibration.fp8 import quantize_dit
+    from tempomaster.calibration.report import psnr, rel_error
+    from tempomaster.calibration.trajectory import VelocityOverride
     from tempomaster.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import GenerationRequest, generate
-    from tempomaster.calibration.collect import load_calibration
-    from tempomaster.calibration.trajectory import VelocityOverride
-    from tempomaster.calibration.fp8 import quantize_dit
-    from tempomaster.calibration.report import psnr, rel_error
 
     out = tmp_path / "twin"
-    man = export_fp8_onnx(tiny_models, SHAPE, out, calib_prompts=prompt_file, calib_steps=2, report=False,
-                          twin=True, progress=False, log=None)
+    man = export_fp8_onnx(
+        tiny_models,
+        SHAPE,
+        out,
+        calib_prompts=prompt_file,
+        calib_steps=2,
+        report=False,
+        twin=True,
+        progress=False,
+        log=None,
+    )
     assert man["precision"] == "fp8" and sorted(man["graphs"]) == sorted(
-        ["dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5"])
+        ["dit", "vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5"]
+    )
     assert all(g["precision"] == "fp32" for n, g in man["graphs"].items() if n != "dit")
     backend = OnnxRuntimeBackend.from_build(out)
     assert backend.info.dit_dtype == torch.float32
-    request = GenerationRequest(prompt="a red ball on the beach", seed=7, height=32, width=48, num_frames=9,
-                                steps_per_stage=(2, 2, 2))
+    request = GenerationRequest(
+        prompt="a red ball on the beach", seed=7, height=32, width=48, num_frames=9, steps_per_stage=(2, 2, 2)
+    )
     # the twin's own trajectory; at every DiT call torch's fake-quantized DiT answers the same inputs
     cal = load_calibration(out)
     q = quantize_dit(tiny_models.dit, cal.layer_table(), torch.float32, scale_dtype=torch.bfloat16)
@@ -667,7 +788,7 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
     assert [s.frames.shape for s in got.stages] == [s.frames.shape for s in want.stages]
     assert torch.isfinite(got.video.frames).all()
     final = psnr(got.video.frames, want.video.frames)
-    print(f"twin vs torch FP8 per DiT call: {['%.1e' % e for e in errors]}; final frames PSNR {final:.1f} dB")
+    print(f"twin vs torch FP8 per DiT call: {[f'{e:.1e}' for e in errors]}; final frames PSNR {final:.1f} dB")
     # Per call the twin matches torch to ~1e-6 once FP8 rounding ties are aligned
     # (test_twin_matches_torch_fake_quant); on a real trajectory a few ties go the
     # other way through float32 noise, each moving one FP8 value by one step.
@@ -678,6 +799,7 @@ def test_twin_build_generates_through_onnxruntime(tmp_path, tiny_models, prompt_
 # ----------------------------------------------------------------------------
 # Resumable calibration
 # ----------------------------------------------------------------------------
+
 
 class _Stop(Exception):
     pass
@@ -754,6 +876,7 @@ def test_calibration_resumes_after_last_finished_video(tmp_path, tiny_models, mo
 # ----------------------------------------------------------------------------
 # FLOPs: FP8 and 16-bit
 # ----------------------------------------------------------------------------
+
 
 def test_flop_split_of_fp8_graph(bf16_build, plain_dit, tiny_models, capsys):
     from tempomaster.cli.export import main

@@ -1,4 +1,5 @@
 """Calibration sets and their projected cost (calibration.cost), against figures derived by hand."""
+
 import pytest
 
 from tempomaster.errors import UsageError
@@ -16,7 +17,11 @@ def test_calib_sets_resolve():
     assert [p.prompt for p in prompts] == list(BUILTIN_PROMPTS[: small.prompts]) and source["count"] == small.prompts
     assert resolve_steps(None, tiny, 3, small.step_fraction) == (2, 1, 1)  # a quarter of (6, 4, 4), rounded up
     _, full = resolve_calib_set("full")
-    assert len(resolve_prompts(None, full.prompts)[0]) == 36 and resolve_steps(None, tiny, 3, full.step_fraction) == (6, 4, 4)
+    assert len(resolve_prompts(None, full.prompts)[0]) == 36 and resolve_steps(None, tiny, 3, full.step_fraction) == (
+        6,
+        4,
+        4,
+    )
     assert resolve_steps(3, tiny, 3, small.step_fraction) == (3, 3, 3)  # explicit steps win
     with pytest.raises(UsageError, match="--calib-set: 'tiny' is not one of small, full"):
         resolve_calib_set("tiny")
@@ -45,8 +50,9 @@ def test_projection_on_14b():
     assert hours == pytest.approx(full.flops / (GPU_PEAK_FLOPS * GPU_EFFICIENCY) / 3600)
     assert hours > 24  # "roughly a day of GPU time"
     small_set = CALIB_SETS["small"]
-    small = calibration_cost(p, videos=small_set.prompts,
-                             steps_per_stage=scaled_steps(stage_steps, small_set.step_fraction))
+    small = calibration_cost(
+        p, videos=small_set.prompts, steps_per_stage=scaled_steps(stage_steps, small_set.step_fraction)
+    )
     assert small.gpu_seconds() < 3600  # the goal: the default set under one GPU-hour on the 14B model
     assert "GPU-hours projected (H100 dense BF16 989 TFLOP/s x 40% efficiency)" in small.describe()
 
@@ -55,8 +61,21 @@ def test_cli_fp8_attention_flags():
     from tempomaster.cli.export import _fp8_options, build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["onnx", "--precision", "fp8", "--out", "b", "--fp8-attention", "on",
-                              "--fp8-cross-attention", "on", "--calib-set", "full"])
+    args = parser.parse_args(
+        [
+            "onnx",
+            "--precision",
+            "fp8",
+            "--out",
+            "b",
+            "--fp8-attention",
+            "on",
+            "--fp8-cross-attention",
+            "on",
+            "--calib-set",
+            "full",
+        ]
+    )
     opts = _fp8_options(args)
     assert opts["attention"] is True and opts["cross_attention"] is True and opts["calib_set"] == "full"
     defaults = _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b"]))

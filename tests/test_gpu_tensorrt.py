@@ -5,6 +5,7 @@ Run with `python -m pytest -m gpu` on a machine with a CUDA GPU and
 
 THESE TESTS HAVE NEVER RUN: they were written on machines without a GPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def engine_build(request, tmp_path_factory, tiny_models):
 
     precision = request.param
     out = tmp_path_factory.mktemp(f"trt-{precision}") / "tiny"
-    export_onnx(tiny_models, precision, ExportShape(32, 48, 9, (4, 2, 1)), out, preset_name="tiny", progress=False, copy=True)
+    export_onnx(
+        tiny_models, precision, ExportShape(32, 48, 9, (4, 2, 1)), out, preset_name="tiny", progress=False, copy=True
+    )
     build_engines(out, EngineOptions(opt_level=3))
     return precision, out
 
@@ -80,7 +83,10 @@ def test_each_engine_matches_onnxruntime(engine_build):
     n, f, h, w = 4, 3, 4, 6
     x, y = torch.randn(n, 16, f, h, w, generator=g), torch.randn(n, 20, f, h, w, generator=g)
     ctx = torch.randn(n, 512, trt_b.info.text_dim, generator=g)
-    cos, sin = torch.randn(n, f * 6, trt_b.info.head_dim // 2, generator=g), torch.randn(n, f * 6, trt_b.info.head_dim // 2, generator=g)
+    cos, sin = (
+        torch.randn(n, f * 6, trt_b.info.head_dim // 2, generator=g),
+        torch.randn(n, f * 6, trt_b.info.head_dim // 2, generator=g),
+    )
     t = torch.tensor([700.0])
     cuda = torch.device("cuda")
     a = trt_b.velocity(*(v.to(cuda) for v in (x, y, t, ctx, cos, sin))).float().cpu()
@@ -93,7 +99,10 @@ def test_each_engine_matches_onnxruntime(engine_build):
     assert (da - db).abs().max() < 2e-2
     ids = torch.randint(1, 384, (2, 512), generator=g)
     mask = (torch.arange(512)[None] < torch.tensor([[7], [40]])).long()
-    ea, eb = trt_b.encode_text(ids.to(cuda), mask.to(cuda)).float().cpu(), ort_b.encode_text(ids.to(cuda), mask.to(cuda)).float().cpu()
+    ea, eb = (
+        trt_b.encode_text(ids.to(cuda), mask.to(cuda)).float().cpu(),
+        ort_b.encode_text(ids.to(cuda), mask.to(cuda)).float().cpu(),
+    )
     assert (ea - eb).abs().max() / eb.abs().max() < 2e-2
 
 
@@ -139,8 +148,10 @@ def test_foreign_plans_are_refused(engine_build, tmp_path):
     from tempomaster.runtime.backends.tensorrt import TensorRTBackend
 
     precision, build = engine_build
-    for key, value, needle in (("tensorrt_version", "11.3.0.99", "TensorRT 11.3.0.99"),
-                               ("compute_capability", "7.5", "compute capability 7.5")):
+    for key, value, needle in (
+        ("tensorrt_version", "11.3.0.99", "TensorRT 11.3.0.99"),
+        ("compute_capability", "7.5", "compute capability 7.5"),
+    ):
         copy = shutil.copytree(build, tmp_path / f"{key}")
         data = json.loads((copy / "manifest.json").read_text())
         data["engines"]["plans"]["dit"][key] = value
@@ -166,7 +177,10 @@ def test_weight_stripped_plans_refit_to_the_same_outputs(engine_build, tmp_path)
     build_engines(stripped, EngineOptions(strip_weights=True), graphs=["t5"])  # the other plans stay as they were
     data = json.loads((stripped / "manifest.json").read_text())
     assert data["engines"]["plans"]["t5"]["stripped"] and not data["engines"]["plans"]["dit"]["stripped"]
-    assert data["engines"]["plans"]["t5"]["bytes"] < json.loads((build / "manifest.json").read_text())["engines"]["plans"]["t5"]["bytes"]
+    assert (
+        data["engines"]["plans"]["t5"]["bytes"]
+        < json.loads((build / "manifest.json").read_text())["engines"]["plans"]["t5"]["bytes"]
+    )
     g = torch.Generator().manual_seed(9)
     ids = torch.randint(1, 384, (2, 512), generator=g).cuda()
     mask = (torch.arange(512)[None] < torch.tensor([[9], [33]])).long().cuda()
@@ -176,6 +190,7 @@ def test_weight_stripped_plans_refit_to_the_same_outputs(engine_build, tmp_path)
 
 
 # -- one engine instance per GPU, tiled builds, streaming budgets, the FP8 layer report ------------------
+
 
 def test_two_gpus_equal_one(engine_build, tmp_path):
     """tm-run generate --backend tensorrt --devices 0,1: the video one GPU makes, within 1/255."""
@@ -187,8 +202,26 @@ def test_two_gpus_equal_one(engine_build, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
     precision, build = engine_build
-    common = ["generate", "--engines", str(build), "--backend", "tensorrt", "--prompt", "a red ball", "--height", "32",
-              "--width", "48", "--num-frames", "9", "--steps", "2,1,1", "--seed", "3", "--no-progress"]
+    common = [
+        "generate",
+        "--engines",
+        str(build),
+        "--backend",
+        "tensorrt",
+        "--prompt",
+        "a red ball",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-frames",
+        "9",
+        "--steps",
+        "2,1,1",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     assert run_main([*common, "--out", str(tmp_path / "one")]) == 0
     assert run_main([*common, "--devices", "0,1", "--timeout", "300", "--out", str(tmp_path / "two")]) == 0
     one, _ = read_video_frames(tmp_path / "one" / "video")
@@ -207,7 +240,7 @@ def test_each_rank_opens_its_plans_on_its_own_device(engine_build):
     precision, build = engine_build
     backend, _ = TensorRTBackendFactory(Path(build))(torch.device("cuda", 1))
     assert backend.device == torch.device("cuda", 1) and backend.gpu.index == 1
-    backend.graphs["t5"].engine  # deserialised on cuda:1
+    _ = backend.graphs["t5"].engine  # deserialised on cuda:1
     assert backend.graphs["t5"]._engine is not None and torch.cuda.current_device() == 1
 
 
@@ -221,8 +254,16 @@ def test_a_tiled_build_on_tensorrt_decodes_as_onnxruntime(tmp_path_factory, tiny
 
     out = tmp_path_factory.mktemp("trt-tiled") / "tiny"
     tile = TileSpec((4, 4), (2, 2))  # 32x48 frames: 4x6 latents, tiles of 4x4 with an edge tile
-    export_onnx(tiny_models, "fp32", ExportShape(32, 48, 9, (4, 2, 1)), out, preset_name="tiny", progress=False,
-                copy=True, tile=tile)
+    export_onnx(
+        tiny_models,
+        "fp32",
+        ExportShape(32, 48, 9, (4, 2, 1)),
+        out,
+        preset_name="tiny",
+        progress=False,
+        copy=True,
+        tile=tile,
+    )
     build_engines(out, EngineOptions(opt_level=3))
     trt_b = TensorRTBackend.from_build(out, tile=tile)
     ort_b = OnnxRuntimeBackend.from_build(out, tile=tile)
@@ -259,16 +300,27 @@ def test_streaming_budget_is_set_and_read_back(engine_build, tmp_path):
 def test_the_fp8_layer_report_is_recorded(tmp_path):
     """An fp8 tiny build: the manifest says, per quantized DiT layer, whether the plan runs it in FP8."""
     from tempomaster.cli import export_main
-    from tempomaster.toolchain import export_and_build
     from tempomaster.engines.builder import EngineOptions
+    from tempomaster.toolchain import export_and_build
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     if (props.major, props.minor) < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9+")
     out = tmp_path / "fp8"
-    export_and_build(out=out, precision="fp8", preset="tiny", random_weights=True, height=32, width=48, num_frames=9,
-                     intervals=(4, 2, 1), graphs=["dit"], options=EngineOptions(), progress=False,
-                     fp8={"calibrate_now": True, "report_prompts": 0})
+    export_and_build(
+        out=out,
+        precision="fp8",
+        preset="tiny",
+        random_weights=True,
+        height=32,
+        width=48,
+        num_frames=9,
+        intervals=(4, 2, 1),
+        graphs=["dit"],
+        options=EngineOptions(),
+        progress=False,
+        fp8={"calibrate_now": True, "report_prompts": 0},
+    )
     report = json.loads((out / "manifest.json").read_text())["engines"]["plans"]["dit"]["fp8_layers"]
     assert report["quantized"] > 0
     assert len(report["fp8"]) + len(report["not_fp8"]) + len(report["not_found"]) == report["quantized"]

@@ -3,8 +3,8 @@ in fixed-shape graphs, and FLOPs of one call equal to the count worked out from 
 
 Each check is also shown to fail on a graph exported with a deliberate regression.
 """
+
 import json
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +12,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-
 from export_helpers import MICRO, build, micro_models, micro_shape
 
 from tempomaster.export.dit import dit_spec
@@ -76,6 +75,7 @@ def tiny_dit_graph(tiny_build):
 # Structure
 # ----------------------------------------------------------------------------
 
+
 def test_tiny_dit_graph_structure(tiny_dit_graph, tiny_models):
     proto, _ = tiny_dit_graph
     ops = op_counts(proto)
@@ -122,6 +122,7 @@ def test_decomposed_attention_is_caught(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batch", [2, 8])
 def test_tiny_dit_flops_match_the_architecture(tiny_dit_graph, tiny_models, batch):

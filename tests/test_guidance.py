@@ -76,8 +76,9 @@ def test_cfg_float32_and_bf16_keep_dtype():
     zb, vcb, vub = z.bfloat16(), vc.bfloat16(), vu.bfloat16()
     outb = guided_velocity(zb, vcb, vub, 600.0, 4.0, use_apg=False)
     assert outb.dtype == torch.bfloat16
-    torch.testing.assert_close(outb.double(), spec_cfg(zb.double(), vcb.double(), vub.double(), 600.0, 4.0),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        outb.double(), spec_cfg(zb.double(), vcb.double(), vub.double(), 600.0, 4.0), rtol=1e-2, atol=1e-2
+    )
 
 
 def test_cfg_denoised_formula():
@@ -122,8 +123,9 @@ def test_apg_momentum_is_used():
     fresh = guided_velocity(z2, vc2, vu2, 800.0, 8.0, True, APGState())
     assert not torch.allclose(second, fresh)
     t = 0.9
-    torch.testing.assert_close(state.running_average,
-                               ((z2 - 0.8 * vc2) - (z2 - 0.8 * vu2)) - 0.5 * ((z - t * vc) - (z - t * vu)))
+    torch.testing.assert_close(
+        state.running_average, ((z2 - 0.8 * vc2) - (z2 - 0.8 * vu2)) - 0.5 * ((z - t * vc) - (z - t * vu))
+    )
 
 
 def test_apg_state_reset():

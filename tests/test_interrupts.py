@@ -3,6 +3,7 @@
 Each test presses Ctrl-C for real (SIGINT to this process) at a place where
 plain Python loses it, and checks that the checkpoint raises it again.
 """
+
 import gc
 import os
 import signal
@@ -125,7 +126,9 @@ def test_an_export_whose_press_was_swallowed_stops_and_keeps_nothing(tmp_path, m
 
     monkeypatch.setattr(build_mod, "export_graph", export_then_lose_a_press)
     with catch_interrupts(), pytest.raises(KeyboardInterrupt):
-        build_mod.export_onnx(micro_models(), "fp32", micro_shape(), tmp_path / "b", graphs=["t5", "dit"], progress=False)
+        build_mod.export_onnx(
+            micro_models(), "fp32", micro_shape(), tmp_path / "b", graphs=["t5", "dit"], progress=False
+        )
     assert len(exported) == 1  # stopped before the second graph
     assert list(tmp_path.iterdir()) == []  # no build, no staging
 

@@ -7,6 +7,7 @@ temporary worktree and both trees time whole generations of the tiny preset in
 alternating processes (benchmarks/compare.py). The tolerance is the one
 reference.json records from the measured noise of a tree against itself.
 """
+
 import json
 
 import pytest
@@ -31,9 +32,13 @@ def test_a_tree_made_slower_is_caught():
     tolerance = compare.read_reference()["tolerance"]
     with compare.revision_tree("HEAD") as (tree, _):
         pipeline = tree / "tempomaster" / "runtime" / "pipeline.py"
-        pipeline.write_text(pipeline.read_text() + (
-            "\n\n_timed_generate = generate\n\n\ndef generate(*args, **kwargs):\n"
-            "    import time\n    time.sleep(0.6)\n    return _timed_generate(*args, **kwargs)\n"))
+        pipeline.write_text(
+            pipeline.read_text()
+            + (
+                "\n\n_timed_generate = generate\n\n\ndef generate(*args, **kwargs):\n"
+                "    import time\n    time.sleep(0.6)\n    return _timed_generate(*args, **kwargs)\n"
+            )
+        )
         times = compare.compare_trees(tree, compare.REPO, runs=3, generations=2, threads=1)
     ratio = compare.ratio_of_medians(times["current"], times["reference"])
     assert not compare.verdict(ratio, tolerance), f"a 0.6 s slowdown passed: ratio {ratio:.3f}"

@@ -1,4 +1,5 @@
 """Data flows one way: models -> export -> engines -> runtime -> calibration -> toolchain -> toy (training) -> serve, the CLI on top, no import cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -70,7 +71,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -101,14 +102,23 @@ def _layer_name(module: str) -> str | None:
 
 
 def test_layers_import_only_downwards():
-    wrong = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
-             if layer(d) > layer(m) and (_layer_name(m), _layer_name(d)) not in ALLOWED_UPWARD]
+    wrong = [
+        f"{m} imports {d}"
+        for m, deps in graph().items()
+        for d in deps
+        if layer(d) > layer(m) and (_layer_name(m), _layer_name(d)) not in ALLOWED_UPWARD
+    ]
     assert wrong == []
 
 
 def test_the_runtime_never_imports_export_or_calibration():
-    wrong = [f"{m} imports {d}" for m, deps in graph().items() if _layer_name(m) == "runtime"
-             for d in deps if _layer_name(d) in ("export", "calibration")]
+    wrong = [
+        f"{m} imports {d}"
+        for m, deps in graph().items()
+        if _layer_name(m) == "runtime"
+        for d in deps
+        if _layer_name(d) in ("export", "calibration")
+    ]
     assert wrong == []
 
 
@@ -119,8 +129,11 @@ def test_only_the_cli_knows_argparse():
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             if any(n.split(".")[0] == "argparse" for n in names):
                 offenders.append(module_name(path))
     assert offenders == []

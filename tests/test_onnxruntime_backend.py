@@ -1,4 +1,5 @@
 """The whole generation loop on exported graphs through onnxruntime, against the torch backend."""
+
 import json
 import shutil
 
@@ -43,7 +44,9 @@ def test_batch_beyond_the_safe_batch_is_split(tiny_build, tiny_models):
     ctx = torch.randn(b, 512, backend.info.text_dim)
     from tempomaster.rope import batched_rope_table
 
-    cos, sin = batched_rope_table([[4 * i + j for j in range(f)] for i in range(b)], h // 2, w // 2, backend.info.head_dim)
+    cos, sin = batched_rope_table(
+        [[4 * i + j for j in range(f)] for i in range(b)], h // 2, w // 2, backend.info.head_dim
+    )
     t = torch.tensor([640.0])
     whole = backend.velocity(x, y, t, ctx, cos, sin)
     g.max_batch = 2  # as if the graph could take only 2 at once: 3 calls
@@ -86,8 +89,20 @@ def test_renamed_input_is_refused(tiny_build, tmp_path):
 def test_build_for_another_shape_is_refused(tiny_build, tmp_path, capsys):
     from tempomaster.cli import run_main
 
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--height", "64",
-                   "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--engines",
+            str(tiny_build),
+            "--height",
+            "64",
+            "--out",
+            str(tmp_path / "v.mp4"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "height: build 32, asked 64" in err
@@ -98,8 +113,20 @@ def test_tm_run_on_engines_uses_the_build_shape(tiny_build, tmp_path):
     from tempomaster.cli import run_main
     from tempomaster.runtime.video import read_video_frames
 
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--steps", "1,1,1",
-                   "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--engines",
+            str(tiny_build),
+            "--steps",
+            "1,1,1",
+            "--out",
+            str(tmp_path / "v.mp4"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     frames, fps = read_video_frames(tmp_path / "v.mp4")
     assert frames.shape == (36, 32, 48, 3) and fps == 24
@@ -112,7 +139,10 @@ def test_sessions_are_open_before_the_first_call(tiny_build, monkeypatch):
     backend = OnnxRuntimeBackend.from_build(tiny_build, threads=1)
     assert all(g._session is not None for g in backend.graphs.values())
     created = []
-    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: created.append(a) or pytest.fail("a session made late"))
-    backend.encode_text(torch.ones(2, backend.info.text_len, dtype=torch.int64),
-                        torch.ones(2, backend.info.text_len, dtype=torch.int64))
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda *a, **k: created.append(a) or pytest.fail("a session made late")
+    )
+    backend.encode_text(
+        torch.ones(2, backend.info.text_len, dtype=torch.int64), torch.ones(2, backend.info.text_len, dtype=torch.int64)
+    )
     assert created == []

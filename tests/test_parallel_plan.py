@@ -7,6 +7,7 @@ per step (x cond/uncond): 2, 4, 8.  Every stage's chunk has 109 frames
 436 in 4 of 109), i.e. f = 28 latent frames of 30 x 52 tokens = 43680 tokens.
 One device: 50*2 + 32*4 + 32*8 = 484 forwards in 50 + 32 + 32 = 114 DiT calls.
 """
+
 import json
 from fractions import Fraction
 
@@ -15,8 +16,13 @@ import pytest
 from tempomaster.parallel_plan import format_schedule, place_sequences, plan_schedule, plan_video_groups
 
 RELEASE = dict(
-    num_heads=40, num_frames=109, frame_intervals=(4, 2, 1), steps_per_stage=(50, 32, 32),
-    guidance_scale=8.0, height=480, width=832,
+    num_heads=40,
+    num_frames=109,
+    frame_intervals=(4, 2, 1),
+    steps_per_stage=(50, 32, 32),
+    guidance_scale=8.0,
+    height=480,
+    width=832,
 )
 
 
@@ -38,14 +44,17 @@ def test_one_device():
 # With it, S < P sequences get d = P / S ranks each (d divides 40):
 #   P=4: stage 0 2 groups x 2 -> 50 * 1/2 = 25; then 32 + 64 -> 121
 #   P=8: stage 0 2 x 4 -> 12.5, stage 1 4 x 2 -> 16, stage 2 8 x 1 -> 32 -> 60.5 = 484 / 8
-@pytest.mark.parametrize("devices, sp, per_stage, total", [
-    (2, False, [50, 64, 128], 242),
-    (4, False, [50, 32, 64], 146),
-    (8, False, [50, 32, 32], 114),
-    (2, True, [50, 64, 128], 242),
-    (4, True, [25, 32, 64], 121),
-    (8, True, [12.5, 16, 32], 60.5),
-])
+@pytest.mark.parametrize(
+    "devices, sp, per_stage, total",
+    [
+        (2, False, [50, 64, 128], 242),
+        (4, False, [50, 32, 64], 146),
+        (8, False, [50, 32, 32], 114),
+        (2, True, [50, 64, 128], 242),
+        (4, True, [25, 32, 64], 121),
+        (8, True, [12.5, 16, 32], 60.5),
+    ],
+)
 def test_release_defaults_sequential_forwards(devices, sp, per_stage, total):
     plan = release(devices, sp)
     assert [float(s.sequential_forwards) for s in plan.stages] == per_stage

@@ -1,14 +1,19 @@
 """The generation loop on the tiny preset: batching, determinism, stage outputs."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tempomaster.planner import plan_stages
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import (
-    GenerationRequest, cover_resize_center_crop, denoise_stage, generate, BackendClock,
+    BackendClock,
+    GenerationRequest,
+    cover_resize_center_crop,
+    denoise_stage,
+    generate,
 )
-from tempomaster.planner import plan_stages
 from tempomaster.runtime.schedule import StageSchedule
 from tempomaster.runtime.video import to_uint8_frames
 
@@ -54,7 +59,16 @@ def test_batched_cond_uncond_equals_two_calls(backend):
     assert calls == 3 and twin.calls == 6
     assert torch.allclose(batched, split, rtol=1e-5, atol=1e-5)
     # the guidance did something: a different scale gives another result
-    other, _ = denoise_stage(backend, stage, y, ctx, neg, GenerationRequest(prompt="x", guidance_scale=2.0, seed=11), schedule, BackendClock())
+    other, _ = denoise_stage(
+        backend,
+        stage,
+        y,
+        ctx,
+        neg,
+        GenerationRequest(prompt="x", guidance_scale=2.0, seed=11),
+        schedule,
+        BackendClock(),
+    )
     assert not torch.allclose(batched, other, atol=1e-4)
 
 
@@ -91,7 +105,14 @@ def test_reference_image_sets_size_and_conditions(backend, tiny_models):
     result = generate(backend, tiny_models.tokenizer, request, progress=False)
     h, w = request.output_size()
     assert result.video.frames.shape[-2:] == (h, w)
-    plain = generate(backend, tiny_models.tokenizer, GenerationRequest(prompt="a red ball", height=h, width=w, **{k: v for k, v in FAST.items() if k not in ("height", "width")}), progress=False)
+    plain = generate(
+        backend,
+        tiny_models.tokenizer,
+        GenerationRequest(
+            prompt="a red ball", height=h, width=w, **{k: v for k, v in FAST.items() if k not in ("height", "width")}
+        ),
+        progress=False,
+    )
     assert not torch.equal(_frames(result)[0], _frames(plain)[0])
 
 
@@ -106,8 +127,15 @@ def test_cover_resize_center_crop_keeps_the_centre():
 
 def test_stage_fps_follow_spec_when_the_last_interval_is_not_one(backend, tiny_models):
     # intervals [4, 2]: stage 0 at 24/4 = 6 fps, the output at save_fps = 24
-    request = GenerationRequest(prompt="x", height=32, width=48, num_frames=5, frame_intervals=(4, 2),
-                                steps_per_stage=(1, 1), shift_per_stage=(5.0, 3.0))
+    request = GenerationRequest(
+        prompt="x",
+        height=32,
+        width=48,
+        num_frames=5,
+        frame_intervals=(4, 2),
+        steps_per_stage=(1, 1),
+        shift_per_stage=(5.0, 3.0),
+    )
     result = generate(backend, tiny_models.tokenizer, request, progress=False)
     assert [s.fps for s in result.stages] == [6.0, 24.0]
     assert [s.num_frames for s in result.stages] == [5, 10]
@@ -120,12 +148,24 @@ def test_step_and_stage_callbacks_see_every_step_in_order(backend, tiny_models):
     request = GenerationRequest(prompt="a blue cube", seed=int(torch.randint(0, 1000, ())), **FAST)
     events: list[StepEvent] = []
     order: list[tuple] = []
-    result = generate(backend, tiny_models.tokenizer, request, progress=False,
-                      on_step_end=lambda e: (events.append(e), order.append(("step", e.stage, e.step))),
-                      on_stage_end=lambda s: order.append(("stage", s.index, s.frames is not None)))
+    result = generate(
+        backend,
+        tiny_models.tokenizer,
+        request,
+        progress=False,
+        on_step_end=lambda e: (events.append(e), order.append(("step", e.stage, e.step))),
+        on_stage_end=lambda s: order.append(("stage", s.index, s.frames is not None)),
+    )
     assert [(e.stage, e.step, e.num_steps) for e in events] == [(0, 0, 2), (0, 1, 2), (1, 0, 1), (2, 0, 1)]
-    assert order == [("step", 0, 0), ("step", 0, 1), ("stage", 0, True), ("step", 1, 0), ("stage", 1, True),
-                     ("step", 2, 0), ("stage", 2, True)]
+    assert order == [
+        ("step", 0, 0),
+        ("step", 0, 1),
+        ("stage", 0, True),
+        ("step", 1, 0),
+        ("stage", 1, True),
+        ("step", 2, 0),
+        ("stage", 2, True),
+    ]
     for e in events:
         sched = StageSchedule.create(request.steps_per_stage[e.stage], request.shift_per_stage[e.stage])
         assert (e.sigma, e.sigma_next) == (sched.sigma(e.step), sched.sigma_next(e.step))
@@ -146,6 +186,12 @@ def test_a_callback_that_raises_stops_the_generation_at_that_boundary(backend, t
             raise Stop
 
     with pytest.raises(Stop):
-        generate(backend, tiny_models.tokenizer, GenerationRequest(prompt="a red ball", **FAST), progress=False,
-                 on_step_end=lambda e: steps.append(e.stage), on_stage_end=stop_after_blueprint)
+        generate(
+            backend,
+            tiny_models.tokenizer,
+            GenerationRequest(prompt="a red ball", **FAST),
+            progress=False,
+            on_step_end=lambda e: steps.append(e.stage),
+            on_stage_end=stop_after_blueprint,
+        )
     assert steps == [0, 0]  # no step of stage 1 ran

@@ -39,7 +39,7 @@ def check_chunk_consistency(stage):
         assert c.pixel_mask.tolist() == [0.0 if s is None else 1.0 for s in c.sources]
         assert c.latent_mask.shape == (4, stage.latent_frames)
         assert torch.equal(c.latent_mask, latent_mask_from_pixel_mask(c.pixel_mask))
-        assert all(s is None for s in c.sources[c.num_valid:])
+        assert all(s is None for s in c.sources[c.num_valid :])
 
 
 # ---------------------------------------------------------------- 109 frames, [4, 2, 1]
@@ -70,7 +70,13 @@ def test_109_frames_4_2_1():
     assert c1.rope_positions == tuple(range(56, 111, 2))
 
     # Stage 2: T = 218, r = 2 -> 436 frames (18 s at 24 fps), n = 4, L = 109, f = 28.
-    assert (s2.input_frames, s2.total_frames, s2.num_chunks, s2.chunk_frames, s2.latent_frames) == (218, 436, 4, 109, 28)
+    assert (s2.input_frames, s2.total_frames, s2.num_chunks, s2.chunk_frames, s2.latent_frames) == (
+        218,
+        436,
+        4,
+        109,
+        28,
+    )
     assert s2.trim_frames == 0
     assert [c.start for c in s2.chunks] == [0, 109, 218, 327]
     assert known(s2.chunks[0]) == even_anchors(0, 108, 0)

@@ -1,4 +1,5 @@
 """The profiler view: named ranges in the Chrome trace, the per-stage breakdown and its chart."""
+
 import json
 import time
 from collections import Counter
@@ -16,7 +17,9 @@ from tempomaster.runtime.profiling import CATEGORIES, plot_breakdown, profile_ge
 def profiled(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     backend = TorchBackend(tiny_models)
-    request = GenerationRequest(prompt="a red ball", height=16, width=16, num_frames=9, steps_per_stage=(3, 2, 2), seed=4)
+    request = GenerationRequest(
+        prompt="a red ball", height=16, width=16, num_frames=9, steps_per_stage=(3, 2, 2), seed=4
+    )
     with profile_generation(out, title="tiny") as prof:
         result = generate(prof.wrap(backend), tiny_models.tokenizer, request, progress=False)
         with prof.phase("writing"):
@@ -85,11 +88,31 @@ def test_profile_dir_must_be_a_directory(tmp_path):
 def test_tm_run_generate_profile_writes_trace_breakdown_and_chart(tmp_path, capsys):
     from tempomaster.cli import run_main
 
-    rc = run_main(["generate", "--prompt", "a boat", "--height", "32", "--width", "48", "--num-frames", "5",
-                   "--steps", "1,1,1", "--no-progress", "--out", str(tmp_path / "v.mp4"), "--profile", str(tmp_path / "prof")])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "a boat",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--num-frames",
+            "5",
+            "--steps",
+            "1,1,1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "v.mp4"),
+            "--profile",
+            str(tmp_path / "prof"),
+        ]
+    )
     assert rc == 0
     assert {p.name for p in (tmp_path / "prof").iterdir()} >= {"trace.json", "breakdown.json", "stages.png"}
     (tmp_path / "blocker").write_text("x")
-    rc = run_main(["generate", "--prompt", "a boat", "--out", str(tmp_path / "w.mp4"), "--profile", str(tmp_path / "blocker")])
+    rc = run_main(
+        ["generate", "--prompt", "a boat", "--out", str(tmp_path / "w.mp4"), "--profile", str(tmp_path / "blocker")]
+    )
     assert rc == 2 and "--profile" in capsys.readouterr().err
     assert not (tmp_path / "w.mp4").exists()

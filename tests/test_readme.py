@@ -1,4 +1,5 @@
 """The README's quick-start test command is exactly what CI runs."""
+
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

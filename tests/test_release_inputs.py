@@ -6,6 +6,7 @@ The set here is the release's layout with random weights: a DiT of width 64
 a small umT5. A guessed preset lends defaults only: the VAE's width and the
 DiT's heads come from the files and the release config.
 """
+
 import json
 
 import numpy as np
@@ -28,10 +29,38 @@ from tempomaster.runtime.video import read_video_frames, to_uint8_frames
 DIT = DiTConfig(dim=64, ffn_dim=96, num_heads=4, num_layers=3, text_dim=32)
 VAE = VAEConfig()  # the release's: dim 96
 T5 = T5Config(vocab_size=384, dim=32, dim_attn=32, dim_ffn=48, num_heads=4, num_layers=1)
-REQUEST = dict(prompt="a small boat on a lake", num_frames=1, height=16, width=16, frame_intervals=(2, 1),
-               steps_per_stage=(2, 1), shift_per_stage=(3.0, 3.0), guidance_scale=4.0, seed=7)
-FLAGS = ["--prompt", REQUEST["prompt"], "--num-frames", "1", "--height", "16", "--width", "16", "--intervals", "2,1",
-         "--steps", "2,1", "--shifts", "3,3", "--guidance", "4", "--seed", "7", "--no-progress"]
+REQUEST = dict(
+    prompt="a small boat on a lake",
+    num_frames=1,
+    height=16,
+    width=16,
+    frame_intervals=(2, 1),
+    steps_per_stage=(2, 1),
+    shift_per_stage=(3.0, 3.0),
+    guidance_scale=4.0,
+    seed=7,
+)
+FLAGS = [
+    "--prompt",
+    REQUEST["prompt"],
+    "--num-frames",
+    "1",
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--intervals",
+    "2,1",
+    "--steps",
+    "2,1",
+    "--shifts",
+    "3,3",
+    "--guidance",
+    "4",
+    "--seed",
+    "7",
+    "--no-progress",
+]
 
 
 def _random_state(model, seed: int, dtype: torch.dtype) -> dict:
@@ -65,8 +94,17 @@ def release_set(tmp_path_factory):
             "wan_video_vae_path": str(root / VAE_FILE),
             "wan_video_dit_path": str(root / DIT_FILE),
             "wan_video_dit_config": {
-                "has_image_input": False, "patch_size": [1, 2, 2], "in_dim": 36, "dim": 64, "ffn_dim": 96,
-                "freq_dim": 256, "text_dim": 32, "out_dim": 16, "num_heads": 4, "num_layers": 3, "eps": 1e-6,
+                "has_image_input": False,
+                "patch_size": [1, 2, 2],
+                "in_dim": 36,
+                "dim": 64,
+                "ffn_dim": 96,
+                "freq_dim": 256,
+                "text_dim": 32,
+                "out_dim": 16,
+                "num_heads": 4,
+                "num_layers": 3,
+                "eps": 1e-6,
                 "has_image_pos_emb": False,
             },
         },

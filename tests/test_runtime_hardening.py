@@ -1,4 +1,5 @@
 """Release parity, devices, builds with several frame counts, padding chunks, memory: the runtime's hard edges."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,15 +12,19 @@ from PIL import Image
 from tempomaster.planner import plan_stages
 from tempomaster.runtime.backends.torch import TorchBackend
 from tempomaster.runtime.pipeline import (
-    GenerationRequest, BackendClock, cover_resize_center_crop, denoise_stage, generate,
+    BackendClock,
+    GenerationRequest,
+    cover_resize_center_crop,
+    denoise_stage,
+    generate,
 )
 from tempomaster.runtime.schedule import StageSchedule
 from tempomaster.runtime.video import to_uint8_frames
 
-
 # ----------------------------------------------------------------------------
 # Release parity: reference-image resize and uint8 conversion (SPEC 3)
 # ----------------------------------------------------------------------------
+
 
 def _bilinear_float64(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Bilinear resize, align_corners=False, no antialiasing, written from its definition in float64.
@@ -27,6 +32,7 @@ def _bilinear_float64(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     Output pixel i samples source coordinate (i + 0.5) * in / out - 0.5, clamped
     below at 0; the neighbours are floor and floor + 1 (held at the last pixel).
     """
+
     def weights(n_in, n_out):
         src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
         lo = np.minimum(np.floor(src).astype(int), n_in - 1)
@@ -39,14 +45,17 @@ def _bilinear_float64(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
 
 
-@pytest.mark.parametrize("size, target, resized, offsets", [
-    # s = max(16/30, 16/36) = 0.5333: (int(16.0), int(19.2)) = (16, 19); left = round(1.5) = 2 (//2 would give 1)
-    ((30, 36), (16, 16), (16, 19), (0, 2)),
-    # s = max(32/20, 48/50) = 1.6: (32, 80); left = round(16.0) = 16
-    ((20, 50), (32, 48), (32, 80), (0, 16)),
-    # s = max(16/50, 32/40) = 0.8: (40, 32); top = round(12.0) = 12 (downscale without antialiasing)
-    ((50, 40), (16, 32), (40, 32), (12, 0)),
-])
+@pytest.mark.parametrize(
+    "size, target, resized, offsets",
+    [
+        # s = max(16/30, 16/36) = 0.5333: (int(16.0), int(19.2)) = (16, 19); left = round(1.5) = 2 (//2 would give 1)
+        ((30, 36), (16, 16), (16, 19), (0, 2)),
+        # s = max(32/20, 48/50) = 1.6: (32, 80); left = round(16.0) = 16
+        ((20, 50), (32, 48), (32, 80), (0, 16)),
+        # s = max(16/50, 32/40) = 0.8: (40, 32); top = round(12.0) = 12 (downscale without antialiasing)
+        ((50, 40), (16, 32), (40, 32), (12, 0)),
+    ],
+)
 def test_reference_image_resize_is_the_releases(size, target, resized, offsets):
     rng = np.random.default_rng(sum(size))
     data = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
@@ -61,7 +70,10 @@ def test_reference_image_resize_is_the_releases(size, target, resized, offsets):
     assert got.shape == (3, H, W)
     assert np.abs(got - expected).max() < 1e-5
     # the old LANCZOS resize differs by far more than float rounding
-    old = np.asarray(Image.fromarray(data).resize((resized[1], resized[0]), Image.LANCZOS), dtype=np.float64) * 2 / 255 - 1
+    old = (
+        np.asarray(Image.fromarray(data).resize((resized[1], resized[0]), Image.LANCZOS), dtype=np.float64) * 2 / 255
+        - 1
+    )
     assert np.abs(old[top : top + H, left : left + W].transpose(2, 0, 1) - expected).max() > 0.05
 
 
@@ -78,6 +90,7 @@ def test_uint8_conversion_truncates_as_the_release():
 # ----------------------------------------------------------------------------
 # Inputs handed to the backend are on its device, and constant per stage
 # ----------------------------------------------------------------------------
+
 
 class RecordingBackend:
     """Records what reaches `velocity` and `vae_encode`; answers with the wrapped backend."""
@@ -124,8 +137,14 @@ def test_reference_image_pixels_condition_stage_zero(tiny_models):
     backend = RecordingBackend(TorchBackend(tiny_models))
     rng = np.random.default_rng(3)
     data = rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)  # another size than the output
-    request = GenerationRequest(prompt="x", ref_images={0: Image.fromarray(data), 4: Image.fromarray(data[::-1])},
-                                height=32, width=32, num_frames=9, steps_per_stage=(1, 1, 1))
+    request = GenerationRequest(
+        prompt="x",
+        ref_images={0: Image.fromarray(data), 4: Image.fromarray(data[::-1])},
+        height=32,
+        width=32,
+        num_frames=9,
+        steps_per_stage=(1, 1, 1),
+    )
     H, W = request.output_size()
     generate(backend, tiny_models.tokenizer, request, progress=False)
     video = backend.encoded[0][0]  # stage 0's condition video [3, 9, H, W]
@@ -143,11 +162,15 @@ def test_reference_image_pixels_condition_stage_zero(tiny_models):
 # Chunks of nothing but padding never reach the DiT
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_frames, intervals, stage_index, active, total", [
-    (5, (2, 1), 1, 2, 4),    # 10 frames in 4 chunks of 5: chunks 2 and 3 are padding
-    (13, (2, 1), 1, 3, 4),   # 26 frames in 4 chunks of 9: chunk 3 is padding
-    (9, (3, 1), 1, 3, 4),    # 27 frames in 4 chunks of 9: chunk 3 is padding
-])
+
+@pytest.mark.parametrize(
+    "num_frames, intervals, stage_index, active, total",
+    [
+        (5, (2, 1), 1, 2, 4),  # 10 frames in 4 chunks of 5: chunks 2 and 3 are padding
+        (13, (2, 1), 1, 3, 4),  # 26 frames in 4 chunks of 9: chunk 3 is padding
+        (9, (3, 1), 1, 3, 4),  # 27 frames in 4 chunks of 9: chunk 3 is padding
+    ],
+)
 def test_padding_only_chunks_are_skipped(num_frames, intervals, stage_index, active, total):
     stage = plan_stages(num_frames, intervals)[stage_index]
     assert stage.num_chunks == total and len(stage.active_chunks) == active
@@ -178,6 +201,7 @@ def test_skipping_padding_chunks_leaves_the_others_unchanged(tiny_models):
 # Builds whose stages need different latent frame counts (dynamic DiT frames)
 # ----------------------------------------------------------------------------
 
+
 def test_onnxruntime_runs_a_build_with_several_frame_counts(tmp_path, tiny_models):
     from tempomaster.export.build import export_onnx
     from tempomaster.export.shapes import ExportShape
@@ -185,12 +209,27 @@ def test_onnxruntime_runs_a_build_with_several_frame_counts(tmp_path, tiny_model
 
     shape = ExportShape(height=32, width=48, num_frames=9, intervals=(2, 1))
     assert shape.dit_latent_frames() == [2, 3]  # stage 0: 9 frames (3 latent); stage 1: chunks of 5 (2 latent)
-    export_onnx(tiny_models, "fp32", shape, tmp_path / "b", preset_name="tiny", progress=False,
-                graphs=["dit"] + [n for n in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")])
+    export_onnx(
+        tiny_models,
+        "fp32",
+        shape,
+        tmp_path / "b",
+        preset_name="tiny",
+        progress=False,
+        graphs=["dit"] + [n for n in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder", "t5")],
+    )
     ort_backend = OnnxRuntimeBackend.from_build(tmp_path / "b")
     assert ort_backend.manifest.graph("dit")["meta"]["dynamic_frames"]
-    request = GenerationRequest(prompt="a red ball", seed=3, height=32, width=48, num_frames=9,
-                                frame_intervals=(2, 1), steps_per_stage=(2, 2), shift_per_stage=(5.0, 3.0))
+    request = GenerationRequest(
+        prompt="a red ball",
+        seed=3,
+        height=32,
+        width=48,
+        num_frames=9,
+        frame_intervals=(2, 1),
+        steps_per_stage=(2, 2),
+        shift_per_stage=(5.0, 3.0),
+    )
     ours = generate(ort_backend, ort_backend.tokenizer(), request, progress=False)
     ref = generate(TorchBackend(tiny_models), tiny_models.tokenizer, request, progress=False)
     for a, b in zip(ours.stages, ref.stages):
@@ -202,15 +241,24 @@ def test_onnxruntime_runs_a_build_with_several_frame_counts(tmp_path, tiny_model
 # Memory: estimated before loading, refused when it cannot fit
 # ----------------------------------------------------------------------------
 
+
 def test_memory_estimate_grows_with_the_request():
     from tempomaster.models.presets import get_preset
     from tempomaster.runtime.memory import estimate_peak_memory
 
     preset = get_preset("tiny")
-    small = estimate_peak_memory(preset, GenerationRequest(prompt="x", height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)),
-                                 dtype="fp32", device="cpu")
-    long = estimate_peak_memory(preset, GenerationRequest(prompt="x", height=64, width=96, num_frames=433, steps_per_stage=(6, 4, 4)),
-                                dtype="fp32", device="cpu")
+    small = estimate_peak_memory(
+        preset,
+        GenerationRequest(prompt="x", height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)),
+        dtype="fp32",
+        device="cpu",
+    )
+    long = estimate_peak_memory(
+        preset,
+        GenerationRequest(prompt="x", height=64, width=96, num_frames=433, steps_per_stage=(6, 4, 4)),
+        dtype="fp32",
+        device="cpu",
+    )
     # frames on the host: stage 1 holds 433 + 2 x 866 (+ a chunk) frames of 3 x 64 x 96 float32
     frame = 3 * 64 * 96 * 4
     assert long.parts["frames on the host"] >= (866 + 2 * 1732) * frame
@@ -234,8 +282,20 @@ def test_a_request_past_the_machine_is_refused_before_loading(flags, tmp_path, c
 def test_dtype_disagreeing_with_the_build_is_refused(tiny_build, tmp_path, capsys):
     from tempomaster.cli import run_main
 
-    rc = run_main(["generate", "--prompt", "x", "--engines", str(tiny_build), "--dtype", "bf16",
-                   "--out", str(tmp_path / "v.mp4"), "--no-progress"])
+    rc = run_main(
+        [
+            "generate",
+            "--prompt",
+            "x",
+            "--engines",
+            str(tiny_build),
+            "--dtype",
+            "bf16",
+            "--out",
+            str(tmp_path / "v.mp4"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--dtype bf16" in err and "fp32" in err and len(err.splitlines()) == 1
 
@@ -244,12 +304,15 @@ def test_dtype_disagreeing_with_the_build_is_refused(tiny_build, tmp_path, capsy
 # GPU (skipped without CUDA)
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_backend_on_cuda_matches_cpu(tiny_models):
     from tempomaster.models.tiny import build_tiny_models
 
-    request = GenerationRequest(prompt="a red ball", height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), seed=4)
+    request = GenerationRequest(
+        prompt="a red ball", height=32, width=48, num_frames=9, steps_per_stage=(2, 1, 1), seed=4
+    )
     cpu = generate(TorchBackend(tiny_models), tiny_models.tokenizer, request, progress=False)
     on_gpu = build_tiny_models()  # the backend moves its models: not the session's shared CPU set
     gpu = generate(TorchBackend(on_gpu, device="cuda"), on_gpu.tokenizer, request, progress=False)
@@ -296,6 +359,10 @@ def test_condition_videos_are_built_one_encode_call_at_a_time(tiny_models, monke
             return super().vae_encode(video)
 
     backend = Checking(TorchBackend(tiny_models))
-    generate(backend, tiny_models.tokenizer, GenerationRequest(prompt="x", height=32, width=48, num_frames=9,
-                                                              steps_per_stage=(1, 1, 1)), progress=False)
+    generate(
+        backend,
+        tiny_models.tokenizer,
+        GenerationRequest(prompt="x", height=32, width=48, num_frames=9, steps_per_stage=(1, 1, 1)),
+        progress=False,
+    )
     assert len(built) == 2 + 4 and len(backend.encoded) == 1 + 2 + 4

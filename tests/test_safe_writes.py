@@ -3,6 +3,7 @@
 The full-disk cases run on a real 2 MiB tmpfs (root may mount one); they are
 skipped, saying why, where mounting is not permitted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,25 @@ from tempomaster.cli import run_main
 from tempomaster.runtime.video import read_video_frames, write_mp4, write_png_frames
 
 # the smallest real generation: random tiny weights, 5 -> 10 frames of 32x32
-TINY = ["--preset", "tiny", "--prompt", "a red ball", "--num-frames", "5", "--intervals", "2,1", "--steps", "1,1",
-        "--shifts", "3,3", "--height", "32", "--width", "32", "--no-progress"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--prompt",
+    "a red ball",
+    "--num-frames",
+    "5",
+    "--intervals",
+    "2,1",
+    "--steps",
+    "1,1",
+    "--shifts",
+    "3,3",
+    "--height",
+    "32",
+    "--width",
+    "32",
+    "--no-progress",
+]
 
 
 @pytest.fixture
@@ -65,6 +83,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------
 # Item 1: a full disk keeps the previous output and stops with one line
 # ----------------------------------------------------------------------------
+
 
 def test_full_disk_keeps_the_previous_mp4(small_disk, capfd):
     video = small_disk / "v.mp4"
@@ -111,6 +130,7 @@ def test_full_disk_keeps_the_previous_build_manifest(small_disk):
 # Item 3: never delete what tm-run did not write
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("with_marker", [False, True], ids=["users-folder", "our-folder-with-a-users-file"])
 def test_generate_refuses_a_job_folder_it_did_not_write(with_marker, tmp_path, capsys, monkeypatch):
     import tempomaster.runtime.jobs as jobs
@@ -155,6 +175,7 @@ def test_our_frames_folder_is_replaced_and_nothing_else_is_touched(tmp_path):
 # ----------------------------------------------------------------------------
 # Item 10: --out clip.gif writes a GIF; other picture/video suffixes are refused
 # ----------------------------------------------------------------------------
+
 
 def test_out_gif_writes_an_animated_gif(tmp_path, capsys):
     out = tmp_path / "clip.gif"

@@ -37,9 +37,7 @@ def test_sigmas_n4_shift3_by_hand():
 
 
 def test_shift_one_is_plain_linspace():
-    torch.testing.assert_close(
-        flow_match_sigmas(5, 1.0), torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2], dtype=torch.float64)
-    )
+    torch.testing.assert_close(flow_match_sigmas(5, 1.0), torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2], dtype=torch.float64))
 
 
 def test_float32_option_matches_reference_construction():

@@ -1,4 +1,5 @@
 """tm-run serve's HTTP API on the tiny preset, through httpx (starlette's TestClient) against the app."""
+
 from __future__ import annotations
 
 import io
@@ -95,9 +96,33 @@ def test_submit_events_in_order_blueprint_then_video(client, tmp_path):
     from tempomaster.cli.run import main
 
     ref = tmp_path / "ref.mp4"
-    assert main(["generate", "--preset", "tiny", "--prompt", "a red ball bouncing", "--num-frames", "9", "--height", "32",
-                 "--width", "48", "--steps", "2,2,2", "--seed", "7", "--threads", "1", "--no-progress",
-                 "--out", str(ref)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--preset",
+                "tiny",
+                "--prompt",
+                "a red ball bouncing",
+                "--num-frames",
+                "9",
+                "--height",
+                "32",
+                "--width",
+                "48",
+                "--steps",
+                "2,2,2",
+                "--seed",
+                "7",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--out",
+                str(ref),
+            ]
+        )
+        == 0
+    )
     from tempomaster.runtime.video import read_video_frames
 
     expected, _ = read_video_frames(ref)
@@ -121,7 +146,9 @@ def test_events_resume_after_last_event_id(client):
         ids = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
     assert ids == sorted(ids) and len(ids) == len(set(ids))
     cut = len(ids) // 2
-    with client.stream("GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[cut - 1])}) as response:
+    with client.stream(
+        "GET", f"/v1/videos/{job['id']}/events", headers={"Last-Event-ID": str(ids[cut - 1])}
+    ) as response:
         rest = [int(line[4:]) for line in response.iter_lines() if line.startswith("id: ")]
     assert rest == ids[cut:]
 
@@ -195,18 +222,26 @@ def _cli_error(capsys, args: list[str]) -> str:
     assert main(["generate", "--preset", "tiny", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tm-run: error: ") and "\n" not in err
-    return err[len("tm-run: error: "):]
+    return err[len("tm-run: error: ") :]
 
 
-@pytest.mark.parametrize("body, flags", [
-    ({"prompt": "   "}, ["--prompt", "   "]),
-    ({"prompt": "a", "height": 40}, ["--prompt", "a", "--height", "40"]),
-    ({"prompt": "a", "steps": [2, 2]}, ["--prompt", "a", "--steps", "2,2"]),
-    ({"prompt": "a", "num_frames": 9, "intervals": [4, 3, 1]}, ["--prompt", "a", "--num-frames", "9", "--intervals", "4,3,1"]),
-    ({"prompt": "a", "shifts": [1, 2]}, ["--prompt", "a", "--shifts", "1,2"]),
-    ({"prompt": "a", "num_frames": 5, "intervals": [1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1]},
-     ["--prompt", "a", "--num-frames", "5", "--intervals", "1024,512,256,128,64,32,16,8,4,2,1"]),
-])
+@pytest.mark.parametrize(
+    "body, flags",
+    [
+        ({"prompt": "   "}, ["--prompt", "   "]),
+        ({"prompt": "a", "height": 40}, ["--prompt", "a", "--height", "40"]),
+        ({"prompt": "a", "steps": [2, 2]}, ["--prompt", "a", "--steps", "2,2"]),
+        (
+            {"prompt": "a", "num_frames": 9, "intervals": [4, 3, 1]},
+            ["--prompt", "a", "--num-frames", "9", "--intervals", "4,3,1"],
+        ),
+        ({"prompt": "a", "shifts": [1, 2]}, ["--prompt", "a", "--shifts", "1,2"]),
+        (
+            {"prompt": "a", "num_frames": 5, "intervals": [1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1]},
+            ["--prompt", "a", "--num-frames", "5", "--intervals", "1024,512,256,128,64,32,16,8,4,2,1"],
+        ),
+    ],
+)
 def test_bad_values_get_the_clis_own_line(client, capsys, body, flags, tmp_path):
     response = client.post("/v1/videos", json=body)
     assert response.status_code == 422
@@ -218,26 +253,34 @@ def test_image_frame_outside_the_clip_gets_the_clis_line(client, capsys, tmp_pat
 
     png = tmp_path / "first.png"
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(png)
-    response = client.post("/v1/videos", data={"request": json.dumps(small_request())},
-                           files={"image:40": ("first.png", png.read_bytes(), "image/png")})
+    response = client.post(
+        "/v1/videos",
+        data={"request": json.dumps(small_request())},
+        files={"image:40": ("first.png", png.read_bytes(), "image/png")},
+    )
     assert response.status_code == 422
-    cli = _cli_error(capsys, ["--prompt", "a", "--num-frames", "9", "--image", f"40:{png}", "--out", str(tmp_path / "v.mp4")])
+    cli = _cli_error(
+        capsys, ["--prompt", "a", "--num-frames", "9", "--image", f"40:{png}", "--out", str(tmp_path / "v.mp4")]
+    )
     assert response.json()["detail"] == cli
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"{not json", "not JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"prompt": "a", "guidance": NaN}', "NaN"),
-    (b'{"prompt": 5}', "prompt: expected a string"),
-    (b'{"prompt": "a", "steps": "2,2,2"}', "steps: expected a list"),
-    (b'{"prompt": "a", "out": "/etc/passwd"}', "unknown field 'out'"),
-    (b'{"num_frames": 9}', "--prompt: required"),
-    (b'{"prompt": "a", "seed": -1}', "--seed must be an integer"),
-    (b'{"prompt": "a", "guidance": 0}', "--guidance must be a finite number > 0"),
-    (b'{"prompt": "a", "num_frames": "9"}', "--num-frames"),
-    (b'{"prompt": "a", "use_apg": "yes"}', "use_apg must be true or false"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"prompt": "a", "guidance": NaN}', "NaN"),
+        (b'{"prompt": 5}', "prompt: expected a string"),
+        (b'{"prompt": "a", "steps": "2,2,2"}', "steps: expected a list"),
+        (b'{"prompt": "a", "out": "/etc/passwd"}', "unknown field 'out'"),
+        (b'{"num_frames": 9}', "--prompt: required"),
+        (b'{"prompt": "a", "seed": -1}', "--seed must be an integer"),
+        (b'{"prompt": "a", "guidance": 0}', "--guidance must be a finite number > 0"),
+        (b'{"prompt": "a", "num_frames": "9"}', "--num-frames"),
+        (b'{"prompt": "a", "use_apg": "yes"}', "use_apg must be true or false"),
+    ],
+)
 def test_malformed_requests_are_one_line_422(client, body, needle):
     response = client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
@@ -247,8 +290,11 @@ def test_malformed_requests_are_one_line_422(client, body, needle):
 
 def test_uploads_are_checked_as_images_and_never_leak_a_server_path(client, service):
     before = set((service.data.root / "uploads").iterdir())
-    response = client.post("/v1/videos", data={"request": json.dumps(small_request())},
-                           files={"image:0": ("x.png", b"not an image at all" * 10, "image/png")})
+    response = client.post(
+        "/v1/videos",
+        data={"request": json.dumps(small_request())},
+        files={"image:0": ("x.png", b"not an image at all" * 10, "image/png")},
+    )
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert detail.startswith("--image: cannot read image upload image:0") and str(service.data.root) not in detail
@@ -260,11 +306,17 @@ def test_uploads_are_checked_as_images_and_never_leak_a_server_path(client, serv
     header = bytearray(buf.getvalue())
     header[16:24] = (9000).to_bytes(4, "big") * 2  # IHDR width and height, its CRC made to match
     header[29:33] = zlib.crc32(bytes(header[12:29])).to_bytes(4, "big")
-    response = client.post("/v1/videos", data={"request": json.dumps(small_request())},
-                           files={"image:0": ("big.png", bytes(header), "image/png")})
+    response = client.post(
+        "/v1/videos",
+        data={"request": json.dumps(small_request())},
+        files={"image:0": ("big.png", bytes(header), "image/png")},
+    )
     assert response.status_code == 422 and "declares 9000x9000" in response.json()["detail"]
-    response = client.post("/v1/videos", data={"request": json.dumps(small_request())},
-                           files={"image:x": ("a.png", buf.getvalue(), "image/png")})
+    response = client.post(
+        "/v1/videos",
+        data={"request": json.dumps(small_request())},
+        files={"image:x": ("a.png", buf.getvalue(), "image/png")},
+    )
     assert response.status_code == 422 and "--image: frame index must be an integer" in response.json()["detail"]
     assert set((service.data.root / "uploads").iterdir()) == before  # nothing of the refused requests is kept
 
@@ -274,8 +326,11 @@ def test_reference_image_upload_runs(client, service, tmp_path):
 
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(buf, format="PNG")
-    response = client.post("/v1/videos", data={"request": json.dumps(small_request())},
-                           files={"image:0": ("first.png", buf.getvalue(), "image/png")})
+    response = client.post(
+        "/v1/videos",
+        data={"request": json.dumps(small_request())},
+        files={"image:0": ("first.png", buf.getvalue(), "image/png")},
+    )
     assert response.status_code == 201, response.text
     job = wait_state(client, response.json()["id"], ("done", "failed"))
     assert job["state"] == "done" and job["request"]["images"] == ["0"]
@@ -295,8 +350,11 @@ def test_metrics_and_health(client):
     assert jobs == {k: float(v) for k, v in counts.items()} and jobs["done"] >= 1
     calls = [s.value for s in families["tempomaster_dit_calls"].samples if s.name == "tempomaster_dit_calls_total"]
     assert calls[0] >= 6 * jobs["done"]
-    stage_counts = {s.labels["stage"]: s.value for s in families["tempomaster_stage_seconds"].samples
-                    if s.name == "tempomaster_stage_seconds_count"}
+    stage_counts = {
+        s.labels["stage"]: s.value
+        for s in families["tempomaster_stage_seconds"].samples
+        if s.name == "tempomaster_stage_seconds_count"
+    }
     assert set(stage_counts) == {"0", "1", "2"} and stage_counts["2"] >= jobs["done"]
 
 
@@ -321,14 +379,28 @@ def test_token_is_required_beyond_loopback(service, tmp_path, capsys, monkeypatc
     monkeypatch.delenv("TEMPOMASTER_TOKEN", raising=False)
     assert main(["serve", "--preset", "tiny", "--host", "0.0.0.0", "--data", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tm-run: error: --host 0.0.0.0 accepts connections from other machines: give --token") and "\n" not in err
+    assert (
+        err.startswith("tm-run: error: --host 0.0.0.0 accepts connections from other machines: give --token")
+        and "\n" not in err
+    )
     assert not (tmp_path / "d").exists()
 
-    guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
-                      metrics=service.metrics, workers=service.workers, token="s3cret-token")
+    guarded = Service(
+        runner=service.runner,
+        store=service.store,
+        data=service.data,
+        board=service.board,
+        metrics=service.metrics,
+        workers=service.workers,
+        token="s3cret-token",
+    )
     with TestClient(create_app(guarded)) as c:
-        for method, path in (("GET", "/v1/videos"), ("POST", "/v1/videos"), ("GET", "/metrics"),
-                             ("DELETE", "/v1/videos/AAAAAAAAAAAAAAAAAAAAAA")):
+        for method, path in (
+            ("GET", "/v1/videos"),
+            ("POST", "/v1/videos"),
+            ("GET", "/metrics"),
+            ("DELETE", "/v1/videos/AAAAAAAAAAAAAAAAAAAAAA"),
+        ):
             assert c.request(method, path).status_code == 401
             assert c.request(method, path, headers={"Authorization": "Bearer wrong-token"}).status_code == 401
         ok = c.get("/v1/videos", headers={"Authorization": "Bearer s3cret-token"})
@@ -344,16 +416,22 @@ def test_one_worker_per_device_runs_jobs_side_by_side(tmp_path):
     from tempomaster.serve.app import create_app
     from tempomaster.serve.server import ServeOptions, build_service
 
-    service = build_service(ServeOptions(base=GenerateOptions(preset="tiny", devices="cpu:2", progress=False),
-                                         data=tmp_path / "data"), None, log=lambda line: None)
+    service = build_service(
+        ServeOptions(base=GenerateOptions(preset="tiny", devices="cpu:2", progress=False), data=tmp_path / "data"),
+        None,
+        log=lambda line: None,
+    )
     assert [w.runner.device for w in service.workers] == ["cpu", "cpu"]
     assert service.workers[0].runner.backend is not service.workers[1].runner.backend
     service.start()
     try:
         with TestClient(create_app(service)) as c:
             jobs = [c.post("/v1/videos", json=small_request(seed=s, steps=[60, 2, 2])).json()["id"] for s in (1, 2)]
-            wait_for(lambda: all(status(c, j)["state"] == "running" for j in jobs), timeout=60,
-                     what="both jobs running at once")
+            wait_for(
+                lambda: all(status(c, j)["state"] == "running" for j in jobs),
+                timeout=60,
+                what="both jobs running at once",
+            )
             running = {w["running"] for w in c.get("/healthz").json()["workers"]}
             assert running == set(jobs)
             for j in jobs:
@@ -379,7 +457,6 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
 
 
-
 def test_the_api_page_lists_every_operation_and_fetches_nothing(client):
     """/docs is drawn from the OpenAPI schema on the server: no script, stylesheet or image from anywhere."""
     import re
@@ -392,4 +469,6 @@ def test_the_api_page_lists_every_operation_and_fetches_nothing(client):
         for method in ops:
             assert f"{method.upper()} {path}" in page
     assert "POST /v1/videos" in page
-    assert not re.search(r"<(script|link|img)\b", page, re.I) and "//" not in page.replace("<a href='/openapi.json'>", "")
+    assert not re.search(r"<(script|link|img)\b", page, re.I) and "//" not in page.replace(
+        "<a href='/openapi.json'>", ""
+    )

@@ -3,6 +3,7 @@
 Run with: python -m pytest -m browser tests/test_serve_browser.py
 (apt-get install chromium chromium-driver; skipped without them).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -27,8 +28,15 @@ def open_browser(width: int = 1280, height: int = 900):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio",
-                 "--autoplay-policy=no-user-gesture-required", f"--window-size={width},{height}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--mute-audio",
+        "--autoplay-policy=no-user-gesture-required",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
 
@@ -63,9 +71,11 @@ def fill_and_submit(driver, prompt: str, steps: str) -> None:
 
 
 def newest_job_id(driver) -> str:
-    return wait_for(lambda: driver.execute_script(
-        "const li = document.querySelector('#jobs li.job'); return li && li.dataset.id;"), timeout=30,
-        what="the new job in the queue")
+    return wait_for(
+        lambda: driver.execute_script("const li = document.querySelector('#jobs li.job'); return li && li.dataset.id;"),
+        timeout=30,
+        what="the new job in the queue",
+    )
 
 
 def test_submit_blueprint_first_then_the_final_video_plays_then_cancel_a_second(server, browser):
@@ -85,15 +95,22 @@ def test_submit_blueprint_first_then_the_final_video_plays_then_cancel_a_second(
     assert not browser.find_elements(By.ID, "blueprint-video")  # replaced, not stacked
 
     # the element really plays the file: its metadata decoded, its clock moving
-    meta = wait_for(lambda: browser.execute_script(
-        "const v = document.getElementById('final-video');"
-        "return v.readyState >= 1 && !v.error ? [v.duration, v.videoWidth, v.videoHeight] : null;"),
-        timeout=30, what="the final video's metadata")
+    meta = wait_for(
+        lambda: browser.execute_script(
+            "const v = document.getElementById('final-video');"
+            "return v.readyState >= 1 && !v.error ? [v.duration, v.videoWidth, v.videoHeight] : null;"
+        ),
+        timeout=30,
+        what="the final video's metadata",
+    )
     duration, width, height = meta
     assert duration == pytest.approx(36 / 24, abs=0.05)  # 36 frames at 24 fps
     assert (width, height) == (48, 32)
-    wait_for(lambda: browser.execute_script("return document.getElementById('final-video').currentTime > 0"),
-             timeout=30, what="the final video to play")
+    wait_for(
+        lambda: browser.execute_script("return document.getElementById('final-video').currentTime > 0"),
+        timeout=30,
+        what="the final video to play",
+    )
     state = browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{job_id}"] .state')
     wait_for(lambda: state.text == "done", timeout=10, what="the queue to say done")
     bars = browser.find_elements(By.CSS_SELECTOR, f'li.job[data-id="{job_id}"] .stage-bar.done')
@@ -102,8 +119,11 @@ def test_submit_blueprint_first_then_the_final_video_plays_then_cancel_a_second(
     # a second job, cancelled from its row while it runs
     fill_and_submit(browser, "a blue square sliding left", "300,2,2")
     second = wait_for(lambda: (j := newest_job_id(browser)) != job_id and j, timeout=30, what="the second job")
-    wait_for(lambda: (service.store.get(second).steps_done or 0) > 0 or service.board.live(second), timeout=60,
-             what="the second job to run")
+    wait_for(
+        lambda: (service.store.get(second).steps_done or 0) > 0 or service.board.live(second),
+        timeout=60,
+        what="the second job to run",
+    )
     browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{second}"] button.cancel').click()
     row_state = browser.find_element(By.CSS_SELECTOR, f'li.job[data-id="{second}"] .state')
     wait_for(lambda: row_state.text == "cancelled", timeout=30, what="the page to show the cancel")
@@ -120,8 +140,15 @@ def test_with_a_token_the_page_asks_for_it_and_plays_the_video(server, browser):
     from tempomaster.serve.app import Service, create_app
 
     _, service = server
-    guarded = Service(runner=service.runner, store=service.store, data=service.data, board=service.board,
-                      metrics=service.metrics, workers=service.workers, token="page-token-1234")
+    guarded = Service(
+        runner=service.runner,
+        store=service.store,
+        data=service.data,
+        board=service.board,
+        metrics=service.metrics,
+        workers=service.workers,
+        token="page-token-1234",
+    )
     with live_server(create_app(guarded)) as base:
         browser.get(base + "/")
         token_row = browser.find_element(By.ID, "token-row")
@@ -132,8 +159,12 @@ def test_with_a_token_the_page_asks_for_it_and_plays_the_video(server, browser):
         wait_for(lambda: browser.find_elements(By.ID, "final-video"), timeout=120, what="the final video")
         src = browser.find_element(By.ID, "final-video").get_attribute("src")
         assert src.startswith("blob:")  # fetched with the header, not by the element
-        width = wait_for(lambda: browser.execute_script(
-            "const v = document.getElementById('final-video'); return v.readyState >= 1 && v.videoWidth;"),
-            timeout=30, what="the video's metadata")
+        width = wait_for(
+            lambda: browser.execute_script(
+                "const v = document.getElementById('final-video'); return v.readyState >= 1 && v.videoWidth;"
+            ),
+            timeout=30,
+            what="the video's metadata",
+        )
         assert width == 48
         browser.execute_script("sessionStorage.clear()")

@@ -1,4 +1,5 @@
 """tm-run serve over an ONNX build (--engines): the build's graphs on onnxruntime."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,11 @@ def test_serving_an_onnx_build(tiny_build, tmp_path, capsys):
     from tempomaster.serve.app import create_app
     from tempomaster.serve.server import ServeOptions, build_service
 
-    service = build_service(ServeOptions(base=GenerateOptions(engines=tiny_build, threads=1, progress=False),
-                                         data=tmp_path / "data"), None, log=lambda line: None)
+    service = build_service(
+        ServeOptions(base=GenerateOptions(engines=tiny_build, threads=1, progress=False), data=tmp_path / "data"),
+        None,
+        log=lambda line: None,
+    )
     service.start()
     try:
         with TestClient(create_app(service)) as c:
@@ -29,8 +33,19 @@ def test_serving_an_onnx_build(tiny_build, tmp_path, capsys):
             assert wait_state(c, job["id"], ("done", "failed"))["state"] == "done"
             response = c.post("/v1/videos", json={"prompt": "a red ball", "height": 64})
             assert response.status_code == 422
-            cli = _cli_error_with(capsys, ["--engines", str(tiny_build), "--prompt", "a red ball", "--height", "64",
-                                           "--out", str(tmp_path / "v.mp4")])
+            cli = _cli_error_with(
+                capsys,
+                [
+                    "--engines",
+                    str(tiny_build),
+                    "--prompt",
+                    "a red ball",
+                    "--height",
+                    "64",
+                    "--out",
+                    str(tmp_path / "v.mp4"),
+                ],
+            )
             assert response.json()["detail"] == cli
     finally:
         service.stop()
@@ -42,4 +57,4 @@ def _cli_error_with(capsys, args: list[str]) -> str:
 
     assert main(["generate", *args]) == 2
     err = capsys.readouterr().err.strip()
-    return err[len("tm-run: error: "):]
+    return err[len("tm-run: error: ") :]

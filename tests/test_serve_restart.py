@@ -1,4 +1,5 @@
 """tm-run serve killed with SIGKILL mid-job and started again: nothing lost, nothing half-written."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,20 @@ from tempomaster.serve.queue import MAX_ATTEMPTS, JobStore  # noqa: E402
 
 
 def start_server(data, port, log):
-    cmd = [sys.executable, "-c", "import sys; from tempomaster.cli import run_main; sys.exit(run_main())",
-           "serve", "--preset", "tiny", "--threads", "1", "--data", str(data), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from tempomaster.cli import run_main; sys.exit(run_main())",
+        "serve",
+        "--preset",
+        "tiny",
+        "--threads",
+        "1",
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
 
@@ -51,8 +64,11 @@ def test_sigkill_mid_job_then_restart(tmp_path):
         long = httpx.post(f"{base}/v1/videos", json=small_request(seed=2, steps=[1, 40, 1]), timeout=30).json()["id"]
         waiting = httpx.post(f"{base}/v1/videos", json=small_request(seed=3, steps=[1, 1, 1]), timeout=30).json()["id"]
         # killed after the blueprint is written, while stage 1 runs
-        wait_for(lambda: (job(base, long)["progress"]["stage"] or 0) >= 1 and job(base, long)["blueprint_url"],
-                 timeout=60, what="the long job's stage 1")
+        wait_for(
+            lambda: (job(base, long)["progress"]["stage"] or 0) >= 1 and job(base, long)["blueprint_url"],
+            timeout=60,
+            what="the long job's stage 1",
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
@@ -72,7 +88,11 @@ def test_sigkill_mid_job_then_restart(tmp_path):
         assert "the server stopped while this job ran" in again["note"]
         assert httpx.get(f"{base}/v1/videos/{first}/video.mp4", timeout=10).content == first_video
         for job_id in (long, waiting):
-            wait_for(lambda: job(base, job_id)["state"] in ("done", "failed"), timeout=120, what=f"job {job_id}")
+            wait_for(
+                lambda job_id=job_id: job(base, job_id)["state"] in ("done", "failed"),
+                timeout=120,
+                what=f"job {job_id}",
+            )
             assert job(base, job_id)["state"] == "done"
         assert job(base, long)["attempts"] == 2 and job(base, waiting)["attempts"] == 1
         # the stream of a job finished before this process started: its final state

@@ -1,4 +1,5 @@
 """The step cache's decision rule (MagCache) on hand-derived values, its curves, and its checks."""
+
 import math
 
 import numpy as np
@@ -120,13 +121,16 @@ def test_policy_plans_each_stage_with_its_threshold():
         StepCachePolicy((0.1, 0.1), (flat,))
 
 
-@pytest.mark.parametrize("values,count,match", [
-    ((0.1, 0.2), 3, "2 value"),
-    ((0.1, float("nan"), 0.1), 3, "finite"),
-    ((0.1, -0.01, 0.1), 3, r"\[0, 1\]"),
-    ((0.1, 1.5, 0.1), 3, r"\[0, 1\]"),
-    ((0.1, float("inf"), 0.1), 3, "finite"),
-])
+@pytest.mark.parametrize(
+    "values,count,match",
+    [
+        ((0.1, 0.2), 3, "2 value"),
+        ((0.1, float("nan"), 0.1), 3, "finite"),
+        ((0.1, -0.01, 0.1), 3, r"\[0, 1\]"),
+        ((0.1, 1.5, 0.1), 3, r"\[0, 1\]"),
+        ((0.1, float("inf"), 0.1), 3, "finite"),
+    ],
+)
 def test_bad_thresholds_are_refused(values, count, match):
     with pytest.raises(ValueError, match=match):
         check_thresholds(values, count)

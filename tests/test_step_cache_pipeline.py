@@ -1,4 +1,5 @@
 """The step cache inside the generation loop: off is today's loop, on reuses the DiT output exactly as planned."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -30,7 +31,9 @@ def policy(thresholds=(0.1, 0.1, 0.1), max_skips=2) -> StepCachePolicy:
 
 
 def plans(p: StepCachePolicy, guided: bool = True) -> list[tuple[bool, ...]]:
-    return [p.plan(s, StageSchedule.create(n, sh).sigmas.tolist(), guided) for s, (n, sh) in enumerate(zip(STEPS, SHIFTS))]
+    return [
+        p.plan(s, StageSchedule.create(n, sh).sigmas.tolist(), guided) for s, (n, sh) in enumerate(zip(STEPS, SHIFTS))
+    ]
 
 
 def frames(result) -> list[torch.Tensor]:
@@ -69,12 +72,28 @@ def test_cache_off_is_bit_identical_to_the_loop_without_a_policy(backend, tiny_m
 
     seed = int(torch.randint(0, 1000, ()))
     plain = GenerationRequest(prompt="a red ball", seed=seed, **FAST)
-    (job,) = build_jobs(GenerateOptions(prompt="a red ball", seed=seed, cache="off", preset="tiny", height=32, width=48,
-                                        num_frames=9, steps=STEPS, guidance=5.0), get_preset("tiny").defaults)
+    (job,) = build_jobs(
+        GenerateOptions(
+            prompt="a red ball",
+            seed=seed,
+            cache="off",
+            preset="tiny",
+            height=32,
+            width=48,
+            num_frames=9,
+            steps=STEPS,
+            guidance=5.0,
+        ),
+        get_preset("tiny").defaults,
+    )
     assert job.request.step_cache is None
     a = generate(backend, tiny_models.tokenizer, plain, progress=False)
-    b = generate(backend, tiny_models.tokenizer, replace(plain, negative_prompt=job.request.negative_prompt,
-                                                         step_cache=job.request.step_cache), progress=False)
+    b = generate(
+        backend,
+        tiny_models.tokenizer,
+        replace(plain, negative_prompt=job.request.negative_prompt, step_cache=job.request.step_cache),
+        progress=False,
+    )
     # a policy whose thresholds are all 0 never skips: the same bytes too
     c = generate(backend, tiny_models.tokenizer, replace(plain, step_cache=policy((0.0, 0.0, 0.0))), progress=False)
     for x, y, z in zip(frames(a), frames(b), frames(c)):
@@ -88,11 +107,18 @@ def test_skipped_steps_reuse_the_last_output_exactly_as_planned(backend, tiny_mo
     flags = [f for plan in plans(p, guided=guidance != 1.0) for f in plan]
     # hand-worked for flat curves, retention 0.2, max_skips 2: 6 steps F T T F T F, 4 steps F T T F
     assert flags == [False, True, True, False, True, False] + [False, True, True, False] * 2
-    request = GenerationRequest(prompt="a blue cube", seed=int(torch.randint(0, 1000, ())), **dict(FAST, guidance_scale=guidance))
+    request = GenerationRequest(
+        prompt="a blue cube", seed=int(torch.randint(0, 1000, ())), **dict(FAST, guidance_scale=guidance)
+    )
     events = []
     counting = CountingBackend(backend)
-    cached = generate(counting, tiny_models.tokenizer, replace(request, step_cache=p), progress=False,
-                      on_step_end=lambda e: (events.append(e), counting.step_end(e)))
+    cached = generate(
+        counting,
+        tiny_models.tokenizer,
+        replace(request, step_cache=p),
+        progress=False,
+        on_step_end=lambda e: (events.append(e), counting.step_end(e)),
+    )
     replay = ReplayBackend(backend, flags)
     reference = generate(replay, tiny_models.tokenizer, request, progress=False)
     for x, y in zip(frames(cached), frames(reference)):
@@ -114,7 +140,9 @@ def test_skipped_steps_reuse_the_last_output_exactly_as_planned(backend, tiny_mo
 
 def test_each_stage_has_its_own_threshold(backend, tiny_models):
     request = GenerationRequest(prompt="a cat", seed=2, **FAST)
-    result = generate(backend, tiny_models.tokenizer, replace(request, step_cache=policy((0.0, 0.1, 0.0))), progress=False)
+    result = generate(
+        backend, tiny_models.tokenizer, replace(request, step_cache=policy((0.0, 0.1, 0.0))), progress=False
+    )
     assert [s.dit_calls for s in result.stages] == [6, 2, 4]
     assert [s.dit_skipped for s in result.stages] == [0, 2, 0]
 
@@ -130,13 +158,19 @@ def test_the_summary_reports_calls_and_skips_per_stage(backend, tiny_models):
     assert "2 DiT calls (batch 4), 2 skipped (step cache)" in text
     assert "DiT calls: 7, 7 skipped (step cache)" in text
     plain = replace(request, step_cache=None)
-    assert "skipped" not in summarise(Job("video", plain), generate(backend, tiny_models.tokenizer, plain, progress=False),
-                                      [Path("out/video.mp4")], "torch", 0.0)
+    assert "skipped" not in summarise(
+        Job("video", plain),
+        generate(backend, tiny_models.tokenizer, plain, progress=False),
+        [Path("out/video.mp4")],
+        "torch",
+        0.0,
+    )
 
 
 # ----------------------------------------------------------------------------
 # The request: flags -> policy, and every refusal before a model loads
 # ----------------------------------------------------------------------------
+
 
 def _options(**kw):
     from tempomaster.runtime.request import GenerateOptions
@@ -153,23 +187,33 @@ def test_named_policies_read_the_curves_beside_the_weights(tmp_path):
     p = job.request.step_cache
     assert p.name == "safe" and p.thresholds == stage_thresholds("safe", 3) and p.max_skips == POLICY_MAX_SKIPS["safe"]
     assert len(p.curves) == 3 and p.curves[0].sigmas[0] == 1.0
-    (job,) = build_jobs(_options(cache="fast", cache_thresholds=(0.0, 0.3, 0.25), preset="toy"), get_preset("toy").defaults)
-    assert job.request.step_cache.thresholds == (0.0, 0.3, 0.25) and job.request.step_cache.max_skips == POLICY_MAX_SKIPS["fast"]
+    (job,) = build_jobs(
+        _options(cache="fast", cache_thresholds=(0.0, 0.3, 0.25), preset="toy"), get_preset("toy").defaults
+    )
+    assert (
+        job.request.step_cache.thresholds == (0.0, 0.3, 0.25)
+        and job.request.step_cache.max_skips == POLICY_MAX_SKIPS["fast"]
+    )
     # a curves file given by path, for a model set that ships none
     path = save_curves(tmp_path / "curves.json", flat_curves())
-    (job,) = build_jobs(_options(cache_thresholds=(0.1, 0.1, 0.1), cache_curves=path, preset="tiny"), get_preset("tiny").defaults)
+    (job,) = build_jobs(
+        _options(cache_thresholds=(0.1, 0.1, 0.1), cache_curves=path, preset="tiny"), get_preset("tiny").defaults
+    )
     assert job.request.step_cache.name == "custom" and job.request.step_cache.curves == flat_curves()
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(cache_thresholds=(0.1, 0.1)), "--cache-threshold: 2 value(s) given for 3 stage(s)"),
-    (dict(cache_thresholds=(0.1, float("nan"), 0.1)), "finite number in [0, 1]"),
-    (dict(cache_thresholds=(0.1, 1.2, 0.1)), "finite number in [0, 1]"),
-    (dict(cache_thresholds=(-0.1, 0.1, 0.1)), "finite number in [0, 1]"),
-    (dict(cache="off", cache_thresholds=(0.1, 0.1, 0.1)), "the step cache is off"),
-    (dict(cache="quick"), "--cache: 'quick' is not a step-cache policy"),
-    (dict(cache="safe", preset="tiny"), "preset 'tiny' ships none"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(cache_thresholds=(0.1, 0.1)), "--cache-threshold: 2 value(s) given for 3 stage(s)"),
+        (dict(cache_thresholds=(0.1, float("nan"), 0.1)), "finite number in [0, 1]"),
+        (dict(cache_thresholds=(0.1, 1.2, 0.1)), "finite number in [0, 1]"),
+        (dict(cache_thresholds=(-0.1, 0.1, 0.1)), "finite number in [0, 1]"),
+        (dict(cache="off", cache_thresholds=(0.1, 0.1, 0.1)), "the step cache is off"),
+        (dict(cache="quick"), "--cache: 'quick' is not a step-cache policy"),
+        (dict(cache="safe", preset="tiny"), "preset 'tiny' ships none"),
+    ],
+)
 def test_bad_cache_requests_are_refused(kw, needle):
     from tempomaster.errors import UsageError
     from tempomaster.models.presets import get_preset
@@ -190,16 +234,21 @@ def test_the_curves_must_cover_every_stage(tmp_path):
     with pytest.raises(UsageError, match="curves for 2 stage"):
         build_jobs(_options(cache="safe", cache_curves=path, preset="tiny"), get_preset("tiny").defaults)
     with pytest.raises(UsageError, match="--cache-curves: .*nothing.json"):
-        build_jobs(_options(cache="safe", cache_curves=tmp_path / "nothing.json", preset="tiny"), get_preset("tiny").defaults)
+        build_jobs(
+            _options(cache="safe", cache_curves=tmp_path / "nothing.json", preset="tiny"), get_preset("tiny").defaults
+        )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--cache-threshold", "0.1,nan,0.1"], "--cache-threshold"),
-    (["--cache-threshold", "0.1,2,0.1"], "--cache-threshold"),
-    (["--cache-threshold", "0.1,0.1"], "2 value(s) given for 3 stage(s)"),
-    (["--cache", "turbo"], "--cache"),
-    (["--cache", "safe", "--preset", "tiny"], "--cache safe"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--cache-threshold", "0.1,nan,0.1"], "--cache-threshold"),
+        (["--cache-threshold", "0.1,2,0.1"], "--cache-threshold"),
+        (["--cache-threshold", "0.1,0.1"], "2 value(s) given for 3 stage(s)"),
+        (["--cache", "turbo"], "--cache"),
+        (["--cache", "safe", "--preset", "tiny"], "--cache safe"),
+    ],
+)
 def test_cli_refuses_in_one_line_before_any_model_loads(args, needle, tmp_path, capsys, monkeypatch):
     import tempomaster.runtime.jobs as jobs
     from tempomaster.cli import run_main
@@ -218,14 +267,17 @@ def test_cli_refuses_in_one_line_before_any_model_loads(args, needle, tmp_path, 
 # Two ranks (gloo): every rank skips the same steps, the video is the one-process video
 # ----------------------------------------------------------------------------
 
+
 def cached_video_on_ranks(world, jobs):
     """One rank's part: the tiny preset's video with the step cache, split over the ranks (module level: spawned)."""
     from tempomaster.runtime.backends.factory import TorchBackendFactory
     from tempomaster.runtime.workers import run_videos
 
     done = run_videos(world, jobs, TorchBackendFactory(preset="tiny"), write=False, keep_frames=True)
-    return [(report.dit_calls, report.dit_skipped, len(placements), [s.frames.numpy().copy() for s in result.stages])
-            for _, (report, result, placements) in done]
+    return [
+        (report.dit_calls, report.dit_skipped, len(placements), [s.frames.numpy().copy() for s in result.stages])
+        for _, (report, result, placements) in done
+    ]
 
 
 def test_two_ranks_skip_the_same_steps_and_make_the_one_process_video(backend, tiny_models, tmp_path):
@@ -240,8 +292,12 @@ def test_two_ranks_skip_the_same_steps_and_make_the_one_process_video(backend, t
         single = generate(backend, tiny_models.tokenizer, request, progress=False)
     finally:
         torch.set_num_threads(threads)
-    results = launch(cached_video_on_ranks, ([VideoJob("one", request, tmp_path / "one.mp4")],),
-                     devices=[torch.device("cpu")] * 2, timeout=120)
+    results = launch(
+        cached_video_on_ranks,
+        ([VideoJob("one", request, tmp_path / "one.mp4")],),
+        devices=[torch.device("cpu")] * 2,
+        timeout=120,
+    )
     produced = [item for res in results for item in res]
     assert len(produced) == 1  # the group's first rank reports
     calls, skipped, placed, video = produced[0]

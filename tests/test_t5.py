@@ -1,9 +1,10 @@
 """umT5 encoder: oracle vs transformers' UMT5EncoderModel, checkpoint layout, dtypes."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+from checkpoint_layouts import layout  # noqa: E402
 
 from tempomaster.models.presets import PRESETS, T5Config
 from tempomaster.models.t5 import (
@@ -12,8 +13,6 @@ from tempomaster.models.t5 import (
     relative_position_bucket,
     wan_t5_to_transformers,
 )
-
-from checkpoint_layouts import layout  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,12 +109,15 @@ def test_padding_does_not_leak():
     torch.testing.assert_close(full[2, :7], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("key", [
-    "blocks.1.attn.k.weight",
-    "blocks.0.ffn.gate.0.weight",
-    "blocks.0.pos_embedding.embedding.weight",
-    "norm.weight",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "blocks.1.attn.k.weight",
+        "blocks.0.ffn.gate.0.weight",
+        "blocks.0.pos_embedding.embedding.weight",
+        "norm.weight",
+    ],
+)
 def test_perturbed_weight_breaks_match(pair, key):
     ours, ref = pair
     ids, mask = _inputs()

@@ -6,6 +6,7 @@ libnvinfer, but its `tensorrt.so` holds every bound name as a string. The
 names are found by reading our source (tests/trt_api_surface.py), not from a
 list kept by hand.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,7 +14,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
-
 import trt_api_surface as api
 
 ROOT = Path(__file__).resolve().parents[1] / "tempomaster"
@@ -49,7 +49,8 @@ def _uses_tensorrt(source: str) -> bool:
 
 def test_every_module_using_tensorrt_is_analysed():
     found = sorted(
-        p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
+        p.relative_to(ROOT).as_posix()
+        for p in ROOT.rglob("*.py")
         if _uses_tensorrt(p.read_text()) and api.used_names(p.read_text())
     )
     assert found == sorted(TRT_MODULES)
@@ -71,10 +72,29 @@ def test_every_tensorrt_name_we_use_is_bound(bindings):
     # the analysis reaches module attributes, methods on objects passed between
     # functions, properties and comprehension variables: a floor on what it finds
     assert {
-        "Builder", "OnnxParser", "BuilderFlag", "STRIP_PLAN", "create_network", "parse_from_file", "node_name",
-        "set_shape", "build_serialized_network", "serialize", "name", "dtype", "Runtime", "deserialize_cuda_engine",
-        "refit_from_file", "set_input_shape", "set_tensor_address", "execute_async_v3", "get_tensor_profile_shape",
-        "set_device_memory", "weight_streaming_budget_v2", "ILogger", "__version__",
+        "Builder",
+        "OnnxParser",
+        "BuilderFlag",
+        "STRIP_PLAN",
+        "create_network",
+        "parse_from_file",
+        "node_name",
+        "set_shape",
+        "build_serialized_network",
+        "serialize",
+        "name",
+        "dtype",
+        "Runtime",
+        "deserialize_cuda_engine",
+        "refit_from_file",
+        "set_input_shape",
+        "set_tensor_address",
+        "execute_async_v3",
+        "get_tensor_profile_shape",
+        "set_device_memory",
+        "weight_streaming_budget_v2",
+        "ILogger",
+        "__version__",
     } <= set(used), sorted(used)
     missing = {n: sorted(where)[:3] for n, where in used.items() if api.name_evidence(n, strings, py_names) is None}
     assert not missing, f"not bound in TensorRT 11.4: {missing}"
@@ -87,9 +107,18 @@ def test_names_without_a_string_of_their_own(bindings):
     assert api.name_evidence("EXCLUDE_LEAN_RUNTIME", strings, py_names) == "string"  # one string, two enums
     assert api.name_evidence("ERROR", strings, py_names).startswith("tail of ")  # ILogger.ERROR: pyCore.cpp binds it
     # names TensorRT 11 removed, and ones it never had, are absent in every form
-    for gone in ("FP16", "platform_has_fast_fp16", "supports_model", "device_memory_size", "max_workspace_size",
-                 "get_device_memory_size_for_profile", "create_execution_context_without_device_memory",
-                 "int8_calibrator", "load_weights", "getEngineValidity"):
+    for gone in (
+        "FP16",
+        "platform_has_fast_fp16",
+        "supports_model",
+        "device_memory_size",
+        "max_workspace_size",
+        "get_device_memory_size_for_profile",
+        "create_execution_context_without_device_memory",
+        "int8_calibrator",
+        "load_weights",
+        "getEngineValidity",
+    ):
         assert api.name_evidence(gone, strings, py_names) is None, gone
 
 
@@ -101,7 +130,12 @@ def test_names_without_a_string_of_their_own(bindings):
         # a method on an object that reached the function as a parameter (network from _parse)
         ("engines/builder.py", "network.num_inputs", "network.num_input_tensors", "num_input_tensors"),
         # a property read through our own property (self.engine) on a TensorRT 10 name
-        ("runtime/backends/tensorrt.py", "engine.device_memory_size_v2", "engine.device_memory_size", "device_memory_size"),
+        (
+            "runtime/backends/tensorrt.py",
+            "engine.device_memory_size_v2",
+            "engine.device_memory_size",
+            "device_memory_size",
+        ),
         # a method on a comprehension variable (parser errors)
         ("engines/builder.py", "e.node_operator()", "e.node_op()", "node_op"),
     ],

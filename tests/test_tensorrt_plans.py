@@ -3,6 +3,7 @@
 The plan files here are random bytes: these checks run before any plan is
 deserialised, so they need neither TensorRT nor a GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,9 @@ from tempomaster.runtime.backends.tensorrt import GRAPHS, TensorRTBackend
 
 BUILT = {"tensorrt_version": "11.4.0.106", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
 # the model settings a tiny export records (load_manifest checks those the runtime reads)
-TINY_MODELS = json.loads(json.dumps({k: dataclasses.asdict(getattr(get_preset("tiny"), k)) for k in ("dit", "vae", "t5")}))
+TINY_MODELS = json.loads(
+    json.dumps({k: dataclasses.asdict(getattr(get_preset("tiny"), k)) for k in ("dit", "vae", "t5")})
+)
 
 
 def _manifest(build, engines: bool = True) -> None:
@@ -33,20 +36,41 @@ def _manifest(build, engines: bool = True) -> None:
     gen = torch.Generator().manual_seed(11)
     graphs, plans = {}, {}
     for name in GRAPHS:
-        graphs[name] = {"file": f"onnx/{name}.onnx", "external_data": None, "max_batch": 8, "precision": "fp16",
-                        "inputs": [], "outputs": [], "meta": {}}
+        graphs[name] = {
+            "file": f"onnx/{name}.onnx",
+            "external_data": None,
+            "max_batch": 8,
+            "precision": "fp16",
+            "inputs": [],
+            "outputs": [],
+            "meta": {},
+        }
         blob = torch.randint(0, 256, (4096 + len(name),), generator=gen, dtype=torch.uint8).numpy().tobytes()
         (build / plan_file(name)).write_bytes(blob)
         plans[name] = {
-            "file": plan_file(name), "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
-            **BUILT, "onnx_parser_version": 11400, "hardware_compat": "none", "version_compatible": False,
-            "stripped": False, "weight_streaming": False,
+            "file": plan_file(name),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+            **BUILT,
+            "onnx_parser_version": 11400,
+            "hardware_compat": "none",
+            "version_compatible": False,
+            "stripped": False,
+            "weight_streaming": False,
             "profile": {"batch": [1, 2, 4], "frames": None, "shapes": {}},
         }
     # the ONNX files are listed (load_manifest requires every graph file hashed) but never read here
     files = {g["file"]: {"sha256": "0" * 64, "bytes": 1} for g in graphs.values()}
-    data = {"format": "tempomaster-build", "format_version": 1, "preset": "tiny", "precision": "fp16", "models": TINY_MODELS,
-            "shape": {"height": 32, "width": 48, "num_frames": 9, "intervals": [4, 2, 1]}, "graphs": graphs, "files": files}
+    data = {
+        "format": "tempomaster-build",
+        "format_version": 1,
+        "preset": "tiny",
+        "precision": "fp16",
+        "models": TINY_MODELS,
+        "shape": {"height": 32, "width": 48, "num_frames": 9, "intervals": [4, 2, 1]},
+        "graphs": graphs,
+        "files": files,
+    }
     if engines:
         data["engines"] = {**BUILT, "plans": plans}
     (build / "manifest.json").write_text(manifest_text(data))
@@ -173,7 +197,9 @@ def test_choose_backend_on_a_machine_without_tensorrt(tmp_path):
     with pytest.raises(UsageError, match="--engines"):
         choose_backend(None, "onnxruntime")
     assert choose_backend(build, "tensorrt", cuda_graphs=True) == "tensorrt"
-    with pytest.raises(UsageError, match="--cuda-graphs needs the tensorrt backend; the backend is onnxruntime \\(chosen"):
+    with pytest.raises(
+        UsageError, match="--cuda-graphs needs the tensorrt backend; the backend is onnxruntime \\(chosen"
+    ):
         choose_backend(build, cuda_graphs=True)
     with pytest.raises(UsageError, match="--cuda-graphs"):
         choose_backend(None, cuda_graphs=True)
@@ -196,12 +222,24 @@ def test_build_summary_names_every_plan():
 
     from tempomaster.engines.build import BuildResult
 
-    engines = {**BUILT, "plans": {
-        "dit": {"bytes": 3 * 2**30, "build_seconds": 1800.25, "profile": {"batch": [1, 3, 3], "frames": None},
-                "stripped": True, "hardware_compat": "none"},
-        "t5": {"bytes": 2**29, "build_seconds": 30.0, "profile": {"batch": [1, 2, 2], "frames": [2, 3, 3]},
-               "hardware_compat": "ampere+"},
-    }}
+    engines = {
+        **BUILT,
+        "plans": {
+            "dit": {
+                "bytes": 3 * 2**30,
+                "build_seconds": 1800.25,
+                "profile": {"batch": [1, 3, 3], "frames": None},
+                "stripped": True,
+                "hardware_compat": "none",
+            },
+            "t5": {
+                "bytes": 2**29,
+                "build_seconds": 30.0,
+                "profile": {"batch": [1, 2, 2], "frames": [2, 3, 3]},
+                "hardware_compat": "ampere+",
+            },
+        },
+    }
     text = BuildResult(Path("b"), "bf16", None, 1830.3, engines).summary().splitlines()
     assert len(text) == 3 and "TensorRT 11.4.0.106" in text[0] and "ONNX reused" in text[0]
     assert text[1].split()[:4] == ["dit", "3072.0", "MiB", "batch"] and "1/3/3" in text[1] and "stripped" in text[1]

@@ -4,6 +4,7 @@ the memory arithmetic, and the 256-byte alignment of every address the backend b
 Nothing here pretends to build or run a plan: the factory's device choice is read through the two calls it
 makes (torch.cuda.set_device, open_engine_backend), replaced by recorders.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_tensorrt_plans import _manifest
 
 from tempomaster.build_format import manifest_text
 from tempomaster.cli import run_main
 from tempomaster.engines.manifest import load_manifest
 from tempomaster.engines.plan_memory import (
-    HEADROOM, PlanNeed, check_budget_kept, check_plans_fit, plan_needs, streaming_budget,
+    HEADROOM,
+    PlanNeed,
+    check_budget_kept,
+    check_plans_fit,
+    plan_needs,
+    streaming_budget,
 )
 from tempomaster.engines.plans import check_run_options
 from tempomaster.engines.profiles import build_profiles
@@ -27,7 +34,6 @@ from tempomaster.runtime.backends.base import batch_slices
 from tempomaster.runtime.backends.binding import ALIGNMENT, aligned_empty, bindable, is_aligned, slice_offset_bytes
 from tempomaster.runtime.backends.factory import TensorRTBackendFactory
 from tempomaster.runtime.backends.tensorrt import TensorRTBackend
-from test_tensorrt_plans import _manifest
 
 GIB = 2**30
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -41,8 +47,11 @@ def _edit(build: Path, fn) -> None:
 
 # -- the factory -----------------------------------------------------------------------------------
 
+
 def test_factory_pickles_whole():
-    f = TensorRTBackendFactory(Path("b"), Path("ckpt"), None, cuda_graphs=True, weight_streaming_budget=3 * GIB, tile=True)
+    f = TensorRTBackendFactory(
+        Path("b"), Path("ckpt"), None, cuda_graphs=True, weight_streaming_budget=3 * GIB, tile=True
+    )
     g = pickle.loads(pickle.dumps(f))
     assert g == f and g.weight_streaming_budget == 3 * GIB and g.cuda_graphs and g.tile
 
@@ -55,8 +64,11 @@ def test_factory_opens_the_plans_on_the_ranks_device(monkeypatch):
             return ("tokenizer", checkpoints)
 
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
-    monkeypatch.setattr(factory_module, "open_engine_backend",
-                        lambda engines, name, **kw: calls.append(("open", name, kw["device_index"])) or Opened())
+    monkeypatch.setattr(
+        factory_module,
+        "open_engine_backend",
+        lambda engines, name, **kw: calls.append(("open", name, kw["device_index"])) or Opened(),
+    )
     f = TensorRTBackendFactory(Path("b"), Path("ckpt"))
     for rank_device in (torch.device("cuda", 1), torch.device("cuda", 3)):
         calls.clear()
@@ -76,8 +88,26 @@ def test_factory_on_a_cpu_rank_says_it_needs_a_gpu():
 def test_devices_flag_is_accepted_and_refused_as_one_device_is(tmp_path, capsys):
     build = tmp_path / "b"
     _manifest(build)
-    common = ["generate", "--engines", str(build), "--backend", "tensorrt", "--prompt", "a red ball", "--height", "32",
-              "--width", "48", "--num-frames", "9", "--steps", "1,1,1", "--no-progress", "--out", str(tmp_path / "o")]
+    common = [
+        "generate",
+        "--engines",
+        str(build),
+        "--backend",
+        "tensorrt",
+        "--prompt",
+        "a red ball",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-frames",
+        "9",
+        "--steps",
+        "1,1,1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert run_main(common) == 3
     one = capsys.readouterr().err.strip().splitlines()
     assert run_main([*common, "--devices", "0,1"]) == 3
@@ -87,6 +117,7 @@ def test_devices_flag_is_accepted_and_refused_as_one_device_is(tmp_path, capsys)
 
 
 # -- refusals before anything loads ----------------------------------------------------------------
+
 
 def test_cuda_graphs_with_a_streaming_build_is_refused_before_loading(tmp_path):
     build = tmp_path / "b"
@@ -103,6 +134,7 @@ def test_cuda_graphs_with_a_streaming_build_is_refused_before_loading(tmp_path):
 
 # -- memory ----------------------------------------------------------------------------------------
 
+
 def test_plan_needs_count_weights_activations_and_the_streaming_budget(tmp_path):
     build = tmp_path / "b"
     _manifest(build)
@@ -111,6 +143,7 @@ def test_plan_needs_count_weights_activations_and_the_streaming_budget(tmp_path)
         d["engines"]["plans"]["dit"].update(bytes=10 * GIB, device_memory_bytes=2 * GIB, weight_streaming=True)
         d["engines"]["plans"]["t5"].update(stripped=True, device_memory_bytes=GIB // 2)
         d["graphs"]["t5"]["weight_bytes"] = 3 * GIB
+
     _edit(build, edit)
     data = load_manifest(build).data
     dit, t5 = plan_needs(data, ["dit", "t5"], weight_streaming_budget=4 * GIB)
@@ -145,6 +178,7 @@ def test_streaming_budget_is_what_fits_capped_at_the_streamable_weights():
 
 # -- alignment -------------------------------------------------------------------------------------
 
+
 def test_a_misaligned_slice_is_copied_and_an_aligned_one_is_bound_in_place():
     x = aligned_empty((3, 5), torch.float32, "cpu")  # rows of 20 bytes: row 1 starts off the boundary
     x.copy_(torch.randn(3, 5, generator=torch.Generator().manual_seed(2)))
@@ -160,8 +194,14 @@ def test_a_misaligned_slice_is_copied_and_an_aligned_one_is_bound_in_place():
 def test_every_slice_of_every_profile_shape_is_bound_aligned(tiny_build):
     """For each graph's inputs at its profile's largest shapes, a batch split into the graph's pieces."""
     data = load_manifest(tiny_build).data
-    dtypes = {"float32": torch.float32, "int64": torch.int64, "bfloat16": torch.bfloat16, "float16": torch.float16,
-              "bool": torch.bool, "int32": torch.int32}
+    dtypes = {
+        "float32": torch.float32,
+        "int64": torch.int64,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "bool": torch.bool,
+        "int32": torch.int32,
+    }
     gen = torch.Generator().manual_seed(5)
     checked = 0
     for name, prof in build_profiles(data).items():
@@ -184,19 +224,27 @@ def test_every_slice_of_every_profile_shape_is_bound_aligned(tiny_build):
 
 # -- tiled builds ----------------------------------------------------------------------------------
 
+
 def _tiled(build: Path) -> None:
     """The synthetic build made tiled: a 4x4-latent tile and a 4x2 edge tile with its own four VAE plans."""
     _manifest(build)
 
     def edit(d):
         d["shape"].update(latent_height=4, latent_width=6)
-        d["tiling"] = {"size": [4, 4], "stride": [2, 2], "tiles": [
-            {"latent": [4, 4], "pixels": [32, 32], "suffix": ""}, {"latent": [4, 2], "pixels": [32, 16], "suffix": "_4x2"}]}
+        d["tiling"] = {
+            "size": [4, 4],
+            "stride": [2, 2],
+            "tiles": [
+                {"latent": [4, 4], "pixels": [32, 32], "suffix": ""},
+                {"latent": [4, 2], "pixels": [32, 16], "suffix": "_4x2"},
+            ],
+        }
         for base in ("vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_decoder"):
             name = f"{base}_4x2"
             d["graphs"][name] = {**d["graphs"][base], "file": f"onnx/{name}.onnx"}
             d["files"][f"onnx/{name}.onnx"] = {"sha256": "0" * 64, "bytes": 1}
             d["engines"]["plans"][name] = {**d["engines"]["plans"][base], "bytes": 123}
+
     _edit(build, edit)
 
 
@@ -247,9 +295,28 @@ def test_engine_backend_on_two_ranks_equals_one_process(tiny_build, tmp_path, ca
 
     from tempomaster.runtime.video import read_video_frames
 
-    common = ["generate", "--engines", str(tiny_build), "--backend", "onnxruntime", "--prompt", "a red ball",
-              "--height", "32", "--width", "48", "--num-frames", "9", "--steps", "2,1,1", "--seed", "3",
-              "--no-progress", "--threads", "1"]
+    common = [
+        "generate",
+        "--engines",
+        str(tiny_build),
+        "--backend",
+        "onnxruntime",
+        "--prompt",
+        "a red ball",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--num-frames",
+        "9",
+        "--steps",
+        "2,1,1",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert run_main([*common, "--out", str(tmp_path / "one")]) == 0
     assert run_main([*common, "--devices", "cpu:2", "--timeout", "300", "--out", str(tmp_path / "two")]) == 0
     assert "onnxruntime x2" in capsys.readouterr().out

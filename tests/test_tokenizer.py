@@ -1,4 +1,5 @@
 """Prompt cleaning, the tiny tokenizer, and PromptTokenizer's padding/truncation/EOS."""
+
 from __future__ import annotations
 
 import os
@@ -22,16 +23,19 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("caf\u00c3\u00a9  au lait", "caf\u00e9 au lait"),           # mojibake (UTF-8 read as Latin-1)
-    ("\u00e2\u20ac\u0153quoted\u00e2\u20ac\x9d text", '"quoted" text'),
-    ("rock &amp;amp; roll", "rock & roll"),                    # unescaped twice
-    ("&amp;lt;b&amp;gt;", "<b>"),
-    ("  a \n\n b\t\tc  \r\n", "a b c"),                          # whitespace collapsed
-    ("x\u00a0 y", "x y"),
-    ("", ""),
-    ("already clean.", "already clean."),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("caf\u00c3\u00a9  au lait", "caf\u00e9 au lait"),  # mojibake (UTF-8 read as Latin-1)
+        ("\u00e2\u20ac\u0153quoted\u00e2\u20ac\x9d text", '"quoted" text'),
+        ("rock &amp;amp; roll", "rock & roll"),  # unescaped twice
+        ("&amp;lt;b&amp;gt;", "<b>"),
+        ("  a \n\n b\t\tc  \r\n", "a b c"),  # whitespace collapsed
+        ("x\u00a0 y", "x y"),
+        ("", ""),
+        ("already clean.", "already clean."),
+    ],
+)
 def test_clean_prompt(raw, clean):
     assert clean_prompt(raw) == clean
 
@@ -78,9 +82,9 @@ def test_ids_mask_padding_and_eos(tok):
         n = len(tok.tokenizer(clean_prompt(text), add_special_tokens=False)["input_ids"]) + 1
         assert int(mask[i].sum()) == n
         assert mask[i, :n].eq(1).all() and mask[i, n:].eq(0).all()  # right padding
-        assert int(ids[i, n - 1]) == 1                               # EOS last
-        assert ids[i, :n - 1].ne(1).all()                            # only one EOS
-        assert ids[i, n:].eq(0).all()                                # pad id 0
+        assert int(ids[i, n - 1]) == 1  # EOS last
+        assert ids[i, : n - 1].ne(1).all()  # only one EOS
+        assert ids[i, n:].eq(0).all()  # pad id 0
     assert int(mask[2].sum()) == 1  # empty prompt: EOS only
 
 

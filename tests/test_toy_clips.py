@@ -1,4 +1,5 @@
 """The toy's synthetic clips, its measurements, and that its training tasks are the runtime's own."""
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,11 @@ def test_captions_cover_the_grid_and_parse_back():
         from tempomaster.toy.clips import caption
 
         assert caption(named["colour"], named["shape"], named["motion"], named["background"]) == text
-    assert parse_caption("A Blue square, sliding left!") == {"colour": "blue", "shape": "square", "motion": "sliding left"}
+    assert parse_caption("A Blue square, sliding left!") == {
+        "colour": "blue",
+        "shape": "square",
+        "motion": "sliding left",
+    }
     assert "circling" in caption_vocabulary() and "sliding" in caption_vocabulary()
 
 
@@ -122,9 +127,9 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     """y of every task as the trainer builds it equals pipeline.condition_latents' y for the runtime's own
     condition videos: on the ground truth's frames, or on the frames `decode_stage` makes of the stage above's
     target latents (what the runtime would condition on had the DiT produced exactly those)."""
+    from tempomaster.planner import chunk_condition_video
     from tempomaster.runtime.backends.torch import TorchBackend
     from tempomaster.runtime.pipeline import BackendClock, condition_latents, decode_stage, stage0_condition_video
-    from tempomaster.planner import chunk_condition_video
     from tempomaster.toy.config import INTERVALS, STAGE0_FRAMES, build_untrained_toy
     from tempomaster.toy.dit_stage import condition_input
     from tempomaster.toy.tasks import build_clip_tasks, object_latent_cover
@@ -133,15 +138,21 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
     clips = [render_clip(sample_clip_spec(99)), render_clip(sample_clip_spec(7))]
     references = [True, False]
     stages_of = [plan_stages(STAGE0_FRAMES, INTERVALS, {0} if r else ()) for r in references]
-    rows = build_clip_tasks(backend, clips, [np.random.default_rng(s) for s in (0, 1)], references, [round_trip] * 2, encode_batch=3)
+    rows = build_clip_tasks(
+        backend, clips, [np.random.default_rng(s) for s in (0, 1)], references, [round_trip] * 2, encode_batch=3
+    )
     assert rows["stage"].tolist() == [0, 0, 1, 1, 2, 2] and rows["clip"].tolist() == [0, 1] * 3
     clock = BackendClock()
     for i, clip in enumerate(clips):
         previous = above = None
         for s, row in ((s, 2 * s + i) for s in range(len(INTERVALS))):
             plan = stages_of[i][s]
-            chunk = next(c for c in plan.chunks if torch.equal(c.latent_mask, rows["mask"][row])
-                         and list(c.rope_positions) == rows["rope"][row].tolist())
+            chunk = next(
+                c
+                for c in plan.chunks
+                if torch.equal(c.latent_mask, rows["mask"][row])
+                and list(c.rope_positions) == rows["rope"][row].tolist()
+            )
             timeline = clip[:, :: plan.interval]
             target = timeline[:, chunk.start : chunk.start + plan.chunk_frames]
             torch.testing.assert_close(rows["x0"][row], backend.vae_encode(target[None])[0].half(), rtol=0, atol=2e-3)
@@ -150,7 +161,9 @@ def test_training_tasks_are_what_the_runtime_builds(round_trip):
                 videos = [stage0_condition_video(plan, {0: clip[:, 0]} if references[i] else {}, 64, 96)]
             else:
                 # stage 2's chunk takes all its known frames from the stage-1 chunk trained on
-                assert above is not None and all(above.start <= src < above.start + above.num_valid for _, src in chunk.known_frames)
+                assert above is not None and all(
+                    above.start <= src < above.start + above.num_valid for _, src in chunk.known_frames
+                )
                 videos = [chunk_condition_video(previous, plan, c)[None] for c in plan.active_chunks]
             y = condition_latents(backend, videos, plan, clock)
             mine = condition_input(rows["mask"][row][None], rows["cond"][row][None].float())

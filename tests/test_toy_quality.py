@@ -16,6 +16,7 @@ the same shuffle's first 24 (the worst 11.5 px). The toy before it met the
 bound on 5 of these 6 ("a red square sliding down" drawn orange at every
 chunk's first frame: 7.3 px), earlier ones on 4, 4, 2, 3 and 1 of 6 (docs/toy.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,10 @@ def _measure(preset: str, guidance: float | None = None) -> list:
     from tempomaster.toy.showcase import generate_toy_video, load_backend
 
     backend = load_backend(preset)
-    return [generate_toy_video(p, i, guidance, preset=preset, backend=backend).measure()
-            for i, p in enumerate(fixed_prompts())]
+    return [
+        generate_toy_video(p, i, guidance, preset=preset, backend=backend).measure()
+        for i, p in enumerate(fixed_prompts())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +144,19 @@ def _measure_cached(mode: str) -> list[tuple]:
     for i, prompt in enumerate(fixed_prompts()):
         runs = {}
         for cache in ("off", mode):
-            (job,) = build_jobs(GenerateOptions(prompt=prompt, seed=i, preset="toy", cache=cache), get_preset("toy").defaults)
+            (job,) = build_jobs(
+                GenerateOptions(prompt=prompt, seed=i, preset="toy", cache=cache), get_preset("toy").defaults
+            )
             runs[cache] = generate(backend, tokenizer, job.request, progress=False, keep_stages=True)
         cached = runs[mode]
-        out.append((measure_generation(cached, prompt),
-                    psnr(to_uint8_frames(cached.video.frames), to_uint8_frames(runs["off"].video.frames)),
-                    cached.dit_calls, runs["off"].dit_calls))
+        out.append(
+            (
+                measure_generation(cached, prompt),
+                psnr(to_uint8_frames(cached.video.frames), to_uint8_frames(runs["off"].video.frames)),
+                cached.dit_calls,
+                runs["off"].dit_calls,
+            )
+        )
     return out
 
 

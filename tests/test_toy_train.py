@@ -1,4 +1,5 @@
 """The toy trainer: a run resumed after an interruption ends where an uninterrupted one does, and what it writes loads."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,26 @@ import pytest
 import torch
 
 from tempomaster.errors import UsageError
-
 from tempomaster.models.checkpoints import CheckpointPaths, load_models
 from tempomaster.models.presets import get_preset
-from tempomaster.toy import config, dit_stage
 from tempomaster.runtime.schedule import shift_sigmas
+from tempomaster.toy import config, dit_stage
 from tempomaster.toy.state_files import load_state
 from tempomaster.toy.train import ToyTrainConfig, train_toy
 
-SMALL = ToyTrainConfig(vae_steps=3, vae_batch=1, vae_frames=5, vae_motion_steps=2, vae_motion_batch=1, vae_decoder_steps=2,
-                       vae_decoder_batch=1, clips=2, dit_steps=5, dit_batch=2, checkpoint_every=2)
+SMALL = ToyTrainConfig(
+    vae_steps=3,
+    vae_batch=1,
+    vae_frames=5,
+    vae_motion_steps=2,
+    vae_motion_batch=1,
+    vae_decoder_steps=2,
+    vae_decoder_batch=1,
+    clips=2,
+    dit_steps=5,
+    dit_batch=2,
+    checkpoint_every=2,
+)
 
 
 def _state(path):
@@ -31,6 +42,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     train_toy(tmp_path / "a", tmp_path / "a_out", SMALL, progress=False, echo=lambda m: None)
 
     real = dit_stage.dit_training_batch
+
     def interrupt(tasks, cfg, step, head_dim):
         if step == 3:
             raise KeyboardInterrupt
@@ -56,7 +68,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert ids.shape == (1, get_preset("toy").t5.text_len) == (1, 32)  # the preset's text length, not the release's 512
     assert 2 not in ids[0, :9].tolist()  # no <unk>: every caption word is in the toy vocabulary
     motion = load_state(tmp_path / "a" / "vae-motion.safetensors")  # the motion fine-tune ran and folded
-    assert motion["folded"] and [r["step"] for r in motion["log"]] == [0, 1] and all(r["motion"] > 0 for r in motion["log"])
+    assert (
+        motion["folded"]
+        and [r["step"] for r in motion["log"]] == [0, 1]
+        and all(r["motion"] > 0 for r in motion["log"])
+    )
     decoder = load_state(tmp_path / "a" / "vae-decoder.safetensors")  # the decoder fine-tune ran, unfolded
     assert not decoder.get("folded") and [r["step"] for r in decoder["log"]] == [0, 1]
     assert all(r["centroid_px"] >= 0 and r["motion"] > 0 for r in decoder["log"])
@@ -70,9 +86,17 @@ def test_a_work_folder_keeps_its_settings(tmp_path):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps({"seed": 1}))
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tm-export"), "train-toy", "--work", str(tmp_path / "w"),
-         "--out", str(tmp_path / "o"), "--no-progress"],
-        capture_output=True, text=True,
+        [
+            str(Path(sys.executable).parent / "tm-export"),
+            "train-toy",
+            "--work",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2, proc.stderr
     assert "--work" in proc.stderr and "other settings" in proc.stderr
@@ -119,8 +143,11 @@ def test_folding_the_latent_statistics_keeps_the_round_trip_and_normalises():
 
 
 def _train_toy_cli(*flags):
-    return subprocess.run([str(Path(sys.executable).parent / "tm-export"), "train-toy", "--no-progress", *flags],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "tm-export"), "train-toy", "--no-progress", *flags],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_train_toy_help_states_the_trainers_defaults():
@@ -161,9 +188,22 @@ def test_loss_png_without_matplotlib_stops_before_training(tmp_path):
     import os
 
     env = dict(os.environ, PYTHONPATH=str(stub))
-    proc = subprocess.run([str(Path(sys.executable).parent / "tm-export"), "train-toy", "--no-progress", "--work",
-                           str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--loss-png", str(tmp_path / "l.png")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "tm-export"),
+            "train-toy",
+            "--no-progress",
+            "--work",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "o"),
+            "--loss-png",
+            str(tmp_path / "l.png"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "matplotlib" in proc.stderr and ".[train]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
@@ -221,14 +261,20 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
     after = models.vae.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(("decoder.", "conv2.")) for k in changed)
-    assert train_vae_decoder(build_untrained_toy(4), replace(SMALL, vae_decoder_steps=0), tmp_path / "off", progress=False) == []
+    assert (
+        train_vae_decoder(build_untrained_toy(4), replace(SMALL, vae_decoder_steps=0), tmp_path / "off", progress=False)
+        == []
+    )
     assert not (tmp_path / "off").exists()
 
 
-@pytest.mark.parametrize("prefix, unused, checkpoint", [
-    ("vae_motion_", {"vae_motion_batch": 7, "vae_motion_lr": 1e-2}, "vae-motion.safetensors"),
-    ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.safetensors"),
-])
+@pytest.mark.parametrize(
+    "prefix, unused, checkpoint",
+    [
+        ("vae_motion_", {"vae_motion_batch": 7, "vae_motion_lr": 1e-2}, "vae-motion.safetensors"),
+        ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.safetensors"),
+    ],
+)
 def test_a_work_folder_from_before_a_fine_tune_is_resumable(tmp_path, prefix, unused, checkpoint):
     older = {k: v for k, v in asdict(SMALL).items() if not k.startswith(prefix)}
     (tmp_path / "w").mkdir()
@@ -245,7 +291,9 @@ def _train_dit_again(tmp_path, source: str, name: str, **kwargs) -> tuple[dict, 
     """Rerun only the DiT phase of the run in ``source`` (its VAE and tasks reused) into a new work folder."""
     import shutil
 
-    shutil.copytree(tmp_path / source, tmp_path / name, ignore=shutil.ignore_patterns("dit.safetensors", "summary.json"))
+    shutil.copytree(
+        tmp_path / source, tmp_path / name, ignore=shutil.ignore_patterns("dit.safetensors", "summary.json")
+    )
     said = []
     train_toy(tmp_path / name, tmp_path / f"{name}_out", SMALL, progress=False, echo=said.append, **kwargs)
     return load_state(tmp_path / name / "dit.safetensors"), said
@@ -258,12 +306,15 @@ def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
     def compile_without_a_compiler(model, **kwargs):
         def fail(*args, **kw):
             raise RuntimeError("no working C++ compiler found\n(details)")
+
         return fail
 
     monkeypatch.setattr(torch, "compile", compile_without_a_compiler)
     fallback, said = _train_dit_again(tmp_path, "eager", "fallback", compile_dit=True)
-    assert any("torch.compile failed (RuntimeError: no working C++ compiler found); training the DiT without it" in m
-               for m in said)
+    assert any(
+        "torch.compile failed (RuntimeError: no working C++ compiler found); training the DiT without it" in m
+        for m in said
+    )
     assert [r["loss"] for r in fallback["log"]] == [r["loss"] for r in eager["log"]]
     for k, v in eager["model"].items():
         assert torch.equal(fallback["model"][k], v), k
@@ -291,9 +342,16 @@ def test_the_compiled_dit_has_the_eager_loss_and_gradients():
     f, h, w = 5, 8, 12
     text = get_preset("toy").t5
     cos, sin = batched_rope_table([[0, 1, 2, 3, 4], [0, 4, 8, 12, 16]], h // 2, w // 2, dit.cfg.head_dim)
-    batch = (torch.randn(2, 16, f, h, w, generator=gen), torch.randn(2, 20, f, h, w, generator=gen),
-             torch.rand(2, generator=gen), torch.randn(2, text.text_len, dit.cfg.text_dim, generator=gen), cos, sin,
-             torch.randn(2, 16, f, h, w, generator=gen), 1.0 + torch.rand(2, 1, f, h, w, generator=gen))
+    batch = (
+        torch.randn(2, 16, f, h, w, generator=gen),
+        torch.randn(2, 20, f, h, w, generator=gen),
+        torch.rand(2, generator=gen),
+        torch.randn(2, text.text_len, dit.cfg.text_dim, generator=gen),
+        cos,
+        sin,
+        torch.randn(2, 16, f, h, w, generator=gen),
+        1.0 + torch.rand(2, 1, f, h, w, generator=gen),
+    )
     opt = torch.optim.SGD(dit.parameters(), lr=0.0)
     eager_loss = dit_stage._loss_and_grads(dit, opt, batch)
     eager = {n: p.grad.clone() for n, p in dit.named_parameters()}
@@ -321,7 +379,9 @@ def test_a_work_folder_from_before_the_motion_strides_is_resumable(tmp_path):
     (tmp_path / "w" / "config.json").write_text(json.dumps({**older, "text_len": 32}))
     # it ran at every stride: refused with 6 fps windows only, accepted at the default
     with pytest.raises(UsageError, match="other settings"):
-        train_toy(tmp_path / "w", tmp_path / "o", replace(SMALL, vae_motion_strides=(4,)), progress=False, echo=lambda m: None)
+        train_toy(
+            tmp_path / "w", tmp_path / "o", replace(SMALL, vae_motion_strides=(4,)), progress=False, echo=lambda m: None
+        )
     assert SMALL.vae_motion_strides == (1, 2, 4)
     train_toy(tmp_path / "w", tmp_path / "o", SMALL, progress=False, echo=lambda m: None)
     assert (tmp_path / "o" / "wan_video_dit_bf16.bin").is_file()
@@ -339,15 +399,22 @@ def test_the_weighted_loss_by_hand():
         dit.head.head.weight.normal_(0.0, 0.02, generator=gen)
     f, h, w = 5, 8, 12
     cos, sin = batched_rope_table([[0, 1, 2, 3, 4], [0, 4, 8, 12, 16]], h // 2, w // 2, dit.cfg.head_dim)
-    inputs = (torch.randn(2, 16, f, h, w, generator=gen), torch.randn(2, 20, f, h, w, generator=gen),
-              torch.rand(2, generator=gen), torch.randn(2, get_preset("toy").t5.text_len, dit.cfg.text_dim, generator=gen),
-              cos, sin)
+    inputs = (
+        torch.randn(2, 16, f, h, w, generator=gen),
+        torch.randn(2, 20, f, h, w, generator=gen),
+        torch.rand(2, generator=gen),
+        torch.randn(2, get_preset("toy").t5.text_len, dit.cfg.text_dim, generator=gen),
+        cos,
+        sin,
+    )
     target = torch.randn(2, 16, f, h, w, generator=gen)
     weight = 1.0 + 4.0 * (torch.rand(2, 1, f, h, w, generator=gen) < 0.25).float()
     opt = torch.optim.SGD(dit.parameters(), lr=0.0)
     with torch.no_grad():
         x_t, y, sigma, context, cos, sin = inputs  # the model takes the timestep as 1000 sigma
-        error = (dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True).double() - target.double()) ** 2
+        error = (
+            dit(x_t, y, sigma * 1000.0, context, cos, sin, timestep_per_sample=True).double() - target.double()
+        ) ** 2
     by_hand = float((error * weight.double()).sum() / (weight.double().expand_as(error)).sum())
     assert abs(dit_stage._loss_and_grads(dit, opt, (*inputs, target, weight)).item() - by_hand) < 1e-5 * by_hand
     plain = dit_stage._loss_and_grads(dit, opt, (*inputs, target, None)).item()
@@ -400,4 +467,6 @@ def test_a_work_folder_from_before_the_loss_weights_reads_them_as_off():
     assert config.comparable_settings(older) == config.comparable_settings(off)
     assert config.comparable_settings(older) != config.comparable_settings(settings)
     first_only = {k: v for k, v in settings.items() if k != "first_frame_loss_weight"}
-    assert config.comparable_settings(first_only) == config.comparable_settings({**settings, "first_frame_loss_weight": 0.0})
+    assert config.comparable_settings(first_only) == config.comparable_settings(
+        {**settings, "first_frame_loss_weight": 0.0}
+    )

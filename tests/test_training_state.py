@@ -1,4 +1,5 @@
 """Nothing the package reads is unpickled as code: training state is safetensors + JSON, and every torch.load is tensors-only."""
+
 from __future__ import annotations
 
 import ast
@@ -74,11 +75,19 @@ def test_a_training_state_round_trips_exactly_and_resumes(tmp_path):
     seed = int.from_bytes(os.urandom(4), "little")
     model, opt, g = _trained(seed)
     state = {
-        "model": model.state_dict(), "opt": opt.state_dict(), "step": 3, "folded": True,
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "step": 3,
+        "folded": True,
         "log": [{"step": i, "loss": float(torch.rand(1, generator=g)), "parts": (1, "x", None)} for i in range(3)],
-        "extras": {"bf16": torch.randn(2, 3, generator=g).bfloat16(), "mask": torch.rand(4, generator=g) > 0.5,
-                   "scalar": torch.tensor(2.5), "tied": [model[0].weight, model[0].weight],
-                   "odd": {7: "int key", "__tensor__": "a reserved name as a plain key"}, "nan": math.nan},
+        "extras": {
+            "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+            "mask": torch.rand(4, generator=g) > 0.5,
+            "scalar": torch.tensor(2.5),
+            "tied": [model[0].weight, model[0].weight],
+            "odd": {7: "int key", "__tensor__": "a reserved name as a plain key"},
+            "nan": math.nan,
+        },
     }
     path = tmp_path / "phase.safetensors"
     save_state(state, path)
@@ -122,8 +131,15 @@ def test_a_file_that_is_not_our_state_is_one_line(tmp_path):
     with pytest.raises(UsageError, match="vae.safetensors"):
         load_state(tmp_path / "vae.safetensors")
     # ours, with a state that names a tensor the file does not hold
-    save_file({"t0": torch.randn(2)}, str(tmp_path / "edited.safetensors"),
-              metadata={"format": "tempomaster-training-state", "version": "1", "state": json.dumps({"m": {"__tensor__": "t9"}})})
+    save_file(
+        {"t0": torch.randn(2)},
+        str(tmp_path / "edited.safetensors"),
+        metadata={
+            "format": "tempomaster-training-state",
+            "version": "1",
+            "state": json.dumps({"m": {"__tensor__": "t9"}}),
+        },
+    )
     with pytest.raises(UsageError, match="edited.safetensors"):
         load_state(tmp_path / "edited.safetensors")
 
@@ -145,9 +161,19 @@ def test_a_crafted_pickle_in_a_work_folder_does_not_run(tmp_path):
     work.mkdir()
     torch.save({"model": _RunsCode(f"touch {marker}"), "opt": {}, "log": [], "step": 0}, work / "vae.pt")
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tm-export"), "train-toy", "--work", str(work), "--out", str(tmp_path / "o"),
-         "--no-progress", "--no-compile"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "tm-export"),
+            "train-toy",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--no-compile",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert not marker.exists(), "the pickle's code ran"
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,4 +1,5 @@
 """tm-run upsample: a user's low-rate video becomes a stage's output and the later stages lift it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,8 +31,13 @@ def test_rates_map_to_stages():
     eight = map_rate(8.0, 24, (4, 2, 1))
     assert eight.stage == 0 and eight.resampled and "8 fps resampled to 6 fps" in eight.note
     assert map_rate(10.0, 24, (4, 2, 1)).stage == 1  # |log(10/12)| < |log(10/6)|
-    for fps, why in ((24.0, "nothing to lift"), (30.0, "nothing to lift"), (2.0, "below half"),
-                     (0.0, "no usable frame rate"), (float("nan"), "no usable frame rate")):
+    for fps, why in (
+        (24.0, "nothing to lift"),
+        (30.0, "nothing to lift"),
+        (2.0, "below half"),
+        (0.0, "no usable frame rate"),
+        (float("nan"), "no usable frame rate"),
+    ):
         with pytest.raises(UsageError, match=why):
             map_rate(fps, 24, (4, 2, 1))
 
@@ -52,7 +58,9 @@ def _clip_at(fps_step: int, frames: int = 68) -> np.ndarray:
 
 
 def _upsample(video: Path, out: Path, prompt: str, to_fps=None, **kw):
-    gen = GenerateOptions(prompt=prompt, preset="toy", steps=(1, 1, 1), seed=0, out=out, progress=False, threads=1, **kw)
+    gen = GenerateOptions(
+        prompt=prompt, preset="toy", steps=(1, 1, 1), seed=0, out=out, progress=False, threads=1, **kw
+    )
     return run_upsample(UpsampleOptions(video=video, to_fps=to_fps, generate=gen), echo=lambda _: None)
 
 
@@ -79,7 +87,9 @@ def test_upsample_drops_frames_past_4k_plus_1(tmp_path):
     frames, caption = _clip_at(2, 40)  # 20 frames at 12 fps -> 17 kept -> 34 at 24 fps
     video = write_mp4(frames, tmp_path / "in12.mp4", 12.0)
     lines = []
-    gen = GenerateOptions(prompt=caption, preset="toy", steps=(1, 1, 1), out=tmp_path / "o.mp4", progress=False, threads=1)
+    gen = GenerateOptions(
+        prompt=caption, preset="toy", steps=(1, 1, 1), out=tmp_path / "o.mp4", progress=False, threads=1
+    )
     run_upsample(UpsampleOptions(video=video, to_fps=None, generate=gen), echo=lines.append)
     assert any("the last 3 of 20 dropped" in line for line in lines)
     lifted, _ = read_video_frames(tmp_path / "o.mp4")
@@ -105,8 +115,22 @@ def test_bad_videos_are_refused_before_any_model_loads(tmp_path, no_models):
     with pytest.raises(UsageError, match="is not a video ffmpeg can read"):
         _upsample(text, tmp_path / "o.mp4", "x")
     empty = tmp_path / "empty.mp4"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=red:s=32x32:r=6",
-                    "-frames:v", "0", str(empty)], check=True)
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=red:s=32x32:r=6",
+            "-frames:v",
+            "0",
+            str(empty),
+        ],
+        check=True,
+    )
     with pytest.raises(UsageError, match="no frames"):
         _upsample(empty, tmp_path / "o.mp4", "x")
     frames, _ = _clip_at(1, 9)

@@ -1,4 +1,5 @@
 """The measures and baselines of benchmarks/upsample_baselines.py, against independent computations."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -3,6 +3,7 @@ explicit-cache streaming, bf16 (tiling: test_vae_tiling.py).
 
 The oracle runs the real width (dim 96) at 32x32 with fresh random weights.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,10 +18,10 @@ def _diffusers():
     """diffusers is only the oracle: tests that need it skip without it."""
     return pytest.importorskip("diffusers")
 
+
 from checkpoint_layouts import layout  # noqa: E402
 
 TOL = 1e-4
-
 
 
 def _expected_keys() -> dict[str, tuple[int, ...]]:
@@ -182,7 +183,7 @@ def test_decoder_step_streaming(pair, latents, our_outputs, ref_outputs):
     frames = []
     with torch.no_grad():
         for i in range(f):
-            out, caches = ours.decoder_step(latents[:, :, i:i + 1], caches, first=(i == 0))
+            out, caches = ours.decoder_step(latents[:, :, i : i + 1], caches, first=(i == 0))
             assert out.shape == (b, 3, 1 if i == 0 else 4, 8 * h, 8 * w)
             assert [tuple(c.shape) for c in caches] == shapes  # fixed shapes
             frames.append(out)
@@ -301,8 +302,13 @@ def test_decoder_step_exports_with_explicit_cache(small, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            Step(small), (z, *caches), str(path), dynamo=False, opset_version=17,
-            input_names=["z", *names], output_names=["x", *[n + "_out" for n in names]],
+            Step(small),
+            (z, *caches),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["z", *names],
+            output_names=["x", *[n + "_out" for n in names]],
         )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["z", *names]

@@ -6,6 +6,7 @@ latents equal its own per-chunk encode to float32 rounding, on every
 backend, and a whole generation gives the same frames with one encode per
 stage instead of one per chunk.
 """
+
 import copy
 
 import pytest
@@ -87,7 +88,9 @@ def test_generation_encodes_once_per_stage_with_the_same_latents(tiny_models, ti
     assert (batched.log.vae_encode, batched.log.vae_encode_items) == (3, 7)
     assert (per_chunk.log.vae_encode, per_chunk.log.vae_encode_items) == (7, 7)
     assert batched.log.vae_encode == expected_backend_calls(9, (4, 2, 1), (2, 1, 1), 8.0).vae_encode
-    assert per_chunk.log.vae_encode == expected_backend_calls(9, (4, 2, 1), (2, 1, 1), 8.0, vae_encode_batch=1).vae_encode
+    assert (
+        per_chunk.log.vae_encode == expected_backend_calls(9, (4, 2, 1), (2, 1, 1), 8.0, vae_encode_batch=1).vae_encode
+    )
     assert len(batched.latents) == len(per_chunk.latents) == 7
     for a, b in zip(batched.latents, per_chunk.latents):
         _assert_same(a, b)

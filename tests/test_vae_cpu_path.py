@@ -5,6 +5,7 @@ encodes and decodes within float32 rounding of the default path, far inside
 1/255; torch's per-sample im2col kernel no longer runs; the packed weights
 follow the module's weights; training and export keep the default path.
 """
+
 import copy
 
 import pytest

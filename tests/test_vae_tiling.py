@@ -4,6 +4,7 @@ Placements are worked out by hand; masks and blends are checked against a
 float64 transcription of the rule written here from its description (loops,
 no shared code), applied to the untiled model's output on each tile crop.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -55,8 +56,8 @@ def ref_blend(tiles, out_hw, border, clamp: bool) -> torch.Tensor:
     for t, (y, x), bounds in tiles:
         th, tw = t.shape[-2:]
         m = ref_mask(th, tw, border, bounds)
-        values[..., y:y + th, x:x + tw] += t.double() * m
-        weight[y:y + th, x:x + tw] += m
+        values[..., y : y + th, x : x + tw] += t.double() * m
+        weight[y : y + th, x : x + tw] += m
     out = values / weight
     return out.clamp(-1, 1) if clamp else out
 
@@ -93,7 +94,11 @@ def test_placement_when_the_stride_divides_the_extent():
 def test_placement_with_a_cut_last_tile():
     # 64: 45 kept (30 + 30 = 60 < 64) and cut to 19; 60 skipped (45 + 30 >= 64)
     assert tile_spans(64, 30, 15) == [
-        (0, 30, True, False), (15, 45, False, False), (30, 60, False, False), (45, 64, False, True)]
+        (0, 30, True, False),
+        (15, 45, False, False),
+        (30, 60, False, False),
+        (45, 64, False, True),
+    ]
     # 720p width, latent 160: starts 0..130 by 26, the last cut to 30
     assert tile_starts(160, 52, 26) == [0, 26, 52, 78, 104, 130]
     assert tile_spans(160, 52, 26)[-1] == (130, 160, False, True)
@@ -139,7 +144,10 @@ def test_2d_mask_is_the_minimum_of_the_axes():
     g = torch.Generator().manual_seed(11)
     for _ in range(12):
         h, w = (int(v) for v in torch.randint(9, 40, (2,), generator=g))
-        border = (int(torch.randint(0, h // 2 + 1, (1,), generator=g)), int(torch.randint(0, w // 2 + 1, (1,), generator=g)))
+        border = (
+            int(torch.randint(0, h // 2 + 1, (1,), generator=g)),
+            int(torch.randint(0, w // 2 + 1, (1,), generator=g)),
+        )
         bounds = tuple(bool(b) for b in torch.randint(0, 2, (4,), generator=g))
         ours = tile_mask(h, w, border, bounds)
         torch.testing.assert_close(ours.double(), ref_mask(h, w, border, bounds), rtol=0, atol=6e-8)
@@ -200,7 +208,7 @@ def test_tiled_encode_equals_the_rule_on_per_tile_outputs(vae):
     tiles = []
     for h0, h1, top, bottom in H_TILES:
         for w0, w1, left, right in W_TILES:
-            out = vae.encode(video[..., 8 * h0:8 * h1, 8 * w0:8 * w1])
+            out = vae.encode(video[..., 8 * h0 : 8 * h1, 8 * w0 : 8 * w1])
             tiles.append((out, (h0, w0), (top, bottom, left, right)))
     # encode ramps over (size - stride) * 8 / 8 latent positions
     ref = ref_blend(tiles, (6, 9), (2, 3), clamp=False)
@@ -223,8 +231,10 @@ def test_blend_before_clamp_on_a_stand_in():
     out = tiled_decode(fn, z, TileSpec((4, 6), (4, 3)))
     assert calls == [(1, 1, 1, 4, 6), (1, 1, 1, 4, 6)]
     row = out[0, 0, 0, 0]
-    tiles = [(torch.full((1, 1, 1, 32, 48), 3.0), (0, 0), (True, True, True, False)),
-             (torch.full((1, 1, 1, 32, 48), -2.0), (0, 24), (True, True, False, True))]
+    tiles = [
+        (torch.full((1, 1, 1, 32, 48), 3.0), (0, 0), (True, True, True, False)),
+        (torch.full((1, 1, 1, 32, 48), -2.0), (0, 24), (True, True, False, True)),
+    ]
     ref = ref_blend(tiles, (32, 72), (0, 24), clamp=True)[0, 0, 0, 0]
     torch.testing.assert_close(row.double(), ref, rtol=0, atol=1e-6)
     # across the 24-pixel overlap the blend passes through [-1, 1] linearly
@@ -241,8 +251,11 @@ def test_sums_in_the_latents_dtype_on_the_host(vae):
 
     ours = tiled_decode(fn, lat, SPEC)
     assert ours.dtype == torch.bfloat16 and ours.device.type == "cpu"
-    tiles = [(fn(lat[..., h0:h1, w0:w1]), (8 * h0, 8 * w0), (top, bottom, left, right))
-             for h0, h1, top, bottom in H_TILES for w0, w1, left, right in W_TILES]
+    tiles = [
+        (fn(lat[..., h0:h1, w0:w1]), (8 * h0, 8 * w0), (top, bottom, left, right))
+        for h0, h1, top, bottom in H_TILES
+        for w0, w1, left, right in W_TILES
+    ]
     exact = ref_blend(tiles, (48, 72), (16, 24), clamp=True)
     # within a few bf16 steps of the exact blend of the same tiles ...
     assert (ours.double() - exact).abs().max() <= 4 / 128
@@ -251,6 +264,14 @@ def test_sums_in_the_latents_dtype_on_the_host(vae):
     video = (torch.rand(1, 3, 5, 48, 72, generator=g) * 2 - 1).bfloat16()
     z = tiled_encode(lambda v: vae.encode(v.float()).bfloat16(), video, SPEC)
     assert z.dtype == torch.bfloat16 and z.shape == (1, 16, 2, 6, 9)
-    z_exact = ref_blend([(vae.encode(video[..., 8 * h0:8 * h1, 8 * w0:8 * w1].float()).bfloat16(), (h0, w0), (t, b, l, r))
-                         for h0, h1, t, b in H_TILES for w0, w1, l, r in W_TILES], (6, 9), (2, 3), clamp=False)
+    z_exact = ref_blend(
+        [
+            (vae.encode(video[..., 8 * h0 : 8 * h1, 8 * w0 : 8 * w1].float()).bfloat16(), (h0, w0), (t, b, l, r))
+            for h0, h1, t, b in H_TILES
+            for w0, w1, l, r in W_TILES
+        ],
+        (6, 9),
+        (2, 3),
+        clamp=False,
+    )
     assert (z.double() - z_exact).abs().max() <= 4 / 128 * max(1.0, float(z_exact.abs().max()))

@@ -6,6 +6,7 @@ tests are slow. The fast ones reuse the session's tiny build (32x48), which
 is smaller than one release tile, so its graphs are exactly what a tiled
 export at that size holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ VAE_GRAPHS = ["vae_encoder_first", "vae_encoder", "vae_decoder_first", "vae_deco
 
 def test_tiling_record_for_release_shapes():
     rec = tiling_record(RELEASE_TILE, ExportShape(480, 832, 109, (4, 2, 1)))
-    assert rec == {"size": [30, 52], "stride": [15, 26],
-                   "tiles": [{"latent": [30, 52], "pixels": [240, 416], "suffix": ""}]}
+    assert rec == {
+        "size": [30, 52],
+        "stride": [15, 26],
+        "tiles": [{"latent": [30, 52], "pixels": [240, 416], "suffix": ""}],
+    }
     # 720x1280: the last tile across is cut to 30 latent columns and gets its own graphs
     rec = tiling_record(RELEASE_TILE, ExportShape(720, 1280, 109, (4, 2, 1)))
     assert [t["latent"] for t in rec["tiles"]] == [[30, 52], [30, 30]]
@@ -85,8 +89,18 @@ def tiled_build(tmp_path_factory, tiny_models):
     """VAE graphs of the tiny preset tiled (4, 6) / (2, 3) at 48x80 pixels (latent 6x10):
     rows [0, 4) [2, 6); columns [0, 6) [3, 9) [6, 10) -- the last cut to 4."""
     out = tmp_path_factory.mktemp("tiled") / "b"
-    export_onnx(tiny_models, "fp32", ExportShape(48, 80, 9, (4, 2, 1)), out, preset_name="tiny",
-                progress=False, copy=True, graphs=VAE_GRAPHS, tile=SPEC, audit=False)
+    export_onnx(
+        tiny_models,
+        "fp32",
+        ExportShape(48, 80, 9, (4, 2, 1)),
+        out,
+        preset_name="tiny",
+        progress=False,
+        copy=True,
+        graphs=VAE_GRAPHS,
+        tile=SPEC,
+        audit=False,
+    )
     return out
 
 

@@ -25,6 +25,7 @@ as the tail of a longer one ("REFIT" inside "INCLUDE_REFIT", "Runtime"
 inside "IPluginV3OneRuntime"), so a name counts as present when it is a
 whole string or the tail of one; `name_evidence` says which.
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,7 +75,11 @@ class _Analyzer:
         if isinstance(node, ast.Name):
             return node.id in local
         if isinstance(node, ast.Attribute):
-            if isinstance(node.value, ast.Name) and node.value.id == "self" and "." + node.attr in self.state.tainted_attrs:
+            if (
+                isinstance(node.value, ast.Name)
+                and node.value.id == "self"
+                and "." + node.attr in self.state.tainted_attrs
+            ):
                 return True
             if "." + node.attr in self.state.tainted_attrs and isinstance(node.value, ast.Attribute):
                 return True
@@ -98,7 +103,12 @@ class _Analyzer:
     # -- one pass over a function ----------------------------------------------------
     def scan_function(self, fn: ast.FunctionDef, qual: str) -> bool:
         local = self.state.tainted_names.setdefault(qual, set())
-        before = (len(local), len(self.state.tainted_attrs), len(self.state.returning), sum(map(len, self.state.params.values())))
+        before = (
+            len(local),
+            len(self.state.tainted_attrs),
+            len(self.state.returning),
+            sum(map(len, self.state.params.values())),
+        )
         args = [a.arg for a in fn.args.posonlyargs + fn.args.args]
         for i, a in enumerate(args):
             if a == MODULE_ALIAS or i in self.state.params.get(fn.name, set()):
@@ -108,7 +118,7 @@ class _Analyzer:
                 if self.trt_valued(node.value, local):
                     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     for t in targets:
-                        for el in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                        for el in t.elts if isinstance(t, ast.Tuple) else [t]:
                             if isinstance(el, ast.Name):
                                 local.add(el.id)
                             elif isinstance(el, ast.Attribute) and not _is_module(el):
@@ -116,27 +126,47 @@ class _Analyzer:
             elif isinstance(node, (ast.For, ast.comprehension)):
                 if self.trt_valued(node.iter, local):
                     local |= _target_names(node.target)
-            elif isinstance(node, ast.Return) and node.value is not None and (
-                self.trt_valued(node.value, local)
-                or (isinstance(node.value, ast.Tuple) and any(self.trt_valued(e, local) for e in node.value.elts))
+            elif (
+                isinstance(node, ast.Return)
+                and node.value is not None
+                and (
+                    self.trt_valued(node.value, local)
+                    or (isinstance(node.value, ast.Tuple) and any(self.trt_valued(e, local) for e in node.value.elts))
+                )
             ):
                 self.state.returning.add(fn.name)
                 if any(isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list):
                     self.state.tainted_attrs.add("." + fn.name)
             elif isinstance(node, ast.Call):
                 f = node.func
-                callee = f.id if isinstance(f, ast.Name) else (
-                    f.attr if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self" else None)
+                callee = (
+                    f.id
+                    if isinstance(f, ast.Name)
+                    else (
+                        f.attr
+                        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
+                        else None
+                    )
+                )
                 if callee in self.functions and not (isinstance(f, ast.Attribute) and self.trt_valued(f.value, local)):
                     shift = 1 if isinstance(f, ast.Attribute) else 0
                     for i, a in enumerate(node.args):
                         if self.trt_valued(a, local):
                             self.state.params.setdefault(callee, set()).add(i + shift)
-        after = (len(local), len(self.state.tainted_attrs), len(self.state.returning), sum(map(len, self.state.params.values())))
+        after = (
+            len(local),
+            len(self.state.tainted_attrs),
+            len(self.state.returning),
+            sum(map(len, self.state.params.values())),
+        )
         return after != before
 
     def run(self) -> dict[str, set[int]]:
-        fns = [(n, f"{n.name}@{n.lineno}") for n in ast.walk(self.tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        fns = [
+            (n, f"{n.name}@{n.lineno}")
+            for n in ast.walk(self.tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         module_local = self.state.tainted_names.setdefault("<module>", set())
         for _ in range(50):
             changed = False
@@ -152,7 +182,13 @@ class _Analyzer:
         return self.state.used
 
     def _collect(self, root: ast.AST, local: set[str], top_only: bool = False) -> None:
-        nodes = ast.walk(root) if not top_only else (n for stmt in root.body if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(stmt))
+        nodes = (
+            ast.walk(root)
+            if not top_only
+            else (
+                n for stmt in root.body if not isinstance(stmt, (ast.FunctionDef, ast.ClassDef)) for n in ast.walk(stmt)
+            )
+        )
         for node in nodes:
             if isinstance(node, ast.Attribute) and self.trt_valued(node.value, local) and not _is_module(node):
                 if isinstance(node.value, ast.Name) and node.value.id == "self":
@@ -186,9 +222,13 @@ def check_module_aliases(source: str) -> list[str]:
                     problems.append(f"line {node.lineno}: import {a.name} as {a.asname}")
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             f = node.value.func
-            if (isinstance(f, ast.Name) and f.id == "import_tensorrt") or (isinstance(f, ast.Attribute) and f.attr == "import_tensorrt"):
+            if (isinstance(f, ast.Name) and f.id == "import_tensorrt") or (
+                isinstance(f, ast.Attribute) and f.attr == "import_tensorrt"
+            ):
                 for t in node.targets:
-                    if not (isinstance(t, ast.Name) and t.id == MODULE_ALIAS) and not (isinstance(t, ast.Attribute) and t.attr == MODULE_ALIAS):
+                    if not (isinstance(t, ast.Name) and t.id == MODULE_ALIAS) and not (
+                        isinstance(t, ast.Attribute) and t.attr == MODULE_ALIAS
+                    ):
                         problems.append(f"line {node.lineno}: import_tensorrt() bound to {ast.unparse(t)}")
     return problems
 

@@ -1,4 +1,5 @@
 """The release VAE's state-dict names -> diffusers' `AutoencoderKLWan` names: the key mapping the peer tests use."""
+
 from __future__ import annotations
 
 import torch
@@ -7,15 +8,21 @@ import torch
 def wan_vae_to_diffusers(state_dict: dict[str, torch.Tensor], num_res_blocks: int = 2) -> dict[str, torch.Tensor]:
     """Rename a `Wan2.1_VAE.pth` state dict to diffusers' `AutoencoderKLWan`
     names (tensors are shared, not copied)."""
-    res = {"0.gamma": "norm1.gamma", "2.weight": "conv1.weight", "2.bias": "conv1.bias",
-           "3.gamma": "norm2.gamma", "6.weight": "conv2.weight", "6.bias": "conv2.bias"}
+    res = {
+        "0.gamma": "norm1.gamma",
+        "2.weight": "conv1.weight",
+        "2.bias": "conv1.bias",
+        "3.gamma": "norm2.gamma",
+        "6.weight": "conv2.weight",
+        "6.bias": "conv2.bias",
+    }
     per_up = num_res_blocks + 2  # residual blocks + upsampler per decoder stage
 
     def block(rest: str) -> str:  # "residual.2.weight" / "shortcut.bias" / anything else
         if rest.startswith("residual."):
-            return res[rest[len("residual."):]]
+            return res[rest[len("residual.") :]]
         if rest.startswith("shortcut."):
-            return "conv_shortcut." + rest[len("shortcut."):]
+            return "conv_shortcut." + rest[len("shortcut.") :]
         return rest
 
     def middle(rest: str) -> str:

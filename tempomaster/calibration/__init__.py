@@ -9,6 +9,7 @@ onnx|build --precision fp8` call these):
 
 Modules import lazily: `import tempomaster.calibration` loads nothing heavy.
 """
+
 from __future__ import annotations
 
 __all__ = ["calibrate", "export_fp8_onnx", "load_calibration", "quality_report", "format_report"]

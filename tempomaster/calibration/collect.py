@@ -24,6 +24,7 @@ same as an uninterrupted run's); with other arguments it starts over.
 A calibration names the preset, the shape and a sha256 of the DiT's weights
 (their bf16 bytes): an export for another preset, shape or weights refuses it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,15 +32,20 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ..atomic_write import write_bytes
-from ..build_format import CALIBRATION_DIR, CALIBRATION_FILE, CALIBRATION_FORMAT, CALIBRATION_PROGRESS_FILE, \
-    CALIBRATION_PROGRESS_FORMAT
+from ..build_format import (
+    CALIBRATION_DIR,
+    CALIBRATION_FILE,
+    CALIBRATION_FORMAT,
+    CALIBRATION_PROGRESS_FILE,
+    CALIBRATION_PROGRESS_FORMAT,
+)
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from .fp8 import ATTENTION_INPUTS, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
@@ -60,6 +66,7 @@ PROGRESS_FORMAT = CALIBRATION_PROGRESS_FORMAT
 # Hashes and small helpers
 # ----------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def dit_weights_sha256(dit: torch.nn.Module) -> str:
     """sha256 of the DiT's parameters as bf16 bytes (names, shapes, values).
@@ -78,8 +85,12 @@ def dit_weights_sha256(dit: torch.nn.Module) -> str:
 
 
 def _shape_key(shape) -> dict:
-    return {"height": int(shape.height), "width": int(shape.width), "num_frames": int(shape.num_frames),
-            "intervals": [int(i) for i in shape.intervals]}
+    return {
+        "height": int(shape.height),
+        "width": int(shape.width),
+        "num_frames": int(shape.num_frames),
+        "intervals": [int(i) for i in shape.intervals],
+    }
 
 
 def _describe_shape(d: Mapping) -> str:
@@ -100,6 +111,7 @@ def _file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------
 # The result
 # ----------------------------------------------------------------------------
+
 
 @dataclass
 class Calibration:
@@ -128,10 +140,12 @@ class Calibration:
         return isinstance(self.data.get("attention"), dict)
 
     def attention_table(self, stages: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
-        """"blocks.N.<kind>" -> {"q", "k", "v"} amax over all stages (or the given ones): `fp8.quantize_dit`'s `attention`."""
+        """ "blocks.N.<kind>" -> {"q", "k", "v"} amax over all stages (or the given ones): `fp8.quantize_dit`'s `attention`."""
         if not self.has_attention:
-            raise UsageError(f"{self.path or 'calibration'}: no \"attention\" section (made before FP8 attention); "
-                             "run tm-export calibrate again, or give --fp8-attention off")
+            raise UsageError(
+                f'{self.path or "calibration"}: no "attention" section (made before FP8 attention); '
+                "run tm-export calibrate again, or give --fp8-attention off"
+            )
         out = {}
         for name, rec in self.data["attention"].items():
             if stages is None:
@@ -163,7 +177,9 @@ class Calibration:
         if shape is not None and d.get("shape") != _shape_key(shape):
             problems.append(f"shape {_describe_shape(d['shape'])} (this build: {_describe_shape(_shape_key(shape))})")
         if dit_sha256 is not None and d.get("dit_sha256") != dit_sha256:
-            problems.append(f"DiT weights sha256 {str(d.get('dit_sha256'))[:12]}... (this build's: {dit_sha256[:12]}...)")
+            problems.append(
+                f"DiT weights sha256 {str(d.get('dit_sha256'))[:12]}... (this build's: {dit_sha256[:12]}...)"
+            )
         if problems:
             raise UsageError(
                 f"{where}: calibration made for {'; '.join(problems)}; run tm-export calibrate for this build"
@@ -190,6 +206,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 # Recording
 # ----------------------------------------------------------------------------
 
+
 def _abs_max(x: torch.Tensor, where: str) -> float:
     value = float(x.detach().abs().amax()) if x.numel() else 0.0
     if value != value or value == float("inf"):
@@ -214,8 +231,9 @@ class AmaxRecorder:
         self.attention_amax = {n: {i: [0.0] * num_stages for i in ATTENTION_INPUTS} for n in self.attention_names}
         self._pending: dict[tuple[str, str | None], float] = {}
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
-        self._handles += [modules[f"{n}.attn"].register_forward_pre_hook(self._attention_hook(n))
-                          for n in self.attention_names]
+        self._handles += [
+            modules[f"{n}.attn"].register_forward_pre_hook(self._attention_hook(n)) for n in self.attention_names
+        ]
 
     def _hold(self, key: tuple[str, str | None], value: float) -> None:
         self._pending[key] = max(self._pending.get(key, 0.0), value)
@@ -243,8 +261,9 @@ class AmaxRecorder:
         if sorted(layers) != sorted(self.amax) or sorted(attention) != sorted(self.attention_amax):
             raise ValueError("the saved maxima name other layers than this DiT's")
         self.amax = {n: [float(v) for v in layers[n]] for n in self.names}
-        self.attention_amax = {n: {i: [float(v) for v in attention[n][i]] for i in ATTENTION_INPUTS}
-                               for n in self.attention_names}
+        self.attention_amax = {
+            n: {i: [float(v) for v in attention[n][i]] for i in ATTENTION_INPUTS} for n in self.attention_names
+        }
 
     def on_step_end(self, event) -> None:
         """Credit the step's DiT call to its stage (a `generate` step callback)."""
@@ -259,8 +278,9 @@ class AmaxRecorder:
         self._handles = []
 
 
-def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: int,
-                  fraction: float = 1.0) -> tuple[int, ...]:
+def resolve_steps(
+    calib_steps: int | Sequence[int] | None, preset, num_stages: int, fraction: float = 1.0
+) -> tuple[int, ...]:
     """Steps per stage for calibration: `fraction` of the preset's by default; an int applies to every stage."""
     from .cost import scaled_steps
 
@@ -269,7 +289,9 @@ def resolve_steps(calib_steps: int | Sequence[int] | None, preset, num_stages: i
         return default
     steps = (int(calib_steps),) * num_stages if isinstance(calib_steps, int) else tuple(int(s) for s in calib_steps)
     if len(steps) != num_stages or any(s < 1 for s in steps):
-        raise UsageError(f"--calib-steps: need one positive step count or {num_stages} (one per stage), got {calib_steps}")
+        raise UsageError(
+            f"--calib-steps: need one positive step count or {num_stages} (one per stage), got {calib_steps}"
+        )
     return steps
 
 
@@ -323,8 +345,10 @@ def _read_progress(path: Path, key: str, total: int, say: Callable[[str], None])
         say(f"calibration: {path} is unreadable; starting over")
         return None
     if data.get("key") != key:
-        say(f"calibration: {path} was made with other arguments (prompts, steps, seed, shape, weights or dtype); "
-            "starting over")
+        say(
+            f"calibration: {path} was made with other arguments (prompts, steps, seed, shape, weights or dtype); "
+            "starting over"
+        )
         return None
     if not 0 < data["videos_done"] < total:
         return None
@@ -386,9 +410,18 @@ def calibrate(
     backend = TorchBackend(models, dtype=dtype, device=device)
     recorder = AmaxRecorder(backend.dit, num_stages)
     progress_path = cal_dir / PROGRESS_FILE
-    key = _progress_key(preset=preset_name, shape=_shape_key(shape), dit_sha256=dit_sha, steps=list(steps),
-                        seed=seed, dtype=str(dtype), prompts=[p.as_dict() for p in prompt_list],
-                        prompt_source=prompt_source, layers=recorder.names, attention=recorder.attention_names)
+    key = _progress_key(
+        preset=preset_name,
+        shape=_shape_key(shape),
+        dit_sha256=dit_sha,
+        steps=list(steps),
+        seed=seed,
+        dtype=str(dtype),
+        prompts=[p.as_dict() for p in prompt_list],
+        prompt_source=prompt_source,
+        layers=recorder.names,
+        attention=recorder.attention_names,
+    )
     from .cost import describe_projection
 
     say(describe_projection(preset, models.dit.cfg, shape, steps, len(prompt_list), set_name))
@@ -399,19 +432,33 @@ def calibrate(
         done, calls, per_video = saved["videos_done"], int(saved["dit_calls"]), list(saved["seconds_per_video"])
     t0 = time.perf_counter()
     try:
-        bar = tqdm(total=len(prompt_list), initial=done, desc="calibrate", unit="video", disable=not progress,
-                   file=sys.stderr)
+        bar = tqdm(
+            total=len(prompt_list), initial=done, desc="calibrate", unit="video", disable=not progress, file=sys.stderr
+        )
         for i in range(done, len(prompt_list)):
             raise_if_interrupted()
             v0 = time.perf_counter()
             request = make_request(prompt_list[i], shape, preset, steps, seed + i)
-            result = generate(backend, models.tokenizer, request, progress=progress, keep_stages=False,
-                              on_step_end=recorder.on_step_end)
+            result = generate(
+                backend,
+                models.tokenizer,
+                request,
+                progress=progress,
+                keep_stages=False,
+                on_step_end=recorder.on_step_end,
+            )
             calls += result.dit_calls
             per_video.append(round(time.perf_counter() - v0, 3))
-            state = {"format": PROGRESS_FORMAT, "format_version": 1, "key": key, "videos_done": i + 1,
-                     "videos": len(prompt_list), "dit_calls": calls, "seconds_per_video": per_video,
-                     "amax": recorder.state()}
+            state = {
+                "format": PROGRESS_FORMAT,
+                "format_version": 1,
+                "key": key,
+                "videos_done": i + 1,
+                "videos": len(prompt_list),
+                "dit_calls": calls,
+                "seconds_per_video": per_video,
+                "amax": recorder.state(),
+            }
             _write_atomic(progress_path, (json.dumps(state) + "\n").encode())
             bar.update(1)
         bar.close()
@@ -476,13 +523,22 @@ def calibrate(
     _write_atomic(amax_path, (json.dumps(data, indent=1) + "\n").encode())
     progress_path.unlink(missing_ok=True)  # ours: written above, complete now
     calibration = Calibration(data, amax_path)
-    say(f"calibration: {len(prompt_list)} videos, {calls} DiT calls, {seconds:.1f}s "
-        f"({seconds / max(1, len(prompt_list) - done):.1f}s per video) -> {amax_path}")
+    say(
+        f"calibration: {len(prompt_list)} videos, {calls} DiT calls, {seconds:.1f}s "
+        f"({seconds / max(1, len(prompt_list) - done):.1f}s per video) -> {amax_path}"
+    )
     if report:
         from .report import format_report, quality_report
 
-        rep = quality_report(models, shape, calibration, backend=backend, prompts=report_prompts,
-                             exclude=[p.prompt for p in prompt_list], progress=progress)
+        rep = quality_report(
+            models,
+            shape,
+            calibration,
+            backend=backend,
+            prompts=report_prompts,
+            exclude=[p.prompt for p in prompt_list],
+            progress=progress,
+        )
         _write_atomic(cal_dir / REPORT_FILE, (json.dumps(rep, indent=1) + "\n").encode())
         say(format_report(rep))
     return calibration

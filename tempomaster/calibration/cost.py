@@ -12,10 +12,11 @@ a large DiT forward reaches in bf16 (attention at 43,680 tokens and GEMMs of
 width 5120). Both numbers are printed with every projection, so the figure
 can be redone for another GPU.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 GPU_NAME = "H100 dense BF16"
 GPU_PEAK_FLOPS = 989e12
@@ -41,21 +42,40 @@ class CalibrationCost:
 
     def describe(self) -> str:
         hours = self.gpu_seconds() / 3600
-        return (f"{self.preset} at {self.shape}: {self.videos} videos x steps {','.join(map(str, self.steps_per_stage))} "
-                f"= {self.videos * self.forwards_per_video} DiT forwards, {self.flops / 1e18:.2f} EFLOP, "
-                f"{hours:.2f} GPU-hours projected ({GPU_NAME} {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s x "
-                f"{GPU_EFFICIENCY:.0%} efficiency)")
+        return (
+            f"{self.preset} at {self.shape}: {self.videos} videos x steps {','.join(map(str, self.steps_per_stage))} "
+            f"= {self.videos * self.forwards_per_video} DiT forwards, {self.flops / 1e18:.2f} EFLOP, "
+            f"{hours:.2f} GPU-hours projected ({GPU_NAME} {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s x "
+            f"{GPU_EFFICIENCY:.0%} efficiency)"
+        )
 
 
-def video_flops(cfg, *, height: int, width: int, num_frames: int, intervals: Sequence[int],
-                steps_per_stage: Sequence[int], guidance_scale: float, text_len: int) -> tuple[int, float]:
+def video_flops(
+    cfg,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    intervals: Sequence[int],
+    steps_per_stage: Sequence[int],
+    guidance_scale: float,
+    text_len: int,
+) -> tuple[int, float]:
     """(DiT forwards of one sequence, DiT FLOPs) of one whole generation on one device."""
     from ..export.flops import dit_flops
     from ..parallel_plan import plan_schedule
 
-    plan = plan_schedule(devices=1, num_heads=cfg.num_heads, num_frames=num_frames, frame_intervals=intervals,
-                         steps_per_stage=steps_per_stage, guidance_scale=guidance_scale, height=height, width=width,
-                         patch_size=cfg.patch_size)
+    plan = plan_schedule(
+        devices=1,
+        num_heads=cfg.num_heads,
+        num_frames=num_frames,
+        frame_intervals=intervals,
+        steps_per_stage=steps_per_stage,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        patch_size=cfg.patch_size,
+    )
     pt, ph, pw = cfg.patch_size
     lh, lw = height // 8, width // 8
     flops = 0.0
@@ -66,17 +86,32 @@ def video_flops(cfg, *, height: int, width: int, num_frames: int, intervals: Seq
     return plan.single_device_forwards, flops
 
 
-def calibration_cost(preset, *, videos: int, steps_per_stage: Sequence[int] | None = None, height: int | None = None,
-                     width: int | None = None, num_frames: int | None = None,
-                     intervals: Sequence[int] | None = None) -> CalibrationCost:
+def calibration_cost(
+    preset,
+    *,
+    videos: int,
+    steps_per_stage: Sequence[int] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    intervals: Sequence[int] | None = None,
+) -> CalibrationCost:
     """The cost of calibrating `preset` (a Preset) on `videos` generations; shape and steps default to the preset's."""
     d = preset.defaults
     height, width = height or d.height, width or d.width
     num_frames = num_frames or d.num_frames
     intervals = tuple(intervals or d.frame_intervals)
     steps = tuple(steps_per_stage or d.steps_per_stage[: len(intervals)])
-    forwards, flops = video_flops(preset.dit, height=height, width=width, num_frames=num_frames, intervals=intervals,
-                                  steps_per_stage=steps, guidance_scale=d.guidance_scale, text_len=preset.t5.text_len)
+    forwards, flops = video_flops(
+        preset.dit,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        intervals=intervals,
+        steps_per_stage=steps,
+        guidance_scale=d.guidance_scale,
+        text_len=preset.t5.text_len,
+    )
     shape = f"{height}x{width}, {num_frames} frames"
     return CalibrationCost(preset.name, shape, videos, steps, forwards, flops)
 
@@ -94,11 +129,21 @@ def describe_projection(preset, dit_cfg, shape, steps: Sequence[int], videos: in
 
     from ..models.presets import get_preset
 
-    here = calibration_cost(replace(preset, dit=dit_cfg), videos=videos, steps_per_stage=steps, height=shape.height,
-                            width=shape.width, num_frames=shape.num_frames, intervals=shape.intervals)
+    here = calibration_cost(
+        replace(preset, dit=dit_cfg),
+        videos=videos,
+        steps_per_stage=steps,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        intervals=shape.intervals,
+    )
     reference = get_preset(REFERENCE_PRESET)
     fraction = sum(steps) / sum(preset.defaults.steps_per_stage[: len(steps)])
-    ref = calibration_cost(reference, videos=videos,
-                           steps_per_stage=scaled_steps(reference.defaults.steps_per_stage, fraction))
-    return (f"calibration ({set_name} set): {videos} videos x steps {','.join(map(str, steps))}, "
-            f"{here.videos * here.forwards_per_video} DiT forwards here; the same set on {ref.describe()}")
+    ref = calibration_cost(
+        reference, videos=videos, steps_per_stage=scaled_steps(reference.defaults.steps_per_stage, fraction)
+    )
+    return (
+        f"calibration ({set_name} set): {videos} videos x steps {','.join(map(str, steps))}, "
+        f"{here.videos * here.forwards_per_video} DiT forwards here; the same set on {ref.describe()}"
+    )

@@ -25,19 +25,37 @@ The fp32-based twin (`twin=True`) has the same Q/DQ nodes and scales with
 fp32 everywhere else, so onnxruntime's CPU provider (which has no bf16 GEMM)
 can run and check it.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from ..errors import UsageError
-from .collect import AMAX_FILE, CALIBRATION_DIR, REPORT_FILE, WEIGHT_AMAX_FILE, Calibration, calibrate, \
-    dit_weights_sha256, load_calibration
-from .fp8 import BASE_PRECISIONS, BLOCK_LINEARS, ONNX_TRANSLATIONS, WEIGHT_SCALES, parse_skip_blocks, \
-    quantizable_layers, quantize_dit, block_of, attention_modules
+from .collect import (
+    AMAX_FILE,
+    CALIBRATION_DIR,
+    REPORT_FILE,
+    WEIGHT_AMAX_FILE,
+    Calibration,
+    calibrate,
+    dit_weights_sha256,
+    load_calibration,
+)
+from .fp8 import (
+    BASE_PRECISIONS,
+    BLOCK_LINEARS,
+    ONNX_TRANSLATIONS,
+    WEIGHT_SCALES,
+    attention_modules,
+    block_of,
+    parse_skip_blocks,
+    quantizable_layers,
+    quantize_dit,
+)
 
 FP8_BASES = ("bf16", "fp16")
 
@@ -155,19 +173,34 @@ def export_fp8_onnx(
     cal = None
     if wanted is None or "dit" in wanted:
         cal = resolve_calibration(
-            models, shape, out_dir, calibration=calibration, calibrate_now=calibrate_now, preset_name=preset_name,
-            calibrate_kwargs=dict(prompts=calib_prompts, calib_steps=calib_steps, calib_set=calib_set, seed=seed,
-                                  report=report,
-                                  report_prompts=report_prompts, dtype=calib_dtype, device=device,
-                                  progress=progress, log=log),
+            models,
+            shape,
+            out_dir,
+            calibration=calibration,
+            calibrate_now=calibrate_now,
+            preset_name=preset_name,
+            calibrate_kwargs=dict(
+                prompts=calib_prompts,
+                calib_steps=calib_steps,
+                calib_set=calib_set,
+                seed=seed,
+                report=report,
+                report_prompts=report_prompts,
+                dtype=calib_dtype,
+                device=device,
+                progress=progress,
+                log=log,
+            ),
         )
     per_channel = cal.per_channel() if cal is not None and weight_scale == "channel" else None
     kinds = attention_kinds(attention, cross_attention)
     attention_amax = None
     if cal is not None and kinds:
         if not cal.has_attention:
-            raise UsageError(f"{cal.path}: no \"attention\" section (made before FP8 attention); run tm-export "
-                             "calibrate again, or give --fp8-attention off")
+            raise UsageError(
+                f'{cal.path}: no "attention" section (made before FP8 attention); run tm-export '
+                "calibrate again, or give --fp8-attention off"
+            )
         attention_amax = cal.attention_table()
     dtype = BASE_PRECISIONS[base]
     t5_precision = t5_precision or T5_PRECISION_FOR[base]
@@ -193,8 +226,18 @@ def export_fp8_onnx(
     text_len = models.t5.cfg.text_len if models.t5 is not None else models.preset.t5.text_len
 
     def dit_fp8_specs():
-        q = quantize_dit(models.dit, cal.layer_table(), dtype, weight_scale, skip, per_channel, copy=copy,
-                         scale_dtype=scale_dtype, attention=attention_amax, attention_kinds=kinds)
+        q = quantize_dit(
+            models.dit,
+            cal.layer_table(),
+            dtype,
+            weight_scale,
+            skip,
+            per_channel,
+            copy=copy,
+            scale_dtype=scale_dtype,
+            attention=attention_amax,
+            attention_kinds=kinds,
+        )
         if not copy:
             models.dit = q
         spec = dit_spec(q, base, shape, text_len=text_len, copy=False)
@@ -226,9 +269,20 @@ def export_fp8_onnx(
     }
     manifest_extra.update({"precision": "fp8", "fp8": fp8_meta})
     return export_onnx(
-        models, base, shape, out_dir, opset=opset, t5_precision=t5_precision, graphs=graphs,
-        preset_name=preset_name, progress=progress, copy=copy, audit=audit, extra=manifest_extra,
-        graph_overrides={"dit": dit_fp8_specs}, extra_files=files,
+        models,
+        base,
+        shape,
+        out_dir,
+        opset=opset,
+        t5_precision=t5_precision,
+        graphs=graphs,
+        preset_name=preset_name,
+        progress=progress,
+        copy=copy,
+        audit=audit,
+        extra=manifest_extra,
+        graph_overrides={"dit": dit_fp8_specs},
+        extra_files=files,
     )
 
 
@@ -236,16 +290,37 @@ def export_fp8_onnx(
 # From model sources, as `tm-export calibrate` and `tm-export onnx|build --precision fp8` call them
 # ----------------------------------------------------------------------------
 
-def _models_and_shape(*, preset, checkpoints, config, random_weights, height, width, num_frames, intervals,
-                      precision: str, t5_precision: str, graphs=None):
+
+def _models_and_shape(
+    *,
+    preset,
+    checkpoints,
+    config,
+    random_weights,
+    height,
+    width,
+    num_frames,
+    intervals,
+    precision: str,
+    t5_precision: str,
+    graphs=None,
+):
     from ..export.build import load_models_for_export
     from ..export.shapes import ExportShape
 
     if random_weights:
-        raise UsageError("--random-weights: calibration needs a model that generates (and a tokenizer); "
-                         "give --checkpoints, or use the built-in tiny preset without --random-weights")
-    models = load_models_for_export(preset=preset, checkpoints=checkpoints, config=config, precision=precision,
-                                    t5_precision=t5_precision, graphs=graphs)
+        raise UsageError(
+            "--random-weights: calibration needs a model that generates (and a tokenizer); "
+            "give --checkpoints, or use the built-in tiny preset without --random-weights"
+        )
+    models = load_models_for_export(
+        preset=preset,
+        checkpoints=checkpoints,
+        config=config,
+        precision=precision,
+        t5_precision=t5_precision,
+        graphs=graphs,
+    )
     shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
     try:
         shape.validate()
@@ -276,12 +351,31 @@ def calibrate_build(
     from ..export.target import prepare_target
 
     prepare_target(Path(out).absolute())  # before any model loads
-    models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config, random_weights=False,
-                                      height=height, width=width, num_frames=num_frames, intervals=intervals,
-                                      precision=dtype, t5_precision="fp32" if dtype == "fp32" else "bf16")
+    models, shape = _models_and_shape(
+        preset=preset,
+        checkpoints=checkpoints,
+        config=config,
+        random_weights=False,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        intervals=intervals,
+        precision=dtype,
+        t5_precision="fp32" if dtype == "fp32" else "bf16",
+    )
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
-    return calibrate(models, shape, out, prompts=prompts, calib_steps=steps, calib_set=calib_set, seed=seed,
-                     report=report_prompts > 0, report_prompts=report_prompts, progress=progress)
+    return calibrate(
+        models,
+        shape,
+        out,
+        prompts=prompts,
+        calib_steps=steps,
+        calib_set=calib_set,
+        seed=seed,
+        report=report_prompts > 0,
+        report_prompts=report_prompts,
+        progress=progress,
+    )
 
 
 def fp8_build(
@@ -326,17 +420,42 @@ def fp8_build(
     prepare_target(Path(out).absolute())  # before any model loads
     load_precision = "fp32" if twin else base
     t5_precision = t5_precision or T5_PRECISION_FOR[load_precision]
-    models, shape = _models_and_shape(preset=preset, checkpoints=checkpoints, config=config,
-                                      random_weights=random_weights, height=height, width=width,
-                                      num_frames=num_frames, intervals=intervals, precision=load_precision,
-                                      t5_precision=t5_precision)
+    models, shape = _models_and_shape(
+        preset=preset,
+        checkpoints=checkpoints,
+        config=config,
+        random_weights=random_weights,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        intervals=intervals,
+        precision=load_precision,
+        t5_precision=t5_precision,
+    )
     steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
     return export_fp8_onnx(
-        models, shape, out, calibration=calibration, calibrate_now=calibrate_now, calib_prompts=prompts,
-        calib_steps=steps, calib_set=calib_set, seed=seed, report=report_prompts > 0, report_prompts=report_prompts,
+        models,
+        shape,
+        out,
+        calibration=calibration,
+        calibrate_now=calibrate_now,
+        calib_prompts=prompts,
+        calib_steps=steps,
+        calib_set=calib_set,
+        seed=seed,
+        report=report_prompts > 0,
+        report_prompts=report_prompts,
         base=base,
-        weight_scale=weight_scale, skip_blocks=skip_blocks, attention=attention, cross_attention=cross_attention,
-        twin=twin, opset=opset, t5_precision=t5_precision,
-        graphs=graphs, progress=progress, copy=False, extra={"random_weights": False, **(extra or {})},
+        weight_scale=weight_scale,
+        skip_blocks=skip_blocks,
+        attention=attention,
+        cross_attention=cross_attention,
+        twin=twin,
+        opset=opset,
+        t5_precision=t5_precision,
+        graphs=graphs,
+        progress=progress,
+        copy=False,
+        extra={"random_weights": False, **(extra or {})},
         log=(print if progress else None),
     )

@@ -19,10 +19,11 @@ turns into the Q/DQ graph; its weight is stored as FP8 (pre-transposed,
 [in, out], so the DequantizeLinear feeds the MatMul directly), which halves
 the DiT file and the exporting process's memory.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,9 +35,16 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 # The Linear layers of each transformer block that get FP8 inputs and weights.
 BLOCK_LINEARS = (
-    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
-    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
-    "ffn.0", "ffn.2",
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
 )
 WEIGHT_SCALES = ("tensor", "channel")
 # The attentions of each block whose inputs (q, k, v) can be FP8: the module
@@ -66,7 +74,7 @@ def block_of(layer: str) -> int:
 
 
 def parse_skip_blocks(spec: str | Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
-    """"0,1,28-29" or an iterable of ints -> sorted block indices; negative ints count from the end."""
+    """ "0,1,28-29" or an iterable of ints -> sorted block indices; negative ints count from the end."""
     from ..errors import UsageError
 
     if spec is None or spec == "":
@@ -100,6 +108,7 @@ def parse_skip_blocks(spec: str | Iterable[int] | None, num_layers: int) -> tupl
 # Scales
 # ----------------------------------------------------------------------------
 
+
 def scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
     """amax / 448 rounded to `dtype` (the scale the graph stores); never zero or subnormal."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
@@ -128,9 +137,9 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, rows: int = 1024)
     result = torch.empty(in_f, out_f, dtype=FP8_DTYPE)
     s = scale.float()
     for i in range(0, out_f, rows):
-        block = weight[i:i + rows].float()
-        bs = s if s.ndim == 0 else s[i:i + rows, None]
-        result[:, i:i + rows] = (block / bs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).t()
+        block = weight[i : i + rows].float()
+        bs = s if s.ndim == 0 else s[i : i + rows, None]
+        result[:, i : i + rows] = (block / bs).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE).t()
     return result
 
 
@@ -142,6 +151,7 @@ def dequantize_weight(weight_t8: torch.Tensor, scale: torch.Tensor, dtype: torch
 # ----------------------------------------------------------------------------
 # Custom ops: eager = fake quantization, ONNX = Q/DQ nodes
 # ----------------------------------------------------------------------------
+
 
 @torch.library.custom_op("tempomaster::fp8_qdq", mutates_args=())
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -197,8 +207,9 @@ class FP8Linear(nn.Module):
     high-precision dtype; the output is in the input's dtype.
     """
 
-    def __init__(self, weight_t8: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
-                 bias: torch.Tensor | None):
+    def __init__(
+        self, weight_t8: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor, bias: torch.Tensor | None
+    ):
         super().__init__()
         self.in_features, self.out_features = weight_t8.shape
         self.register_buffer("weight_t8", weight_t8)
@@ -210,8 +221,14 @@ class FP8Linear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, input_amax: float, weight_amax: torch.Tensor,
-                    dtype: torch.dtype, scale_dtype: torch.dtype | None = None) -> "FP8Linear":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        input_amax: float,
+        weight_amax: torch.Tensor,
+        dtype: torch.dtype,
+        scale_dtype: torch.dtype | None = None,
+    ) -> FP8Linear:
         """weight_amax: a scalar (per-tensor) or [out] (per-channel).
 
         scale_dtype: the dtype the scales are rounded to (default `dtype`); an
@@ -270,8 +287,9 @@ class FP8Attention(nn.Module):
         self.register_buffer("v_scale", v_scale)
 
     @classmethod
-    def from_amax(cls, amax: Mapping[str, float], dtype: torch.dtype,
-                  scale_dtype: torch.dtype | None = None) -> "FP8Attention":
+    def from_amax(
+        cls, amax: Mapping[str, float], dtype: torch.dtype, scale_dtype: torch.dtype | None = None
+    ) -> FP8Attention:
         """amax: {"q": float, "k": float, "v": float}; scales rounded to `scale_dtype` (default `dtype`)."""
         rounding = scale_dtype or dtype
         scales = [scale_from_amax(float(amax[n]), rounding).to(dtype) for n in ATTENTION_INPUTS]

@@ -12,6 +12,7 @@ frame index and an image file) separated by commas, then ``|``, then the
 prompt. Relative paths are taken from the prompt file's directory. A line
 whose text before the first ``|`` is not such a list is a plain prompt.
 """
+
 from __future__ import annotations
 
 import re

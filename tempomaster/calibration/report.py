@@ -18,11 +18,12 @@ The FP8 DiT is `fp8.quantize_dit` run in torch: the same float8 cast as the
 exported Q/DQ graph (tests check the fp32-based graph against it through
 onnxruntime to 1e-5).
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -76,9 +77,9 @@ def quality_report(
 
     from ..runtime.backends.torch import TorchBackend
     from ..runtime.pipeline import generate
-    from .trajectory import VelocityOverride, make_request
     from .fp8 import quantize_dit
     from .prompts import HELD_OUT_PROMPTS, CalibrationPrompt
+    from .trajectory import VelocityOverride, make_request
 
     backend = backend or TorchBackend(models, dtype=models.dit.dtype)
     dtype = backend.dtype
@@ -87,11 +88,22 @@ def quality_report(
     if not held:
         raise ValueError("no held-out prompts left for the quality report")
     tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
-    qdits = {k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype) for k, t in tables.items()}
+    qdits = {
+        k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype)
+        for k, t in tables.items()
+    }
     if calibration.has_attention:
-        qdits["all_fp8"] = quantize_dit(backend.dit, tables["all_stages"], dtype, "tensor", skip_blocks, copy=True,
-                                        scale_dtype=scale_dtype, attention=calibration.attention_table(),
-                                        attention_kinds=("self_attn",))
+        qdits["all_fp8"] = quantize_dit(
+            backend.dit,
+            tables["all_stages"],
+            dtype,
+            "tensor",
+            skip_blocks,
+            copy=True,
+            scale_dtype=scale_dtype,
+            attention=calibration.attention_table(),
+            attention_kinds=("self_attn",),
+        )
     variants_run = [k for k in VARIANTS if k in qdits]
     errors = {k: [[[] for _ in range(n)] for n in steps] for k in variants_run}
     psnrs = {k: [] for k in variants_run}
@@ -119,9 +131,7 @@ def quality_report(
     bar.close()
     variants = {}
     for k in variants_run:
-        per_step = [
-            [{"mean": sum(e) / len(e), "max": max(e)} for e in stage_errors] for stage_errors in errors[k]
-        ]
+        per_step = [[{"mean": sum(e) / len(e), "max": max(e)} for e in stage_errors] for stage_errors in errors[k]]
         flat = [x for stage_errors in errors[k] for e in stage_errors for x in e]
         variants[k] = {
             "velocity_rel_error": per_step,
@@ -164,7 +174,9 @@ def format_report(report: dict) -> str:
     ]
     for s, per_stage in enumerate(cols[0]["velocity_rel_error"]):
         for t in range(len(per_stage)):
-            lines.append(f"  {s:>5} {t:>4}" + "".join(f"  {c['velocity_rel_error'][s][t]['mean']:>12.5f}" for c in cols))
+            lines.append(
+                f"  {s:>5} {t:>4}" + "".join(f"  {c['velocity_rel_error'][s][t]['mean']:>12.5f}" for c in cols)
+            )
     lines.append(row("mean", [c["velocity_rel_error_mean"] for c in cols], ".5f"))
     lines.append(row("max", [c["velocity_rel_error_max"] for c in cols], ".5f"))
     lines.append("final-frame PSNR vs unquantized (dB, same seed)")

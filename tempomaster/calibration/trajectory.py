@@ -5,10 +5,11 @@ drive the runtime's own sampling loop (`generate`, whose step callback says
 which stage and step each DiT call belonged to), so the DiT sees exactly the
 inputs of a real next-frame-rate generation.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -4,6 +4,7 @@ One module per command group (`export`: tm-export, `run`: tm-run); each turns
 flags into typed values and calls one library function. Heavy libraries
 (torch, onnx) are imported only after the flags are parsed.
 """
+
 from __future__ import annotations
 
 

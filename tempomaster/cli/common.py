@@ -3,14 +3,15 @@
 Only the standard library is imported here, so a bad flag is answered before
 torch or onnx is loaded.
 """
+
 from __future__ import annotations
 
 import argparse
 import errno
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import TempoMasterError
 from ..interrupts import catch_interrupts
@@ -38,14 +39,19 @@ def number_list(flag: str, kind=int, example: str = "4,2,1", low=None, high=None
         try:
             values = tuple(kind(v) for v in text.split(",") if v.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {noun} such as {example}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {noun} such as {example}, got {text!r}"
+            ) from None
         if not values:
             raise argparse.ArgumentTypeError(f"expected at least one value such as {example}, got {text!r}")
         if kind is float and not all(math.isfinite(v) for v in values):
             raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
         if (low is not None and min(values) < low) or (high is not None and max(values) > high):
-            bounds = " and ".join(b for b in (f"at least {low}" if low is not None else "",
-                                              f"at most {high}" if high is not None else "") if b)
+            bounds = " and ".join(
+                b
+                for b in (f"at least {low}" if low is not None else "", f"at most {high}" if high is not None else "")
+                if b
+            )
             raise argparse.ArgumentTypeError(f"expected {noun} of {bounds}, got {text!r}")
         return values
 
@@ -86,18 +92,31 @@ def bounded_int(low: int, high: int | None = None):
 
 
 def add_model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESETS, help="model preset (default: toy, the trained toy that ships with the package, when no checkpoints are given; "
-                        "tiny: random weights)")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="model preset (default: toy, the trained toy that ships with the package, when no checkpoints are given; "
+        "tiny: random weights)",
+    )
     p.add_argument("--checkpoints", type=Path, help="checkpoint directory in the release's layout")
-    p.add_argument("--config", type=Path, help="the release's inference_configs.json (model_configs, inference settings, cases)")
+    p.add_argument(
+        "--config", type=Path, help="the release's inference_configs.json (model_configs, inference settings, cases)"
+    )
 
 
 def add_shape(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--num-frames", type=bounded_int(1, MAX_VIDEO_FRAMES), help=f"stage-0 frames {what} (rounded up to 4k+1)")
-    p.add_argument("--height", type=bounded_int(16, MAX_SIDE), help=f"output height in pixels {what} (a multiple of 16)")
+    p.add_argument(
+        "--num-frames", type=bounded_int(1, MAX_VIDEO_FRAMES), help=f"stage-0 frames {what} (rounded up to 4k+1)"
+    )
+    p.add_argument(
+        "--height", type=bounded_int(16, MAX_SIDE), help=f"output height in pixels {what} (a multiple of 16)"
+    )
     p.add_argument("--width", type=bounded_int(16, MAX_SIDE), help=f"output width in pixels {what} (a multiple of 16)")
-    p.add_argument("--intervals", type=number_list("--intervals", low=1, high=MAX_FRAME_INTERVAL),
-                   help=f"frame interval per stage {what}, e.g. 4,2,1")
+    p.add_argument(
+        "--intervals",
+        type=number_list("--intervals", low=1, high=MAX_FRAME_INTERVAL),
+        help=f"frame interval per stage {what}, e.g. 4,2,1",
+    )
 
 
 def run_command(prog: str, command: Callable[[], int]) -> int:

@@ -13,13 +13,14 @@ engine step is done and kept; MissingDependencyError (exit code 3) then says
 what is missing and that `tm-export build --resume BUILD` on a GPU machine
 finishes the job.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 from ..errors import ManifestError, UsageError, print_to_stderr
 from .builder import EngineOptions, build_engines
@@ -36,7 +37,9 @@ def check_engine_precision(precision: str) -> str:
     if precision not in ENGINE_PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
     if precision == "fp8" and not FP8_READY:
-        raise UsageError("--precision fp8: FP8 engines are not available yet (they need the calibrated FP8 export); use fp16 or bf16")
+        raise UsageError(
+            "--precision fp8: FP8 engines are not available yet (they need the calibrated FP8 export); use fp16 or bf16"
+        )
     return precision
 
 
@@ -50,18 +53,22 @@ class BuildResult:
 
     def summary(self) -> str:
         """What `tm-export build` prints when it is done: one line per plan."""
-        lines = [f"{self.build_dir}: {len(self.engines['plans'])} TensorRT plan(s), precision {self.precision}, "
-                 f"TensorRT {self.engines['tensorrt_version']} on {self.engines['gpu']} "
-                 f"(compute capability {self.engines['compute_capability']}), engines built in {self.engine_seconds:.1f}s"
-                 + (f", ONNX exported in {self.onnx_seconds:.1f}s" if self.onnx_seconds is not None else " (ONNX reused)")]
+        lines = [
+            f"{self.build_dir}: {len(self.engines['plans'])} TensorRT plan(s), precision {self.precision}, "
+            f"TensorRT {self.engines['tensorrt_version']} on {self.engines['gpu']} "
+            f"(compute capability {self.engines['compute_capability']}), engines built in {self.engine_seconds:.1f}s"
+            + (f", ONNX exported in {self.onnx_seconds:.1f}s" if self.onnx_seconds is not None else " (ONNX reused)")
+        ]
         for name, p in self.engines["plans"].items():
             prof = p["profile"]
             frames = f" frames {'/'.join(map(str, prof['frames']))}" if prof.get("frames") else ""
             flags = [k for k in ("stripped", "weight_streaming", "version_compatible") if p.get(k)]
             if p.get("hardware_compat") not in (None, "none"):
                 flags.append(f"hardware_compat {p['hardware_compat']}")
-            lines.append(f"  {name:18s} {p['bytes'] / 2**20:10.1f} MiB  batch {'/'.join(map(str, prof['batch']))}{frames}"
-                         f"  {p['build_seconds']:.1f}s{('  ' + ', '.join(flags)) if flags else ''}")
+            lines.append(
+                f"  {name:18s} {p['bytes'] / 2**20:10.1f} MiB  batch {'/'.join(map(str, prof['batch']))}{frames}"
+                f"  {p['build_seconds']:.1f}s{('  ' + ', '.join(flags)) if flags else ''}"
+            )
             if p.get("fp8_layers"):
                 from .layer_report import describe_report
 
@@ -97,13 +104,17 @@ def resume_build(
     manifest = load_manifest(build_dir)
     where = Path(build_dir) / MANIFEST_FILE
     if manifest.precision not in ENGINE_PRECISIONS:  # the build's field, not a flag the user gave
-        raise ManifestError(f"{where}: precision {manifest.precision!r} has no TensorRT engines "
-                            f"(they are built for {', '.join(ENGINE_PRECISIONS)})")
+        raise ManifestError(
+            f"{where}: precision {manifest.precision!r} has no TensorRT engines "
+            f"(they are built for {', '.join(ENGINE_PRECISIONS)})"
+        )
     verify_files(manifest)  # the ONNX (and tokenizer) exactly as exported, before anything else
     if overrides:
         unknown = sorted(set(overrides) - set(EngineOptions.__dataclass_fields__))
         if unknown:
-            raise UsageError(f"unknown engine options {unknown}; known: {', '.join(EngineOptions.__dataclass_fields__)}")
+            raise UsageError(
+                f"unknown engine options {unknown}; known: {', '.join(EngineOptions.__dataclass_fields__)}"
+            )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         replace(EngineOptions(), **overrides).validate()  # a bad flag is named as the flag
     if options is None:

@@ -8,6 +8,7 @@ component at a time, and a link whose target leaves the folder is refused
 from its text alone: nothing outside the build is ever looked at, so an error
 can tell nothing about a file elsewhere on the machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,8 +76,10 @@ def resolve_inside(root: str | os.PathLike, rel) -> Path:
         if target.is_absolute():
             # judged by its text: the target is never looked at unless it lies inside the build
             if not _inside(Path(target), real_root):
-                raise OutsideBuild(f"{rel!r} is a symbolic link ({candidate.relative_to(real_root).as_posix()} -> "
-                                   f"{target}) that leads out of the build folder")
+                raise OutsideBuild(
+                    f"{rel!r} is a symbolic link ({candidate.relative_to(real_root).as_posix()} -> "
+                    f"{target}) that leads out of the build folder"
+                )
             current = real_root
             target = PurePosixPath(*Path(target).relative_to(real_root).parts)
         parts = list(target.parts) + parts

@@ -20,15 +20,16 @@ updated, so a failed build leaves the previous plans (and their manifest
 entries) as they were. The timing cache (BUILD/engines/timing.cache) is
 saved after every graph and reused by later builds on the same GPU.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..atomic_write import fsync_file, output_error, write_bytes
 from ..build_format import GRAPH_NAMES
@@ -50,8 +51,15 @@ from .trt_env import cuda_device, import_tensorrt, make_logger, resume_hint, ver
 
 # TensorRT DataType member name -> manifest dtype name
 TRT_DTYPE_NAMES = {
-    "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-    "BOOL": "bool", "INT8": "int8", "UINT8": "uint8", "FP8": "float8e4m3fn",
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "BOOL": "bool",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "FP8": "float8e4m3fn",
 }
 
 
@@ -68,21 +76,25 @@ class EngineOptions:
     guidance: bool = True  # profiles for guided generation (cond + uncond in one DiT batch)
     verbose: bool = False  # TensorRT's INFO / VERBOSE messages too
 
-    def validate(self, name: Callable[[str], str] = lambda field: "--" + field.replace("_", "-")) -> "EngineOptions":
+    def validate(self, name: Callable[[str], str] = lambda field: "--" + field.replace("_", "-")) -> EngineOptions:
         """Self, or UsageError naming the bad field as `name(field)` says (the flag by default)."""
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
-            raise UsageError(f"{name('opt_level')} must be an integer 0..5 (TensorRT's builder optimization level), got {self.opt_level!r}")
+            raise UsageError(
+                f"{name('opt_level')} must be an integer 0..5 (TensorRT's builder optimization level), got {self.opt_level!r}"
+            )
         if self.workspace is not None and (not isinstance(self.workspace, int) or self.workspace <= 0):
             raise UsageError(f"{name('workspace')} must be a positive size such as 8GiB, got {self.workspace!r}")
         if not isinstance(self.hardware_compat, str) or self.hardware_compat not in HARDWARE_COMPAT:
-            raise UsageError(f"{name('hardware_compat')} must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
+            raise UsageError(
+                f"{name('hardware_compat')} must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}"
+            )
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "EngineOptions":
+    def from_dict(cls, data: dict | None) -> EngineOptions:
         fields = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in (data or {}).items() if k in fields})
 
@@ -118,8 +130,10 @@ def _dtype_name(dt) -> str:
 def _network_io(network) -> tuple[list[dict], list[dict]]:
     ins = [network.get_input(i) for i in range(network.num_inputs)]
     outs = [network.get_output(i) for i in range(network.num_outputs)]
-    return ([{"name": t.name, "dtype": _dtype_name(t.dtype)} for t in ins],
-            [{"name": t.name, "dtype": _dtype_name(t.dtype)} for t in outs])
+    return (
+        [{"name": t.name, "dtype": _dtype_name(t.dtype)} for t in ins],
+        [{"name": t.name, "dtype": _dtype_name(t.dtype)} for t in outs],
+    )
 
 
 def _check_network_io(name: str, graph: dict, ins: list[dict], outs: list[dict]) -> None:
@@ -141,7 +155,10 @@ def _parse(trt, builder, logger, onnx_path: Path, name: str):
         for i in range(parser.num_errors):
             e = parser.get_error(i)
             errors.append(f"{e.node_name()} ({e.node_operator()}): {e.desc()}")
-        raise ExportError(f"{name}: the TensorRT ONNX parser rejected {onnx_path.name}: " + "; ".join(errors[:5] or logger.errors[-5:]))
+        raise ExportError(
+            f"{name}: the TensorRT ONNX parser rejected {onnx_path.name}: "
+            + "; ".join(errors[:5] or logger.errors[-5:])
+        )
     return network, parser
 
 
@@ -185,8 +202,10 @@ def _use_timing_cache(config, cache_blob: bytes, cache_path: Path, log) -> None:
             cache = None
         if cache is not None and config.set_timing_cache(cache, False):
             return
-        log(f"[W] timing cache {cache_path}: TensorRT cannot use it (another GPU or TensorRT version, or damaged); "
-            "building with a fresh cache, which replaces it")
+        log(
+            f"[W] timing cache {cache_path}: TensorRT cannot use it (another GPU or TensorRT version, or damaged); "
+            "building with a fresh cache, which replaces it"
+        )
     cache = config.create_timing_cache(b"")
     if cache is None or not config.set_timing_cache(cache, False):
         log("[W] TensorRT refused a fresh timing cache; building without one")
@@ -223,7 +242,10 @@ def _inspect_plan(trt, logger, plan, options: EngineOptions, onnx_path: Path, na
         runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
-        raise ExportError(f"{name}: TensorRT cannot deserialise the plan it just built: " + ("; ".join(logger.errors[-5:]) or "no reason logged"))
+        raise ExportError(
+            f"{name}: TensorRT cannot deserialise the plan it just built: "
+            + ("; ".join(logger.errors[-5:]) or "no reason logged")
+        )
     facts = {"device_memory_bytes": int(engine.device_memory_size_v2)}
     if options.weight_streaming:
         facts["streamable_weights_bytes"] = int(engine.streamable_weights_size)
@@ -234,7 +256,9 @@ def _inspect_plan(trt, logger, plan, options: EngineOptions, onnx_path: Path, na
         try:
             info = json.loads(text)
         except ValueError as err:
-            raise ExportError(f"{name}: the engine inspector's JSON is unreadable ({err}); cannot report the FP8 layers") from None
+            raise ExportError(
+                f"{name}: the engine inspector's JSON is unreadable ({err}); cannot report the FP8 layers"
+            ) from None
         facts["fp8_layers"] = report = fp8_layer_report(info, quantized)
         warning = report_warning(name, report)
         if warning:
@@ -282,8 +306,10 @@ def build_engines(
     engine_dir.mkdir(exist_ok=True)
     cache_path = root / TIMING_CACHE
     cache_blob = _read_timing_cache(cache_path, log)
-    log(f"[I] building {len(names)} TensorRT plan(s) in {engine_dir} with TensorRT {ver['tensorrt']} on {device.name} "
-        f"(compute capability {device.cc}); timing cache {'reused' if cache_blob else 'new'}")
+    log(
+        f"[I] building {len(names)} TensorRT plan(s) in {engine_dir} with TensorRT {ver['tensorrt']} on {device.name} "
+        f"(compute capability {device.cc}); timing cache {'reused' if cache_blob else 'new'}"
+    )
     t_all = time.perf_counter()
     temps: dict[str, Path] = {}
     entries: dict[str, dict] = {}
@@ -294,20 +320,26 @@ def build_engines(
             onnx_path = manifest.path(name)
             prof = profiles[name]
             t0 = time.perf_counter()
-            log(f"[I] [{k}/{len(names)}] {name}: parsing {onnx_path.relative_to(root)} ({_gb(int(graph.get('weight_bytes', 0)))} of weights)")
+            log(
+                f"[I] [{k}/{len(names)}] {name}: parsing {onnx_path.relative_to(root)} ({_gb(int(graph.get('weight_bytes', 0)))} of weights)"
+            )
             builder = trt.Builder(logger)
             network, parser = _parse(trt, builder, logger, onnx_path, name)
             ins, outs = _network_io(network)
             _check_network_io(name, graph, ins, outs)
             t_parse = time.perf_counter() - t0
             frames = f", frames {prof.frames[0]}/{prof.frames[1]}/{prof.frames[2]}" if prof.frames else ""
-            log(f"[I] [{k}/{len(names)}] {name}: parsed in {t_parse:.1f}s; building (profile batch "
+            log(
+                f"[I] [{k}/{len(names)}] {name}: parsed in {t_parse:.1f}s; building (profile batch "
                 f"{prof.batch[0]}/{prof.batch[1]}/{prof.batch[2]}{frames}, opt level {options.opt_level}), "
-                f"elapsed {time.perf_counter() - t_all:.1f}s")
+                f"elapsed {time.perf_counter() - t_all:.1f}s"
+            )
             config = _config(trt, builder, options, prof, cache_blob, cache_path, log)
             plan = builder.build_serialized_network(network, config)
             if plan is None:
-                raise ExportError(f"{name}: TensorRT could not build a plan: " + ("; ".join(logger.errors[-5:]) or "no reason logged"))
+                raise ExportError(
+                    f"{name}: TensorRT could not build a plan: " + ("; ".join(logger.errors[-5:]) or "no reason logged")
+                )
             cache_blob = _save_timing_cache(config, cache_path, log) or cache_blob
             facts = _inspect_plan(trt, logger, plan, options, onnx_path, name, log)
             final = root / plan_file(name)
@@ -341,8 +373,10 @@ def build_engines(
                 "build_seconds": round(seconds, 2),
                 **facts,
             }
-            log(f"[I] [{k}/{len(names)}] {name}: built in {seconds:.1f}s -> {plan_file(name)} ({_gb(size)}), "
-                f"elapsed {time.perf_counter() - t_all:.1f}s")
+            log(
+                f"[I] [{k}/{len(names)}] {name}: built in {seconds:.1f}s -> {plan_file(name)} ({_gb(size)}), "
+                f"elapsed {time.perf_counter() - t_all:.1f}s"
+            )
         raise_if_interrupted()
         # every plan built: only now do they replace the previous ones
         for name, tmp in temps.items():

@@ -17,11 +17,12 @@ Per output we print the max and mean absolute error and the max and mean
 relative error (|a - b| / (|b| + 1e-6)) against the tolerances stated for
 the pair (`tolerance_for`; flags override them).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -71,8 +72,10 @@ def random_feeds(manifest: Manifest, name: str, seed: int = 0) -> dict[str, np.n
         shape = tuple(eval_dim(d, symbols) for d in spec["shape"])
         dtype = spec["dtype"]
         if dtype not in _NP:
-            raise UsageError(f"{name}: input {spec['name']} is {dtype}, which numpy cannot hold; tm-export check runs "
-                             "fp32 and fp16 graphs (check the fp32 build, an fp16 build, or the fp8 build's --fp8-twin)")
+            raise UsageError(
+                f"{name}: input {spec['name']} is {dtype}, which numpy cannot hold; tm-export check runs "
+                "fp32 and fp16 graphs (check the fp32 build, an fp16 build, or the fp8 build's --fp8-twin)"
+            )
         if spec["name"] == "mask":
             lengths = rng.integers(1, shape[-1] + 1, size=shape[:-1])
             feeds["mask"] = (np.arange(shape[-1]) < lengths[..., None]).astype(_NP[dtype])
@@ -94,8 +97,12 @@ def error_stats(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     a, b = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     diff = np.abs(a - b)
     rel = diff / (np.abs(b) + 1e-6)
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_rel": float(rel.max()),
-            "mean_rel": float(rel.mean())}
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel": float(rel.max()),
+        "mean_rel": float(rel.mean()),
+    }
 
 
 @dataclass
@@ -111,8 +118,10 @@ class GraphCheck:
     def lines(self) -> list[str]:
         out = [f"{self.graph}: {'ok' if self.passed else 'FAILED'} ({self.tolerance.describe()})"]
         for name, s in self.outputs.items():
-            out.append(f"  {name:12s} max abs {s['max_abs']:.3e}  mean abs {s['mean_abs']:.3e}  "
-                       f"max rel {s['max_rel']:.3e}  mean rel {s['mean_rel']:.3e}  {'ok' if s['passed'] else 'FAILED'}")
+            out.append(
+                f"  {name:12s} max abs {s['max_abs']:.3e}  mean abs {s['mean_abs']:.3e}  "
+                f"max rel {s['max_rel']:.3e}  mean rel {s['mean_rel']:.3e}  {'ok' if s['passed'] else 'FAILED'}"
+            )
         return out
 
 
@@ -121,7 +130,9 @@ def _polygraphy(verbose: bool):
         from polygraphy.comparator import Comparator, SimpleCompareFunc
         from polygraphy.logger import G_LOGGER
     except ImportError as err:
-        raise MissingDependencyError(f"tm-export check needs polygraphy (pip install 'tempomaster-trt[check]'): {err}") from None
+        raise MissingDependencyError(
+            f"tm-export check needs polygraphy (pip install 'tempomaster-trt[check]'): {err}"
+        ) from None
     # polygraphy prints every tensor it compares at INFO: our table says what matters unless asked
     G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
     return Comparator, SimpleCompareFunc
@@ -143,15 +154,30 @@ def _trt_runner(manifest: Manifest, name: str):
     gpu = cuda_device("tm-export check --runner tensorrt")
     entry = plan_entry(manifest, name)
     if entry.get("stripped"):
-        raise UsageError(f"{name}: the plan is weight-stripped; tm-export check runs whole plans (rebuild without --strip-weights)")
-    path = check_plan(manifest, name, tensorrt_version=versions(trt)["tensorrt"], compute_capability=gpu.compute_capability,
-                      gpu_name=gpu.name)
+        raise UsageError(
+            f"{name}: the plan is weight-stripped; tm-export check runs whole plans (rebuild without --strip-weights)"
+        )
+    path = check_plan(
+        manifest,
+        name,
+        tensorrt_version=versions(trt)["tensorrt"],
+        compute_capability=gpu.compute_capability,
+        gpu_name=gpu.name,
+    )
     return TrtRunner(EngineFromBytes(path.read_bytes()), name=f"tensorrt:{name}")
 
 
-def check_build(build: str | Path, *, graphs: Sequence[str] | None = None, runner: str = "onnxruntime",
-                reference: str | Path | None = None, seed: int = 0, tolerance: Tolerance | None = None,
-                log: Callable[[str], None] = print, verbose: bool = False) -> list[GraphCheck]:
+def check_build(
+    build: str | Path,
+    *,
+    graphs: Sequence[str] | None = None,
+    runner: str = "onnxruntime",
+    reference: str | Path | None = None,
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> list[GraphCheck]:
     """Compare every graph (or `graphs`) of `build` on two runners; returns one GraphCheck per graph."""
     Comparator, SimpleCompareFunc = _polygraphy(verbose)
     manifest = load_manifest(build)
@@ -163,14 +189,18 @@ def check_build(build: str | Path, *, graphs: Sequence[str] | None = None, runne
     ref = None
     if runner == "onnxruntime":
         if reference is None:
-            raise UsageError("--runner onnxruntime compares two builds: give --reference REF (e.g. the fp32 build, or the fp8 twin)")
+            raise UsageError(
+                "--runner onnxruntime compares two builds: give --reference REF (e.g. the fp32 build, or the fp8 twin)"
+            )
         ref = load_manifest(reference)
         missing = [n for n in names if n not in ref.graphs]
         if missing:
             raise UsageError(f"--reference {reference}: no graph {missing[0]!r} (it has {', '.join(ref.graphs)})")
         verify_files(ref, names)
     elif reference is not None:
-        raise UsageError("--reference: --runner tensorrt compares the build's plans with its own ONNX; leave --reference out")
+        raise UsageError(
+            "--reference: --runner tensorrt compares the build's plans with its own ONNX; leave --reference out"
+        )
     verify_files(manifest, names)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if runner == "tensorrt" else ["CPUExecutionProvider"]
     results = []
@@ -179,15 +209,23 @@ def check_build(build: str | Path, *, graphs: Sequence[str] | None = None, runne
         feeds = random_feeds(manifest, name, seed)
         if runner == "tensorrt":
             # the reference second: polygraphy's relative error divides by the second runner's output
-            runners = [_trt_runner(manifest, name), _onnxrt_runner(manifest.path(name), f"onnxruntime:{name}", providers)]
+            runners = [
+                _trt_runner(manifest, name),
+                _onnxrt_runner(manifest.path(name), f"onnxruntime:{name}", providers),
+            ]
         else:
-            runners = [_onnxrt_runner(manifest.path(name), f"build:{name}", providers),
-                       _onnxrt_runner(ref.path(name), f"reference:{name}", providers)]
-        log(f"[I] {name}: {runners[0].name} against {runners[1].name}, inputs "
-            + ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items()))
+            runners = [
+                _onnxrt_runner(manifest.path(name), f"build:{name}", providers),
+                _onnxrt_runner(ref.path(name), f"reference:{name}", providers),
+            ]
+        log(
+            f"[I] {name}: {runners[0].name} against {runners[1].name}, inputs "
+            + ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        )
         run = Comparator.run(runners, data_loader=[feeds])
-        accuracy = Comparator.compare_accuracy(run, compare_func=SimpleCompareFunc(
-            check_error_stat=tol.stat, atol=tol.atol, rtol=tol.rtol))
+        accuracy = Comparator.compare_accuracy(
+            run, compare_func=SimpleCompareFunc(check_error_stat=tol.stat, atol=tol.atol, rtol=tol.rtol)
+        )
         verdicts = _verdicts(accuracy)
         outs = run[0][1][0], run[1][1][0]
         per_output = {}

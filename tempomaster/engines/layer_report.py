@@ -11,10 +11,11 @@ kernel's "TacticName" names its types too. A quantized ONNX node counts as
 FP8 when the engine layer that holds it reads an FP8 input or runs an FP8
 (e4m3) kernel. Pure functions over those two documents: no TensorRT here.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Attention")
 _FP8_MARKS = ("fp8", "e4m3", "float8")
@@ -23,8 +24,11 @@ _FP8_MARKS = ("fp8", "e4m3", "float8")
 def quantized_nodes(model) -> list[str]:
     """Names of the MatMul / Gemm / Attention nodes fed by a DequantizeLinear (the FP8 export's GEMMs)."""
     produced_by = {out: node.op_type for node in model.graph.node for out in node.output}
-    return [node.name for node in model.graph.node
-            if node.op_type in QUANTIZED_OPS and any(produced_by.get(i) == "DequantizeLinear" for i in node.input)]
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in QUANTIZED_OPS and any(produced_by.get(i) == "DequantizeLinear" for i in node.input)
+    ]
 
 
 def quantized_nodes_of_file(onnx_path: Path) -> list[str]:
@@ -66,8 +70,10 @@ def report_warning(graph: str, report: Mapping) -> str | None:
     if not missed:
         return None
     shown = ", ".join(missed[:3]) + (", ..." if len(missed) > 3 else "")
-    return (f"[W] {graph}: {len(missed)} of {report['quantized']} FP8-quantized layers run in 16-bit in the plan "
-            f"(TensorRT chose no FP8 kernel): {shown}")
+    return (
+        f"[W] {graph}: {len(missed)} of {report['quantized']} FP8-quantized layers run in 16-bit in the plan "
+        f"(TensorRT chose no FP8 kernel): {shown}"
+    )
 
 
 def describe_report(graph: str, report: Mapping | None) -> str:
@@ -76,7 +82,9 @@ def describe_report(graph: str, report: Mapping | None) -> str:
         return f"{graph}: no FP8-quantized layers"
     parts = [f"{len(report['fp8'])} of {report['quantized']} FP8-quantized layers run in FP8"]
     if report["not_fp8"]:
-        parts.append(f"{len(report['not_fp8'])} in 16-bit ({', '.join(report['not_fp8'][:5])}{', ...' if len(report['not_fp8']) > 5 else ''})")
+        parts.append(
+            f"{len(report['not_fp8'])} in 16-bit ({', '.join(report['not_fp8'][:5])}{', ...' if len(report['not_fp8']) > 5 else ''})"
+        )
     if report["not_found"]:
         parts.append(f"{len(report['not_found'])} not named by any engine layer")
     return f"{graph}: " + "; ".join(parts)

@@ -39,13 +39,14 @@ kind; and a manifest whose checksum does not match its content was edited
 and is refused. A manifest without a checksum (written before manifests
 carried one) is read with the same checks.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from ..build_format import (  # noqa: F401  (part of this module's API)
     FORMAT,
@@ -60,9 +61,15 @@ from .build_paths import OutsideBuild, resolve_inside
 
 # onnxruntime's type strings -> manifest dtype names
 ORT_DTYPES = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
-    "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
-    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
 }
 
 
@@ -94,7 +101,9 @@ class Manifest:
         try:
             return self.graphs[name]
         except KeyError:
-            raise ManifestError(f"{self.root}: the build has no graph {name!r} (it has {', '.join(sorted(self.graphs))})") from None
+            raise ManifestError(
+                f"{self.root}: the build has no graph {name!r} (it has {', '.join(sorted(self.graphs))})"
+            ) from None
 
     def path(self, name: str) -> Path:
         return self.root / self.graph(name)["file"]
@@ -121,7 +130,9 @@ def load_manifest(build_dir: str | os.PathLike) -> Manifest:
     if data.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
     if data.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format_version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+        raise ManifestError(
+            f"{path}: format_version {data.get('format_version')!r}; this runtime reads {FORMAT_VERSION}"
+        )
     _check_seal(data, path)
     _check_structure(data, path)
     _check_models(data, path)
@@ -159,7 +170,9 @@ def _check_structure(data: dict, path: Path) -> None:
             if key not in graph:
                 raise ManifestError(f"{path}: graph {name!r} lacks {key}")
         if not isinstance(graph["max_batch"], int) or graph["max_batch"] < 1:
-            raise ManifestError(f"{path}: graph {name!r} has max_batch {graph['max_batch']!r}, expected an integer >= 1")
+            raise ManifestError(
+                f"{path}: graph {name!r} has max_batch {graph['max_batch']!r}, expected an integer >= 1"
+            )
         for key in ("inputs", "outputs"):
             _check_tensors(graph[key], f"graphs.{name}.{key}", path)
         # A file a graph names but the hash list omits would load unchecked.
@@ -192,9 +205,13 @@ def _check_tensors(tensors, field: str, path: Path) -> None:
     if not isinstance(tensors, list):
         raise ManifestError(f"{path}: {field} must be a list, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
-        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("dtype"), str)
-                and isinstance(t.get("shape"), list)
-                and all(d is None or isinstance(d, (int, str)) for d in t["shape"])):
+        if not (
+            isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("dtype"), str)
+            and isinstance(t.get("shape"), list)
+            and all(d is None or isinstance(d, (int, str)) for d in t["shape"])
+        ):
             raise ManifestError(f"{path}: {field}[{i}] must be an object with a name, a dtype and a shape list")
 
 
@@ -208,7 +225,11 @@ def _check_models(data: dict, path: Path) -> None:
     for key in ("height", "width", "num_frames"):
         if not _positive_int(shape[key]):
             raise ManifestError(f"{path}: shape.{key} must be a positive integer, got {shape[key]!r}")
-    if not (isinstance(shape["intervals"], list) and shape["intervals"] and all(_positive_int(i) for i in shape["intervals"])):
+    if not (
+        isinstance(shape["intervals"], list)
+        and shape["intervals"]
+        and all(_positive_int(i) for i in shape["intervals"])
+    ):
         raise ManifestError(f"{path}: shape.intervals must be a list of positive integers, got {shape['intervals']!r}")
     for model, fields in MODEL_FIELDS.items():
         if model not in data["graphs"]:
@@ -250,7 +271,9 @@ def _check_paths(data: dict, root: Path, path: Path) -> None:
         try:
             resolve_inside(root, rel)
         except OutsideBuild as err:
-            raise ManifestError(f"{path}: {field}: {err}; refusing the build (its files must lie inside {root})") from None
+            raise ManifestError(
+                f"{path}: {field}: {err}; refusing the build (its files must lie inside {root})"
+            ) from None
     for rel, info in data["files"].items():
         sha = info.get("sha256") if isinstance(info, dict) else None
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
@@ -379,7 +402,9 @@ def check_graph_io(
         if set(got_order) == set(want_order) and got_order != want_order:
             problems.append(f"{kind} order {got_order}, manifest says {want_order}")
     if problems:
-        raise ManifestError(f"{manifest.path(name)}: graph {name!r} does not match the manifest:\n  " + "\n  ".join(problems))
+        raise ManifestError(
+            f"{manifest.path(name)}: graph {name!r} does not match the manifest:\n  " + "\n  ".join(problems)
+        )
 
 
 def onnx_graph_io(path: str | os.PathLike) -> tuple[list, list]:

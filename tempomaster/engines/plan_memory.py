@@ -13,10 +13,11 @@ this plan's activations need, capped at the plan's streamable weights (the
 budget demoDiffusion sets as a share of the streamable weights; ours is the
 share that fits).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from ..errors import UsageError
 
@@ -61,8 +62,11 @@ def check_plans_fit(needs: list[PlanNeed], free_bytes: int, *, device: str) -> N
     for need in needs:
         alone = need.weights + need.activations
         if alone + HEADROOM > free_bytes:
-            way_out = ("ask a smaller --weight-streaming-budget" if need.streaming
-                       else "build the plans with --weight-streaming (tm-export build --resume BUILD --weight-streaming)")
+            way_out = (
+                "ask a smaller --weight-streaming-budget"
+                if need.streaming
+                else "build the plans with --weight-streaming (tm-export build --resume BUILD --weight-streaming)"
+            )
             raise UsageError(
                 f"{device}: the {need.graph} plan needs {_gib(alone)} (weights {_gib(need.weights)}, activations "
                 f"{_gib(need.activations)}) + {_gib(HEADROOM)} headroom, {_gib(free_bytes)} free; {way_out}"
@@ -103,5 +107,7 @@ def streaming_budget(graph: str, *, streamable: int, free_bytes: int, reserved: 
 def check_budget_kept(graph: str, asked: int, kept: int) -> None:
     """UsageError when TensorRT kept another budget than the one set (read back after setting it)."""
     if int(kept) != int(asked):
-        raise UsageError(f"{graph}: TensorRT kept a weight-streaming budget of {kept} bytes, {asked} were set; "
-                         "refusing to run with a budget nobody chose (give --weight-streaming-budget another size)")
+        raise UsageError(
+            f"{graph}: TensorRT kept a weight-streaming budget of {kept} bytes, {asked} were set; "
+            "refusing to run with a budget nobody chose (give --weight-streaming-budget another size)"
+        )

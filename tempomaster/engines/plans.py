@@ -31,12 +31,13 @@ errors and warnings its runtime gives when deserialising):
 - FP8 needs compute capability 8.9 or later, whatever the level: an fp8 plan
   is refused below it.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..atomic_write import write_text
 from ..build_format import manifest_text
@@ -82,15 +83,20 @@ def has_plans(manifest: Manifest) -> bool:
 def plan_entry(manifest: Manifest, name: str) -> dict:
     section = engines_section(manifest)
     if section is None:
-        raise ManifestError(f"{manifest.root}: the build has no TensorRT plans; run `tm-export build --resume {manifest.root}` on a GPU machine")
+        raise ManifestError(
+            f"{manifest.root}: the build has no TensorRT plans; run `tm-export build --resume {manifest.root}` on a GPU machine"
+        )
     try:
         return section["plans"][name]
     except KeyError:
-        raise ManifestError(f"{manifest.root}: the build has no plan for {name!r} (it has {', '.join(sorted(section['plans']))})") from None
+        raise ManifestError(
+            f"{manifest.root}: the build has no plan for {name!r} (it has {', '.join(sorted(section['plans']))})"
+        ) from None
 
 
-def check_plan_compat(entry: Mapping, *, tensorrt_version: str, compute_capability, gpu_name: str | None = None,
-                      where: str = "plan") -> list[str]:
+def check_plan_compat(
+    entry: Mapping, *, tensorrt_version: str, compute_capability, gpu_name: str | None = None, where: str = "plan"
+) -> list[str]:
     """Refuse a plan this machine cannot run, naming both sides, before TensorRT sees it.
 
     Returns the warnings TensorRT itself would give (a plan built on another GPU model of the same compute capability).
@@ -104,25 +110,35 @@ def check_plan_compat(entry: Mapping, *, tensorrt_version: str, compute_capabili
     if entry.get("version_compatible"):
         same_major_later = hv[0] == bv[0] and hv >= bv
         if not (same_major_later or (bv[0] == 10 and hv[0] == 11)):
-            problems.append(f"it is version-compatible from TensorRT {built_v} on (same major version), this machine has TensorRT {here_v}")
+            problems.append(
+                f"it is version-compatible from TensorRT {built_v} on (same major version), this machine has TensorRT {here_v}"
+            )
     elif bv != hv:
         problems.append(f"it was built with TensorRT {built_v}, this machine has TensorRT {here_v}")
     if level == "ampere+":
         if here_cc < (8, 0):
-            problems.append(f"it is hardware-compatible with Ampere and later (compute capability 8.0+), {this_gpu} "
-                            f"has compute capability {here_cc[0]}.{here_cc[1]}")
+            problems.append(
+                f"it is hardware-compatible with Ampere and later (compute capability 8.0+), {this_gpu} "
+                f"has compute capability {here_cc[0]}.{here_cc[1]}"
+            )
     elif level in ("none", "same-cc"):
         if built_cc != here_cc:
-            problems.append(f"it was built for compute capability {built_cc[0]}.{built_cc[1]} ({entry.get('gpu', 'unknown GPU')}), "
-                            f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}")
+            problems.append(
+                f"it was built for compute capability {built_cc[0]}.{built_cc[1]} ({entry.get('gpu', 'unknown GPU')}), "
+                f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}"
+            )
         elif level == "none" and gpu_name and entry.get("gpu") and entry["gpu"] != gpu_name:
-            warnings.append(f"{where}: built on {entry['gpu']}, running on {gpu_name} (same compute capability): TensorRT "
-                            "advises against a plan across GPU models (build with --hardware-compat same-cc to allow it)")
+            warnings.append(
+                f"{where}: built on {entry['gpu']}, running on {gpu_name} (same compute capability): TensorRT "
+                "advises against a plan across GPU models (build with --hardware-compat same-cc to allow it)"
+            )
     else:
         problems.append(f"its hardware compatibility level {level!r} is unknown (known: {', '.join(HARDWARE_COMPAT)})")
     if entry.get("precision") == "fp8" and here_cc < FP8_MIN_CC:
-        problems.append(f"it holds FP8 layers, which need compute capability {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]}+, "
-                        f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}")
+        problems.append(
+            f"it holds FP8 layers, which need compute capability {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]}+, "
+            f"{this_gpu} has compute capability {here_cc[0]}.{here_cc[1]}"
+        )
     if problems:
         raise ManifestError(
             f"{where}: refusing a TensorRT plan this machine cannot run: {'; '.join(problems)}; rebuild it here with "
@@ -136,21 +152,32 @@ def verify_plan_file(manifest: Manifest, name: str) -> Path:
     entry = plan_entry(manifest, name)
     path = manifest.root / entry["file"]
     if not path.is_file():
-        raise ManifestError(f"{path}: missing (the manifest lists it); rebuild with `tm-export build --resume {manifest.root}`")
+        raise ManifestError(
+            f"{path}: missing (the manifest lists it); rebuild with `tm-export build --resume {manifest.root}`"
+        )
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise ManifestError(f"{path}: {size} bytes, manifest says {entry['bytes']} (modified); refusing to load it")
     digest = sha256_file(path)
     if digest != entry["sha256"]:
-        raise ManifestError(f"{path}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}... (modified); refusing to load it")
+        raise ManifestError(
+            f"{path}: sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}... (modified); refusing to load it"
+        )
     return path
 
 
-def check_plan(manifest: Manifest, name: str, *, tensorrt_version: str, compute_capability, gpu_name: str | None = None) -> Path:
+def check_plan(
+    manifest: Manifest, name: str, *, tensorrt_version: str, compute_capability, gpu_name: str | None = None
+) -> Path:
     """Compatibility first (cheap, and names both sides), then the hash. Returns the plan's path."""
     entry = plan_entry(manifest, name)
-    check_plan_compat(entry, tensorrt_version=tensorrt_version, compute_capability=compute_capability,
-                      gpu_name=gpu_name, where=str(manifest.root / entry["file"]))
+    check_plan_compat(
+        entry,
+        tensorrt_version=tensorrt_version,
+        compute_capability=compute_capability,
+        gpu_name=gpu_name,
+        where=str(manifest.root / entry["file"]),
+    )
     return verify_plan_file(manifest, name)
 
 
@@ -171,5 +198,7 @@ def check_run_options(manifest: Manifest | Mapping, *, cuda_graphs: bool) -> Non
     if cuda_graphs and section:
         streaming = [n for n, p in section["plans"].items() if p.get("weight_streaming")]
         if streaming:
-            raise UsageError(f"--cuda-graphs cannot run weight-streaming plans ({', '.join(streaming)}: streaming makes "
-                             "each call synchronous); leave out --cuda-graphs, or build without --weight-streaming")
+            raise UsageError(
+                f"--cuda-graphs cannot run weight-streaming plans ({', '.join(streaming)}: streaming makes "
+                "each call synchronous); leave out --cuda-graphs, or build without --weight-streaming"
+            )

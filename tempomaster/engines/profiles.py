@@ -29,12 +29,13 @@ a tie goes to the larger batch, which carries more of the work). The DiT's
 spans the ONNX's range with opt at the frame count of the most frequent
 call. Pure functions of the manifest's data: no TensorRT needed.
 """
+
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from ..errors import ManifestError
 from ..shape_expr import eval_dim_expr, symbols_in
@@ -110,8 +111,9 @@ def default_steps(manifest: Mapping) -> list[int]:
     return steps if len(steps) == len(stages) else [1] * len(stages)
 
 
-def call_counts(graph: str, shape: Mapping, *, guidance: bool = True,
-                steps_per_stage: Sequence[int] | None = None) -> Counter:
+def call_counts(
+    graph: str, shape: Mapping, *, guidance: bool = True, steps_per_stage: Sequence[int] | None = None
+) -> Counter:
     """(batch, latent frames) -> number of calls per generation, before any split.
 
     `shape` is the manifest's `shape` block; its num_frames and intervals
@@ -150,8 +152,9 @@ def tile_base_name(name: str) -> str:
     return m.group(1) if m else name
 
 
-def graph_profile(name: str, graph: Mapping, shape: Mapping, *, guidance: bool = True,
-                  steps_per_stage: Sequence[int] | None = None) -> GraphProfile:
+def graph_profile(
+    name: str, graph: Mapping, shape: Mapping, *, guidance: bool = True, steps_per_stage: Sequence[int] | None = None
+) -> GraphProfile:
     """The profile of one manifest graph entry (inputs with symbolic shapes, max_batch, meta)."""
     safe = int(graph["max_batch"])
     # a tiled build's VAE graph for one tile shape (vae_decoder_30x30) is called as its base graph is, per tile
@@ -184,12 +187,20 @@ def graph_profile(name: str, graph: Mapping, shape: Mapping, *, guidance: bool =
                 sym[FRAMES] = frames[k]
             mom.append(tuple(eval_dim(d, sym) for d in dims))
         shapes[inp] = tuple(mom)
-    calls = {(f"{b}x{f}" if f is not None else str(b)): k for (b, f), k in sorted(pieces.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))}
+    calls = {
+        (f"{b}x{f}" if f is not None else str(b)): k
+        for (b, f), k in sorted(pieces.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))
+    }
     return GraphProfile(name, batch, frames, shapes, calls)
 
 
-def build_profiles(manifest: Mapping, *, guidance: bool = True, steps_per_stage: Sequence[int] | None = None,
-                   graphs: Sequence[str] | None = None) -> dict[str, GraphProfile]:
+def build_profiles(
+    manifest: Mapping,
+    *,
+    guidance: bool = True,
+    steps_per_stage: Sequence[int] | None = None,
+    graphs: Sequence[str] | None = None,
+) -> dict[str, GraphProfile]:
     """Profiles for every graph of a build (manifest.json data), or those in `graphs`."""
     steps = list(steps_per_stage) if steps_per_stage is not None else default_steps(manifest)
     names = list(graphs) if graphs is not None else list(manifest["graphs"])

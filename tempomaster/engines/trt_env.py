@@ -5,6 +5,7 @@ import style): the CPU path of the package never needs it. Everything that
 needs TensorRT or a GPU raises `MissingDependencyError` (exit code 3) with
 one line saying what is missing and how to finish the job elsewhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,9 +28,13 @@ def import_tensorrt(purpose: str = "this step"):
         import tensorrt
     except ImportError as err:
         # The bindings import but fail to load libnvinfer on a machine without the runtime libraries.
-        raise MissingDependencyError(f"{purpose} needs {TENSORRT_REQUIREMENT}; importing tensorrt failed: {err}") from None
+        raise MissingDependencyError(
+            f"{purpose} needs {TENSORRT_REQUIREMENT}; importing tensorrt failed: {err}"
+        ) from None
     except OSError as err:  # pragma: no cover - a broken install
-        raise MissingDependencyError(f"{purpose} needs {TENSORRT_REQUIREMENT}; loading its libraries failed: {err}") from None
+        raise MissingDependencyError(
+            f"{purpose} needs {TENSORRT_REQUIREMENT}; loading its libraries failed: {err}"
+        ) from None
     check_major_version(str(getattr(tensorrt, "__version__", "unknown")), purpose)
     return tensorrt
 

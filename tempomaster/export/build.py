@@ -11,6 +11,7 @@ only once every graph has exported, passed the checker and the op audit, and
 been hashed: a failed export leaves any previous BUILD as it was. BUILD is
 replaced only when it is a build of ours (export.target says what that is).
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,9 +21,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -78,8 +79,13 @@ def tiling_record(tile: TileSpec | None, shape: ExportShape) -> dict | None:
         return None
     tiles = []
     for i, (th, tw) in enumerate(tile_shapes(shape.latent_height, shape.latent_width, tile)):
-        tiles.append({"latent": [th, tw], "pixels": [th * VAE_SPATIAL, tw * VAE_SPATIAL],
-                      "suffix": "" if i == 0 else f"_{th}x{tw}"})
+        tiles.append(
+            {
+                "latent": [th, tw],
+                "pixels": [th * VAE_SPATIAL, tw * VAE_SPATIAL],
+                "suffix": "" if i == 0 else f"_{th}x{tw}",
+            }
+        )
     return {**tile.as_dict(), "tiles": tiles}
 
 
@@ -89,8 +95,16 @@ def base_graph_name(name: str) -> str:
     return m.group(1) if m else name
 
 
-def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, wanted: set[str], copy: bool,
-                 tiling: dict | None = None, overrides: Mapping[str, Callable[[], list]] | None = None):
+def _graph_specs(
+    models,
+    precision: str,
+    t5_precision: str,
+    shape: ExportShape,
+    wanted: set[str],
+    copy: bool,
+    tiling: dict | None = None,
+    overrides: Mapping[str, Callable[[], list]] | None = None,
+):
     """Yield (name, spec factory) lazily, so only one cast copy lives at a time."""
     from .dit import dit_spec
     from .t5 import t5_spec
@@ -108,10 +122,20 @@ def _graph_specs(models, precision: str, t5_precision: str, shape: ExportShape, 
             variants = [(shape, "")]
         else:
             # one set of step graphs per tile shape, static at that shape
-            variants = [(replace(shape, height=t["pixels"][0], width=t["pixels"][1]), t["suffix"]) for t in tiling["tiles"]]
+            variants = [
+                (replace(shape, height=t["pixels"][0], width=t["pixels"][1]), t["suffix"]) for t in tiling["tiles"]
+            ]
         for vshape, suffix in variants:
-            yield "vae", (lambda vshape=vshape, suffix=suffix: [
-                s for s in vae_specs(models.vae, precision, vshape, copy=copy, suffix=suffix) if base_graph_name(s.name) in wanted])
+            yield (
+                "vae",
+                (
+                    lambda vshape=vshape, suffix=suffix: [
+                        s
+                        for s in vae_specs(models.vae, precision, vshape, copy=copy, suffix=suffix)
+                        if base_graph_name(s.name) in wanted
+                    ]
+                ),
+            )
     if "t5" in wanted:
         yield "t5", lambda: [t5_spec(models.t5, t5_precision, copy=copy)]
 
@@ -181,7 +205,9 @@ def export_onnx(
         total = len(wanted) + (vae_count * (len(tiling["tiles"]) - 1) if tiling else 0)
         # closed on the way out of an error too, so its last redraw comes before the CLI's message
         with tqdm(total=total, desc="tm-export onnx", unit="graph", disable=not progress, file=sys.stderr) as bar:
-            for _group, make in _graph_specs(models, precision, t5_precision, shape, wanted, copy, tiling, graph_overrides):
+            for _group, make in _graph_specs(
+                models, precision, t5_precision, shape, wanted, copy, tiling, graph_overrides
+            ):
                 for spec in make():
                     raise_if_interrupted()
                     bar.set_postfix_str(spec.name)
@@ -214,7 +240,9 @@ def export_onnx(
             "precision": precision,
             "opset": opset,
             "models": {
-                k: _cfg_dict(getattr(models, k, None)) for k in ("dit", "vae", "t5") if getattr(models, k, None) is not None
+                k: _cfg_dict(getattr(models, k, None))
+                for k in ("dit", "vae", "t5")
+                if getattr(models, k, None) is not None
             },
             "shape": shape.as_dict(),
             "tiling": tiling,
@@ -275,6 +303,7 @@ def _cfg_dict(module) -> dict | None:
 # Random-weight model sets (presets without checkpoints, for sizing exports)
 # ----------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def _randomise(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -287,12 +316,13 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             fan_in = max(1, p[0].numel())
             # fill in slices: no fp32 temporary of a whole bf16 matrix
             for i in range(0, p.shape[0], 1024):
-                blk = p[i:i + 1024]
-                blk.copy_(torch.randn(blk.shape, generator=g) * (fan_in ** -0.5))
+                blk = p[i : i + 1024]
+                blk.copy_(torch.randn(blk.shape, generator=g) * (fan_in**-0.5))
 
 
-def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: int = 0,
-                     graphs: Iterable[str] | None = None):
+def random_model_set(
+    preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: int = 0, graphs: Iterable[str] | None = None
+):
     """The preset's models with seeded random weights, built on the meta
     device and materialised directly in the target dtype (a wan-1.3b/umT5-XXL
     set never exists in fp32 unless asked). Only the models `graphs` need are
@@ -325,6 +355,7 @@ def random_model_set(preset, dtype: torch.dtype, t5_dtype: torch.dtype, seed: in
 # `tm-export onnx`
 # ----------------------------------------------------------------------------
 
+
 def load_models_for_export(
     *,
     preset: str | None,
@@ -345,7 +376,9 @@ def load_models_for_export(
     t5_dtype = PRECISION_DTYPES[t5_precision]
     if random_weights:
         if checkpoints or release_config_has_models(config):
-            raise UsageError("--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs")
+            raise UsageError(
+                "--random-weights builds the preset's models from a seed; do not give --checkpoints or a --config with model_configs"
+            )
         return random_model_set(get_preset(preset or DEFAULT_PRESET), dtype, t5_dtype, graphs=graphs)
     preset_obj = get_preset(preset) if preset else None
     if checkpoints or release_config_has_models(config):
@@ -401,8 +434,13 @@ def export_build(
     graphs = parse_graph_names(graphs)
     prepare_target(Path(out).absolute())  # a refusal costs nothing: no model is loaded yet
     models = load_models_for_export(
-        preset=preset, checkpoints=checkpoints, config=config, precision=precision,
-        t5_precision=t5_precision, random_weights=random_weights, graphs=graphs,
+        preset=preset,
+        checkpoints=checkpoints,
+        config=config,
+        precision=precision,
+        t5_precision=t5_precision,
+        random_weights=random_weights,
+        graphs=graphs,
     )
     shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
     try:
@@ -410,8 +448,17 @@ def export_build(
     except ValueError as err:
         raise UsageError(str(err)) from None
     return export_onnx(
-        models, precision, shape, out, opset=opset, t5_precision=t5_precision,
-        graphs=graphs, copy=False, progress=progress, extra={"random_weights": bool(random_weights)}, tile=tile,
+        models,
+        precision,
+        shape,
+        out,
+        opset=opset,
+        t5_precision=t5_precision,
+        graphs=graphs,
+        copy=False,
+        progress=progress,
+        extra={"random_weights": bool(random_weights)},
+        tile=tile,
     )
 
 
@@ -421,9 +468,11 @@ def describe_fp8(manifest: dict) -> str:
     att = fp8.get("attention", {})
     attention = " and ".join(k for k in ("self", "cross") if att.get(k))
     skip = f", blocks {','.join(map(str, fp8['skip_blocks']))} kept in {fp8['base']}" if fp8["skip_blocks"] else ""
-    return (f"FP8: {fp8['quantized_layers']} block Linears ({fp8['weight_scale']} weight scales)"
-            + (f", q/k/v of every {attention}-attention" if attention else ", attention in " + fp8["base"])
-            + f"{skip}; {fp8['base']} elsewhere")
+    return (
+        f"FP8: {fp8['quantized_layers']} block Linears ({fp8['weight_scale']} weight scales)"
+        + (f", q/k/v of every {attention}-attention" if attention else ", attention in " + fp8["base"])
+        + f"{skip}; {fp8['base']} elsewhere"
+    )
 
 
 def describe_build(manifest: dict, out: Path) -> str:
@@ -432,11 +481,14 @@ def describe_build(manifest: dict, out: Path) -> str:
     t5 = manifest["graphs"].get("t5", {}).get("precision")
     lines = [
         f"{out}: {len(manifest['graphs'])} graphs, {total / 2**20:.1f} MiB, precision {manifest['precision']}"
-        + (f" (t5 {t5})" if t5 else "") + f", exported in {manifest['export_seconds']:.1f}s"
+        + (f" (t5 {t5})" if t5 else "")
+        + f", exported in {manifest['export_seconds']:.1f}s"
     ]
     for name, g in manifest["graphs"].items():
         ins = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"][:6])
-        lines.append(f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}")
+        lines.append(
+            f"  {name:18s} {g['precision']:4s} max batch {g['max_batch']:<5d} {ins}{' ...' if len(g['inputs']) > 6 else ''}"
+        )
     if manifest.get("fp8"):
         lines.append(f"  {describe_fp8(manifest)}")
     audit = manifest["op_audit"]

@@ -21,6 +21,7 @@ Precision: weights and activations in the graph's dtype; norm statistics,
 RoPE and the sinusoidal timestep embedding in float32 (as `models/dit.py`
 computes them).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,17 @@ class DiTGraph(torch.nn.Module):
         return self.dit(x, y, timestep, context, rope_cos, rope_sin)
 
 
-def dit_example_inputs(cfg, batch: int, frames: int, h: int, w: int, dtype: torch.dtype, text_len: int = 512,
-                       generator: torch.Generator | None = None, timestep: float = 500.0) -> tuple:
+def dit_example_inputs(
+    cfg,
+    batch: int,
+    frames: int,
+    h: int,
+    w: int,
+    dtype: torch.dtype,
+    text_len: int = 512,
+    generator: torch.Generator | None = None,
+    timestep: float = 500.0,
+) -> tuple:
     g = generator
     x = torch.randn(batch, cfg.out_dim, frames, h, w, generator=g).to(dtype)
     y = torch.randn(batch, cfg.in_dim - cfg.out_dim, frames, h, w, generator=g).to(dtype)

@@ -9,12 +9,13 @@ a DiT's time and none of its FLOPs that matter.
 `dit_flops` is the same count from the architecture alone, so the two agree
 exactly unless the exported graph does work the model does not ask for.
 """
+
 from __future__ import annotations
 
 import math
 import os
 from collections import defaultdict
-from typing import Mapping
+from collections.abc import Mapping
 
 from .onnx_utils import _dims, _eval_dim
 
@@ -102,7 +103,9 @@ def graph_flops(model, symbols: Mapping[str, int] | None = None) -> dict[str, in
     return dict(out)
 
 
-def dit_flops(cfg, batch: int, latent_frames: int, latent_height: int, latent_width: int, text_len: int = 512) -> dict[str, int]:
+def dit_flops(
+    cfg, batch: int, latent_frames: int, latent_height: int, latent_width: int, text_len: int = 512
+) -> dict[str, int]:
     """The DiT's MatMul/Gemm/Conv/Attention FLOPs for one call, from `models/dit.py`'s structure.
 
     L = tokens per chunk, T = text tokens, D = width, F = FFN width:
@@ -119,13 +122,18 @@ def dit_flops(cfg, batch: int, latent_frames: int, latent_height: int, latent_wi
     linear = lambda rows, n_in, n_out: 2 * rows * n_in * n_out  # noqa: E731
     embed = (
         linear(b * tokens, cfg.in_dim * patch, d)  # patch embedding conv
-        + linear(b * t, cfg.text_dim, d) + linear(b * t, d, d)  # text embedding
-        + linear(1, cfg.freq_dim, d) + linear(1, d, d) + linear(1, d, 6 * d)  # time embedding, projection
+        + linear(b * t, cfg.text_dim, d)
+        + linear(b * t, d, d)  # text embedding
+        + linear(1, cfg.freq_dim, d)
+        + linear(1, d, d)
+        + linear(1, d, 6 * d)  # time embedding, projection
     )
     block_linear = (
         4 * linear(b * tokens, d, d)  # self-attention q, k, v, o
-        + 2 * linear(b * tokens, d, d) + 2 * linear(b * t, d, d)  # cross-attention q, o / k, v
-        + linear(b * tokens, d, f) + linear(b * tokens, f, d)  # FFN
+        + 2 * linear(b * tokens, d, d)
+        + 2 * linear(b * t, d, d)  # cross-attention q, o / k, v
+        + linear(b * tokens, d, f)
+        + linear(b * tokens, f, d)  # FFN
     )
     block_attention = 2 * b * tokens * tokens * 2 * d + 2 * b * tokens * t * 2 * d
     head = linear(b * tokens, d, cfg.out_dim * patch)
@@ -142,6 +150,7 @@ def dit_flops(cfg, batch: int, latent_frames: int, latent_height: int, latent_wi
 # ----------------------------------------------------------------------------
 # FP8 and 16-bit shares
 # ----------------------------------------------------------------------------
+
 
 def _fp8_operands(proto) -> set[str]:
     """Tensors that are the output of a DequantizeLinear of FP8 data (an FP8 initializer or a QuantizeLinear to FP8)."""
@@ -219,9 +228,19 @@ def graph_flops_node(node, shape) -> int:
     raise ValueError(f"{node.op_type} is not a MatMul, Gemm or Conv")
 
 
-def dit_flops_split(cfg, batch: int, latent_frames: int, latent_height: int, latent_width: int, text_len: int = 512,
-                    *, fp8_linears: bool = True, self_attention: bool = True, cross_attention: bool = False,
-                    skip_blocks: int = 0) -> dict[str, int]:
+def dit_flops_split(
+    cfg,
+    batch: int,
+    latent_frames: int,
+    latent_height: int,
+    latent_width: int,
+    text_len: int = 512,
+    *,
+    fp8_linears: bool = True,
+    self_attention: bool = True,
+    cross_attention: bool = False,
+    skip_blocks: int = 0,
+) -> dict[str, int]:
     """`dit_flops` split into FP8 and 16-bit the way `graph_flops_split` reads an fp8 graph.
 
     FP8: the block Linears (outside `skip_blocks` blocks) and the Q K^T product
@@ -236,8 +255,9 @@ def dit_flops_split(cfg, batch: int, latent_frames: int, latent_height: int, lat
     block_linear = 2 * b * (6 * tokens * d * d + 2 * t * d * d + 2 * tokens * d * f)
     self_qk = 2 * b * tokens * tokens * d  # Q K^T of self-attention (all heads)
     cross_qk = 2 * b * tokens * t * d
-    fp8 = layers * ((block_linear if fp8_linears else 0) + (self_qk if self_attention else 0)
-                    + (cross_qk if cross_attention else 0))
+    fp8 = layers * (
+        (block_linear if fp8_linears else 0) + (self_qk if self_attention else 0) + (cross_qk if cross_attention else 0)
+    )
     return {"fp8": fp8, "high_precision": total["total"] - fp8, "total": total["total"], "tokens": tokens}
 
 
@@ -250,5 +270,7 @@ def format_flops(flops: float) -> str:
 
 def format_flops_split(split: Mapping[str, int]) -> str:
     share = split["fp8"] / split["total"] if split["total"] else 0.0
-    return (f"{format_flops(split['total'])} per call: FP8 {format_flops(split['fp8'])} ({share:.1%}), "
-            f"16-bit {format_flops(split['high_precision'])} ({1 - share:.1%})")
+    return (
+        f"{format_flops(split['total'])} per call: FP8 {format_flops(split['fp8'])} ({share:.1%}), "
+        f"16-bit {format_flops(split['high_precision'])} ({1 - share:.1%})"
+    )

@@ -20,6 +20,7 @@
    by name), op-type counts, weight bytes and the largest batch one call may
    take so that no tensor reaches 2^31 elements (TensorRT's limit).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,10 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -124,14 +126,17 @@ class GraphRecord:
 # Dummy inputs
 # ----------------------------------------------------------------------------
 
-def random_like_spec(shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator | None = None,
-                     scale: float = 1.0) -> torch.Tensor:
+
+def random_like_spec(
+    shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator | None = None, scale: float = 1.0
+) -> torch.Tensor:
     return (torch.randn(tuple(shape), generator=generator) * scale).to(dtype)
 
 
 # ----------------------------------------------------------------------------
 # The export
 # ----------------------------------------------------------------------------
+
 
 def _torch_dynamic_shapes(spec: GraphSpec) -> dict | None:
     if not spec.dynamic_axes and not spec.derived_axes:
@@ -223,8 +228,13 @@ def _check_io_names(model, spec: GraphSpec) -> None:
         raise ExportError(f"{spec.name}: exported outputs {got_out} differ from the declared {list(spec.output_names)}")
 
 
-def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
-                 external_data: bool | None = None, log: Callable[[str], None] | None = None) -> GraphRecord:
+def export_graph(
+    spec: GraphSpec,
+    out_dir: str | os.PathLike,
+    opset: int = 23,
+    external_data: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GraphRecord:
     """Export one graph to `out_dir/NAME.onnx` (+ `NAME.onnx.data`); return its record.
 
     external_data: None = only when the weights pass EXTERNAL_DATA_THRESHOLD.
@@ -267,13 +277,17 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
         else:
             ir.save(model, path)
         del program, model
-        say(f"{spec.name}: saved ({weight_bytes / 2**20:.1f} MiB of weights{', external data' if use_external else ''}), checking")
+        say(
+            f"{spec.name}: saved ({weight_bytes / 2**20:.1f} MiB of weights{', external data' if use_external else ''}), checking"
+        )
         try:
             onnx.checker.check_model(str(path))
         except Exception as err:
             raise ExportError(f"{spec.name}: onnx.checker rejected the graph: {err}") from err
         try:
-            onnx.shape_inference.infer_shapes_path(str(path), str(path), check_type=True, strict_mode=False, data_prop=True)
+            onnx.shape_inference.infer_shapes_path(
+                str(path), str(path), check_type=True, strict_mode=False, data_prop=True
+            )
         except Exception as err:
             raise ExportError(f"{spec.name}: ONNX shape inference failed: {err}") from err
         proto = onnx.load(str(path), load_external_data=False)
@@ -310,6 +324,7 @@ def export_graph(spec: GraphSpec, out_dir: str | os.PathLike, opset: int = 23,
 # ----------------------------------------------------------------------------
 # Reading a graph back
 # ----------------------------------------------------------------------------
+
 
 def _dims(type_proto) -> list | None:
     tt = type_proto.tensor_type
@@ -363,8 +378,9 @@ def _eval_dim(d, symbols: Mapping[str, int]) -> int | None:
         return None
 
 
-def largest_batch(proto, batch_symbol: str = "batch", symbol_sizes: Mapping[str, int] | None = None,
-                  limit: int = TRT_MAX_ELEMENTS) -> tuple[int, dict]:
+def largest_batch(
+    proto, batch_symbol: str = "batch", symbol_sizes: Mapping[str, int] | None = None, limit: int = TRT_MAX_ELEMENTS
+) -> tuple[int, dict]:
     """Largest batch for which every tensor of the graph stays within `limit` elements.
 
     Each tensor with a shape (inputs, outputs, every inferred intermediate) is
@@ -394,7 +410,9 @@ def largest_batch(proto, batch_symbol: str = "batch", symbol_sizes: Mapping[str,
         fixed = at[0] - per_item
         if per_item <= 0:
             if at[0] > limit:
-                raise ExportError(f"tensor {v.name} {dims} has {at[0]:,} elements, past TensorRT's 2^31 limit at any batch")
+                raise ExportError(
+                    f"tensor {v.name} {dims} has {at[0]:,} elements, past TensorRT's 2^31 limit at any batch"
+                )
             continue
         if per_item > largest["elements_per_item"]:
             largest = {"tensor": v.name, "elements_per_item": per_item, "shape": dims}

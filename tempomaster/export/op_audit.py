@@ -9,14 +9,15 @@ subgraphs (If/Loop bodies) are audited too. A Resize on bfloat16 data is a
 failure too: the parser lists Resize, but TensorRT's strongly typed networks
 do not run it in bf16.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterable
 
 TABLE_FILE = Path(__file__).with_name("trt_parser_ops.json")
 
@@ -24,7 +25,7 @@ TABLE_FILE = Path(__file__).with_name("trt_parser_ops.json")
 from ..errors import OpAuditError  # noqa: E402
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_table(path: str | None = None) -> dict:
     with open(path or TABLE_FILE, encoding="utf-8") as f:
         return json.load(f)
@@ -47,7 +48,13 @@ class AuditResult:
         return not self.unsupported
 
     def as_dict(self) -> dict:
-        return {"graph": self.graph, "ok": self.ok, "ops": self.ops, "unsupported": self.unsupported, "opset": self.opset}
+        return {
+            "graph": self.graph,
+            "ok": self.ok,
+            "ops": self.ops,
+            "unsupported": self.unsupported,
+            "opset": self.opset,
+        }
 
 
 def _walk(graph) -> Iterable[tuple[str, str]]:
@@ -98,7 +105,9 @@ def audit_model(proto, name: str = "<graph>", table_path: str | None = None) -> 
         key = op if domain in ("", "ai.onnx") else f"{domain}::{op}"
         counts[key] = counts.get(key, 0) + 1
         if domain not in ("", "ai.onnx"):
-            unsupported[key] = f"custom domain {domain!r}: the TensorRT parser only takes the default ONNX domain without a plugin"
+            unsupported[key] = (
+                f"custom domain {domain!r}: the TensorRT parser only takes the default ONNX domain without a plugin"
+            )
         elif op not in ops_table:
             unsupported[key] = "not listed in onnx-tensorrt's operators.md"
         elif not ops_table[op].get("supported"):
@@ -125,7 +134,9 @@ def audit_file(path: str | os.PathLike, table_path: str | None = None) -> AuditR
     return audit_model(proto, Path(path).stem, table_path)
 
 
-def audit_files(paths: Iterable[str | os.PathLike], table_path: str | None = None, raise_on_error: bool = True) -> list[AuditResult]:
+def audit_files(
+    paths: Iterable[str | os.PathLike], table_path: str | None = None, raise_on_error: bool = True
+) -> list[AuditResult]:
     results = [audit_file(p, table_path) for p in paths]
     bad = [r for r in results if not r.ok]
     if bad and raise_on_error:

@@ -1,4 +1,5 @@
 """The generation shape a build serves, and what it implies for each graph."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ class ExportShape:
     intervals: tuple[int, ...]
 
     @classmethod
-    def from_preset(cls, preset: Preset, height=None, width=None, num_frames=None, intervals=None) -> "ExportShape":
+    def from_preset(cls, preset: Preset, height=None, width=None, num_frames=None, intervals=None) -> ExportShape:
         d = preset.defaults
         return cls(
             height=int(height if height is not None else d.height),
@@ -55,8 +56,12 @@ class ExportShape:
     def stage_summary(self) -> list[dict]:
         """Per stage: interval, chunks (the DiT batch before cond/uncond), pixel and latent frames per chunk."""
         return [
-            {"interval": s.interval, "chunks": s.num_chunks, "chunk_frames": s.chunk_frames,
-             "latent_frames": s.latent_frames}
+            {
+                "interval": s.interval,
+                "chunks": s.num_chunks,
+                "chunk_frames": s.chunk_frames,
+                "latent_frames": s.latent_frames,
+            }
             for s in self.stages()
         ]
 

@@ -8,6 +8,7 @@ B is dynamic. umT5-XXL overflows float16, so the graph is float32 or
 bfloat16 only: a float16 build exports it in bfloat16 (`T5_PRECISION_FOR`,
 overridable) and the manifest records the graph's own precision.
 """
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ renamed over DIR only once complete. So that nothing of the user's is lost:
 - All of this, and whether DIR can be written at all, is settled before any
   model loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..atomic_write import check_writable_folder
 from ..build_format import (
@@ -55,6 +56,7 @@ def staging_prefix(out_dir: Path) -> str:
 # Is DIR ours?
 # ----------------------------------------------------------------------------
 
+
 def _read_own_json(path: Path, fmt: str) -> str | None:
     """None when `path` is a regular file holding JSON of our format `fmt`; else why not."""
     try:
@@ -72,7 +74,7 @@ def _read_own_json(path: Path, fmt: str) -> str | None:
     except (OSError, ValueError):
         return "is not JSON"
     if not isinstance(data, dict) or data.get("format") != fmt:
-        return f"is not a {fmt} file (no \"format\": \"{fmt}\")"
+        return f'is not a {fmt} file (no "format": "{fmt}")'
     version = data.get("format_version")
     if type(version) is not int or version < 1:
         return f"has no integer format_version of {fmt}"
@@ -96,8 +98,10 @@ def check_replaceable(out_dir: Path) -> None:
         why = _read_own_json(out_dir / MANIFEST_FILE, FORMAT)
         if why is None:
             return
-        raise UsageError(f"--out: {out_dir / MANIFEST_FILE} {why}: {out_dir} is not a tm-export build; "
-                         "refusing to replace it; give a new or build directory")
+        raise UsageError(
+            f"--out: {out_dir / MANIFEST_FILE} {why}: {out_dir} is not a tm-export build; "
+            "refusing to replace it; give a new or build directory"
+        )
     if entries == [CALIBRATION_DIR]:
         why = _read_own_json(out_dir / CALIBRATION_DIR / CALIBRATION_FILE, CALIBRATION_FORMAT)
         if why is None:
@@ -105,21 +109,32 @@ def check_replaceable(out_dir: Path) -> None:
         # a calibration that was stopped before its amax.json: its progress file (resumed by the rerun)
         if _read_own_json(out_dir / CALIBRATION_DIR / CALIBRATION_PROGRESS_FILE, CALIBRATION_PROGRESS_FORMAT) is None:
             return
-        raise UsageError(f"--out: {out_dir / CALIBRATION_DIR / CALIBRATION_FILE} {why}: {out_dir} is not a "
-                         "tm-export calibration folder; refusing to replace it; give a new or build directory")
-    raise UsageError(f"--out: {out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; "
-                     "give a new or build directory")
+        raise UsageError(
+            f"--out: {out_dir / CALIBRATION_DIR / CALIBRATION_FILE} {why}: {out_dir} is not a "
+            "tm-export calibration folder; refusing to replace it; give a new or build directory"
+        )
+    raise UsageError(
+        f"--out: {out_dir} exists, is not empty and holds no {MANIFEST_FILE}: refusing to replace it; "
+        "give a new or build directory"
+    )
 
 
 # ----------------------------------------------------------------------------
 # Staging folders: made with a marker, removed when a killed export left them
 # ----------------------------------------------------------------------------
 
+
 def make_staging(out_dir: Path) -> Path:
     """A new staging folder beside `out_dir`, marked as this process's."""
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(out_dir), dir=out_dir.parent))
-    marker = {"format": STAGING_FORMAT, "format_version": 1, "pid": os.getpid(), "host": socket.gethostname(),
-              "target": out_dir.name, "created": time.time()}
+    marker = {
+        "format": STAGING_FORMAT,
+        "format_version": 1,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "target": out_dir.name,
+        "created": time.time(),
+    }
     try:
         (staging / STAGING_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
     except BaseException:
@@ -137,8 +152,9 @@ def _process_start(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), from /proc; None where that cannot be read."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -181,14 +197,18 @@ def remove_stale_staging(out_dir: Path, log: Callable[[str], None] = print_to_st
     if not out_dir.parent.is_dir():
         return []
     prefix = staging_prefix(out_dir)
-    stale = [p for p in sorted(out_dir.parent.iterdir()) if p.name.startswith(prefix) and _stale_own_staging(p, out_dir)]
+    stale = [
+        p for p in sorted(out_dir.parent.iterdir()) if p.name.startswith(prefix) and _stale_own_staging(p, out_dir)
+    ]
     if not stale:
         return []
     freed = sum(_size(p) for p in stale)
     for folder in stale:
         shutil.rmtree(folder)
-    log(f"tm-export: removed {len(stale)} staging folder(s) left by an interrupted export to {out_dir} "
-        f"({', '.join(p.name for p in stale)}; {freed / 2**20:.1f} MiB)")
+    log(
+        f"tm-export: removed {len(stale)} staging folder(s) left by an interrupted export to {out_dir} "
+        f"({', '.join(p.name for p in stale)}; {freed / 2**20:.1f} MiB)"
+    )
     return stale
 
 

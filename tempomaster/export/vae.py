@@ -32,6 +32,7 @@ the runtime feeds them one tile at a time and blends the tiles on the host
 edge, that tile shape gets its own four graphs, named with a `_HxW` suffix
 (latent units); the manifest's `tiling` block lists them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,8 +95,10 @@ def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True, suffix
     for direction, shapes in (("encoder", enc_shapes), ("decoder", dec_shapes)):
         n = len(shapes)
         cin, cout = cache_names(n)
-        caches_meta = [{"input": i, "output": o, "layer": layer, "shape": ["batch", *s[1:]]}
-                       for i, o, (layer, s) in zip(cin, cout, shapes)]
+        caches_meta = [
+            {"input": i, "output": o, "layer": layer, "shape": ["batch", *s[1:]]}
+            for i, o, (layer, s) in zip(cin, cout, shapes)
+        ]
         for first in (True, False):
             name = f"vae_{direction}{'_first' if first else ''}{suffix}"
             if direction == "encoder":
@@ -111,24 +114,26 @@ def vae_specs(vae, precision: str, shape: ExportShape, copy: bool = True, suffix
                 out_frames = 1 if first else model.temporal_ratio
             args = (x, _cache_list(shapes, batch, dtype))
             inputs = [main_in, *cin]
-            specs.append(GraphSpec(
-                name=name,
-                module=module,
-                args=args,
-                input_names=inputs,
-                output_names=[main_out, *cout],
-                precision=precision,
-                dynamic_axes={k: {0: "batch"} for k in inputs},
-                symbol_ranges={"batch": (1, 1024)},
-                arg_groups=[("frames" if direction == "encoder" else "latents", 0), ("caches", n)],
-                meta={
-                    "direction": direction,
-                    "first": first,
-                    "height": height,
-                    "width": width,
-                    "in_frames": int(x.shape[2]),
-                    "out_frames": out_frames,
-                    "caches": caches_meta,
-                },
-            ))
+            specs.append(
+                GraphSpec(
+                    name=name,
+                    module=module,
+                    args=args,
+                    input_names=inputs,
+                    output_names=[main_out, *cout],
+                    precision=precision,
+                    dynamic_axes={k: {0: "batch"} for k in inputs},
+                    symbol_ranges={"batch": (1, 1024)},
+                    arg_groups=[("frames" if direction == "encoder" else "latents", 0), ("caches", n)],
+                    meta={
+                        "direction": direction,
+                        "first": first,
+                        "height": height,
+                        "width": width,
+                        "in_frames": int(x.shape[2]),
+                        "out_frames": out_frames,
+                        "caches": caches_meta,
+                    },
+                )
+            )
     return specs

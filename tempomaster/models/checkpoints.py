@@ -7,14 +7,15 @@ tensors; a config or preset that disagrees is an error naming both values.
 Models are built on the meta device and the loaded tensors are assigned, so a
 14B checkpoint is never held twice.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -28,10 +29,10 @@ TOKENIZER_DIR = "encoders/google/umt5-xxl"
 
 from ..errors import CheckpointError, UsageError  # noqa: E402  (CheckpointError re-exported: the loaders raise it)
 
-
 # ----------------------------------------------------------------------------
 # Files -> state dicts
 # ----------------------------------------------------------------------------
+
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of one checkpoint file, on the CPU, in their stored dtype."""
@@ -70,9 +71,7 @@ def _few(keys, limit: int = 5) -> str:
     return f"{shown}{', ...' if len(keys) > limit else ''} ({len(keys)} in all)"
 
 
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path, what: str
-) -> None:
+def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], path, what: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or misshapen key."""
     missing = set(expected) - set(found)
     unexpected = set(found) - set(expected)
@@ -111,6 +110,7 @@ def load_into(model_factory, state: Mapping[str, torch.Tensor], path, what: str,
 # ----------------------------------------------------------------------------
 # Dimensions read from the tensors
 # ----------------------------------------------------------------------------
+
 
 def _count_blocks(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     regex = re.compile(pattern)
@@ -164,7 +164,18 @@ def infer_t5_config(state, path="<state dict>") -> T5Config:
     )
 
 
-_DIT_CONFIG_FIELDS = ("patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers", "eps")
+_DIT_CONFIG_FIELDS = (
+    "patch_size",
+    "in_dim",
+    "dim",
+    "ffn_dim",
+    "freq_dim",
+    "text_dim",
+    "out_dim",
+    "num_heads",
+    "num_layers",
+    "eps",
+)
 
 
 def check_dit_config_against(found: DiTConfig, declared: Mapping, source: str, path) -> None:
@@ -175,9 +186,7 @@ def check_dit_config_against(found: DiTConfig, declared: Mapping, source: str, p
         want = tuple(declared[name]) if name == "patch_size" else declared[name]
         have = getattr(found, name)
         if want != have:
-            raise CheckpointError(
-                f"{path}: {source} says DiT {name}={want!r} but the checkpoint has {name}={have!r}"
-            )
+            raise CheckpointError(f"{path}: {source} says DiT {name}={want!r} but the checkpoint has {name}={have!r}")
     for flag in ("has_image_input", "has_image_pos_emb"):
         if declared.get(flag):
             raise CheckpointError(f"{source}: {flag}=true (a CLIP image branch) is not supported by TempoMaster's DiT")
@@ -186,6 +195,7 @@ def check_dit_config_against(found: DiTConfig, declared: Mapping, source: str, p
 # ----------------------------------------------------------------------------
 # The release's file set
 # ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CheckpointPaths:
@@ -196,14 +206,14 @@ class CheckpointPaths:
     dit_config: Mapping | None = None  # the release's wan_video_dit_config, if given
 
     @classmethod
-    def from_dir(cls, root: str | os.PathLike) -> "CheckpointPaths":
+    def from_dir(cls, root: str | os.PathLike) -> CheckpointPaths:
         root = Path(root)
         if not root.is_dir():
             raise CheckpointError(f"{root}: checkpoint directory not found")
         return cls(dit=root / DIT_FILE, t5=root / T5_FILE, vae=root / VAE_FILE, tokenizer=root / TOKENIZER_DIR)
 
     @classmethod
-    def from_release_config(cls, config_path: str | os.PathLike) -> "CheckpointPaths":
+    def from_release_config(cls, config_path: str | os.PathLike) -> CheckpointPaths:
         """Read `model_configs` of the release's inference_configs.json as it is."""
         config_path = Path(config_path)
         config = read_json(config_path)
@@ -211,7 +221,11 @@ class CheckpointPaths:
         if not isinstance(models, Mapping):
             raise CheckpointError(f"{config_path}: no 'model_configs' object")
         paths = {}
-        for field, key in (("t5", "wan_video_text_encoder_path"), ("vae", "wan_video_vae_path"), ("dit", "wan_video_dit_path")):
+        for field, key in (
+            ("t5", "wan_video_text_encoder_path"),
+            ("vae", "wan_video_vae_path"),
+            ("dit", "wan_video_dit_path"),
+        ):
             if key not in models:
                 raise CheckpointError(f"{config_path}: model_configs has no {key!r}")
             if not isinstance(models[key], str) or not models[key].strip():
@@ -221,7 +235,9 @@ class CheckpointPaths:
             paths[field] = resolve_release_path(models[key], config_path)
         dit_config = models.get("wan_video_dit_config")
         if dit_config is not None and not isinstance(dit_config, Mapping):
-            raise CheckpointError(f"{config_path}: model_configs.wan_video_dit_config must be an object, got {dit_config!r}")
+            raise CheckpointError(
+                f"{config_path}: model_configs.wan_video_dit_config must be an object, got {dit_config!r}"
+            )
         # The release puts the tokenizer beside the text encoder file.
         tokenizer = paths["t5"].parent / "google" / "umt5-xxl"
         return cls(tokenizer=tokenizer, dit_config=dit_config, **paths)
@@ -284,7 +300,9 @@ def load_dit(
 
 def _check_heads(cfg: DiTConfig, path) -> None:
     if cfg.dim % cfg.num_heads:
-        raise CheckpointError(f"{path}: DiT dim {cfg.dim} (from the checkpoint) is not divisible by num_heads {cfg.num_heads}")
+        raise CheckpointError(
+            f"{path}: DiT dim {cfg.dim} (from the checkpoint) is not divisible by num_heads {cfg.num_heads}"
+        )
 
 
 def _fields(cfg, names) -> dict:
@@ -299,6 +317,7 @@ def _describe(cfg) -> str:
 # ----------------------------------------------------------------------------
 # All three models at once
 # ----------------------------------------------------------------------------
+
 
 @dataclass
 class ModelSet:
@@ -374,9 +393,11 @@ def _presets():
 
 def _check_typed_preset(typed: Preset, paths: CheckpointPaths, dit: DiTConfig, vae: VAEConfig, t5: T5Config) -> None:
     """A --preset the user typed is a claim about the files: any dimension it states must be theirs."""
-    checks = [("DiT", paths.dit, dit, typed.dit, tuple(f for f in _DIT_CONFIG_FIELDS if f != "eps")),
-              ("VAE", paths.vae, vae, typed.vae, _VAE_FIELDS),
-              ("umT5", paths.t5, t5, typed.t5, _T5_FIELDS)]
+    checks = [
+        ("DiT", paths.dit, dit, typed.dit, tuple(f for f in _DIT_CONFIG_FIELDS if f != "eps")),
+        ("VAE", paths.vae, vae, typed.vae, _VAE_FIELDS),
+        ("umT5", paths.t5, t5, typed.t5, _T5_FIELDS),
+    ]
     for what, path, have, want, names in checks:
         for name in names:
             if getattr(have, name) != getattr(want, name):
@@ -406,11 +427,18 @@ def load_models(
     chosen = checkpoint_preset(paths, preset, dit_state)
     dit = load_into(lambda: WanDiT(chosen.dit), dit_state, paths.dit, f"DiT ({_describe(chosen.dit)})", dtype)
     del dit_state
-    vae = load_into(lambda: WanVAE(chosen.vae), read_state_dict(paths.vae), paths.vae, f"VAE ({_describe(chosen.vae)})", dtype)
+    vae = load_into(
+        lambda: WanVAE(chosen.vae), read_state_dict(paths.vae), paths.vae, f"VAE ({_describe(chosen.vae)})", dtype
+    )
     # umT5 overflows in fp16: it stays in fp32 unless bf16 is asked for.
     t5_dtype = t5_dtype or (torch.float32 if dtype == torch.float16 else dtype)
     check_t5_dtype(t5_dtype)
-    t5 = load_into(lambda: UMT5Encoder(chosen.t5), read_state_dict(paths.t5), paths.t5,
-                   f"umT5 encoder ({_describe(chosen.t5)})", t5_dtype)
+    t5 = load_into(
+        lambda: UMT5Encoder(chosen.t5),
+        read_state_dict(paths.t5),
+        paths.t5,
+        f"umT5 encoder ({_describe(chosen.t5)})",
+        t5_dtype,
+    )
     tokenizer = PromptTokenizer.from_dir(paths.tokenizer, seq_len=chosen.t5.text_len)
     return ModelSet(preset=chosen, dit=dit, vae=vae, t5=t5, tokenizer=tokenizer)

@@ -14,6 +14,7 @@ Ulysses-style on several processes: each holds a slice of every sequence's
 tokens, and around every self-attention an all-to-all swaps token shards for
 head shards and back.  Off, nothing in the computation changes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from ..parallel_plan import balanced_shares
 from .presets import DiTConfig
 
-
 # ----------------------------------------------------------------------------
 # Sequence parallel (Ulysses)
 # ----------------------------------------------------------------------------
+
 
 class SequenceParallel:
     """This process's place in a group that shares every sequence's tokens.
@@ -43,7 +44,7 @@ class SequenceParallel:
         self.group, self.rank, self.size = group, rank, size
         self.tokens = tokens  # every sequence's full token count, once the forward knows it
 
-    def for_tokens(self, tokens: int) -> "SequenceParallel":
+    def for_tokens(self, tokens: int) -> SequenceParallel:
         bound = copy.copy(self)  # keeps a subclass (e.g. one that watches the exchanges)
         bound.tokens = tokens
         return bound
@@ -71,7 +72,9 @@ class SequenceParallel:
         dist.all_to_all_single(
             recv, send.reshape(-1), [per_token * n for n in lengths], [per_token * li] * d, group=self.group
         )
-        parts = [p.reshape(*lead, b, n, h // d, hd) for p, n in zip(recv.split([per_token * n for n in lengths]), lengths)]
+        parts = [
+            p.reshape(*lead, b, n, h // d, hd) for p, n in zip(recv.split([per_token * n for n in lengths]), lengths)
+        ]
         return torch.cat(parts, dim=-3)
 
     def heads_to_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,7 @@ class SequenceParallel:
 # Rotary positions (the cos/sin tables come from tempomaster.rope)
 # ----------------------------------------------------------------------------
 
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1), as Wan's complex view does.
 
@@ -124,6 +128,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------
+
 
 def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     """[B] -> [B, dim] as cat(cos, sin), computed in float32 (exportable)."""
@@ -230,7 +235,9 @@ class DiTBlock(nn.Module):
             self.modulation.to(t_mod.dtype) + t_mod
         ).chunk(6, dim=1)
         h = _layer_norm(x, self.norm1) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * (self.self_attn(h, rope_cos, rope_sin) if sp is None else self.self_attn(h, rope_cos, rope_sin, sp))
+        x = x + gate_msa * (
+            self.self_attn(h, rope_cos, rope_sin) if sp is None else self.self_attn(h, rope_cos, rope_sin, sp)
+        )
         x = x + self.cross_attn(_layer_norm(x, self.norm3), context)
         h = _layer_norm(x, self.norm2) * (1 + scale_mlp) + shift_mlp
         x = x + gate_mlp * self.ffn(h)
@@ -253,6 +260,7 @@ class Head(nn.Module):
 # The model
 # ----------------------------------------------------------------------------
 
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -266,9 +274,7 @@ class WanDiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
-        self.blocks = nn.ModuleList(
-            DiTBlock(dim, cfg.ffn_dim, cfg.num_heads, cfg.eps) for _ in range(cfg.num_layers)
-        )
+        self.blocks = nn.ModuleList(DiTBlock(dim, cfg.ffn_dim, cfg.num_heads, cfg.eps) for _ in range(cfg.num_layers))
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
 
     @property

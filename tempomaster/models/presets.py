@@ -6,6 +6,7 @@ Dimensions that a checkpoint determines are read from the checkpoint
 (`checkpoints.infer_*_config`); a preset only supplies what tensors cannot
 tell (the DiT's head count) and the defaults.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -104,9 +105,7 @@ PRESETS: dict[str, Preset] = {
         dit=DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
         vae=VAEConfig(dim=8),
         t5=_SMALL_T5,
-        defaults=GenerationDefaults(
-            height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)
-        ),
+        defaults=GenerationDefaults(height=64, width=96, num_frames=17, steps_per_stage=(6, 4, 4)),
         builtin_weights=True,
     ),
     # Trained on synthetic clips (tempomaster/toy): the default of `tm-run generate`.
@@ -115,9 +114,7 @@ PRESETS: dict[str, Preset] = {
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, text_dim=32),
         vae=VAEConfig(dim=8),
         t5=_TOY_T5,
-        defaults=GenerationDefaults(
-            height=64, width=96, num_frames=17, steps_per_stage=(16, 8, 8), guidance_scale=5.0
-        ),
+        defaults=GenerationDefaults(height=64, width=96, num_frames=17, steps_per_stage=(16, 8, 8), guidance_scale=5.0),
         packaged_weights="weights",
     ),
 }
@@ -131,9 +128,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown preset {name!r}; accepted: {', '.join(sorted(PRESETS))}"
-        ) from None
+        raise ValueError(f"unknown preset {name!r}; accepted: {', '.join(sorted(PRESETS))}") from None
 
 
 def packaged_weights_dir(preset: Preset) -> Path:
@@ -144,4 +139,15 @@ def packaged_weights_dir(preset: Preset) -> Path:
     return Path(__file__).resolve().parents[1] / "toy" / preset.packaged_weights
 
 
-__all__ = ["DEFAULT_PRESET", "packaged_weights_dir", "DiTConfig", "VAEConfig", "T5Config", "GenerationDefaults", "Preset", "PRESETS", "get_preset", "replace"]
+__all__ = [
+    "DEFAULT_PRESET",
+    "packaged_weights_dir",
+    "DiTConfig",
+    "VAEConfig",
+    "T5Config",
+    "GenerationDefaults",
+    "Preset",
+    "PRESETS",
+    "get_preset",
+    "replace",
+]

@@ -1,4 +1,5 @@
 """Where the models come from: a checkpoint directory, a release config, the shipped toy set or the built-in tiny set."""
+
 from __future__ import annotations
 
 from pathlib import Path

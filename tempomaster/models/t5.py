@@ -41,13 +41,13 @@ weights (`load_state_dict(assign=True)`, a parent module's `.half()`).
 The forward has no data-dependent Python control flow, so it can be exported
 with `torch.onnx.export(..., dynamo=True)` with dynamic batch and length.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .presets import T5Config
 
@@ -82,15 +82,11 @@ def check_t5_dtype(dtype: torch.dtype) -> torch.dtype:
             "fp16 range. Use torch.float32 or torch.bfloat16."
         )
     if dtype not in T5_DTYPES:
-        raise ValueError(
-            f"umT5 encoder dtype must be torch.float32 or torch.bfloat16, got {dtype}"
-        )
+        raise ValueError(f"umT5 encoder dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     return dtype
 
 
-def relative_position_bucket(
-    rel_pos: torch.Tensor, num_buckets: int, max_distance: int = MAX_DISTANCE
-) -> torch.Tensor:
+def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int, max_distance: int = MAX_DISTANCE) -> torch.Tensor:
     """Bidirectional T5 bucketing of relative positions (key - query).
 
     Half the buckets are for keys after the query, half for keys before it.
@@ -104,11 +100,14 @@ def relative_position_bucket(
     max_exact = num_buckets // 2
     # Clamp below at max_exact so log() never sees 0; those entries take the
     # exact branch of the `where` anyway. Same arithmetic order as T5.
-    rel_pos_large = max_exact + (
-        torch.log(rel_pos.clamp(min=max_exact).float() / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).long()
+    rel_pos_large = (
+        max_exact
+        + (
+            torch.log(rel_pos.clamp(min=max_exact).float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
     rel_pos_large = rel_pos_large.clamp(max=num_buckets - 1)
     return buckets + torch.where(rel_pos < max_exact, rel_pos, rel_pos_large)
 
@@ -174,9 +173,7 @@ class T5FeedForward(nn.Module):
         self.dim = dim
         self.dim_ffn = dim_ffn
         # `gate.0` is the checkpoint's name: Sequential(Linear, GELU-tanh).
-        self.gate = nn.Sequential(
-            nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh")
-        )
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
         self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
@@ -203,8 +200,7 @@ class T5RelativeEmbedding(nn.Module):
 class T5SelfAttentionBlock(nn.Module):
     """One encoder block with its own relative position bias (umT5)."""
 
-    def __init__(self, dim: int, dim_attn: int, dim_ffn: int, num_heads: int,
-                 num_buckets: int, eps: float = 1e-6):
+    def __init__(self, dim: int, dim_attn: int, dim_ffn: int, num_heads: int, num_buckets: int, eps: float = 1e-6):
         super().__init__()
         self.norm1 = T5LayerNorm(dim, eps)
         self.attn = T5Attention(dim, dim_attn, num_heads)
@@ -212,8 +208,7 @@ class T5SelfAttentionBlock(nn.Module):
         self.ffn = T5FeedForward(dim, dim_ffn)
         self.pos_embedding = T5RelativeEmbedding(num_buckets, num_heads)
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor,
-                mask_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         """
         x:         [B, L, dim]
         buckets:   [L, L] relative position buckets
@@ -238,11 +233,12 @@ class UMT5Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList([
-            T5SelfAttentionBlock(cfg.dim, cfg.dim_attn, cfg.dim_ffn, cfg.num_heads,
-                                 cfg.num_buckets, cfg.eps)
-            for _ in range(cfg.num_layers)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                T5SelfAttentionBlock(cfg.dim, cfg.dim_attn, cfg.dim_ffn, cfg.num_heads, cfg.num_buckets, cfg.eps)
+                for _ in range(cfg.num_layers)
+            ]
+        )
         self.norm = T5LayerNorm(cfg.dim, cfg.eps)
         # Built in fp32 on the current default device; for the real size build
         # under `with torch.device("meta"):` and load with assign=True.
@@ -314,7 +310,7 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
         "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
         "norm2.weight": "layer.1.layer_norm.weight",
         "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # GELU branch
-        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",     # linear branch
+        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",  # linear branch
         "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
     }
     out: dict[str, torch.Tensor] = {}

@@ -4,6 +4,7 @@ It makes `tm-run generate` work on a fresh machine with nothing downloaded,
 and `write_tiny_checkpoints` writes it in the release's file layout so tests
 exercise the same loading path as real checkpoints.
 """
+
 from __future__ import annotations
 
 import json

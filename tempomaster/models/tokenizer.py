@@ -14,6 +14,7 @@ Two tokenizers:
   characters and a few suffixes, with log-frequency scores, so the files are
   the same bytes on every run and machine.
 """
+
 from __future__ import annotations
 
 import html
@@ -65,7 +66,7 @@ class PromptTokenizer:
         self.source = source  # directory it was loaded from, for messages
 
     @classmethod
-    def from_dir(cls, path: str | Path, seq_len: int = 512) -> "PromptTokenizer":
+    def from_dir(cls, path: str | Path, seq_len: int = 512) -> PromptTokenizer:
         """Load a local tokenizer directory (e.g. the release's `google/umt5-xxl/`)."""
         path = Path(path)
         if not path.is_dir():
@@ -79,9 +80,7 @@ class PromptTokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:  # transformers raises many kinds here
-            raise OSError(
-                f"cannot load a tokenizer from {str(path)!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise OSError(f"cannot load a tokenizer from {str(path)!r}: {type(exc).__name__}: {exc}") from exc
         if tok.pad_token_id is None:
             raise OSError(f"tokenizer in {str(path)!r} has no pad token")
         return cls(tok, seq_len=seq_len, source=str(path))
@@ -201,11 +200,13 @@ def _tiny_backend(corpus: str = TINY_CORPUS):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     tok = Tokenizer(models.Unigram(_tiny_vocab(corpus=corpus), unk_id=UNK_ID, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.NFKC(),
-        normalizers.Lowercase(),  # tiny vocabulary: one case only
-        normalizers.Replace(Regex(r"\s+"), " "),
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.Lowercase(),  # tiny vocabulary: one case only
+            normalizers.Replace(Regex(r"\s+"), " "),
+        ]
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_META, prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement=_META, prepend_scheme="always")
     # umT5 appends </s> to every sequence
@@ -256,8 +257,7 @@ def build_tiny_tokenizer(out_dir: str | Path, corpus: str = TINY_CORPUS, model_m
     out_dir.mkdir(parents=True, exist_ok=True)
     _tiny_backend(corpus).save(str(out_dir / "tokenizer.json"), pretty=True)
     config = {**_TINY_CONFIG, "model_max_length": model_max_length}
-    for name, content in (("tokenizer_config.json", config),
-                          ("special_tokens_map.json", _TINY_SPECIAL_MAP)):
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", _TINY_SPECIAL_MAP)):
         text = json.dumps(content, indent=2, sort_keys=True) + "\n"
         (out_dir / name).write_text(text, encoding="utf-8")
     return out_dir

@@ -29,6 +29,7 @@ Latents seen from outside (encode output, decode input, step functions) are
 normalised per channel: z_norm = (mu - latents_mean) / latents_std, with the
 16 constants of Wan2.1's WanVAE wrapper kept as non-persistent buffers.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -51,12 +52,40 @@ __all__ = [
 
 # Per-channel latent statistics of the Wan2.1 VAE (Wan2.1 `WanVAE.mean/std`).
 LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+    -0.7571,
+    -0.7089,
+    -0.9113,
+    0.1075,
+    -0.1745,
+    0.9653,
+    -0.1517,
+    1.5508,
+    0.4134,
+    -0.0715,
+    0.5517,
+    -0.3632,
+    -0.1922,
+    -0.9497,
+    0.2503,
+    -0.2921,
 )
 LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184,
+    1.4541,
+    2.3275,
+    2.6558,
+    1.2196,
+    1.7708,
+    2.6052,
+    2.0743,
+    3.2687,
+    2.1526,
+    2.8652,
+    1.5579,
+    1.6382,
+    1.1253,
+    2.8251,
+    1.9160,
 )
 
 
@@ -107,7 +136,7 @@ class _CacheIO:
 
 # CausalConv3d -> (weight identity and version, oneDNN-packed weight): packed once per
 # weight, held outside the module so that state_dict, deepcopy and .to() never see it.
-_PACKED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -152,8 +181,16 @@ class CausalConv3d(nn.Conv3d):
         if not (self.onednn and _onednn_applies(x, weight, self.groups)):
             return super()._conv_forward(x, weight, bias)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed_weight(weight, x), bias, list(self.padding), list(self.stride), list(self.dilation),
-            self.groups, "none", [], "",
+            x,
+            self._packed_weight(weight, x),
+            bias,
+            list(self.padding),
+            list(self.stride),
+            list(self.dilation),
+            self.groups,
+            "none",
+            [],
+            "",
         )
 
     def _packed_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +198,11 @@ class CausalConv3d(nn.Conv3d):
         held = _PACKED_WEIGHTS.get(self)
         if held is None or held[0] != key:
             packed = torch._C._nn.mkldnn_reorder_conv3d_weight(
-                weight.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                weight.detach().to_mkldnn(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
                 list(x.shape),
             )
             held = _PACKED_WEIGHTS[self] = (key, packed)
@@ -172,7 +213,7 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x)
         cache = io.take()
         x = torch.cat([cache.to(x.dtype), x], dim=2)  # [B, C, cache_frames + T, H, W]
-        io.put(x[:, :, -self.cache_frames:].clone())  # clone: do not keep the whole concat alive
+        io.put(x[:, :, -self.cache_frames :].clone())  # clone: do not keep the whole concat alive
         return super().forward(x)
 
 
@@ -436,7 +477,7 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv1.weight.device
 
-    def use_onednn(self, enabled: bool = True) -> "WanVAE":
+    def use_onednn(self, enabled: bool = True) -> WanVAE:
         """Run the 3D convolutions on oneDNN with weights packed once, where that applies
         (float32 inference on a CPU; never in training, tracing or export).
 
@@ -554,14 +595,16 @@ class WanVAE(nn.Module):
         b, _, t, hgt, wid = video.shape
         r = self.temporal_ratio
         if (t - 1) % r or hgt % self.spatial_ratio or wid % self.spatial_ratio:
-            raise ValueError(f"encode: need T=1+{r}k and sides multiple of {self.spatial_ratio}, got {tuple(video.shape)}")
+            raise ValueError(
+                f"encode: need T=1+{r}k and sides multiple of {self.spatial_ratio}, got {tuple(video.shape)}"
+            )
         if tile is not None:
             # Tiles run on the model's device, the blend on the host (the release's split).
             return tiled_encode(self.encode, video, tile, self.spatial_ratio, device=self.device)
         cache = self.new_encoder_cache(b, hgt, wid, device=video.device)
         out = [self.encode_chunk(video[:, :, :1], cache)]
         for i in range(1, t, r):
-            out.append(self.encode_chunk(video[:, :, i:i + r], cache))
+            out.append(self.encode_chunk(video[:, :, i : i + r], cache))
         return torch.cat(out, dim=2)
 
     @torch.no_grad()
@@ -577,5 +620,5 @@ class WanVAE(nn.Module):
             return tiled_decode(fn, latents, tile, self.spatial_ratio, device=self.device)
         b, _, f, h, w = latents.shape
         cache = self.new_decoder_cache(b, h, w, device=latents.device)
-        out = torch.cat([self.decode_chunk(latents[:, :, i:i + 1], cache) for i in range(f)], dim=2)
+        out = torch.cat([self.decode_chunk(latents[:, :, i : i + 1], cache) for i in range(f)], dim=2)
         return out.clamp(-1.0, 1.0) if clamp else out

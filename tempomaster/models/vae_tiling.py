@@ -22,10 +22,11 @@ VAE's spatial ratio there. Each tile is one call of a per-tile function over
 every frame, so a causal VAE keeps its temporal cache per tile, and the same
 blending serves the torch model and the exported step graphs.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -59,16 +60,18 @@ class TileSpec:
             raise ValueError(f"tile size and stride are (height, width) pairs, got {self}")
         # stride > size would leave pixels no tile covers (a zero weight sum).
         if not all(0 < s <= z for s, z in zip(self.stride, self.size)):
-            raise ValueError(f"tiling needs 0 < stride <= size on both axes, got size {self.size}, stride {self.stride}")
+            raise ValueError(
+                f"tiling needs 0 < stride <= size on both axes, got size {self.size}, stride {self.stride}"
+            )
 
-    def scaled(self, factor: int) -> "TileSpec":
+    def scaled(self, factor: int) -> TileSpec:
         return TileSpec(tuple(v * factor for v in self.size), tuple(v * factor for v in self.stride))
 
     def as_dict(self) -> dict:
         return {"size": list(self.size), "stride": list(self.stride)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TileSpec":
+    def from_dict(cls, data: dict) -> TileSpec:
         return cls(tuple(data["size"]), tuple(data["stride"]))
 
 
@@ -76,7 +79,7 @@ class TileSpec:
 RELEASE_TILE = TileSpec((30, 52), (15, 26))
 
 
-def resolve_tile(tile: "bool | TileSpec | None") -> TileSpec | None:
+def resolve_tile(tile: bool | TileSpec | None) -> TileSpec | None:
     """A backend's `tile` option: False/None = untiled, True = the release's tiling."""
     if tile is None or tile is False:
         return None
@@ -104,7 +107,9 @@ def tile_spans(extent: int, size: int, stride: int) -> list[tuple[int, int, bool
     return [(p, min(p + size, extent), p == 0, p + size >= extent) for p in tile_starts(extent, size, stride)]
 
 
-def tile_grid(height: int, width: int, spec: TileSpec) -> list[tuple[tuple[int, int, bool, bool], tuple[int, int, bool, bool]]]:
+def tile_grid(
+    height: int, width: int, spec: TileSpec
+) -> list[tuple[tuple[int, int, bool, bool], tuple[int, int, bool, bool]]]:
     """Every tile as (h span, w span), rows outer, as the release visits them."""
     hs = tile_spans(height, spec.size[0], spec.stride[0])
     ws = tile_spans(width, spec.size[1], spec.stride[1])
@@ -141,9 +146,7 @@ def axis_mask(length: int, border: int, lead_bound: bool, trail_bound: bool) -> 
     return x
 
 
-def tile_mask(
-    height: int, width: int, border: tuple[int, int], bounds: tuple[bool, bool, bool, bool]
-) -> torch.Tensor:
+def tile_mask(height: int, width: int, border: tuple[int, int], bounds: tuple[bool, bool, bool, bool]) -> torch.Tensor:
     """float32 [height, width] weights: the minimum of the two axes' masks.
 
     bounds: (top, bottom, left, right) sides that are the image's border."""
@@ -186,8 +189,8 @@ def blend_tiles(
             weight = torch.zeros((out_h, out_w), dtype=x.dtype)
         mask = tile_mask(th, tw, border, (top, bottom, left, right)).to(x.dtype)
         y0, x0 = h0 * up // down, w0 * up // down
-        values[..., y0:y0 + th, x0:x0 + tw] += tile * mask
-        weight[y0:y0 + th, x0:x0 + tw] += mask
+        values[..., y0 : y0 + th, x0 : x0 + tw] += tile * mask
+        weight[y0 : y0 + th, x0 : x0 + tw] += mask
     return values / weight
 
 

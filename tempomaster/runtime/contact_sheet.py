@@ -5,11 +5,12 @@ For people who would rather look than read: `tm-run generate --prompts FILE
 text chunk naming its maker, so an existing sheet is replaced only when
 tm-run drew it.
 """
+
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,8 +43,14 @@ def middle_frame(frames) -> np.ndarray:
     return to_uint8_frames(frames[:, frames.shape[1] // 2 : frames.shape[1] // 2 + 1])[0]
 
 
-def draw_contact_sheet(tiles: Sequence[np.ndarray], labels: Sequence[str], columns: int = 4, scale: int = 2,
-                       label_lines: int = 3, gap: int = 6):
+def draw_contact_sheet(
+    tiles: Sequence[np.ndarray],
+    labels: Sequence[str],
+    columns: int = 4,
+    scale: int = 2,
+    label_lines: int = 3,
+    gap: int = 6,
+):
     """A PIL image: the tiles (uint8 [H, W, 3], one size) in rows of `columns`, each over its label."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -6,10 +6,11 @@ from the stage plan alone how many calls of each kind one video needs, and
 pipeline to the plan (an extra DiT call, a per-chunk VAE encode, a per-step
 copy of a stage constant all show up as a count that differs).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -119,8 +120,17 @@ class CallLog:
         return tuple(out[k] for k in sorted(out))
 
     def as_calls(self, release_dit: int = 0) -> BackendCalls:
-        return BackendCalls(self.text, self.dit, self.vae_encode, self.vae_decode, self.dit_batches(),
-                            self.vae_encode_items, self.vae_decode_items, release_dit, self.dit_skipped)
+        return BackendCalls(
+            self.text,
+            self.dit,
+            self.vae_encode,
+            self.vae_decode,
+            self.dit_batches(),
+            self.vae_encode_items,
+            self.vae_decode_items,
+            release_dit,
+            self.dit_skipped,
+        )
 
 
 class CountingBackend(BackendWrapper):
@@ -148,13 +158,15 @@ class CountingBackend(BackendWrapper):
         stage = self._stage
         if self._held[0] != stage:
             self._held = (stage, {k: tensors[k] for k in STAGE_CONSTANT_INPUTS})
-        self.log.velocity.append(VelocityCall(
-            stage=stage,
-            batch=int(x.shape[0]),
-            devices={k: str(t.device) for k, t in tensors.items()},
-            dtypes={k: t.dtype for k, t in tensors.items()},
-            storage={k: t.data_ptr() for k, t in tensors.items()},
-        ))
+        self.log.velocity.append(
+            VelocityCall(
+                stage=stage,
+                batch=int(x.shape[0]),
+                devices={k: str(t.device) for k, t in tensors.items()},
+                dtypes={k: t.dtype for k, t in tensors.items()},
+                storage={k: t.data_ptr() for k, t in tensors.items()},
+            )
+        )
         return self.inner.velocity(x, y, timestep, context, rope_cos, rope_sin)
 
     def step_end(self, event) -> None:

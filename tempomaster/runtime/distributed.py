@@ -28,6 +28,7 @@ and gloo's and NCCL's sockets are put on the loopback interface.  A run
 across hosts (torchrun with a routable master address) listens where the
 user's master address says; torchrun's own agent store is torchrun's.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -69,6 +70,7 @@ def torchrun_environment() -> bool:
 # The world and its groups
 # ----------------------------------------------------------------------------
 
+
 @dataclass
 class World:
     """This process's membership: rank, device, the store, and the groups made so far."""
@@ -107,6 +109,7 @@ class World:
 # ----------------------------------------------------------------------------
 # Where the run listens
 # ----------------------------------------------------------------------------
+
 
 def is_loopback(host: str) -> bool:
     """True when every address ``host`` resolves to is a loopback one (127.0.0.0/8, ::1): a single-host run."""
@@ -155,7 +158,9 @@ def host_store(host: str, port: int, world_size: int | None, timeout: float):
     import torch.distributed as dist
 
     if not is_loopback(host):
-        return dist.TCPStore(host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+        return dist.TCPStore(
+            host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
+        )
     family, _, _, _, address = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0]
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -168,8 +173,15 @@ def host_store(host: str, port: int, world_size: int | None, timeout: float):
         raise
     fd = listener.detach()  # the store owns and closes it from here on
     try:
-        return dist.TCPStore(host, bound_port, world_size, is_master=True, timeout=timedelta(seconds=timeout),
-                             wait_for_workers=False, master_listen_fd=fd)
+        return dist.TCPStore(
+            host,
+            bound_port,
+            world_size,
+            is_master=True,
+            timeout=timedelta(seconds=timeout),
+            wait_for_workers=False,
+            master_listen_fd=fd,
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -183,7 +195,9 @@ def _connect_store(rank: int, world_size: int, timeout: float):
     hosted = os.environ.get(STORE_HOSTED_ENV) == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if rank == 0 and not hosted:
         return host_store(host, port, world_size, timeout)
-    return dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout), wait_for_workers=False)
+    return dist.TCPStore(
+        host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout), wait_for_workers=False
+    )
 
 
 def join_from_env(timeout: float = 600.0, device: str | torch.device | None = None) -> World:
@@ -211,7 +225,10 @@ def join_from_env(timeout: float = 600.0, device: str | torch.device | None = No
         os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     store = _connect_store(rank, size, timeout)
     dist.init_process_group(
-        backend, store=dist.PrefixStore("tempomaster/pg", store), rank=rank, world_size=size,
+        backend,
+        store=dist.PrefixStore("tempomaster/pg", store),
+        rank=rank,
+        world_size=size,
         timeout=timedelta(seconds=timeout),
     )
     world = World(rank, size, local_rank, device, store, timeout, backend)
@@ -318,7 +335,9 @@ class RankGroup:
                     elif state == "run":
                         running.append(r)
             except Exception:
-                return WorkerError(f"rank {me} lost the rendezvous store during {what}: the process hosting it died", None)
+                return WorkerError(
+                    f"rank {me} lost the rendezvous store during {what}: the process hosting it died", None
+                )
             if silent:
                 return self._silent_rank(what, timed_out, *silent[0])
             if time.monotonic() >= deadline:
@@ -331,21 +350,29 @@ class RankGroup:
                 return WorkerError(f"rank {me}: {what} failed: {first}", None)
             time.sleep(_HEARTBEAT_SECONDS)
 
-
     def _silent_rank(self, what: str, timed_out: bool, rank: int, quiet: float, process: str, pid: str) -> WorkerError:
         """A rank without a heartbeat: dead (its process gone, or its sockets closed at once), or not
         answering (its process stopped, or the collective timed out with nothing known of it)."""
         me = self.world.rank
         if process == "stopped":
-            return WorkerError(f"rank {rank} does not answer during {what}: its process {pid} is stopped "
-                               f"(SIGSTOP or Ctrl-Z; no heartbeat for {quiet:.0f} s); rank {me} stopped", rank)
+            return WorkerError(
+                f"rank {rank} does not answer during {what}: its process {pid} is stopped "
+                f"(SIGSTOP or Ctrl-Z; no heartbeat for {quiet:.0f} s); rank {me} stopped",
+                rank,
+            )
         if process == "gone" or (process == "unknown" and not timed_out):
             return WorkerError(f"rank {rank} died during {what}; rank {me} stopped", rank)
         if process == "alive":
-            return WorkerError(f"rank {rank} does not answer during {what}: its process {pid} runs but sent no "
-                               f"heartbeat for {quiet:.0f} s; rank {me} stopped", rank)
-        return WorkerError(f"rank {rank} does not answer during {what}: no heartbeat for {quiet:.0f} s "
-                           f"(its process stopped, or its host unreachable); rank {me} stopped", rank)
+            return WorkerError(
+                f"rank {rank} does not answer during {what}: its process {pid} runs but sent no "
+                f"heartbeat for {quiet:.0f} s; rank {me} stopped",
+                rank,
+            )
+        return WorkerError(
+            f"rank {rank} does not answer during {what}: no heartbeat for {quiet:.0f} s "
+            f"(its process stopped, or its host unreachable); rank {me} stopped",
+            rank,
+        )
 
 
 def _watched_sequence_parallel(group: RankGroup, pg, rank: int, size: int):
@@ -371,6 +398,7 @@ def _watched_sequence_parallel(group: RankGroup, pg, rank: int, size: int):
 # ----------------------------------------------------------------------------
 # The backend
 # ----------------------------------------------------------------------------
+
 
 def supports_sequence_parallel(backend: Backend) -> bool:
     """Only the torch backend runs the DiT with the Ulysses hook; engines fall back to chunk/CFG split."""
@@ -401,7 +429,9 @@ class DistributedBackend(Backend):
 
     # -- gathering -----------------------------------------------------------
 
-    def _gather(self, mine: torch.Tensor | None, shares: list[tuple[int, int]], owners: list[int], shape) -> torch.Tensor:
+    def _gather(
+        self, mine: torch.Tensor | None, shares: list[tuple[int, int]], owners: list[int], shape
+    ) -> torch.Tensor:
         """Rows ``shares[k]`` of the result come from group rank ``owners[k]``: all-gather, float32."""
         import torch.distributed as dist
 
@@ -438,7 +468,9 @@ class DistributedBackend(Backend):
         if self.group.index == 0:
             emb = self.inner.encode_text(ids, mask).to(self.comm_device, torch.float32).contiguous()
         else:
-            emb = torch.empty((ids.shape[0], ids.shape[1], self.info.text_dim), dtype=torch.float32, device=self.comm_device)
+            emb = torch.empty(
+                (ids.shape[0], ids.shape[1], self.info.text_dim), dtype=torch.float32, device=self.comm_device
+            )
         with self.group.exchange("the text broadcast"):
             dist.broadcast(emb, src=self.group.ranks[0], group=self.group.pg)
         return emb.to(self.inner.device)
@@ -469,7 +501,12 @@ class DistributedBackend(Backend):
         inner, dev = self.inner, self.inner.device
         with torch.inference_mode():
             return inner.dit(
-                x.to(dev), y.to(dev), timestep.to(dev), context.to(dev), rope_cos.to(dev), rope_sin.to(dev),
+                x.to(dev),
+                y.to(dev),
+                timestep.to(dev),
+                context.to(dev),
+                rope_cos.to(dev),
+                rope_sin.to(dev),
                 sequence_parallel=sp,
             )
 

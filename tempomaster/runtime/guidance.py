@@ -155,9 +155,7 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return parallel.view_as(v0).to(out_dtype), orthogonal.view_as(v0).to(out_dtype)
 
 
-def apg_denoised(
-    d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float, state: APGState
-) -> torch.Tensor:
+def apg_denoised(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float, state: APGState) -> torch.Tensor:
     """Adaptive projected guidance on denoised estimates; updates ``state``'s momentum."""
     delta = state.update(d_cond - d_uncond)
     delta = rescale_per_frame(delta, state.norm_threshold)

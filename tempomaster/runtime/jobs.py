@@ -1,4 +1,5 @@
 """`tm-run generate` as a library call: a checked request -> one backend (or one per rank) -> videos."""
+
 from __future__ import annotations
 
 import time
@@ -86,8 +87,14 @@ def run_generate(options: GenerateOptions, echo=print) -> GenerateReport:
     for job in jobs:
         final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
         with _profiled(options, job.name, several, backend) as (run_on, phase):
-            result = generate(run_on, tokenizer, job.request, progress=options.progress, keep_stages=options.save_stages,
-                              stop_after=options.stop_after)
+            result = generate(
+                run_on,
+                tokenizer,
+                job.request,
+                progress=options.progress,
+                keep_stages=options.save_stages,
+                stop_after=options.stop_after,
+            )
             start = time.perf_counter()
             with phase("writing"):
                 written = write_result(result, final, stage_paths, options.save_stages)
@@ -144,26 +151,45 @@ def _under_torchrun() -> bool:
     return torchrun_environment()
 
 
-def _run_distributed(options: GenerateOptions, jobs: list[Job], identity: dict | None, dtype: str, threads: int,
-                     echo) -> GenerateReport:
+def _run_distributed(
+    options: GenerateOptions, jobs: list[Job], identity: dict | None, dtype: str, threads: int, echo
+) -> GenerateReport:
     """One process per device (or torchrun's processes): the same videos, the work split over the ranks."""
     from .workers import VideoJob, generate_videos, parse_devices
 
     if options.devices is not None and _under_torchrun():
-        raise UsageError("--devices: tm-run runs under torchrun already, which chose the processes; leave --devices out")
+        raise UsageError(
+            "--devices: tm-run runs under torchrun already, which chose the processes; leave --devices out"
+        )
     # first: the tensorrt factory refuses a machine without a GPU or TensorRT as one device does
     factory = backend_factory(options, dtype, threads)
     devices = parse_devices(options.devices) if options.devices is not None else None
     if isinstance(factory, TensorRTBackendFactory) and devices is not None and any(d.type != "cuda" for d in devices):
-        raise UsageError("--devices: the tensorrt backend runs one engine instance per CUDA device; give CUDA indices such as 0,1")
+        raise UsageError(
+            "--devices: the tensorrt backend runs one engine instance per CUDA device; give CUDA indices such as 0,1"
+        )
     several = len(jobs) > 1
     video_jobs = []
     for job in jobs:
         final, stage_paths = output_targets(options.out, job.name, several, _stages_run(options, job))
-        video_jobs.append(VideoJob(job.name, job.request, final, tuple(stage_paths) if options.save_stages else (),
-                                   options.stop_after, identity))
-    reports = generate_videos(video_jobs, factory, devices=devices, timeout=options.timeout,
-                              sequence_parallel=options.sequence_parallel, progress=options.progress)
+        video_jobs.append(
+            VideoJob(
+                job.name,
+                job.request,
+                final,
+                tuple(stage_paths) if options.save_stages else (),
+                options.stop_after,
+                identity,
+            )
+        )
+    reports = generate_videos(
+        video_jobs,
+        factory,
+        devices=devices,
+        timeout=options.timeout,
+        sequence_parallel=options.sequence_parallel,
+        progress=options.progress,
+    )
     report = GenerateReport(lines=[], written=[])
     for r in reports:
         line = r.line()
@@ -189,8 +215,13 @@ def plan_request(options: GenerateOptions, devices: int, forward_seconds: float 
     # engines run chunk/CFG split only (sequence parallel needs the torch backend): the planner places
     # whole sequences, and the plan shows the idle ranks that leaves
     sequence_parallel = options.sequence_parallel and plan_runs_torch(options, manifest)
-    return plan_for_request(job.request, devices=devices, num_heads=num_heads,
-                            sequence_parallel=sequence_parallel, forward_seconds=forward_seconds)
+    return plan_for_request(
+        job.request,
+        devices=devices,
+        num_heads=num_heads,
+        sequence_parallel=sequence_parallel,
+        forward_seconds=forward_seconds,
+    )
 
 
 def plan_runs_torch(options: GenerateOptions, manifest) -> bool:

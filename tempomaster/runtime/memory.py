@@ -20,11 +20,12 @@ alone a video whose finished frames cannot fit (planning is linear in them).
 Activation factors are counted per live tensor of the widest layer; they are
 an upper-leaning estimate, checked against measured peaks in the tests.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from ..errors import UsageError
 
@@ -83,7 +84,7 @@ def _parameter_count(module_cls, cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@lru_cache(maxsize=None)  # once per (preset, dtype), not once per video of a --prompts run
+@cache  # once per (preset, dtype), not once per video of a --prompts run
 def weight_bytes(preset, dtype: str) -> dict:
     """Bytes of each model's weights in the run's dtype (umT5 never in fp16)."""
     from ..models.dit import WanDiT
@@ -178,10 +179,15 @@ def stage_working_set(preset, request, dtype: str, dit_batch_cap: int | None = N
         vae_step = n * _vae_step_bytes(preset.vae, height, width, width_bytes)
         decoded = stage.padded_frames * frame_bytes
         host_frames = previous_frames * frame_bytes + 2 * decoded + n * stage.chunk_frames * frame_bytes
-        out.append({
-            "stage": stage.index, "latents": latents, "dit call": dit_call, "vae step": vae_step,
-            "host frames": host_frames,
-        })
+        out.append(
+            {
+                "stage": stage.index,
+                "latents": latents,
+                "dit call": dit_call,
+                "vae step": vae_step,
+                "host frames": host_frames,
+            }
+        )
         previous_frames = stage.total_frames
     return out
 
@@ -203,14 +209,24 @@ def estimate_peak_memory(preset, request, *, dtype: str, device: str, manifest=N
     host_frames = max(s["host frames"] for s in stages)
     references = reference_image_bytes(request)
     base = current_rss()
-    parts = {"process now": base, "runtime libraries": RUNTIME_ALLOWANCE, **weights,
-             "stage working set": compute, "frames on the host": host_frames, "reference images": references}
+    parts = {
+        "process now": base,
+        "runtime libraries": RUNTIME_ALLOWANCE,
+        **weights,
+        "stage working set": compute,
+        "frames on the host": host_frames,
+        "reference images": references,
+    }
     if on_host:
         host = base + RUNTIME_ALLOWANCE + sum(weights.values()) + compute + host_frames + references
         return MemoryEstimate(host_bytes=host, device_bytes=0, device=device, parts=parts)
     device_bytes = sum(weights.values()) + compute
-    return MemoryEstimate(host_bytes=base + RUNTIME_ALLOWANCE + host_frames + references, device_bytes=device_bytes,
-                          device=device, parts=parts)
+    return MemoryEstimate(
+        host_bytes=base + RUNTIME_ALLOWANCE + host_frames + references,
+        device_bytes=device_bytes,
+        device=device,
+        parts=parts,
+    )
 
 
 def check_fits(estimate: MemoryEstimate, where: str = "") -> None:
@@ -220,8 +236,11 @@ def check_fits(estimate: MemoryEstimate, where: str = "") -> None:
     have_host = available_host_bytes()
     if needed_host > have_host:
         images = estimate.parts.get("reference images", 0) * 2 > needed_host
-        remedy = ("use reference images (--image) nearer the output's size and aspect ratio" if images
-                  else "reduce --num-frames, --height/--width or the number of stages")
+        remedy = (
+            "use reference images (--image) nearer the output's size and aspect ratio"
+            if images
+            else "reduce --num-frames, --height/--width or the number of stages"
+        )
         raise UsageError(
             f"{prefix}this request needs about {estimate.host_bytes / GIB:.1f} GiB of host memory "
             f"({needed_host / GIB:.1f} GiB more than this process holds), and {have_host / GIB:.1f} GiB is available: "
@@ -244,6 +263,14 @@ def format_bytes(n: int) -> str:
 
 
 __all__ = [
-    "MemoryEstimate", "estimate_peak_memory", "check_fits", "check_video_fits", "current_rss", "available_host_bytes",
-    "weight_bytes", "stage_working_set", "reference_image_bytes", "format_bytes",
+    "MemoryEstimate",
+    "estimate_peak_memory",
+    "check_fits",
+    "check_video_fits",
+    "current_rss",
+    "available_host_bytes",
+    "weight_bytes",
+    "stage_working_set",
+    "reference_image_bytes",
+    "format_bytes",
 ]

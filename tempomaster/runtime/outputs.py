@@ -1,13 +1,15 @@
 """Where `tm-run generate` writes its videos, whether it may, and the summary it prints."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import UsageError
 from .request import Job
 from .video import VIDEO_SUFFIXES, foreign_frames_folder, is_video_file, unsupported_suffix
+
 
 def output_targets(out: Path, job_name: str, several: bool, num_stages: int) -> tuple[Path, list[Path]]:
     """(final video path, a path for each stage but the last) for `--out` as a video file or a directory.
@@ -30,12 +32,16 @@ def check_writable(out: Path, targets: Sequence[Path] = ()) -> None:
     """
     suffix = unsupported_suffix(out)
     if suffix is not None:
-        raise UsageError(f"--out {out}: tm-run does not write {suffix} files; give a path ending in "
-                         f"{' or '.join(VIDEO_SUFFIXES)}, or a directory for PNG frames")
+        raise UsageError(
+            f"--out {out}: tm-run does not write {suffix} files; give a path ending in "
+            f"{' or '.join(VIDEO_SUFFIXES)}, or a directory for PNG frames"
+        )
     is_file = is_video_file(out)
     if is_file and out.is_dir():
-        raise UsageError(f"--out: {out} is an existing directory; give an {' or '.join(VIDEO_SUFFIXES)} path "
-                         f"or a directory without such a suffix")
+        raise UsageError(
+            f"--out: {out} is an existing directory; give an {' or '.join(VIDEO_SUFFIXES)} path "
+            f"or a directory without such a suffix"
+        )
     if not is_file and out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a directory (accepted: a video file or a directory)")
     for target in targets:
@@ -64,8 +70,7 @@ def summarise(job: Job, result, written: list[Path], backend_name: str, write_se
     video = result.video
     cached = getattr(job.request, "step_cache", None) is not None
     lines = [
-        f"[{job.name}] {video.num_frames} frames {result.width}x{result.height} at {video.fps:g} fps "
-        f"-> {written[0]}",
+        f"[{job.name}] {video.num_frames} frames {result.width}x{result.height} at {video.fps:g} fps -> {written[0]}",
     ]
     stage_files = list(written[1:]) + [written[0]] if len(written) > 1 else [None] * len(result.stages)
     for stage, path in zip(result.stages, stage_files):
@@ -81,6 +86,8 @@ def summarise(job: Job, result, written: list[Path], backend_name: str, write_se
         f"{overhead:.2f} s runtime overhead ({100 * overhead / max(result.seconds, 1e-9):.1f}%), "
         f"writing {write_seconds:.2f} s"
     )
-    lines.append(f"  DiT calls: {result.dit_calls}{_skipped(result.dit_skipped, cached)} "
-                 f"(the reference makes {result.reference_dit_calls} for these settings)")
+    lines.append(
+        f"  DiT calls: {result.dit_calls}{_skipped(result.dit_skipped, cached)} "
+        f"(the reference makes {result.reference_dit_calls} for these settings)"
+    )
     return "\n".join(lines)

@@ -5,12 +5,13 @@ from seeded noise conditioned on the reference images, each later stage
 conditioned on the previous stage's decoded frames, every chunk of a stage in
 one DiT call together with its unconditional twin (a batch of 2n).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +19,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..interrupts import raise_if_interrupted
-from ..rope import batched_rope_table
-from .backends.base import Backend
-from .guidance import APGState, guided_velocity
 from ..planner import (
     StagePlan,
     chunk_condition_video,
@@ -29,6 +27,9 @@ from ..planner import (
     trim_stage_frames,
     validate_run_config,
 )
+from ..rope import batched_rope_table
+from .backends.base import Backend
+from .guidance import APGState, guided_velocity
 from .schedule import StageSchedule, euler_step, model_timestep
 from .step_cache import StepCachePolicy
 
@@ -62,8 +63,13 @@ class GenerationRequest:
 
     def validate(self) -> None:
         validate_run_config(
-            self.num_frames, self.height, self.width, self.frame_intervals,
-            self.steps_per_stage, self.shift_per_stage, self.ref_images.keys(),
+            self.num_frames,
+            self.height,
+            self.width,
+            self.frame_intervals,
+            self.steps_per_stage,
+            self.shift_per_stage,
+            self.ref_images.keys(),
         )
 
     def output_size(self) -> tuple[int, int]:
@@ -148,6 +154,7 @@ class BackendClock:
 # Pieces
 # ----------------------------------------------------------------------------
 
+
 def cover_resize_center_crop(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """The release's reference-image preparation (SPEC 3 step 2) -> [3, H, W] float32 in [-1, 1].
 
@@ -168,7 +175,9 @@ def cover_resize_center_crop(image: Image.Image, height: int, width: int) -> tor
     return x[0, :, top : top + height, left : left + width].contiguous()
 
 
-def stage0_condition_video(stage: StagePlan, images: Mapping[int, torch.Tensor], height: int, width: int) -> torch.Tensor:
+def stage0_condition_video(
+    stage: StagePlan, images: Mapping[int, torch.Tensor], height: int, width: int
+) -> torch.Tensor:
     """[1, 3, L, H, W]: zeros with each reference image in its frame."""
     video = torch.zeros(1, 3, stage.chunk_frames, height, width)
     for frame, image in images.items():
@@ -194,7 +203,9 @@ def encode_batch(backend: Backend, stage: StagePlan) -> int:
     return max(1, int(limit)) if limit else max(1, len(stage.active_chunks))
 
 
-def condition_latents(backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: BackendClock) -> torch.Tensor:
+def condition_latents(
+    backend: Backend, videos: Iterable[torch.Tensor], stage: StagePlan, clock: BackendClock
+) -> torch.Tensor:
     """y = [mask (4) | VAE latents (16)] for the stage's active chunks: [n, 20, f, h, w] on the backend's device.
 
     `videos` yields one host-side [1, 3, L, H, W] condition video per active
@@ -279,8 +290,11 @@ def denoise_stage(
     apg = APGState()
     calls = 0
     # Decided from the calibrated curve and the schedule alone, so every rank skips the same steps.
-    skips = (request.step_cache.plan(stage.index, schedule.sigmas.tolist(), guided)
-             if request.step_cache is not None else (False,) * schedule.num_steps)
+    skips = (
+        request.step_cache.plan(stage.index, schedule.sigmas.tolist(), guided)
+        if request.step_cache is not None
+        else (False,) * schedule.num_steps
+    )
     cached = None
     for i in range(schedule.num_steps):
         t = timesteps[i]
@@ -302,12 +316,25 @@ def denoise_stage(
         x = euler_step(x, v, schedule.sigma(i), schedule.sigma_next(i))
         raise_if_interrupted()
         if on_step_end is not None:
-            on_step_end(StepEvent(stage.index, i, schedule.num_steps, schedule.sigma(i), schedule.sigma_next(i),
-                                  inputs, raw, x, skips[i]))
+            on_step_end(
+                StepEvent(
+                    stage.index,
+                    i,
+                    schedule.num_steps,
+                    schedule.sigma(i),
+                    schedule.sigma_next(i),
+                    inputs,
+                    raw,
+                    x,
+                    skips[i],
+                )
+            )
     return x, calls
 
 
-def decode_chunks(backend: Backend, latents: torch.Tensor, clock: BackendClock, batch: int | None = None) -> list[torch.Tensor]:
+def decode_chunks(
+    backend: Backend, latents: torch.Tensor, clock: BackendClock, batch: int | None = None
+) -> list[torch.Tensor]:
     """Each chunk's frames ``[3, L, H, W]``, float32 in [-1, 1] on the CPU, ``batch`` chunks per call.
 
     ``batch`` defaults to `backend.vae_batch` (1 for one device: the least
@@ -348,17 +375,21 @@ class StageResume:
 def check_resume(resume: StageResume, stages: Sequence[StagePlan], height: int, width: int) -> None:
     """The frames must be what stage `resume.stage` of this plan outputs: ValueError naming both shapes."""
     if not 0 <= resume.stage < len(stages) - 1:
-        raise ValueError(f"resume after stage {resume.stage}: the plan has stages 0..{len(stages) - 1}, "
-                         f"and the last one leaves nothing to run")
+        raise ValueError(
+            f"resume after stage {resume.stage}: the plan has stages 0..{len(stages) - 1}, "
+            f"and the last one leaves nothing to run"
+        )
     want = (3, stages[resume.stage].total_frames, height, width)
     if tuple(resume.frames.shape) != want:
-        raise ValueError(f"resume after stage {resume.stage}: expected frames of shape {list(want)}, "
-                         f"got {list(resume.frames.shape)}")
+        raise ValueError(
+            f"resume after stage {resume.stage}: expected frames of shape {list(want)}, got {list(resume.frames.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------
 # The whole video
 # ----------------------------------------------------------------------------
+
 
 def generate(
     backend: Backend,
@@ -420,8 +451,10 @@ def generate(
         last = stage.index == len(stages) - 1
         fps = request.save_fps if last else request.save_fps / stage.interval
         with tqdm(
-            total=steps, desc=f"stage {stage.index} ({fps:g} fps, {len(stage.active_chunks)} chunk(s))",
-            disable=not progress, leave=False,
+            total=steps,
+            desc=f"stage {stage.index} ({fps:g} fps, {len(stage.active_chunks)} chunk(s))",
+            disable=not progress,
+            leave=False,
         ) as bar:
 
             def step_done(event: StepEvent) -> None:
@@ -434,8 +467,17 @@ def generate(
             )
         previous = decode_stage(backend, latents, stage, clock)
         outputs.append(
-            StageOutput(stage.index, stage.interval, fps, previous.shape[1], previous, time.perf_counter() - stage_start,
-                        calls, dit_batch=y.shape[0] * (2 if guided else 1), dit_skipped=steps - calls)
+            StageOutput(
+                stage.index,
+                stage.interval,
+                fps,
+                previous.shape[1],
+                previous,
+                time.perf_counter() - stage_start,
+                calls,
+                dit_batch=y.shape[0] * (2 if guided else 1),
+                dit_skipped=steps - calls,
+            )
         )
         del y, latents
         if on_stage_end is not None:

@@ -18,14 +18,15 @@ update ("guidance" in the chart). On a GPU every backend call is synchronised
 while profiling so that its wall time is its device time; the ranges also go
 to NVTX (Nsight Systems).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -36,8 +37,13 @@ from .backends.base import Backend, BackendWrapper
 # Categories of the chart, in drawing order; "other" is the runtime's own time.
 CATEGORIES = ("text", "vae_encode", "dit", "guidance", "vae_decode", "writing", "other")
 COLORS = {
-    "text": (141, 110, 199), "vae_encode": (79, 152, 202), "dit": (230, 120, 50), "guidance": (240, 190, 60),
-    "vae_decode": (90, 170, 110), "writing": (200, 80, 90), "other": (170, 170, 170),
+    "text": (141, 110, 199),
+    "vae_encode": (79, 152, 202),
+    "dit": (230, 120, 50),
+    "guidance": (240, 190, 60),
+    "vae_decode": (90, 170, 110),
+    "writing": (200, 80, 90),
+    "other": (170, 170, 170),
 }
 _CALL_CATEGORY = {"encode_text": "text", "velocity": "dit", "vae_encode": "vae_encode", "vae_decode": "vae_decode"}
 
@@ -50,7 +56,7 @@ class _Range:
         self._rf = torch.profiler.record_function(name)
         self.start = 0.0
 
-    def open(self) -> "_Range":
+    def open(self) -> _Range:
         self._rf.__enter__()
         if self.nvtx:
             torch.cuda.nvtx.range_push(self.name)
@@ -201,8 +207,9 @@ class GenerationProfile:
 
 
 @contextmanager
-def profile_generation(out_dir: str | os.PathLike, device: str | torch.device = "cpu", trace: bool = True,
-                       title: str | None = None) -> Iterator[GenerationProfile]:
+def profile_generation(
+    out_dir: str | os.PathLike, device: str | torch.device = "cpu", trace: bool = True, title: str | None = None
+) -> Iterator[GenerationProfile]:
     """Profile what runs inside; on a clean exit write trace.json, breakdown.json and stages.png to `out_dir`.
 
     trace=False skips torch.profiler (no Chrome trace, and none of its overhead):
@@ -239,6 +246,7 @@ def profile_generation(out_dir: str | os.PathLike, device: str | torch.device = 
 # ----------------------------------------------------------------------------
 # The chart (PIL: no plotting library needed)
 # ----------------------------------------------------------------------------
+
 
 def _nice_step(span: float) -> float:
     raw = span / 5

@@ -7,6 +7,7 @@ models of this run against the state's (source, preset, backend, dtype,
 tiling, the build's or the weights' hash), each refusal one line naming the
 difference.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,13 +27,21 @@ CONTACT_SHEET_SUFFIX = "_contact.png"
 # generate --stop-after K
 # ----------------------------------------------------------------------------
 
+
 def run_identity(options: GenerateOptions, preset, manifest, dtype: str) -> dict:
     """The models `run_generate` (or `run_refine`) runs, as a state records them."""
     from .backends.factory import choose_backend
 
     backend = choose_backend(options.engines, options.backend, options.cuda_graphs)
-    return model_identity(preset, manifest if backend != "torch" else None, backend=backend, dtype=dtype,
-                          tile=bool(options.tile), checkpoints=options.checkpoints, config=options.config)
+    return model_identity(
+        preset,
+        manifest if backend != "torch" else None,
+        backend=backend,
+        dtype=dtype,
+        tile=bool(options.tile),
+        checkpoints=options.checkpoints,
+        config=options.config,
+    )
 
 
 def check_stop_after(stop_after: int, jobs: list[Job]) -> None:
@@ -52,7 +61,9 @@ def blueprint_targets(out: Path, finals: list[Path], several: bool) -> list[Path
         json_path, tensor_path = state_paths(final)
         problem = foreign_state(json_path, tensor_path)
         if problem is not None:
-            raise UsageError(f"--out: {json_path} {problem}: refusing to replace it; move it away or choose another --out")
+            raise UsageError(
+                f"--out: {json_path} {problem}: refusing to replace it; move it away or choose another --out"
+            )
         targets += [json_path, tensor_path]
     if several:
         sheet = contact_sheet_path(out)
@@ -68,12 +79,17 @@ def blueprint_targets(out: Path, finals: list[Path], several: bool) -> list[Path
 def contact_sheet_path(out: Path) -> Path:
     from .video import is_video_file
 
-    return out.with_name(out.stem + CONTACT_SHEET_SUFFIX) if is_video_file(out) else out / ("blueprints" + CONTACT_SHEET_SUFFIX)
+    return (
+        out.with_name(out.stem + CONTACT_SHEET_SUFFIX)
+        if is_video_file(out)
+        else out / ("blueprints" + CONTACT_SHEET_SUFFIX)
+    )
 
 
 # ----------------------------------------------------------------------------
 # refine STATE
 # ----------------------------------------------------------------------------
+
 
 @dataclass
 class RefineOptions:
@@ -101,6 +117,7 @@ def default_refine_out(json_path: Path) -> Path:
 
 def generate_options_for(options: RefineOptions, model: dict, out: Path) -> GenerateOptions:
     """The models the state names, unless this run names others (then they are compared, not trusted)."""
+
     def recorded_path(key):
         value = model.get(key)
         return Path(value) if isinstance(value, str) else None
@@ -113,9 +130,18 @@ def generate_options_for(options: RefineOptions, model: dict, out: Path) -> Gene
         preset = model.get("preset") if source == "preset" else None
         checkpoints, config, engines = recorded_path("checkpoints"), recorded_path("config"), recorded_path("engines")
     return GenerateOptions(
-        prompt="(refine)", out=out, save_stages=options.save_stages, device=options.device, threads=options.threads,
-        progress=options.progress, preset=preset, checkpoints=checkpoints, config=config, engines=engines,
-        backend=options.backend or model.get("backend"), dtype=options.dtype or model.get("dtype"),
+        prompt="(refine)",
+        out=out,
+        save_stages=options.save_stages,
+        device=options.device,
+        threads=options.threads,
+        progress=options.progress,
+        preset=preset,
+        checkpoints=checkpoints,
+        config=config,
+        engines=engines,
+        backend=options.backend or model.get("backend"),
+        dtype=options.dtype or model.get("dtype"),
         tile=options.tile if options.tile is not None else bool(model.get("tile")),
     )
 
@@ -156,8 +182,14 @@ def run_refine(options: RefineOptions, echo=print) -> GenerateReport:
     backend, tokenizer = backend_factory(gen, dtype, threads)(torch.device(device))
     if hasattr(backend, "check_request"):
         backend.check_request(request.height, request.width, request.num_frames, request.frame_intervals)
-    result = generate(backend, tokenizer, request, progress=gen.progress, keep_stages=options.save_stages,
-                      resume=StageResume(state.stage, state.frames))
+    result = generate(
+        backend,
+        tokenizer,
+        request,
+        progress=gen.progress,
+        keep_stages=options.save_stages,
+        resume=StageResume(state.stage, state.frames),
+    )
     start = time.perf_counter()
     written = write_result(result, final, later, options.save_stages)
     text = summarise(job, result, written, backend.name, time.perf_counter() - start)

@@ -5,14 +5,16 @@ model is loaded (UsageError: one line naming the flag or key, exit code 2,
 nothing computed, nothing written). `tm-run serve` validates through the
 same functions.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..reference_images import open_reference_image
@@ -77,6 +79,7 @@ class Job:
 # ----------------------------------------------------------------------------
 # The release's config, read strictly
 # ----------------------------------------------------------------------------
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -155,7 +158,9 @@ def _release_cases(config: dict, config_path: Path) -> list[tuple[str, str | Non
             raise UsageError(f"--config: inference_cases.{name} must be an object, got {_describe(case)}")
         prompt = case.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise UsageError(f"--config: inference_cases.{name}.prompt must be a non-empty string, got {_describe(prompt)}")
+            raise UsageError(
+                f"--config: inference_cases.{name}.prompt must be a non-empty string, got {_describe(prompt)}"
+            )
         refs = case.get("ref_images") or {}
         if not isinstance(refs, dict) or not all(isinstance(p, str) for p in refs.values()):
             raise UsageError(f"--config: inference_cases.{name}.ref_images must map frame indices to image paths")
@@ -182,7 +187,9 @@ def parse_image_flags(values: Sequence[str]) -> dict[str, Path]:
     for value in values:
         frame, sep, path = value.partition(":")
         if not sep or not path:
-            raise UsageError(f"--image: expected FRAME:PATH with an integer stage-0 frame index, e.g. 0:first.png; got {value!r}")
+            raise UsageError(
+                f"--image: expected FRAME:PATH with an integer stage-0 frame index, e.g. 0:first.png; got {value!r}"
+            )
         parse_frame_index(frame, "--image")
         images[frame.strip()] = Path(path)
     return images
@@ -314,8 +321,12 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     _check_scalars(settings, options.seed)
     try:
         validate_run_config(
-            settings["num_frames"], settings["height"], settings["width"], settings["frame_intervals"],
-            settings["steps_per_stage"], settings["shift_per_stage"],
+            settings["num_frames"],
+            settings["height"],
+            settings["width"],
+            settings["frame_intervals"],
+            settings["steps_per_stage"],
+            settings["shift_per_stage"],
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -326,8 +337,10 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
     if options.seeds is not None and options.seed != 0:
         raise UsageError("--seeds: give either --seed N or --seeds A-B / A,B,C, not both")
     if len(cases) * len(seeds) > MAX_SEEDS:
-        raise UsageError(f"--seeds: {len(cases)} prompt(s) x {len(seeds)} seed(s) is {len(cases) * len(seeds)} videos; "
-                         f"at most {MAX_SEEDS} are accepted")
+        raise UsageError(
+            f"--seeds: {len(cases)} prompt(s) x {len(seeds)} seed(s) is {len(cases) * len(seeds)} videos; "
+            f"at most {MAX_SEEDS} are accepted"
+        )
     for seed in seeds:
         _check_scalars(settings, seed)
 
@@ -342,8 +355,12 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
         images = {frame: opened[path] for frame, path in frames.items()}
         for seed in seeds:
             request = GenerationRequest(
-                prompt=prompt, ref_images=images, seed=seed, cast_timestep=options.cast_timestep,
-                step_cache=step_cache, **settings
+                prompt=prompt,
+                ref_images=images,
+                seed=seed,
+                cast_timestep=options.cast_timestep,
+                step_cache=step_cache,
+                **settings,
             )
             try:
                 request.validate()
@@ -358,6 +375,7 @@ def build_jobs(options: GenerateOptions, defaults) -> list[Job]:
 # ----------------------------------------------------------------------------
 # The step cache
 # ----------------------------------------------------------------------------
+
 
 def cache_curves_path(options: GenerateOptions) -> Path | None:
     """Where the model source's calibrated magnitude curves are: --cache-curves, else beside its weights."""
@@ -390,7 +408,12 @@ def cache_curves_path(options: GenerateOptions) -> Path | None:
 def step_cache_policy(options: GenerateOptions, num_stages: int):
     """The request's `StepCachePolicy` (None: every step calls the DiT), checked before any model loads."""
     from .step_cache import (
-        CACHE_MODES, POLICY_MAX_SKIPS, StepCachePolicy, check_thresholds, load_curves, stage_thresholds,
+        CACHE_MODES,
+        POLICY_MAX_SKIPS,
+        StepCachePolicy,
+        check_thresholds,
+        load_curves,
+        stage_thresholds,
     )
 
     mode = options.cache
@@ -398,7 +421,9 @@ def step_cache_policy(options: GenerateOptions, num_stages: int):
         raise UsageError(f"--cache: {mode!r} is not a step-cache policy (accepted: {', '.join(CACHE_MODES)})")
     if options.cache_thresholds is not None:
         if mode == "off":
-            raise UsageError("--cache-threshold: the step cache is off (--cache off); give --cache safe or fast, or leave --cache out")
+            raise UsageError(
+                "--cache-threshold: the step cache is off (--cache off); give --cache safe or fast, or leave --cache out"
+            )
         try:
             thresholds = check_thresholds(options.cache_thresholds, num_stages)
         except ValueError as err:
@@ -413,21 +438,30 @@ def step_cache_policy(options: GenerateOptions, num_stages: int):
         raise UsageError(f"--cache-curves: {path}: no such file")
     if path is None or not path.is_file():
         where = f"no {path}" if path is not None else f"preset {options.preset!r} ships none"
-        raise UsageError(f"{flag}: the step cache needs the model's calibrated magnitude curves ({where}); "
-                         f"give --cache-curves FILE (benchmarks/bench_step_cache.py --calibrate writes one)")
+        raise UsageError(
+            f"{flag}: the step cache needs the model's calibrated magnitude curves ({where}); "
+            f"give --cache-curves FILE (benchmarks/bench_step_cache.py --calibrate writes one)"
+        )
     try:
         curves = load_curves(path)
     except ValueError as err:
         raise UsageError(f"--cache-curves: {err}") from None
     if len(curves) < num_stages:
-        raise UsageError(f"--cache-curves: {path} holds curves for {len(curves)} stage(s); the request has {num_stages}")
-    return StepCachePolicy(thresholds=thresholds, curves=curves[:num_stages], name=mode or "custom",
-                           max_skips=POLICY_MAX_SKIPS.get(mode, POLICY_MAX_SKIPS["safe"]))
+        raise UsageError(
+            f"--cache-curves: {path} holds curves for {len(curves)} stage(s); the request has {num_stages}"
+        )
+    return StepCachePolicy(
+        thresholds=thresholds,
+        curves=curves[:num_stages],
+        name=mode or "custom",
+        max_skips=POLICY_MAX_SKIPS.get(mode, POLICY_MAX_SKIPS["safe"]),
+    )
 
 
 # ----------------------------------------------------------------------------
 # The model source's defaults, the device and the dtype
 # ----------------------------------------------------------------------------
+
 
 def preset_defaults(options: GenerateOptions):
     """(generation defaults, preset, build manifest or None) for the request's model source."""
@@ -450,7 +484,10 @@ def preset_defaults(options: GenerateOptions):
         except ValueError as err:
             raise UsageError(f"--engines: {manifest.root / 'manifest.json'}: {err}") from None
         defaults = replace(
-            preset.defaults, height=shape["height"], width=shape["width"], num_frames=shape["num_frames"],
+            preset.defaults,
+            height=shape["height"],
+            width=shape["width"],
+            num_frames=shape["num_frames"],
             frame_intervals=tuple(shape["intervals"]),
         )
         return defaults, models_of_build(manifest, preset), manifest
@@ -467,8 +504,11 @@ def preset_defaults(options: GenerateOptions):
         # --preset is checked against them, a guessed one lends its defaults only.
         flag = "--checkpoints" if options.checkpoints is not None else "--config"
         try:
-            paths = (CheckpointPaths.from_dir(options.checkpoints) if options.checkpoints is not None
-                     else CheckpointPaths.from_release_config(options.config))
+            paths = (
+                CheckpointPaths.from_dir(options.checkpoints)
+                if options.checkpoints is not None
+                else CheckpointPaths.from_release_config(options.config)
+            )
             preset = checkpoint_preset(paths, typed)
         except CheckpointError as err:
             raise UsageError(f"{flag}: {err}") from None
@@ -491,7 +531,9 @@ def models_of_build(manifest, preset):
         cfg, found = getattr(preset, name), recorded.get(name)
         if isinstance(found, dict):
             known = {f.name for f in fields(cfg)}
-            parts[name] = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if k in known})
+            parts[name] = replace(
+                cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if k in known}
+            )
     return replace(preset, **parts)
 
 
@@ -548,5 +590,7 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise UsageError(f"--prompts: {path} holds no prompt (one per line)")
     if len(prompts) > MAX_PROMPTS:
-        raise UsageError(f"--prompts: {path} holds {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted (one video each)")
+        raise UsageError(
+            f"--prompts: {path} holds {len(prompts)} prompts; at most {MAX_PROMPTS} are accepted (one video each)"
+        )
     return prompts

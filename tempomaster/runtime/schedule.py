@@ -31,9 +31,7 @@ __all__ = [
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def flow_match_sigmas(
-    num_steps: int, shift: float, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
+def flow_match_sigmas(num_steps: int, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Shifted flow-match sigmas, ``[num_steps]``, descending from 1 (0 excluded).
 
     ``dtype`` defaults to float64 so the schedule itself adds no rounding.  The
@@ -78,7 +76,7 @@ class StageSchedule:
     timesteps: torch.Tensor
 
     @classmethod
-    def create(cls, num_steps: int, shift: float) -> "StageSchedule":
+    def create(cls, num_steps: int, shift: float) -> StageSchedule:
         sigmas = flow_match_sigmas(num_steps, shift)
         return cls(sigmas=sigmas, timesteps=sigmas_to_timesteps(sigmas))
 
@@ -104,9 +102,7 @@ class StageSchedule:
         return float(self.sigmas[i + 1]) if i + 1 < len(self) else 0.0
 
 
-def euler_step(
-    x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float
-) -> torch.Tensor:
+def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """One flow-match Euler step: ``x + v * (sigma_next - sigma)``.
 
     Dtype behaviour: the update is formed in float32 (or in float64 when ``x``

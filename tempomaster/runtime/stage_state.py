@@ -9,6 +9,7 @@ alone). Nothing is unpickled: JSON and safetensors only, each file checked
 against its hash before it is trusted. Both are written atomically, and an
 existing pair is replaced only when its JSON is one of ours.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,6 +52,7 @@ def _canonical(value) -> bytes:
 # Which models made it
 # ----------------------------------------------------------------------------
 
+
 def file_fingerprint(path: Path) -> str:
     """sha256 of a weight file: whole up to FULL_HASH_BYTES, else of its size and first and last MiB."""
     size = path.stat().st_size
@@ -75,8 +77,9 @@ def _files_hash(files: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def model_identity(preset, manifest, *, backend: str, dtype: str, tile: bool, checkpoints: Path | None,
-                   config: Path | None) -> dict:
+def model_identity(
+    preset, manifest, *, backend: str, dtype: str, tile: bool, checkpoints: Path | None, config: Path | None
+) -> dict:
     """What a state records of its models, and what `refine` compares: source, preset, backend, dtype, tile and
     the sha256 of the build's manifest (which lists every graph's sha256) or of the weight files."""
     from ..models.checkpoints import CheckpointPaths
@@ -88,18 +91,33 @@ def model_identity(preset, manifest, *, backend: str, dtype: str, tile: bool, ch
         paths = {"engines": str(root.resolve())}
     elif checkpoints is not None or (config is not None and _config_has_models(config)):
         source = "checkpoints"
-        found = CheckpointPaths.from_dir(checkpoints) if checkpoints is not None else CheckpointPaths.from_release_config(config)
+        found = (
+            CheckpointPaths.from_dir(checkpoints)
+            if checkpoints is not None
+            else CheckpointPaths.from_release_config(config)
+        )
         files = [found.dit, found.t5, found.vae] + sorted(p for p in Path(found.tokenizer).rglob("*") if p.is_file())
         weights = _files_hash([Path(f) for f in files])
-        paths = {"checkpoints": str(Path(checkpoints).resolve())} if checkpoints is not None else {"config": str(Path(config).resolve())}
+        paths = (
+            {"checkpoints": str(Path(checkpoints).resolve())}
+            if checkpoints is not None
+            else {"config": str(Path(config).resolve())}
+        )
     elif preset.packaged_weights is not None:
         source, root = "preset", packaged_weights_dir(preset)
         weights = _files_hash([p for p in root.rglob("*") if p.is_file()], root)
         paths = {}
     else:  # built from a seed in code: the preset's dimensions name them
         source, weights, paths = "preset", sha256_bytes(repr(preset).encode()), {}
-    return {"source": source, "preset": preset.name, "backend": backend, "dtype": dtype, "tile": bool(tile),
-            "weights_sha256": weights, **paths}
+    return {
+        "source": source,
+        "preset": preset.name,
+        "backend": backend,
+        "dtype": dtype,
+        "tile": bool(tile),
+        "weights_sha256": weights,
+        **paths,
+    }
 
 
 def _config_has_models(config: Path) -> bool:
@@ -110,7 +128,11 @@ def _config_has_models(config: Path) -> bool:
 
 # What a difference in each field is called in a refusal.
 IDENTITY_FIELDS = {
-    "source": "model source", "preset": "preset", "backend": "backend", "dtype": "dtype", "tile": "VAE tiling",
+    "source": "model source",
+    "preset": "preset",
+    "backend": "backend",
+    "dtype": "dtype",
+    "tile": "VAE tiling",
     "weights_sha256": "build/weights hash",
 }
 
@@ -127,25 +149,50 @@ def identity_difference(recorded: dict, live: dict) -> str | None:
 # The request
 # ----------------------------------------------------------------------------
 
+
 def request_to_json(request) -> dict:
     """Everything of a GenerationRequest the later stages use; reference images by their size and pixel hash
     (stage 0 alone reads them; the output size they decided is recorded)."""
     height, width = request.output_size()
-    refs = [{"frame": int(k), "width": img.width, "height": img.height,
-             "rgb_sha256": sha256_bytes(img.convert("RGB").tobytes())} for k, img in sorted(request.ref_images.items())]
+    refs = [
+        {
+            "frame": int(k),
+            "width": img.width,
+            "height": img.height,
+            "rgb_sha256": sha256_bytes(img.convert("RGB").tobytes()),
+        }
+        for k, img in sorted(request.ref_images.items())
+    ]
     return {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-        "height": height, "width": width, "requested_size": [request.height, request.width],
-        "num_frames": request.num_frames, "frame_intervals": list(request.frame_intervals),
-        "steps_per_stage": list(request.steps_per_stage), "shift_per_stage": [float(s) for s in request.shift_per_stage],
-        "guidance_scale": float(request.guidance_scale), "use_apg": bool(request.use_apg), "seed": int(request.seed),
-        "save_fps": float(request.save_fps), "cast_timestep": bool(request.cast_timestep), "reference_images": refs,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "height": height,
+        "width": width,
+        "requested_size": [request.height, request.width],
+        "num_frames": request.num_frames,
+        "frame_intervals": list(request.frame_intervals),
+        "steps_per_stage": list(request.steps_per_stage),
+        "shift_per_stage": [float(s) for s in request.shift_per_stage],
+        "guidance_scale": float(request.guidance_scale),
+        "use_apg": bool(request.use_apg),
+        "seed": int(request.seed),
+        "save_fps": float(request.save_fps),
+        "cast_timestep": bool(request.cast_timestep),
+        "reference_images": refs,
     }
 
 
 _REQUEST_TYPES = {
-    "prompt": str, "negative_prompt": str, "height": int, "width": int, "num_frames": int,
-    "guidance_scale": float, "use_apg": bool, "seed": int, "save_fps": float, "cast_timestep": bool,
+    "prompt": str,
+    "negative_prompt": str,
+    "height": int,
+    "width": int,
+    "num_frames": int,
+    "guidance_scale": float,
+    "use_apg": bool,
+    "seed": int,
+    "save_fps": float,
+    "cast_timestep": bool,
 }
 
 
@@ -158,15 +205,21 @@ def request_from_json(data: dict, where: str):
     fields = {}
     for key, kind in _REQUEST_TYPES.items():
         value = data.get(key)
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-              if kind is float else isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if kind is float
+            else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        )
         if not ok:
             raise UsageError(f"{where}: request.{key} must be a {kind.__name__}, got {value!r}")
         fields[key] = value
     for key, kind in (("frame_intervals", int), ("steps_per_stage", int), ("shift_per_stage", float)):
         value = data.get(key)
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool) for v in value):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool) for v in value)
+        ):
             raise UsageError(f"{where}: request.{key} must be a list of numbers, got {value!r}")
         fields[key] = tuple(value)
     request = GenerationRequest(**fields)
@@ -180,6 +233,7 @@ def request_from_json(data: dict, where: str):
 # ----------------------------------------------------------------------------
 # Writing and reading
 # ----------------------------------------------------------------------------
+
 
 def foreign_state(json_path: Path, tensor_path: Path) -> str | None:
     """Why an existing state pair may not be replaced (tm-run did not write it), or None."""
@@ -219,12 +273,22 @@ def write_state(final: Path, request, stage: int, frames, model: dict) -> tuple[
     blob = save({TENSOR_NAME: frames}, metadata={"format": STATE_FORMAT, "stage": str(stage)})
     request_json = request_to_json(request)
     state = {
-        "format": STATE_FORMAT, "format_version": STATE_VERSION,
-        "stage": stage, "num_stages": len(request.frame_intervals), "fps": request.save_fps / request.frame_intervals[stage],
-        "request": request_json, "request_sha256": sha256_bytes(_canonical(request_json)),
+        "format": STATE_FORMAT,
+        "format_version": STATE_VERSION,
+        "stage": stage,
+        "num_stages": len(request.frame_intervals),
+        "fps": request.save_fps / request.frame_intervals[stage],
+        "request": request_json,
+        "request_sha256": sha256_bytes(_canonical(request_json)),
         "model": model,
-        "tensors": {"file": tensor_path.name, "name": TENSOR_NAME, "dtype": "float32", "shape": list(frames.shape),
-                    "sha256": sha256_bytes(blob), "bytes": len(blob)},
+        "tensors": {
+            "file": tensor_path.name,
+            "name": TENSOR_NAME,
+            "dtype": "float32",
+            "shape": list(frames.shape),
+            "sha256": sha256_bytes(blob),
+            "bytes": len(blob),
+        },
     }
     write_bytes(tensor_path, blob)  # first: a JSON is never left naming a missing tensor file
     write_text(json_path, json.dumps(state, indent=2) + "\n")
@@ -261,8 +325,11 @@ def read_state(json_path: Path) -> StageState:
     except (TypeError, ValueError):
         edited = True
     if edited:
-        raise _refuse(json_path, "its request does not match its request_sha256: the request was edited after "
-                                 "tm-run wrote it (generate again with the new request)")
+        raise _refuse(
+            json_path,
+            "its request does not match its request_sha256: the request was edited after "
+            "tm-run wrote it (generate again with the new request)",
+        )
     request = request_from_json(request_json, str(json_path))
     stages = plan_stages(request.num_frames, request.frame_intervals)
     stage = data.get("stage")
@@ -278,22 +345,30 @@ def read_state(json_path: Path) -> StageState:
     tensor_path = json_path.with_name(name)
     want_shape = [3, stages[stage].total_frames, request.height, request.width]
     if tensors.get("shape") != want_shape:
-        raise _refuse(json_path, f"shape {tensors.get('shape')} of the stage-{stage} frames, where the request "
-                                 f"makes {want_shape}")
+        raise _refuse(
+            json_path, f"shape {tensors.get('shape')} of the stage-{stage} frames, where the request makes {want_shape}"
+        )
     limit = 4 * math.prod(want_shape) + (1 << 16)  # the frames and a header
     try:
         blob = read_limited(tensor_path, limit)
     except TooLarge:
-        raise _refuse(tensor_path, f"larger than the {limit} bytes its frames need: not the state's tensor file") from None
+        raise _refuse(
+            tensor_path, f"larger than the {limit} bytes its frames need: not the state's tensor file"
+        ) from None
     except OSError as err:
         raise _refuse(tensor_path, f"cannot read the state's tensors ({err.strerror or err})") from None
     if sha256_bytes(blob) != tensors.get("sha256"):
-        raise _refuse(tensor_path, f"tensor hash: its sha256 is not the one {json_path.name} records: the file was "
-                                   "changed or replaced after tm-run wrote it")
+        raise _refuse(
+            tensor_path,
+            f"tensor hash: its sha256 is not the one {json_path.name} records: the file was "
+            "changed or replaced after tm-run wrote it",
+        )
     try:
         frames = load(blob)[TENSOR_NAME]
     except (SafetensorError, KeyError, ValueError) as err:
         raise _refuse(tensor_path, f"not a safetensors file holding {TENSOR_NAME!r} ({err})") from None
     if list(frames.shape) != want_shape or str(frames.dtype) != "torch.float32":
-        raise _refuse(tensor_path, f"shape: {TENSOR_NAME} is {list(frames.shape)} {frames.dtype}, expected {want_shape} float32")
+        raise _refuse(
+            tensor_path, f"shape: {TENSOR_NAME} is {list(frames.shape)} {frames.dtype}, expected {want_shape} float32"
+        )
     return StageState(json_path, stage, len(stages), request, model, frames)

@@ -41,13 +41,14 @@ cond and uncond halves of the batched call have their own curves and errors,
 and one decision covers both: a step is skipped only when every branch may
 be, so guidance always combines two velocities of the same step.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -93,12 +94,16 @@ POLICY_MAX_SKIPS: dict[str, int] = {"safe": 2, "fast": 4}
 THRESHOLD_RANGE = (0.0, 1.0)
 
 
-def check_thresholds(thresholds: Sequence[float], num_stages: int, flag: str = "--cache-threshold") -> tuple[float, ...]:
+def check_thresholds(
+    thresholds: Sequence[float], num_stages: int, flag: str = "--cache-threshold"
+) -> tuple[float, ...]:
     """The thresholds as floats, or ValueError naming the flag: one per stage, each finite in [0, 1]."""
     values = tuple(thresholds)
     if len(values) != num_stages:
-        raise ValueError(f"{flag}: {len(values)} value(s) given for {num_stages} stage(s); give one per stage, "
-                         f"e.g. {','.join(['0.1'] * num_stages)}")
+        raise ValueError(
+            f"{flag}: {len(values)} value(s) given for {num_stages} stage(s); give one per stage, "
+            f"e.g. {','.join(['0.1'] * num_stages)}"
+        )
     low, high = THRESHOLD_RANGE
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
@@ -116,6 +121,7 @@ def stage_thresholds(mode: str, num_stages: int) -> tuple[float, ...]:
 # The calibrated curve
 # ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class MagnitudeCurve:
     """One stage's calibration: the sigmas of the calibrated schedule and, per branch, log gamma at each step.
@@ -130,8 +136,10 @@ class MagnitudeCurve:
     def __post_init__(self):
         n = len(self.sigmas)
         if n < 2 or any(len(g) != n for g in self.log_gammas) or not self.log_gammas:
-            raise ValueError(f"a magnitude curve needs >= 2 sigmas and one log-gamma per sigma per branch, got "
-                             f"{n} sigmas and {[len(g) for g in self.log_gammas]} values")
+            raise ValueError(
+                f"a magnitude curve needs >= 2 sigmas and one log-gamma per sigma per branch, got "
+                f"{n} sigmas and {[len(g) for g in self.log_gammas]} values"
+            )
         if any(b >= a for a, b in zip(self.sigmas, self.sigmas[1:])):
             raise ValueError("a magnitude curve's sigmas must be strictly descending")
         if not all(math.isfinite(v) for g in self.log_gammas for v in g):
@@ -208,7 +216,9 @@ class MagnitudeRecorder:
         if len(known) == event.step:
             known.append(float(event.sigma))
         elif known[event.step] != float(event.sigma):
-            raise ValueError(f"stage {event.stage}: the runs have different schedules; calibrate one schedule at a time")
+            raise ValueError(
+                f"stage {event.stage}: the runs have different schedules; calibrate one schedule at a time"
+            )
 
     def curves(self) -> list[MagnitudeCurve]:
         out = []
@@ -222,8 +232,10 @@ class MagnitudeRecorder:
 # The decision
 # ----------------------------------------------------------------------------
 
-def skip_plan(ratios: np.ndarray, threshold: float, max_skips: int = DEFAULT_MAX_SKIPS,
-              retention: float = DEFAULT_RETENTION) -> tuple[bool, ...]:
+
+def skip_plan(
+    ratios: np.ndarray, threshold: float, max_skips: int = DEFAULT_MAX_SKIPS, retention: float = DEFAULT_RETENTION
+) -> tuple[bool, ...]:
     """MagCache's decision for every step of one stage: True where the step reuses the cached velocity.
 
     ratios: ``[branches, steps]`` gamma per step (`MagnitudeCurve.ratios`).
@@ -264,7 +276,9 @@ class StepCachePolicy:
 
     def __post_init__(self):
         if len(self.curves) < len(self.thresholds):
-            raise ValueError(f"step cache: {len(self.thresholds)} thresholds but curves for {len(self.curves)} stage(s)")
+            raise ValueError(
+                f"step cache: {len(self.thresholds)} thresholds but curves for {len(self.curves)} stage(s)"
+            )
         check_thresholds(self.thresholds, len(self.thresholds), "step cache")
         if isinstance(self.max_skips, bool) or not isinstance(self.max_skips, int) or self.max_skips < 0:
             raise ValueError(f"step cache: max_skips must be an integer >= 0, got {self.max_skips!r}")
@@ -281,14 +295,17 @@ class StepCachePolicy:
 # The curves on disk
 # ----------------------------------------------------------------------------
 
+
 def curves_to_json(curves: Sequence[MagnitudeCurve], calibration: dict | None = None) -> dict:
     return {
         "format": CURVES_FORMAT,
         "version": 1,
         "rule": "MagCache (arXiv:2506.09045) on the DiT's velocity: log gamma per step, per branch",
         "calibration": calibration or {},
-        "stages": [{"sigmas": list(c.sigmas), "log_gammas": {name: list(g) for name, g in zip(BRANCHES, c.log_gammas)}}
-                   for c in curves],
+        "stages": [
+            {"sigmas": list(c.sigmas), "log_gammas": {name: list(g) for name, g in zip(BRANCHES, c.log_gammas)}}
+            for c in curves
+        ],
     }
 
 
@@ -314,8 +331,12 @@ def load_curves(path: str | Path) -> tuple[MagnitudeCurve, ...]:
     for i, stage in enumerate(stages):
         try:
             gammas = stage["log_gammas"]
-            curves.append(MagnitudeCurve(tuple(float(v) for v in stage["sigmas"]),
-                                         tuple(tuple(float(v) for v in gammas[b]) for b in BRANCHES if b in gammas)))
+            curves.append(
+                MagnitudeCurve(
+                    tuple(float(v) for v in stage["sigmas"]),
+                    tuple(tuple(float(v) for v in gammas[b]) for b in BRANCHES if b in gammas),
+                )
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: stages[{i}]: {err}") from None
     return tuple(curves)

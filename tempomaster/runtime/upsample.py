@@ -16,14 +16,15 @@ Every refusal comes before any model loads: not a video, no frames, a rate
 that maps to no stage below the output's, and a clip too long for the
 memory check.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import UsageError
 
@@ -56,6 +57,7 @@ class RateMap:
 # Pure pieces
 # ----------------------------------------------------------------------------
 
+
 def stage_rates(save_fps: float, intervals: Sequence[int]) -> list[float]:
     return [save_fps / i for i in intervals]
 
@@ -66,16 +68,26 @@ def map_rate(fps: float, save_fps: float, intervals: Sequence[int], where: str =
     rates = stage_rates(save_fps, intervals)
     liftable = ", ".join(f"{r:g}" for r in rates[:-1])
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-        raise UsageError(f"{where}: the video declares no usable frame rate ({fps!r}); stage rates it can lift: {liftable} fps")
+        raise UsageError(
+            f"{where}: the video declares no usable frame rate ({fps!r}); stage rates it can lift: {liftable} fps"
+        )
     if fps < rates[0] / 2:
-        raise UsageError(f"{where}: {fps:g} fps is below half the lowest stage rate ({rates[0]:g} fps): "
-                         f"no stage maps to it (accepted: about {liftable} fps)")
+        raise UsageError(
+            f"{where}: {fps:g} fps is below half the lowest stage rate ({rates[0]:g} fps): "
+            f"no stage maps to it (accepted: about {liftable} fps)"
+        )
     stage = min(range(len(rates)), key=lambda s: abs(math.log(fps / rates[s])))
     if stage == len(rates) - 1:
-        raise UsageError(f"{where}: {fps:g} fps is nearest the output's own {rates[-1]:g} fps: there is nothing to lift "
-                         f"(accepted: about {liftable} fps)")
+        raise UsageError(
+            f"{where}: {fps:g} fps is nearest the output's own {rates[-1]:g} fps: there is nothing to lift "
+            f"(accepted: about {liftable} fps)"
+        )
     exact = abs(fps / rates[stage] - 1) <= RATE_TOLERANCE
-    note = None if exact else f"{where}: {fps:g} fps resampled to {rates[stage]:g} fps (nearest frame in time), the nearest stage rate"
+    note = (
+        None
+        if exact
+        else f"{where}: {fps:g} fps resampled to {rates[stage]:g} fps (nearest frame in time), the nearest stage rate"
+    )
     return RateMap(stage, rates[stage], not exact, note)
 
 
@@ -101,13 +113,14 @@ def output_stage(to_fps: float | None, rates: Sequence[float], first: int) -> in
     for s in range(first + 1, len(rates)):
         if abs(to_fps / rates[s] - 1) <= RATE_TOLERANCE:
             return s
-    offered = ", ".join(f"{r:g}" for r in rates[first + 1:])
+    offered = ", ".join(f"{r:g}" for r in rates[first + 1 :])
     raise UsageError(f"--to-fps {to_fps:g}: this input lifts to {offered} fps")
 
 
 # ----------------------------------------------------------------------------
 # Reading the video
 # ----------------------------------------------------------------------------
+
 
 def _ffmpeg_exe() -> str:
     import imageio_ffmpeg
@@ -121,8 +134,12 @@ def probe_video(path: Path) -> VideoInfo:
     if not path.is_file():
         raise UsageError(f"{FLAG_VIDEO}: {path} is not a file")
     try:
-        info = subprocess.run([_ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True,
-                              timeout=MAX_PROBE_SECONDS, stdin=subprocess.DEVNULL)
+        info = subprocess.run(
+            [_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+            capture_output=True,
+            timeout=MAX_PROBE_SECONDS,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         raise UsageError(f"{FLAG_VIDEO}: {path}: ffmpeg did not read its header in {MAX_PROBE_SECONDS:g} s") from None
     text = info.stderr.decode("utf-8", "replace")
@@ -173,7 +190,9 @@ def read_frames(path: Path, indices: Sequence[int], height: int, width: int):
         w, h = meta["size"]
         for i, buf in enumerate(reader):
             if i in wanted:
-                frame = cover_resize_center_crop(Image.fromarray(np.frombuffer(buf, np.uint8).reshape(h, w, 3)), height, width)
+                frame = cover_resize_center_crop(
+                    Image.fromarray(np.frombuffer(buf, np.uint8).reshape(h, w, 3)), height, width
+                )
                 for k in wanted[i]:
                     out[:, k] = frame
             if i >= last:
@@ -191,6 +210,7 @@ def read_frames(path: Path, indices: Sequence[int], height: int, width: int):
 # The request
 # ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LiftPlan:
     """What upsample runs: the request (stages from the input's on), the input frames to read, the stop."""
@@ -207,17 +227,22 @@ def plan_lift(full_request, info: VideoInfo, to_fps: float | None) -> LiftPlan:
     output of the stage its rate maps to."""
     intervals = tuple(full_request.frame_intervals)
     rate = map_rate(info.fps, full_request.save_fps, intervals)
-    indices = (resample_indices(info.frames, info.fps, rate.stage_fps) if rate.resampled
-               else list(range(info.frames)))
+    indices = resample_indices(info.frames, info.fps, rate.stage_fps) if rate.resampled else list(range(info.frames))
     keep = usable_frames(len(indices))
     if keep < MIN_INPUT_FRAMES:
-        raise UsageError(f"{FLAG_VIDEO}: {info.path} has {len(indices)} frame(s) at {rate.stage_fps:g} fps; "
-                         f"at least {MIN_INPUT_FRAMES} are needed")
+        raise UsageError(
+            f"{FLAG_VIDEO}: {info.path} has {len(indices)} frame(s) at {rate.stage_fps:g} fps; "
+            f"at least {MIN_INPUT_FRAMES} are needed"
+        )
     last = output_stage(to_fps, stage_rates(full_request.save_fps, intervals), rate.stage)
     k = rate.stage
     request = replace(
-        full_request, num_frames=keep, frame_intervals=intervals[k:], steps_per_stage=tuple(full_request.steps_per_stage)[k:],
-        shift_per_stage=tuple(full_request.shift_per_stage)[k:], ref_images={},
+        full_request,
+        num_frames=keep,
+        frame_intervals=intervals[k:],
+        steps_per_stage=tuple(full_request.steps_per_stage)[k:],
+        shift_per_stage=tuple(full_request.shift_per_stage)[k:],
+        ref_images={},
     )
     try:
         request.validate()
@@ -230,13 +255,21 @@ def lift(backend, tokenizer, plan: LiftPlan, frames, progress: bool = False, kee
     """Run the stages after the input's: the pipeline resumed with the input frames as stage 0's output."""
     from .pipeline import StageResume, generate
 
-    return generate(backend, tokenizer, plan.request, progress=progress, keep_stages=keep_stages,
-                    stop_after=plan.stop_after, resume=StageResume(0, frames))
+    return generate(
+        backend,
+        tokenizer,
+        plan.request,
+        progress=progress,
+        keep_stages=keep_stages,
+        stop_after=plan.stop_after,
+        resume=StageResume(0, frames),
+    )
 
 
 # ----------------------------------------------------------------------------
 # tm-run upsample
 # ----------------------------------------------------------------------------
+
 
 @dataclass
 class UpsampleOptions:
@@ -279,7 +312,9 @@ def run_upsample(options: UpsampleOptions, echo=print):
     if plan.rate.note:
         echo(plan.rate.note)
     if plan.dropped:
-        echo(f"{FLAG_VIDEO}: a stage's input is 4k + 1 frames: the last {plan.dropped} of {len(plan.indices) + plan.dropped} dropped")
+        echo(
+            f"{FLAG_VIDEO}: a stage's input is 4k + 1 frames: the last {plan.dropped} of {len(plan.indices) + plan.dropped} dropped"
+        )
 
     import torch
 
@@ -288,7 +323,9 @@ def run_upsample(options: UpsampleOptions, echo=print):
     frames = read_frames(info.path, plan.indices, plan.request.height, plan.request.width)
     backend, tokenizer = backend_factory(gen, dtype, threads)(torch.device(device))
     if hasattr(backend, "check_request"):
-        backend.check_request(plan.request.height, plan.request.width, plan.request.num_frames, plan.request.frame_intervals)
+        backend.check_request(
+            plan.request.height, plan.request.width, plan.request.num_frames, plan.request.frame_intervals
+        )
     result = lift(backend, tokenizer, plan, frames, progress=gen.progress, keep_stages=gen.save_stages)
     start = time.perf_counter()
     written = write_result(result, final, made, gen.save_stages)

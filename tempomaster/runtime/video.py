@@ -7,6 +7,7 @@ the previous one stays, and the command stops with one line (OutputError).
 A PNG folder is replaced only when tm-run wrote it (its marker file), so a
 user's files are never deleted.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,37 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 # What `--out` may name: a video file by its suffix, else a folder of PNG frames.
 VIDEO_SUFFIXES = (".mp4", ".gif")
 # Picture and video suffixes tm-run cannot write: refused, rather than taken as a folder's name.
-UNSUPPORTED_SUFFIXES = frozenset({
-    ".apng", ".avi", ".avif", ".bmp", ".flv", ".h264", ".h265", ".hevc", ".jpeg", ".jpg", ".m2ts", ".m4v",
-    ".mjpeg", ".mkv", ".mov", ".mpeg", ".mpg", ".mts", ".ogv", ".png", ".tif", ".tiff", ".ts", ".webm",
-    ".webp", ".wmv", ".y4m",
-})
+UNSUPPORTED_SUFFIXES = frozenset(
+    {
+        ".apng",
+        ".avi",
+        ".avif",
+        ".bmp",
+        ".flv",
+        ".h264",
+        ".h265",
+        ".hevc",
+        ".jpeg",
+        ".jpg",
+        ".m2ts",
+        ".m4v",
+        ".mjpeg",
+        ".mkv",
+        ".mov",
+        ".mpeg",
+        ".mpg",
+        ".mts",
+        ".ogv",
+        ".png",
+        ".tif",
+        ".tiff",
+        ".ts",
+        ".webm",
+        ".webp",
+        ".wmv",
+        ".y4m",
+    }
+)
 
 # Written into every PNG folder tm-run makes: only a folder holding it (and nothing but frames) is replaced.
 FRAMES_MARKER = ".tm-run-frames.json"
@@ -106,9 +133,29 @@ def _ffmpeg_command(size: tuple[int, int], fps: float, quality: int, path: str) 
     import imageio_ffmpeg
 
     w, h = size
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}",
-           "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
-           "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(int((1 - quality / 10.0) * 51))]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-y",
+        "-f",
+        "rawvideo",
+        "-vcodec",
+        "rawvideo",
+        "-s",
+        f"{w}x{h}",
+        "-pix_fmt",
+        "rgb24",
+        "-r",
+        str(Fraction(fps).limit_denominator()),
+        "-i",
+        "-",
+        "-an",
+        "-vcodec",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-crf",
+        str(int((1 - quality / 10.0) * 51)),
+    ]
     if w % 2 or h % 2:  # yuv420p needs even sides: scale up to whole macro blocks, as imageio-ffmpeg does
         cmd += ["-vf", f"scale={-(-w // 16) * 16}:{-(-h // 16) * 16}"]
     return cmd + ["-v", "error", path]
@@ -124,8 +171,9 @@ def _encode_mp4(frames: np.ndarray, tmp: Path, fps: float, quality: int) -> str 
     t, h, w, _ = frames.shape
     cmd = _ffmpeg_command((w, h), fps, quality, str(tmp))
     # its own session: Ctrl-C reaches tm-run alone, which stops ffmpeg below
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         _, err = proc.communicate(memoryview(np.ascontiguousarray(frames)).cast("B"))
     finally:
@@ -219,6 +267,7 @@ def read_video_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
 def write_result(result, final: Path, stage_paths: list[Path], save_stages: bool) -> list[Path]:
     """A generation's video at `final`, and each earlier stage at its path when `save_stages`."""
+
     def write(frames, path: Path, fps: float) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = to_uint8_frames(frames)

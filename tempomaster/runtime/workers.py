@@ -6,15 +6,16 @@ into groups (``parallel_plan.plan_video_groups``); each group makes its
 videos one after another with a ``DistributedBackend``, and the group's first
 rank alone writes them, after a barrier, so a broken run writes nothing.
 """
+
 from __future__ import annotations
 
 import os
 import queue as queue_module
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -39,6 +40,7 @@ FLAG_DEVICES = "--devices"
 # ----------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------
+
 
 def parse_devices(text: str) -> list[torch.device]:
     """``0,1,2,3`` -> CUDA devices; ``cpu:4`` (or ``cpu,cpu``) -> CPU processes (gloo)."""
@@ -73,6 +75,7 @@ def parse_devices(text: str) -> list[torch.device]:
 # Starting the processes
 # ----------------------------------------------------------------------------
 
+
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
@@ -93,8 +96,13 @@ def _child(rank: int, world_size: int, device: str, port: int, timeout: float, f
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), **{STORE_HOSTED_ENV: "1"},
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        **{STORE_HOSTED_ENV: "1"},
     )
     if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -193,7 +201,9 @@ def launch(
 
 
 def _launch_error(procs, failures, values) -> WorkerError:
-    unreported = {r for r, p in enumerate(procs) if p.exitcode not in (None, 0)} - {f[1] for f in failures} - set(values)
+    unreported = (
+        {r for r, p in enumerate(procs) if p.exitcode not in (None, 0)} - {f[1] for f in failures} - set(values)
+    )
     own = [f for f in failures if f[0] == "error"]
     if own:  # a rank's own exception is the root cause; the others only saw it vanish
         return WorkerError(f"rank {own[0][1]} failed: {own[0][2]}; all ranks stopped, nothing written", own[0][1])
@@ -224,6 +234,7 @@ def _stop(procs) -> None:
 # ----------------------------------------------------------------------------
 # Videos
 # ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VideoJob:
@@ -306,8 +317,14 @@ def run_videos(
             continue
         dist_backend = DistributedBackend(backend, group, sp)
         leader = group.index == 0
-        result = generate(dist_backend, tokenizer, job.request, progress=progress and leader,
-                          keep_stages=bool(job.stage_outs) or keep_frames, stop_after=job.stop_after)
+        result = generate(
+            dist_backend,
+            tokenizer,
+            job.request,
+            progress=progress and leader,
+            keep_stages=bool(job.stage_outs) or keep_frames,
+            stop_after=job.stop_after,
+        )
         dist_backend.barrier("the end of the video")
         if not leader:
             continue
@@ -320,9 +337,18 @@ def run_videos(
             paths += tuple(save_blueprint(job.out, job.request, result, job.state_identity))
             tile = middle_frame(result.video.frames)
         report = VideoReport(
-            job.name, paths, result.video.num_frames, result.height, result.width, result.video.fps,
-            result.seconds, result.dit_calls, group.ranks, dist_backend.name,
-            blueprint_tile=tile, dit_skipped=result.dit_skipped,
+            job.name,
+            paths,
+            result.video.num_frames,
+            result.height,
+            result.width,
+            result.video.fps,
+            result.seconds,
+            result.dit_calls,
+            group.ranks,
+            dist_backend.name,
+            blueprint_tile=tile,
+            dit_skipped=result.dit_skipped,
         )
         out.append((i, (report, result, dist_backend.placements) if keep_frames else report))
     _wait_for_all(world)
@@ -332,7 +358,9 @@ def run_videos(
 def _wait_for_all(world: World) -> None:
     """Where rank 0 hosts the store (plain env://), it must outlive the groups still working."""
     world.store.add("tm/done", 1)
-    hosted_elsewhere = os.environ.get(STORE_HOSTED_ENV) == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosted_elsewhere = (
+        os.environ.get(STORE_HOSTED_ENV) == "1" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    )
     if world.rank != 0 or hosted_elsewhere:
         return
     while world.store.add("tm/done", 0) < world.size:
@@ -367,7 +395,9 @@ def generate_videos(
         finally:
             world.close()
     else:
-        per_rank = launch(run_videos, (jobs, make_backend, sequence_parallel, progress), devices=devices, timeout=timeout)
+        per_rank = launch(
+            run_videos, (jobs, make_backend, sequence_parallel, progress), devices=devices, timeout=timeout
+        )
         done = [item for items in per_rank for item in items]
     return [report for _, report in sorted(done, key=lambda item: item[0])]
 
@@ -375,6 +405,7 @@ def generate_videos(
 # ----------------------------------------------------------------------------
 # For the command line
 # ----------------------------------------------------------------------------
+
 
 def plan_for_request(
     request: GenerationRequest,
@@ -393,9 +424,16 @@ def plan_for_request(
 
     height, width = request.output_size()
     return plan_schedule(
-        devices=devices, num_heads=num_heads, num_frames=request.num_frames,
-        frame_intervals=request.frame_intervals, steps_per_stage=request.steps_per_stage,
-        shift_per_stage=request.shift_per_stage, guidance_scale=request.guidance_scale,
-        height=height, width=width, ref_frames=request.ref_images.keys(),
-        sequence_parallel=sequence_parallel, forward_seconds=forward_seconds,
+        devices=devices,
+        num_heads=num_heads,
+        num_frames=request.num_frames,
+        frame_intervals=request.frame_intervals,
+        steps_per_stage=request.steps_per_stage,
+        shift_per_stage=request.shift_per_stage,
+        guidance_scale=request.guidance_scale,
+        height=height,
+        width=width,
+        ref_frames=request.ref_images.keys(),
+        sequence_parallel=sequence_parallel,
+        forward_seconds=forward_seconds,
     )

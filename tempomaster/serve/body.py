@@ -8,6 +8,7 @@ message. Reference images arrive as multipart parts named `image:FRAME`
 the server chooses, and build_jobs opens them as it opens `--image` files
 (the declared size checked before any pixel is decoded).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def parse_json(data: bytes | str, where: str = "request body") -> dict:
     except RecursionError:
         raise UsageError(f"{where}: nested too deeply") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, got {type(value).__name__}")
+        raise UsageError(f'{where}: expected a JSON object such as {{"prompt": "..."}}, got {type(value).__name__}')
     return value
 
 
@@ -80,18 +81,20 @@ def check_fields(body: dict) -> dict:
                 raise UsageError(f"{key}: {len(value)} characters; at most {MAX_TEXT_CHARS} are accepted")
         if key in LIST_FIELDS:
             if not isinstance(value, list) or not value or len(value) > MAX_LIST:
-                raise UsageError(f"{key}: expected a list of 1 to {MAX_LIST} numbers such as {LIST_FIELDS[key]}, "
-                                 f"got {_describe(value)}")
+                raise UsageError(
+                    f"{key}: expected a list of 1 to {MAX_LIST} numbers such as {LIST_FIELDS[key]}, "
+                    f"got {_describe(value)}"
+                )
             value = list(value)
         fields[key] = value
     if "prompt" not in fields:
-        raise UsageError("--prompt: required (the request's \"prompt\" field)")
+        raise UsageError('--prompt: required (the request\'s "prompt" field)')
     return fields
 
 
 def image_frame(part_name: str) -> str:
     """The FRAME of a multipart part named `image:FRAME` (checked as `--image` checks it)."""
-    frame = part_name[len(IMAGE_PART):]
+    frame = part_name[len(IMAGE_PART) :]
     parse_frame_index(frame, "--image")
     return frame.strip()
 
@@ -108,5 +111,6 @@ def request_options(base: GenerateOptions, fields: dict, images: dict[str, Path]
         if key in FLOAT_FIELDS:
             value = [_as_float(v) for v in value] if isinstance(value, list) else _as_float(value)
         values[FIELDS[key]] = tuple(value) if key in LIST_FIELDS else value
-    return replace(base, **values, images=[f"{frame}:{path}" for frame, path in images.items()],
-                   prompts=None, progress=False)
+    return replace(
+        base, **values, images=[f"{frame}:{path}" for frame, path in images.items()], prompts=None, progress=False
+    )

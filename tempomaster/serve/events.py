@@ -7,6 +7,7 @@ only the last step event of each stage is kept (the others are progress
 that is over). Kept in memory for the newest KEEP_JOBS
 jobs; after a restart a job's stream starts from its stored state.
 """
+
 from __future__ import annotations
 
 import threading
@@ -99,7 +100,13 @@ class ProgressBoard:
             live = self._live.get(job_id)
             if live is None:
                 return None
-            return {"stage": live.stage, "step": live.step, "num_steps": live.stage_steps[live.stage],
-                    "steps_done": live.steps_done, "steps_total": sum(live.stage_steps),
-                    "stage_steps": list(live.stage_steps), "stages_done": live.stages_done,
-                    "eta_seconds": live.eta_seconds()}
+            return {
+                "stage": live.stage,
+                "step": live.step,
+                "num_steps": live.stage_steps[live.stage],
+                "steps_done": live.steps_done,
+                "steps_total": sum(live.stage_steps),
+                "stage_steps": list(live.stage_steps),
+                "stages_done": live.stages_done,
+                "eta_seconds": live.eta_seconds(),
+            }

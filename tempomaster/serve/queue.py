@@ -8,6 +8,7 @@ interrupted MAX_ATTEMPTS times, with the reason).
 
 States: queued -> running -> done | failed | cancelled; queued -> cancelled.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,9 +117,13 @@ class JobStore:
             try:
                 waiting = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
                 if waiting >= max_queue:
-                    raise QueueFull(f"the queue holds {waiting} waiting jobs (--max-queue {max_queue}); try again later")
-                self._db.execute("INSERT INTO jobs (id, state, request, created) VALUES (?, 'queued', ?, ?)",
-                                 (job_id, json.dumps(request), time.time()))
+                    raise QueueFull(
+                        f"the queue holds {waiting} waiting jobs (--max-queue {max_queue}); try again later"
+                    )
+                self._db.execute(
+                    "INSERT INTO jobs (id, state, request, created) VALUES (?, 'queued', ?, ?)",
+                    (job_id, json.dumps(request), time.time()),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -147,8 +152,9 @@ class JobStore:
             row = self._db.execute("SELECT seq, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["state"] != "queued":
                 return None
-            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?",
-                                    (row["seq"],)).fetchone()[0]
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (row["seq"],)
+            ).fetchone()[0]
 
     # -- the worker's transitions ----------------------------------------------
 
@@ -161,7 +167,9 @@ class JobStore:
                 if row is not None:
                     self._db.execute(
                         "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, stage = NULL, "
-                        "step = NULL, num_steps = NULL, steps_done = 0 WHERE id = ?", (time.time(), row["id"]))
+                        "step = NULL, num_steps = NULL, steps_done = 0 WHERE id = ?",
+                        (time.time(), row["id"]),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -169,8 +177,10 @@ class JobStore:
         return self.get(row["id"]) if row is not None else None
 
     def progress(self, job_id: str, stage: int, step: int, num_steps: int, steps_done: int) -> None:
-        self._write("UPDATE jobs SET stage = ?, step = ?, num_steps = ?, steps_done = ? WHERE id = ?",
-                    (stage, step, num_steps, steps_done, job_id))
+        self._write(
+            "UPDATE jobs SET stage = ?, step = ?, num_steps = ?, steps_done = ? WHERE id = ?",
+            (stage, step, num_steps, steps_done, job_id),
+        )
 
     def blueprint_written(self, job_id: str) -> None:
         self._write("UPDATE jobs SET has_blueprint = 1 WHERE id = ?", (job_id,))
@@ -178,8 +188,10 @@ class JobStore:
     def finish(self, job_id: str, state: str, error: str | None = None, has_video: bool = False) -> None:
         if state not in FINISHED:
             raise ValueError(f"not a final state: {state!r}")
-        self._write("UPDATE jobs SET state = ?, finished = ?, error = ?, has_video = ? WHERE id = ? AND state = 'running'",
-                    (state, time.time(), error, int(has_video), job_id))
+        self._write(
+            "UPDATE jobs SET state = ?, finished = ?, error = ?, has_video = ? WHERE id = ? AND state = 'running'",
+            (state, time.time(), error, int(has_video), job_id),
+        )
 
     def requeue(self, job_id: str, note: str) -> None:
         """A running job back in the queue at its old place (the server is stopping)."""
@@ -194,8 +206,10 @@ class JobStore:
                 if row is None:
                     state = None
                 elif row["state"] == "queued":
-                    self._db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, cancel_requested = 1 "
-                                     "WHERE id = ?", (time.time(), job_id))
+                    self._db.execute(
+                        "UPDATE jobs SET state = 'cancelled', finished = ?, cancel_requested = 1 WHERE id = ?",
+                        (time.time(), job_id),
+                    )
                     state = "cancelled"
                 elif row["state"] == "running":
                     self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
@@ -218,19 +232,31 @@ class JobStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._db.execute("SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running'").fetchall()
+                rows = self._db.execute(
+                    "SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running'"
+                ).fetchall()
                 for row in rows:
                     if row["cancel_requested"]:
-                        self._db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ?", (now, row["id"]))
+                        self._db.execute(
+                            "UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ?", (now, row["id"])
+                        )
                     elif row["attempts"] >= MAX_ATTEMPTS:
                         self._db.execute(
                             "UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ?",
-                            (now, f"the server stopped while this job ran, {row['attempts']} times; not started again",
-                             row["id"]))
+                            (
+                                now,
+                                f"the server stopped while this job ran, {row['attempts']} times; not started again",
+                                row["id"],
+                            ),
+                        )
                     else:
                         self._db.execute(
                             "UPDATE jobs SET state = 'queued', note = ? WHERE id = ?",
-                            (f"the server stopped while this job ran (attempt {row['attempts']}); queued again", row["id"]))
+                            (
+                                f"the server stopped while this job ran (attempt {row['attempts']}); queued again",
+                                row["id"],
+                            ),
+                        )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -240,9 +266,20 @@ class JobStore:
 
 def _row(row: sqlite3.Row) -> JobRow:
     return JobRow(
-        id=row["id"], state=row["state"], request=json.loads(row["request"]), created=row["created"],
-        started=row["started"], finished=row["finished"], attempts=row["attempts"],
-        cancel_requested=bool(row["cancel_requested"]), stage=row["stage"], step=row["step"],
-        num_steps=row["num_steps"], steps_done=row["steps_done"], has_blueprint=bool(row["has_blueprint"]),
-        has_video=bool(row["has_video"]), error=row["error"], note=row["note"],
+        id=row["id"],
+        state=row["state"],
+        request=json.loads(row["request"]),
+        created=row["created"],
+        started=row["started"],
+        finished=row["finished"],
+        attempts=row["attempts"],
+        cancel_requested=bool(row["cancel_requested"]),
+        stage=row["stage"],
+        step=row["step"],
+        num_steps=row["num_steps"],
+        steps_done=row["steps_done"],
+        has_blueprint=bool(row["has_blueprint"]),
+        has_video=bool(row["has_video"]),
+        error=row["error"],
+        note=row["note"],
     )

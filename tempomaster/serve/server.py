@@ -3,6 +3,7 @@
 Safe by default: it listens on 127.0.0.1; any other address needs a token
 (--token or TEMPOMASTER_TOKEN) that every API request must send.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -42,10 +43,14 @@ def check_serve_options(options: ServeOptions) -> str | None:
     """The token in force (None on loopback without one); one-line UsageErrors for the rest."""
     token = options.token if options.token is not None else os.environ.get(TOKEN_ENV) or None
     if token is not None and (len(token) < 8 or any(c.isspace() for c in token) or not token.isascii()):
-        raise UsageError("--token: at least 8 printable ASCII characters without spaces (e.g. from: openssl rand -hex 16)")
+        raise UsageError(
+            "--token: at least 8 printable ASCII characters without spaces (e.g. from: openssl rand -hex 16)"
+        )
     if not is_loopback(options.host) and token is None:
-        raise UsageError(f"--host {options.host} accepts connections from other machines: give --token TOKEN "
-                         f"(or set {TOKEN_ENV}), which every request must then send as Authorization: Bearer TOKEN")
+        raise UsageError(
+            f"--host {options.host} accepts connections from other machines: give --token TOKEN "
+            f"(or set {TOKEN_ENV}), which every request must then send as Authorization: Bearer TOKEN"
+        )
     if not 0 <= options.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {options.port}")
     if options.max_queue < 1:
@@ -102,20 +107,35 @@ def build_service(options: ServeOptions, token: str | None, log=print):
     store = JobStore(data.database)
     for job_id in store.recover():
         row = store.get(job_id)
-        log(f"job {job_id}: interrupted by the last shutdown; now {row.state}" + (f" ({row.error})" if row.error else ""))
+        log(
+            f"job {job_id}: interrupted by the last shutdown; now {row.state}"
+            + (f" ({row.error})" if row.error else "")
+        )
     for path in data.remove_staging_leftovers():
         log(f"removed an unfinished temporary file: {path}")
     for folder in sorted((data.root / "uploads").iterdir()):
         row = store.get(folder.name) if looks_like_job_id(folder.name) else None
-        if folder.is_dir() and not folder.is_symlink() and looks_like_job_id(folder.name) and (
-                row is None or row.state in FINISHED):
+        if (
+            folder.is_dir()
+            and not folder.is_symlink()
+            and looks_like_job_id(folder.name)
+            and (row is None or row.state in FINISHED)
+        ):
             shutil.rmtree(folder, ignore_errors=True)  # uploads of a request that was never accepted, or is over
     for each in runners:
         each.load()
     board, metrics = ProgressBoard(), ServeMetrics()
     workers = [Worker(each, store, data, board, metrics) for each in runners]
-    return Service(runner=runner, store=store, data=data, board=board, metrics=metrics, workers=workers,
-                   max_queue=options.max_queue, token=token)
+    return Service(
+        runner=runner,
+        store=store,
+        data=data,
+        board=board,
+        metrics=metrics,
+        workers=workers,
+        max_queue=options.max_queue,
+        token=token,
+    )
 
 
 def run_serve(options: ServeOptions) -> int:
@@ -131,8 +151,10 @@ def run_serve(options: ServeOptions) -> int:
     service = build_service(options, token, log)
     app = create_app(service)
     counts = service.store.counts()
-    log(f"{service.runner.backend.name} backend on {', '.join(w.runner.device for w in service.workers)}, data in {options.data} "
-        f"({counts['queued']} queued, {counts['done']} done); http://{options.host}:{options.port}/")
+    log(
+        f"{service.runner.backend.name} backend on {', '.join(w.runner.device for w in service.workers)}, data in {options.data} "
+        f"({counts['queued']} queued, {counts['done']} done); http://{options.host}:{options.port}/"
+    )
     # uvicorn shuts down gracefully on SIGTERM, then raises it again: end with the worker stopped
     # (its job back in the queue) and exit 0, rather than die by the default handler.
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)

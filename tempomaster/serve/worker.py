@@ -7,6 +7,7 @@ the package's atomic writers, so a file under videos/ is whole or absent.
 A cancel (DELETE) or a stopping server takes effect at the next denoising
 step: the generation raises out of the step callback.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import TempoMasterError, UsageError
-from ..runtime.request import GenerateOptions, available_cores, build_jobs, preset_defaults, resolve_device, resolve_dtype
+from ..runtime.request import (
+    GenerateOptions,
+    available_cores,
+    build_jobs,
+    preset_defaults,
+    resolve_device,
+    resolve_dtype,
+)
 from .body import request_options
 from .events import ProgressBoard
 from .metrics import ServeMetrics
@@ -102,8 +110,9 @@ class JobRunner:
 
         request = build_jobs(request_options(self.base, fields, images), self.defaults)[0].request
         check_video_fits(request)
-        check_fits(estimate_peak_memory(self.preset, request, dtype=self.dtype, device=self.device,
-                                        manifest=self.manifest))
+        check_fits(
+            estimate_peak_memory(self.preset, request, dtype=self.dtype, device=self.device, manifest=self.manifest)
+        )
         if self.backend is not None and hasattr(self.backend, "check_request"):
             h, w = request.output_size()
             self.backend.check_request(h, w, request.num_frames, request.frame_intervals)
@@ -131,8 +140,15 @@ def one_line(err: BaseException) -> str:
 class Worker(threading.Thread):
     """Takes the oldest queued job, runs it, records the outcome; until `stop`."""
 
-    def __init__(self, runner: JobRunner, store: JobStore, data: DataDir, board: ProgressBoard,
-                 metrics: ServeMetrics, idle_wait: float = 0.5):
+    def __init__(
+        self,
+        runner: JobRunner,
+        store: JobStore,
+        data: DataDir,
+        board: ProgressBoard,
+        metrics: ServeMetrics,
+        idle_wait: float = 0.5,
+    ):
         super().__init__(name=f"tempomaster-worker-{runner.device}", daemon=True)
         self.runner, self.store, self.data, self.board, self.metrics = runner, store, data, board, metrics
         self.idle_wait = idle_wait
@@ -207,30 +223,61 @@ class Worker(threading.Thread):
                 if now - done["written"] >= PROGRESS_WRITE_SECONDS or event.step + 1 == event.num_steps:
                     self.store.progress(job_id, event.stage, event.step + 1, event.num_steps, done["steps"])
                     done["written"] = now
-                self.board.publish(job_id, "step", {
-                    "stage": event.stage, "step": event.step + 1, "num_steps": event.num_steps,
-                    "steps_done": done["steps"], "steps_total": sum(steps),
-                    "eta_seconds": live.eta_seconds() if live is not None else None})
+                self.board.publish(
+                    job_id,
+                    "step",
+                    {
+                        "stage": event.stage,
+                        "step": event.step + 1,
+                        "num_steps": event.num_steps,
+                        "steps_done": done["steps"],
+                        "steps_total": sum(steps),
+                        "eta_seconds": live.eta_seconds() if live is not None else None,
+                    },
+                )
                 self._check_stop(job_id)
 
             def stage_end(stage) -> None:
                 self.metrics.stage_seconds.labels(stage=str(stage.index)).observe(stage.seconds)
                 self.board.stage_done(job_id, stage.index)
-                self.board.publish(job_id, "stage", {
-                    "stage": stage.index, "fps": stage.fps, "frames": stage.num_frames,
-                    "seconds": round(stage.seconds, 3), "dit_calls": stage.dit_calls})
+                self.board.publish(
+                    job_id,
+                    "stage",
+                    {
+                        "stage": stage.index,
+                        "fps": stage.fps,
+                        "frames": stage.num_frames,
+                        "seconds": round(stage.seconds, 3),
+                        "dit_calls": stage.dit_calls,
+                    },
+                )
                 if stage.index == 0 and len(steps) > 1:
                     write_mp4(to_uint8_frames(stage.frames), folder / BLUEPRINT, stage.fps)
                     self.store.blueprint_written(job_id)
-                    self.board.publish(job_id, "blueprint", {"url": f"/v1/videos/{job_id}/{BLUEPRINT}",
-                                                             "fps": stage.fps, "frames": stage.num_frames})
+                    self.board.publish(
+                        job_id,
+                        "blueprint",
+                        {"url": f"/v1/videos/{job_id}/{BLUEPRINT}", "fps": stage.fps, "frames": stage.num_frames},
+                    )
                 self._check_stop(job_id)
 
-            result = generate(self.runner.backend, self.runner.tokenizer, request, progress=False,
-                              keep_stages=False, on_step_end=step_end, on_stage_end=stage_end)
+            result = generate(
+                self.runner.backend,
+                self.runner.tokenizer,
+                request,
+                progress=False,
+                keep_stages=False,
+                on_step_end=step_end,
+                on_stage_end=stage_end,
+            )
             write_mp4(to_uint8_frames(result.video.frames), folder / VIDEO, result.video.fps)
-            self._finish(job_id, "done", None, has_video=True,
-                         extra={"url": f"/v1/videos/{job_id}/{VIDEO}", "seconds": round(result.seconds, 3)})
+            self._finish(
+                job_id,
+                "done",
+                None,
+                has_video=True,
+                extra={"url": f"/v1/videos/{job_id}/{VIDEO}", "seconds": round(result.seconds, 3)},
+            )
         except ServerStopping:
             self.store.requeue(job_id, "the server stopped while this job ran; queued again")
             self.board.end(job_id)
@@ -241,7 +288,9 @@ class Worker(threading.Thread):
             self._finish(job_id, "failed", one_line(err))
         except Exception as err:  # noqa: BLE001 - one job's bug must not stop the service
             traceback.print_exc(file=sys.stderr)
-            self._finish(job_id, "failed", f"internal error ({type(err).__name__}: {one_line(err)}); see the server's log")
+            self._finish(
+                job_id, "failed", f"internal error ({type(err).__name__}: {one_line(err)}); see the server's log"
+            )
 
     def _finish(self, job_id: str, state: str, error: str | None, has_video: bool = False, extra: dict | None = None):
         self.store.finish(job_id, state, error, has_video=has_video)

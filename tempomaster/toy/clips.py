@@ -12,6 +12,7 @@ Objects are saturated colours and backgrounds are grey, so the object can be
 found in a generated frame by colour alone (`object_mask`); the quality tests
 and the trainer use the same functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -168,10 +169,22 @@ def sample_clip_spec(seed: int, height: int = 64, width: int = 96, **fixed) -> C
     if background != "plain" and abs(grey_a - grey_b) < 0.2:
         grey_b = grey_a + 0.25 if grey_a < 0.5 else grey_a - 0.25
     return ClipSpec(
-        colour=colour, shape=shape, motion=motion, background=background, half_size=half,
-        x0=x0, y0=y0, speed=speed, radius=radius, period=period, phase=phase,
-        grey_a=grey_a, grey_b=grey_b, stripe_period=float(rng.uniform(10.0, 20.0)),
-        height=height, width=width,
+        colour=colour,
+        shape=shape,
+        motion=motion,
+        background=background,
+        half_size=half,
+        x0=x0,
+        y0=y0,
+        speed=speed,
+        radius=radius,
+        period=period,
+        phase=phase,
+        grey_a=grey_a,
+        grey_b=grey_b,
+        stripe_period=float(rng.uniform(10.0, 20.0)),
+        height=height,
+        width=width,
     )
 
 
@@ -244,6 +257,7 @@ def render_clip(spec: ClipSpec, num_frames: int = 68, start: int = 0) -> torch.T
 # ---------------------------------------------------------------------------
 # Measuring a video (used by the quality tests on generated output)
 # ---------------------------------------------------------------------------
+
 
 def object_mask(frames: np.ndarray | torch.Tensor, colour: str, tolerance: float = 0.3) -> np.ndarray:
     """Boolean ``[T, H, W]``: pixels of ``colour`` in uint8 frames ``[T, H, W, 3]``.

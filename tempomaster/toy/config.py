@@ -1,4 +1,5 @@
 """The toy's training settings and the untrained toy they start from (docs/toy.md: why each value)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 from ..models.checkpoints import ModelSet
 from ..models.presets import get_preset
 from .clips import caption_vocabulary
-
 
 TOY_PRESET = "toy"
 # The tasks are those of the preset's default video: 17 frames at 6 fps -> 34 at 12 -> 68 at 24.
@@ -66,8 +66,6 @@ class ToyTrainConfig:
     checkpoint_every: int = 250
 
 
-
-
 def toy_corpus() -> str:
     """The toy tokenizer's corpus: the caption vocabulary first (so every word is one piece), then the tiny corpus."""
     from ..models.tokenizer import TINY_CORPUS
@@ -95,18 +93,24 @@ def build_untrained_toy(seed: int) -> ModelSet:
     return ModelSet(preset=preset, dit=dit, vae=vae, t5=t5.eval(), tokenizer=tokenizer)
 
 
-
-
 # What a setting was before it existed: a folder from then ran without the VAE fine-tunes, on
 # ground-truth known frames (its unbuilt task shards, if any, tie stage 2's chunk to stage 1's).
-SETTINGS_BEFORE_THEY_EXISTED = {"vae_motion_steps": 0, "vae_decoder_steps": 0, "round_trip_share": 0.0,
-                                 "object_loss_weight": 0.0, "first_frame_loss_weight": 0.0}
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "vae_motion_steps": 0,
+    "vae_decoder_steps": 0,
+    "round_trip_share": 0.0,
+    "object_loss_weight": 0.0,
+    "first_frame_loss_weight": 0.0,
+}
 
 
 def comparable_settings(settings: dict) -> dict:
     """A saved run's settings, with those it predates filled in, and a fine-tune's own dropped when it is off."""
     defaults = json.loads(json.dumps(asdict(ToyTrainConfig())))
-    filled = {**{k: SETTINGS_BEFORE_THEY_EXISTED.get(k, v) for k, v in defaults.items() if k not in settings}, **settings}
+    filled = {
+        **{k: SETTINGS_BEFORE_THEY_EXISTED.get(k, v) for k, v in defaults.items() if k not in settings},
+        **settings,
+    }
     for prefix in ("vae_motion_", "vae_decoder_"):
         if filled.get(prefix + "steps") == 0:  # the fine-tune's batch, rate and weights are then never used
             filled = {k: v for k, v in filled.items() if not k.startswith(prefix) or k == prefix + "steps"}

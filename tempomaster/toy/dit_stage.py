@@ -1,9 +1,10 @@
 """Phase 3: the toy DiT trained by flow matching on the cached tasks; an EMA of its weights ships."""
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -13,9 +14,9 @@ from ..interrupts import raise_if_interrupted
 from ..models.checkpoints import ModelSet
 from ..rope import rope_table
 from ..runtime.schedule import shift_sigmas
-from .state_files import save_state
 from .config import INTERVALS, STAGE_SHIFTS, ToyTrainConfig
 from .phases import cosine_lr, resume_phase, seeded_rng, seeded_torch_generator, state_file
+from .state_files import save_state
 from .tasks import TaskSet
 
 
@@ -67,7 +68,9 @@ def dit_loss_weight(cover: torch.Tensor, cfg: ToyTrainConfig) -> torch.Tensor | 
 
 
 @functools.lru_cache(maxsize=64)
-def _rope_table(positions: tuple[int, ...], height: int, width: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_table(
+    positions: tuple[int, ...], height: int, width: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     # The tasks hold a handful of distinct position lists (7 at the toy's default video): built once each.
     return rope_table(positions, height, width, head_dim)
 
@@ -85,8 +88,15 @@ def _loss_and_grads(dit, opt: torch.optim.Optimizer, batch: tuple) -> torch.Tens
     return loss
 
 
-def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path, progress: bool = True,
-              compile_dit: bool = False, echo: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+def train_dit(
+    models: ModelSet,
+    tasks: TaskSet,
+    cfg: ToyTrainConfig,
+    work: Path,
+    progress: bool = True,
+    compile_dit: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[dict, list[dict]]:
     """Train, keep an EMA, checkpoint; returns the EMA state dict and the loss log.
 
     ``compile_dit``: the training forward goes through ``torch.compile`` (its
@@ -129,6 +139,8 @@ def train_dit(models: ModelSet, tasks: TaskSet, cfg: ToyTrainConfig, work: Path,
             bar.update(1)
             bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dit_steps:
-                save_state({"model": dit.state_dict(), "opt": opt.state_dict(), "ema": ema, "log": log, "step": step + 1}, path)
+                save_state(
+                    {"model": dit.state_dict(), "opt": opt.state_dict(), "ema": ema, "log": log, "step": step + 1}, path
+                )
     dit.eval()
     return ema, log

@@ -1,4 +1,5 @@
 """What every training phase shares: seeded draws (by seed, phase, step), a cosine learning rate, resumable states."""
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,10 @@ def _load_legacy(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"--work: {path} is not a training state that can be read safely ({type(err).__name__}: "
-                         f"{first}); remove it to redo that part") from None
+        raise UsageError(
+            f"--work: {path} is not a training state that can be read safely ({type(err).__name__}: "
+            f"{first}); remove it to redo that part"
+        ) from None
 
 
 def has_phase_state(work: Path, name: str) -> bool:

@@ -7,6 +7,7 @@ video is also compared with its own 6 fps blueprint at the blueprint's
 frames: next-frame-rate prediction keeps those frames (up to the VAE's
 round trip).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -92,5 +93,9 @@ def measure_generation(result, prompt: str) -> VideoQuality:
     from ..runtime.video import to_uint8_frames
 
     first, last = result.stages[0], result.stages[-1]
-    return measure_video(to_uint8_frames(last.frames), prompt, blueprint=to_uint8_frames(first.frames),
-                         ratio=first.interval // last.interval)
+    return measure_video(
+        to_uint8_frames(last.frames),
+        prompt,
+        blueprint=to_uint8_frames(first.frames),
+        ratio=first.interval // last.interval,
+    )

@@ -7,10 +7,12 @@ the quality tests measure it. The strip has one row per stage:
 the 6 fps blueprint, the 12 fps stage and the final 24 fps video, each from
 its first frame, so the top row spans four times the time of the bottom one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+
 import numpy as np
 
 from .quality import VideoQuality, measure_generation
@@ -61,8 +63,8 @@ def generate_toy_video(
 ) -> ToyVideo:
     """One generation with the request `tm-run generate` builds from these flags, every stage kept."""
     from ..models.presets import get_preset
-    from ..runtime.request import GenerateOptions, build_jobs
     from ..runtime.pipeline import generate
+    from ..runtime.request import GenerateOptions, build_jobs
 
     backend, tokenizer = backend if backend is not None else load_backend(preset)
     options = GenerateOptions(prompt=prompt, seed=seed, guidance=guidance, steps=steps, preset=preset)

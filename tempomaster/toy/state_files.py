@@ -12,6 +12,7 @@ their shortest repr, int dict keys and tuples as they were).
 One file per state, written through ``atomic_write.staged_file``: a killed
 run leaves the previous state or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,15 +48,19 @@ def load_state(path: Path):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-                raise UsageError(f"--work: {path} is not a training state of this version (no {FORMAT} v{FORMAT_VERSION} header)")
+                raise UsageError(
+                    f"--work: {path} is not a training state of this version (no {FORMAT} v{FORMAT_VERSION} header)"
+                )
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         return _decode(json.loads(meta["state"]), tensors)
     except UsageError:
         raise
     except Exception as err:  # truncated file, bad header, JSON that is not ours
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"--work: cannot read the training state {path} ({type(err).__name__}: {first}); "
-                         "remove it to redo that part") from None
+        raise UsageError(
+            f"--work: cannot read the training state {path} ({type(err).__name__}: {first}); "
+            "remove it to redo that part"
+        ) from None
 
 
 def _encode(value, tensors: dict):

@@ -1,4 +1,5 @@
 """Phase 2: the tasks the runtime poses (stage-0 blueprints, stage-1/2 chunks), encoded once and cached."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ from ..models.checkpoints import ModelSet
 from ..planner import VAE_TEMPORAL_FACTOR, chunk_condition_video, plan_stages
 from ..runtime.pipeline import DEFAULT_NEGATIVE_PROMPT, BackendClock, decode_chunks, stage0_condition_video
 from .clips import all_captions, render_clip, sample_clip_spec
-from .state_files import save_state
 from .config import CLIP_FRAMES, INTERVALS, STAGE0_FRAMES, ToyTrainConfig
 from .phases import load_phase_state, seeded_rng, state_file
+from .state_files import save_state
 
 
 @dataclass
@@ -59,7 +60,9 @@ def object_latent_cover(frames: torch.Tensor) -> torch.Tensor:
     """
     saturated = (frames.amax(0) - frames.amin(0)) > 0.3  # [F, H, W]; a grey's channels are equal
     first, rest = saturated[:1], saturated[1:]
-    per_latent_frame = torch.cat([first, rest.reshape(-1, VAE_TEMPORAL_FACTOR, *rest.shape[1:]).any(1)]).float()  # [f, H, W]
+    per_latent_frame = torch.cat(
+        [first, rest.reshape(-1, VAE_TEMPORAL_FACTOR, *rest.shape[1:]).any(1)]
+    ).float()  # [f, H, W]
     cover = F.max_pool2d(per_latent_frame[:, None], 8)  # [f, 1, H/8, W/8]
     return F.max_pool2d(cover, 3, stride=1, padding=1)[:, 0] > 0
 
@@ -81,8 +84,14 @@ def clip_task_chunks(stages, rng: np.random.Generator) -> list:
     return chunks
 
 
-def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Generator], references: list[bool],
-                     round_trips: list[bool], encode_batch: int = 8) -> dict[str, torch.Tensor]:
+def build_clip_tasks(
+    backend,
+    clips: list[torch.Tensor],
+    rngs: list[np.random.Generator],
+    references: list[bool],
+    round_trips: list[bool],
+    encode_batch: int = 8,
+) -> dict[str, torch.Tensor]:
     """The runtime's three kinds of task for each 68-frame 24 fps clip, built by the runtime's planner and encoded.
 
     Per clip: the stage-0 blueprint (every 4th frame) with a reference image
@@ -105,7 +114,9 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
         # Stage 0 without a reference image conditions on an all-zero video (most clips): encoded once, alone.
         blank = [not v.any() for v in videos]
         rest = [v for v, b in zip(videos, blank) if not b]
-        latents = [backend.vae_encode(torch.stack(rest[i : i + encode_batch])) for i in range(0, len(rest), encode_batch)]
+        latents = [
+            backend.vae_encode(torch.stack(rest[i : i + encode_batch])) for i in range(0, len(rest), encode_batch)
+        ]
         if any(blank):
             latents.append(backend.vae_encode(videos[blank.index(True)][None]))  # row len(rest)
         rest_rows = iter(range(len(rest)))
@@ -143,9 +154,13 @@ def build_clip_tasks(backend, clips: list[torch.Tensor], rngs: list[np.random.Ge
                     frames[:, chunk.start : chunk.start + chunk.num_valid] = decoded[i][:, : chunk.num_valid]
                 previous[i] = frames
     return {
-        "x0": torch.cat(rows["x0"]), "cond": torch.cat(rows["cond"]),
-        "mask": torch.stack(rows["mask"]), "rope": torch.stack(rows["rope"]),
-        "stage": torch.tensor(rows["stage"]), "clip": torch.tensor(rows["clip"]), "object": rows["object"],
+        "x0": torch.cat(rows["x0"]),
+        "cond": torch.cat(rows["cond"]),
+        "mask": torch.stack(rows["mask"]),
+        "rope": torch.stack(rows["rope"]),
+        "stage": torch.tensor(rows["stage"]),
+        "clip": torch.tensor(rows["clip"]),
+        "object": rows["object"],
     }
 
 
@@ -165,10 +180,13 @@ def task_target(clip: torch.Tensor, stage, chunk) -> torch.Tensor:
 
 def task_object_cover(clips: list[torch.Tensor], plans: list[tuple]) -> torch.Tensor:
     """`object_latent_cover` of every task's target chunk, rows grouped by stage as `build_clip_tasks`'s."""
-    return torch.stack([
-        object_latent_cover(task_target(clip, stages[s], chunks[s]))
-        for s in range(len(INTERVALS)) for clip, (stages, chunks) in zip(clips, plans)
-    ])
+    return torch.stack(
+        [
+            object_latent_cover(task_target(clip, stages[s], chunks[s]))
+            for s in range(len(INTERVALS))
+            for clip, (stages, chunks) in zip(clips, plans)
+        ]
+    )
 
 
 def _draw_shard_clips(cfg: ToyTrainConfig, first: int, stop: int) -> tuple[list, ...]:
@@ -186,7 +204,9 @@ def _draw_shard_clips(cfg: ToyTrainConfig, first: int, stop: int) -> tuple[list,
     return clips, rngs, references, round_trips, caption_rows
 
 
-def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True, encode_batch: int = 8) -> TaskSet:
+def build_task_set(
+    models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool = True, encode_batch: int = 8
+) -> TaskSet:
     """Encode every clip's tasks with the torch backend (the runtime's encoder path), in resumable shards."""
     from tqdm.auto import tqdm
 
@@ -203,7 +223,9 @@ def build_task_set(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: 
             path = state_file(work, f"tasks-{first:05d}")
             shard = load_phase_state(path)
             if shard is None:
-                clips, rngs, references, round_trips, caption_rows = _draw_shard_clips(cfg, first, min(cfg.clips, first + shard_size))
+                clips, rngs, references, round_trips, caption_rows = _draw_shard_clips(
+                    cfg, first, min(cfg.clips, first + shard_size)
+                )
                 shard = build_clip_tasks(backend, clips, rngs, references, round_trips, encode_batch)
                 shard["caption"] = torch.tensor(caption_rows)[shard.pop("clip")]
                 save_state(shard, path)

@@ -34,15 +34,16 @@ on every machine.
 Every random draw comes from a generator seeded by (seed, phase, step), so a
 resumed run takes the same path as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ __all__ = [
     "export_toy_weights",
     "plot_losses",
 ]
+
 
 def train_toy(
     work: str | os.PathLike,
@@ -93,7 +95,9 @@ def train_toy(
     if saved.is_file():
         previous = json.loads(saved.read_text())
         if comparable_settings(previous) != comparable_settings(json.loads(json.dumps(settings))):
-            raise UsageError(f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them")
+            raise UsageError(
+                f"--work: {work} holds a run with other settings ({saved}); use a new folder to change them"
+            )
     else:
         work.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(settings, indent=2) + "\n")
@@ -121,7 +125,9 @@ def train_toy(
     out = export_toy_weights(models, out)
     summary = {"timings": timings, "final_vae_loss": _tail_mean(vae_log), "final_dit_loss": _tail_mean(dit_log)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    echo(f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)")
+    echo(
+        f"toy weights written to {out} (VAE {timings['vae_s']:.0f} s, tasks {timings['tasks_s']:.0f} s, DiT {timings['dit_s']:.0f} s)"
+    )
     return summary
 
 
@@ -152,8 +158,9 @@ def check_weights_target(out: Path) -> None:
     for path in sorted(out.rglob("*")):
         rel = path.relative_to(out).as_posix()
         if path.is_symlink() or (path.is_file() and rel not in ours and not rel.startswith(TOKENIZER_DIR + "/")):
-            raise UsageError(f"--out: {out} holds {rel}, which a toy weight set does not (it would be deleted); "
-                             "choose a new folder")
+            raise UsageError(
+                f"--out: {out} holds {rel}, which a toy weight set does not (it would be deleted); choose a new folder"
+            )
 
 
 def export_toy_weights(models: ModelSet, out: str | os.PathLike) -> Path:

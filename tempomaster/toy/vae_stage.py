@@ -1,8 +1,9 @@
 """Phase 1: the toy VAE learns to reconstruct clips; its latent statistics are folded into its weights."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -10,13 +11,14 @@ import torch
 from ..interrupts import raise_if_interrupted
 from ..models.checkpoints import ModelSet
 from .clips import object_centre, render_clip, sample_clip_spec
-from .state_files import save_state
-from .config import CLIP_FRAMES, INTERVALS, OBJECT_SATURATION, STAGE0_FRAMES, ToyTrainConfig, VAE_CROP
+from .config import CLIP_FRAMES, INTERVALS, OBJECT_SATURATION, STAGE0_FRAMES, VAE_CROP, ToyTrainConfig
 from .phases import cosine_lr, resume_phase, seeded_rng, seeded_torch_generator, state_file
+from .state_files import save_state
 
 
-def vae_training_batch(seed: int, step: int, batch: int, frames_per_clip: int = 9,
-                       strides: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+def vae_training_batch(
+    seed: int, step: int, batch: int, frames_per_clip: int = 9, strides: tuple[int, ...] = (1, 2, 4)
+) -> torch.Tensor:
     """[B, 3, frames, 32, 48]: frames at one of ``strides`` (1, 2, 4: 24/12/6 fps), cropped around the object half the time."""
     rng = seeded_rng(seed, 1, step)
     crop_h, crop_w = VAE_CROP
@@ -155,9 +157,18 @@ def fold_latent_statistics(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
 
 
 def _train_vae_phase(
-    vae, cfg: ToyTrainConfig, path: Path, steps: int, lr: float, warmup: int, desc: str,
-    batch: Callable[[int], torch.Tensor], loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]], progress: bool,
-    params: list[torch.nn.Parameter] | None = None, fold: bool = True,
+    vae,
+    cfg: ToyTrainConfig,
+    path: Path,
+    steps: int,
+    lr: float,
+    warmup: int,
+    desc: str,
+    batch: Callable[[int], torch.Tensor],
+    loss: Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]],
+    progress: bool,
+    params: list[torch.nn.Parameter] | None = None,
+    fold: bool = True,
 ) -> list[dict]:
     """One resumable VAE phase: ``steps`` AdamW steps of ``params`` (all by default) on
     ``loss(batch(step), step)``, then, if ``fold``, the latents' statistics folded."""
@@ -185,8 +196,18 @@ def _train_vae_phase(
     if fold and not (state or {}).get("folded"):
         mean, std = latent_statistics(vae, cfg.seed)
         fold_latent_statistics(vae, mean, std)
-        save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": steps,
-                      "folded": True, "latent_mean": mean, "latent_std": std}, path)
+        save_state(
+            {
+                "model": vae.state_dict(),
+                "opt": opt.state_dict(),
+                "log": log,
+                "step": steps,
+                "folded": True,
+                "latent_mean": mean,
+                "latent_std": std,
+            },
+            path,
+        )
     return log
 
 
@@ -197,8 +218,16 @@ def train_vae(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress: bool 
         return vae_training_batch(cfg.seed, step, cfg.vae_long_batch, cfg.vae_long_frames)
 
     return _train_vae_phase(
-        models.vae, cfg, state_file(work, "vae"), cfg.vae_steps, cfg.vae_lr, 100, "toy VAE", batch,
-        lambda video, step: vae_loss(models.vae, video, seeded_torch_generator(cfg.seed, 2, step)), progress,
+        models.vae,
+        cfg,
+        state_file(work, "vae"),
+        cfg.vae_steps,
+        cfg.vae_lr,
+        100,
+        "toy VAE",
+        batch,
+        lambda video, step: vae_loss(models.vae, video, seeded_torch_generator(cfg.seed, 2, step)),
+        progress,
     )
 
 
@@ -207,16 +236,27 @@ def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress
     if cfg.vae_motion_steps <= 0:
         return []
     return _train_vae_phase(
-        models.vae, cfg, state_file(work, "vae-motion"), cfg.vae_motion_steps, cfg.vae_motion_lr, 20, "toy VAE motion",
+        models.vae,
+        cfg,
+        state_file(work, "vae-motion"),
+        cfg.vae_motion_steps,
+        cfg.vae_motion_lr,
+        20,
+        "toy VAE motion",
         # batches drawn apart from phase 1's (its steps are below 100000)
-        lambda step: vae_training_batch(cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames,
-                                        cfg.vae_motion_strides),
-        lambda video, step: vae_loss(models.vae, video, seeded_torch_generator(cfg.seed, 7, step), cfg.vae_motion_weight),
+        lambda step: vae_training_batch(
+            cfg.seed, 100_000 + step, cfg.vae_motion_batch, cfg.vae_long_frames, cfg.vae_motion_strides
+        ),
+        lambda video, step: vae_loss(
+            models.vae, video, seeded_torch_generator(cfg.seed, 7, step), cfg.vae_motion_weight
+        ),
         progress,
     )
 
 
-def decoder_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float, centroid_weight: float) -> tuple[torch.Tensor, dict]:
+def decoder_loss(
+    vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float, centroid_weight: float
+) -> tuple[torch.Tensor, dict]:
     """The decoder fine-tune's loss: `vae_loss`'s terms on the frozen encoder's latents, plus the centroid term."""
     with torch.no_grad():
         z = vae_encode_train(vae, video)
@@ -236,10 +276,23 @@ def train_vae_decoder(models: ModelSet, cfg: ToyTrainConfig, work: Path, progres
     # the encoder runs under no_grad (decoder_loss) and only the decoder's side is optimised
     params = list(vae.decoder.parameters()) + list(vae.conv2.parameters())
     return _train_vae_phase(
-        vae, cfg, state_file(work, "vae-decoder"), cfg.vae_decoder_steps, cfg.vae_decoder_lr, 20, "toy VAE decoder",
+        vae,
+        cfg,
+        state_file(work, "vae-decoder"),
+        cfg.vae_decoder_steps,
+        cfg.vae_decoder_lr,
+        20,
+        "toy VAE decoder",
         # batches drawn apart from the other phases' (their steps are below 200000)
         lambda step: vae_training_batch(cfg.seed, 200_000 + step, cfg.vae_decoder_batch, cfg.vae_long_frames),
-        lambda video, step: decoder_loss(vae, video, seeded_torch_generator(cfg.seed, 8, step),
-                                         cfg.vae_decoder_motion_weight, cfg.vae_decoder_centroid_weight),
-        progress, params=params, fold=False,
+        lambda video, step: decoder_loss(
+            vae,
+            video,
+            seeded_torch_generator(cfg.seed, 8, step),
+            cfg.vae_decoder_motion_weight,
+            cfg.vae_decoder_centroid_weight,
+        ),
+        progress,
+        params=params,
+        fold=False,
     )

@@ -3,6 +3,7 @@
 Every backend serves the same three groups of calls on torch tensors that live
 on its device; the pipeline never knows which runtime answered.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -120,6 +121,7 @@ class BackendWrapper(Backend):
 # What every exported-graph backend does the same way
 # ----------------------------------------------------------------------------
 
+
 def batch_slices(total: int, limit: int) -> list[slice]:
     """Slices of at most `limit` along the batch: a graph's safe batch is never exceeded."""
     limit = max(1, limit)
@@ -137,4 +139,3 @@ def encoder_steps(video: torch.Tensor, step: int) -> list[torch.Tensor]:
 def decoder_steps(latents: torch.Tensor) -> list[torch.Tensor]:
     """[B, 16, F, h, w] -> the causal VAE decoder's steps: one latent frame each."""
     return [latents[:, :, i : i + 1] for i in range(latents.shape[2])]
-

@@ -6,6 +6,7 @@ starts `start * row bytes` into it, which is not aligned unless the row size
 is a multiple of 256: such a slice is copied into an aligned buffer before it
 is bound (an output is bound to an aligned buffer and copied back after).
 """
+
 from __future__ import annotations
 
 import torch

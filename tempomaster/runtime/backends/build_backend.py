@@ -6,11 +6,12 @@ text and DiT calls and ``_stream``, the causal VAE step loop on its runtime.
 This class holds what reads only the manifest (the request check, the
 tokenizer, the tiling) and the VAE's batching and tiling around ``_stream``.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -27,7 +28,9 @@ def build_tiling(manifest: Manifest, tile: bool | TileSpec) -> tuple[TileSpec | 
     built = TileSpec.from_dict(record) if record else None
     asked = resolve_tile(tile)
     if asked is not None and built is None:
-        raise ManifestError(f"{manifest.root}: the build was exported without tiling; re-export it with tm-export --tile, or run without --tile")
+        raise ManifestError(
+            f"{manifest.root}: the build was exported without tiling; re-export it with tm-export --tile, or run without --tile"
+        )
     if asked is None and built is not None:
         raise ManifestError(
             f"{manifest.root}: the build was exported for tiled VAE calls (tile {list(built.size)}, stride {list(built.stride)}); "
@@ -74,7 +77,9 @@ class BuildBackend(Backend):
         if checkpoints is not None or config is not None:
             from ...models.checkpoints import CheckpointPaths
 
-            paths = CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
+            paths = (
+                CheckpointPaths.from_dir(checkpoints) if checkpoints else CheckpointPaths.from_release_config(config)
+            )
             return PromptTokenizer.from_dir(paths.tokenizer, seq_len=seq_len)
         raise ManifestError(
             f"{self.manifest.root}: the build has no tokenizer/ folder; give --checkpoints DIR or --config to find the tokenizer"
@@ -121,11 +126,19 @@ class BuildBackend(Backend):
         if self.tile is not None:
             # Sums in the graph's input dtype, as the release sums in its run's dtype.
             video = video.to("cpu", self.graphs["vae_encoder_first"].dtype("frames"))
-            return tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+            return (
+                tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device)
+                .to(self.device)
+                .float()
+            )
         return self._encode(video).float()
 
     def vae_decode(self, latents):
         if self.tile is not None:
             latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtype("latents"))
-            return tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+            return (
+                tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device)
+                .to(self.device)
+                .float()
+            )
         return self._decode(latents).float().clamp(-1, 1)

@@ -6,6 +6,7 @@ where calling it with the rank's device opens the backend there and returns
 (backend, tokenizer). A single process calls the same factory once.
 Nothing here imports torch, onnxruntime or TensorRT before a backend is made.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_
     if backend == "torch" or (engines is None and backend is None):
         chosen = "torch"
     elif engines is None:
-        raise UsageError(f"--backend {backend} runs a build's graphs: give --engines BUILD (from tm-export onnx / build)")
+        raise UsageError(
+            f"--backend {backend} runs a build's graphs: give --engines BUILD (from tm-export onnx / build)"
+        )
     elif backend is not None:
         chosen = backend
     else:
@@ -47,14 +50,26 @@ def choose_backend(engines: str | Path | None, backend: str | None = None, cuda_
         manifest = load_manifest(engines)
         chosen = "tensorrt" if has_plans(manifest) and cuda_available() and tensorrt_available() else "onnxruntime"
     if cuda_graphs and chosen != "tensorrt":
-        why = "" if backend is not None else " (chosen because the build has no plans, or this machine has no GPU or TensorRT)"
+        why = (
+            ""
+            if backend is not None
+            else " (chosen because the build has no plans, or this machine has no GPU or TensorRT)"
+        )
         raise UsageError(f"--cuda-graphs needs the tensorrt backend; the backend is {chosen}{why}")
     return chosen
 
 
-def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool = False,
-                        weight_streaming_budget: int | None = None, verify: bool = True, threads: int = 0,
-                        tile: bool = False, device_index: int | None = None) -> Backend:
+def open_engine_backend(
+    engines: str | Path,
+    backend: str,
+    *,
+    cuda_graphs: bool = False,
+    weight_streaming_budget: int | None = None,
+    verify: bool = True,
+    threads: int = 0,
+    tile: bool = False,
+    device_index: int | None = None,
+) -> Backend:
     """The onnxruntime or tensorrt backend over a build (`choose_backend`'s answer).
 
     threads: onnxruntime's only; device_index: tensorrt's CUDA device (None: torch's current one).
@@ -68,8 +83,14 @@ def open_engine_backend(engines: str | Path, backend: str, *, cuda_graphs: bool 
     if backend == "tensorrt":
         from .tensorrt import TensorRTBackend
 
-        return TensorRTBackend.from_build(engines, verify=verify, cuda_graphs=cuda_graphs, tile=tile,
-                                          weight_streaming_budget=weight_streaming_budget, device_index=device_index)
+        return TensorRTBackend.from_build(
+            engines,
+            verify=verify,
+            cuda_graphs=cuda_graphs,
+            tile=tile,
+            weight_streaming_budget=weight_streaming_budget,
+            device_index=device_index,
+        )
     raise UsageError(f"open_engine_backend serves onnxruntime and tensorrt, not {backend!r}")
 
 
@@ -131,7 +152,9 @@ class TensorRTBackendFactory:
 
         if device.type != "cuda":
             require_cuda("the tensorrt backend")  # the one-line "needs an NVIDIA GPU" where there is none
-            raise UsageError(f"the tensorrt backend runs on a CUDA device, not {device}; use --device cuda or --devices 0,1,...")
+            raise UsageError(
+                f"the tensorrt backend runs on a CUDA device, not {device}; use --device cuda or --devices 0,1,..."
+            )
         return torch.cuda.current_device() if device.index is None else int(device.index)
 
     def __call__(self, device: torch.device):
@@ -140,9 +163,14 @@ class TensorRTBackendFactory:
         index = self.device_index(device)
         # TensorRT deserialises a plan on the current CUDA device: set it before the runtime is made
         torch.cuda.set_device(index)
-        backend = open_engine_backend(self.engines, "tensorrt", cuda_graphs=self.cuda_graphs,
-                                      weight_streaming_budget=self.weight_streaming_budget, tile=self.tile,
-                                      device_index=index)
+        backend = open_engine_backend(
+            self.engines,
+            "tensorrt",
+            cuda_graphs=self.cuda_graphs,
+            weight_streaming_budget=self.weight_streaming_budget,
+            tile=self.tile,
+            device_index=index,
+        )
         return backend, backend.tokenizer(self.checkpoints, self.config)
 
 
@@ -165,4 +193,6 @@ def backend_factory(options: GenerateOptions, dtype: str, threads: int):
     # before any process starts or any plan is read: one device or many, the same one-line refusal
     require_tensorrt_machine("the tensorrt backend")
     budget = parse_size(options.weight_streaming_budget) if options.weight_streaming_budget else None
-    return TensorRTBackendFactory(options.engines, options.checkpoints, options.config, options.cuda_graphs, budget, tile)
+    return TensorRTBackendFactory(
+        options.engines, options.checkpoints, options.config, options.cuda_graphs, budget, tile
+    )

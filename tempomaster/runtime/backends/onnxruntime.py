@@ -12,6 +12,7 @@ the backend then runs them tile by tile and blends on the host with the same
 code as the torch VAE (`models.vae_tiling`). Tiling must be asked for
 (`tile=True`) exactly when the build has it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -104,7 +105,9 @@ class GraphRunner:
         for name, tensor in feeds.items():
             dims = self.inputs[name]["shape"]
             if len(dims) != tensor.ndim:
-                raise ManifestError(f"{self.path}: input {name} has {len(dims)} dimensions in this build, got {tuple(tensor.shape)}")
+                raise ManifestError(
+                    f"{self.path}: input {name} has {len(dims)} dimensions in this build, got {tuple(tensor.shape)}"
+                )
             for d, got in zip(dims, tensor.shape):
                 if isinstance(d, str) and d.isidentifier() and d != "batch":
                     if symbols.setdefault(d, int(got)) != int(got):
@@ -130,9 +133,13 @@ class GraphRunner:
         device_type = "cuda" if self._device.type == "cuda" else "cpu"
         device_id = self._device.index or 0
         for name, tensor in feeds.items():
-            binding.bind_input(name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+            binding.bind_input(
+                name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr()
+            )
         for name, tensor in outputs.items():
-            binding.bind_output(name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+            binding.bind_output(
+                name, device_type, device_id, ONNX_ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr()
+            )
         self.session.run_with_iobinding(binding)
 
     def prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -167,7 +174,9 @@ class OnnxRuntimeBackend(BuildBackend):
         self.info = model_info_from_manifest(manifest.data)
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, verify: bool = True, threads: int = 0, tile: bool | TileSpec = False) -> "OnnxRuntimeBackend":
+    def from_build(
+        cls, build_dir: str | Path, verify: bool = True, threads: int = 0, tile: bool | TileSpec = False
+    ) -> OnnxRuntimeBackend:
         """Open a tm-export build; every file's sha256 is checked against the manifest first.
 
         tile: run the VAE tiled, as the release's `"tile": true` does; the
@@ -216,7 +225,10 @@ class OnnxRuntimeBackend(BuildBackend):
         """Run the causal step graphs over `pieces` (time slices), carrying every cache tensor."""
         caches = first.spec["meta"]["caches"]
         batch = pieces[0].shape[0]
-        current = [torch.zeros(first.shape(c["input"], batch), dtype=first.dtype(c["input"]), device=self.device) for c in caches]
+        current = [
+            torch.zeros(first.shape(c["input"], batch), dtype=first.dtype(c["input"]), device=self.device)
+            for c in caches
+        ]
         spare = [torch.empty_like(t) for t in current]
         results = []
         for k, piece in enumerate(pieces):

@@ -34,10 +34,11 @@ THIS MODULE HAS NEVER RUN ON A GPU: it is written against the TensorRT 11.4
 Python API (every `trt` name it uses is checked against the 11.4 bindings by
 tests/test_tensorrt_api_surface.py) and exercised only by tests/test_gpu_tensorrt.py.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -59,7 +60,7 @@ GRAPHS = GRAPH_NAMES
 class PlanRunner:
     """One plan: checked, deserialised (lazily, on first use), one execution context per shape captured."""
 
-    def __init__(self, backend: "TensorRTBackend", name: str):
+    def __init__(self, backend: TensorRTBackend, name: str):
         self.backend = backend
         self.name = name
         manifest = backend.manifest
@@ -120,7 +121,9 @@ class PlanRunner:
     def _address(self, ctx, name: str, t: torch.Tensor) -> None:
         """Bind one tensor; TensorRT refuses a misaligned or unknown address by returning False."""
         if not (t.is_contiguous() and is_aligned(t)):
-            raise RuntimeError(f"{self.name}: {name} is not a contiguous 256-byte aligned buffer (address {t.data_ptr():#x})")
+            raise RuntimeError(
+                f"{self.name}: {name} is not a contiguous 256-byte aligned buffer (address {t.data_ptr():#x})"
+            )
         if not ctx.set_tensor_address(name, t.data_ptr()):
             raise RuntimeError(f"{self.path}: TensorRT refused the address of {name}: {self.backend._errors()}")
 
@@ -177,7 +180,9 @@ class PlanRunner:
             shapes = self._bind(ctx, feeds)
             for name, t in outputs.items():
                 if tuple(t.shape) != shapes[name]:
-                    raise RuntimeError(f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}")
+                    raise RuntimeError(
+                        f"{self.name}: output {name} buffer {tuple(t.shape)}, the plan gives {shapes[name]}"
+                    )
                 self._address(ctx, name, t)
             # one launch outside the capture: TensorRT finishes its shape-dependent setup there
             self._launch(ctx)
@@ -185,7 +190,9 @@ class PlanRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.backend.stream):
                 if not ctx.execute_async_v3(self.backend.stream.cuda_stream):
-                    raise RuntimeError(f"{self.path}: execute_async_v3 failed during CUDA graph capture: {self.backend._errors()}")
+                    raise RuntimeError(
+                        f"{self.path}: execute_async_v3 failed during CUDA graph capture: {self.backend._errors()}"
+                    )
             self._graphs[key] = hit = (graph, ctx)
         stream, current = self.backend.stream, torch.cuda.current_stream(self.backend.device)
         stream.wait_stream(current)
@@ -199,15 +206,27 @@ class TensorRTBackend(BuildBackend):
     files = "plans"
     export_command = "tm-export build"
 
-    def __init__(self, manifest: Manifest, *, cuda_graphs: bool = False, weight_streaming_budget: int | None = None,
-                 verbose: bool = False, log: Callable[[str], None] = print_to_stderr, device_index: int | None = None,
-                 tile: bool | TileSpec = False):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        cuda_graphs: bool = False,
+        weight_streaming_budget: int | None = None,
+        verbose: bool = False,
+        log: Callable[[str], None] = print_to_stderr,
+        device_index: int | None = None,
+        tile: bool | TileSpec = False,
+    ):
         self.manifest = manifest
         # a tiled build: its VAE plans are at the tile's shapes, run tile by tile and blended as onnxruntime does
         self.tile, self._tile_suffix = build_tiling(manifest, tile)
         self.spatial_ratio = int(manifest.shape["height"]) // int(manifest.shape["latent_height"]) if self.tile else 8
-        names = list(GRAPHS) + sorted(f"vae_{d}{s}" for s in set(self._tile_suffix.values()) if s
-                                      for d in ("encoder_first", "encoder", "decoder_first", "decoder"))
+        names = list(GRAPHS) + sorted(
+            f"vae_{d}{s}"
+            for s in set(self._tile_suffix.values())
+            if s
+            for d in ("encoder_first", "encoder", "decoder_first", "decoder")
+        )
         self.log = log
         self.cuda_graphs = bool(cuda_graphs)
         self.weight_streaming_budget = weight_streaming_budget
@@ -222,14 +241,21 @@ class TensorRTBackend(BuildBackend):
         # compatibility of every plan at startup, before any is read: cheap, and a foreign build fails at once
         for name in names:
             entry = plan_entry(manifest, name)
-            for warning in check_plan_compat(entry, tensorrt_version=self.versions["tensorrt"],
-                                             compute_capability=self.gpu.compute_capability,
-                                             gpu_name=self.gpu.name, where=str(manifest.root / entry["file"])):
+            for warning in check_plan_compat(
+                entry,
+                tensorrt_version=self.versions["tensorrt"],
+                compute_capability=self.gpu.compute_capability,
+                gpu_name=self.gpu.name,
+                where=str(manifest.root / entry["file"]),
+            ):
                 log(f"[W] {warning}")
         # this device must hold every plan of its engine instance, before any loads
         free, _ = torch.cuda.mem_get_info(self.device)
-        check_plans_fit(plan_needs(manifest.data, names, weight_streaming_budget), int(free),
-                        device=f"cuda:{self.gpu.index} ({self.gpu.name})")
+        check_plans_fit(
+            plan_needs(manifest.data, names, weight_streaming_budget),
+            int(free),
+            device=f"cuda:{self.gpu.index} ({self.gpu.name})",
+        )
         # TensorRT's work runs on this stream, ordered against torch's current stream at each call
         self.stream = torch.cuda.Stream(self.device)
         self.graphs = {name: PlanRunner(self, name) for name in names}
@@ -238,12 +264,14 @@ class TensorRTBackend(BuildBackend):
         self._static: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> "TensorRTBackend":
+    def from_build(cls, build_dir: str | Path, verify: bool = True, **kwargs) -> TensorRTBackend:
         """Open a build with plans; the tokenizer's files are hash-checked here, each plan when it loads."""
         manifest = load_manifest(build_dir)
         cls.check_build(manifest, build_dir, kwargs.get("tile", False))  # a tiled build is run tiled, and only it
         if engines_section(manifest) is None:
-            raise ManifestError(f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`")
+            raise ManifestError(
+                f"{build_dir}: the build has no TensorRT plans; build them with `tm-export build --resume {build_dir}`"
+            )
         if verify:
             files = {k: v for k, v in manifest.data["files"].items() if k.startswith("tokenizer/")}
             verify_files(Manifest({**manifest.data, "files": files}, manifest.root))
@@ -262,8 +290,13 @@ class TensorRTBackend(BuildBackend):
         """Check, read, deserialise (and refit / budget) one plan."""
         trt = self.trt
         entry = runner.entry
-        path = check_plan(self.manifest, runner.name, tensorrt_version=self.versions["tensorrt"],
-                          compute_capability=self.gpu.compute_capability, gpu_name=self.gpu.name)
+        path = check_plan(
+            self.manifest,
+            runner.name,
+            tensorrt_version=self.versions["tensorrt"],
+            compute_capability=self.gpu.compute_capability,
+            gpu_name=self.gpu.name,
+        )
         if entry.get("version_compatible"):
             # a version-compatible plan carries its lean runtime; TensorRT runs it only when allowed
             self.runtime.engine_host_code_allowed = True
@@ -277,7 +310,9 @@ class TensorRTBackend(BuildBackend):
             refitter = trt.Refitter(engine, self._logger)
             parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
             if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
-                raise ManifestError(f"{path}: refitting the weight-stripped plan from {onnx_path} failed: {self._errors()}")
+                raise ManifestError(
+                    f"{path}: refitting the weight-stripped plan from {onnx_path} failed: {self._errors()}"
+                )
         if entry.get("weight_streaming"):
             self._set_streaming_budget(runner.name, engine)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -285,7 +320,9 @@ class TensorRTBackend(BuildBackend):
         outs = [n for n in names if n not in ins]
         # TensorRT may drop an input no layer reads (a cache the `_first` VAE steps ignore): a subset is fine
         if not set(ins) <= set(runner.inputs) or sorted(outs) != sorted(runner.outputs):
-            raise ManifestError(f"{path}: plan I/O {ins} -> {outs} differ from the manifest's {runner.inputs} -> {runner.outputs}")
+            raise ManifestError(
+                f"{path}: plan I/O {ins} -> {outs} differ from the manifest's {runner.inputs} -> {runner.outputs}"
+            )
         runner.engine_inputs = set(ins)
         return engine
 
@@ -294,23 +331,33 @@ class TensorRTBackend(BuildBackend):
         streamable = int(engine.streamable_weights_size)
         free, _ = torch.cuda.mem_get_info(self.device)
         later = [g for g, r in self.graphs.items() if r._engine is None and g != name]
-        reserved = (int(engine.device_memory_size_v2) + 2 * int(engine.weight_streaming_scratch_memory_size)
-                    + sum(n.weights + n.activations for n in plan_needs(self.manifest.data, later, self.weight_streaming_budget))
-                    + HEADROOM)
-        budget = streaming_budget(name, streamable=streamable, free_bytes=int(free), reserved=reserved,
-                                  asked=self.weight_streaming_budget)
+        reserved = (
+            int(engine.device_memory_size_v2)
+            + 2 * int(engine.weight_streaming_scratch_memory_size)
+            + sum(
+                n.weights + n.activations for n in plan_needs(self.manifest.data, later, self.weight_streaming_budget)
+            )
+            + HEADROOM
+        )
+        budget = streaming_budget(
+            name, streamable=streamable, free_bytes=int(free), reserved=reserved, asked=self.weight_streaming_budget
+        )
         engine.weight_streaming_budget_v2 = budget
         check_budget_kept(name, budget, int(engine.weight_streaming_budget_v2))
         automatic = int(engine.get_weight_streaming_automatic_budget())
-        self.log(f"[I] {name}: weight streaming, {budget / 2**30:.2f} GiB of {streamable / 2**30:.2f} GiB streamable "
-                 f"weights on the GPU (TensorRT's automatic budget: {automatic / 2**30:.2f} GiB)")
+        self.log(
+            f"[I] {name}: weight streaming, {budget / 2**30:.2f} GiB of {streamable / 2**30:.2f} GiB streamable "
+            f"weights on the GPU (TensorRT's automatic budget: {automatic / 2**30:.2f} GiB)"
+        )
 
     # -- helpers --------------------------------------------------------------------
 
     def _prepare(self, g: PlanRunner, name: str, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, g.dtypes[name]).contiguous()
 
-    def _static_set(self, key: tuple, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    def _static_set(
+        self, key: tuple, shapes: dict[str, tuple], dtypes: dict[str, torch.dtype]
+    ) -> dict[str, torch.Tensor]:
         s = self._static.get(key)
         if s is None:
             s = {n: aligned_empty(sh, dtypes[n], self.device) for n, sh in shapes.items()}
@@ -371,9 +418,17 @@ class TensorRTBackend(BuildBackend):
         key = (first.name, batch)
         pair = self._cache_sets.get(key)
         if pair is None:
+
             def alloc():
-                return [torch.empty([batch if d == "batch" else int(d) for d in c["shape"]],
-                                    dtype=first.dtypes[c["input"]], device=self.device) for c in caches]
+                return [
+                    torch.empty(
+                        [batch if d == "batch" else int(d) for d in c["shape"]],
+                        dtype=first.dtypes[c["input"]],
+                        device=self.device,
+                    )
+                    for c in caches
+                ]
+
             pair = self._cache_sets[key] = [alloc(), alloc()]
         for t in pair[0]:
             t.zero_()

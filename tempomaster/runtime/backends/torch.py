@@ -1,4 +1,5 @@
 """The torch backend: the reference models of `tempomaster.models`, in eager mode, on any torch device."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,13 @@ from .base import Backend, ModelInfo
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, models: ModelSet, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tile: bool | TileSpec = False):
+    def __init__(
+        self,
+        models: ModelSet,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        tile: bool | TileSpec = False,
+    ):
         self.device = torch.device(device)
         self.tile = resolve_tile(tile)  # True: every VAE encode/decode tiled as the release does
         self.dtype = dtype
