@@ -202,6 +202,7 @@ def test_skipping_padding_chunks_leaves_the_others_unchanged(tiny_models):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~95 s: three exports
 def test_onnxruntime_runs_a_build_with_several_frame_counts(tmp_path, tiny_models):
     from tempomaster.export.build import export_onnx
     from tempomaster.export.shapes import ExportShape

@@ -275,6 +275,7 @@ def test_the_decoder_fine_tune_leaves_the_encoder_as_it_was(tmp_path):
         ("vae_decoder_", {"vae_decoder_lr": 1e-2, "vae_decoder_centroid_weight": 3.0}, "vae-decoder.safetensors"),
     ],
 )
+@pytest.mark.slow  # ~50 s each: real training steps
 def test_a_work_folder_from_before_a_fine_tune_is_resumable(tmp_path, prefix, unused, checkpoint):
     older = {k: v for k, v in asdict(SMALL).items() if not k.startswith(prefix)}
     (tmp_path / "w").mkdir()
@@ -299,6 +300,7 @@ def _train_dit_again(tmp_path, source: str, name: str, **kwargs) -> tuple[dict, 
     return load_state(tmp_path / name / "dit.safetensors"), said
 
 
+@pytest.mark.slow  # ~50 s each: real training steps
 def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
     train_toy(tmp_path / "eager", tmp_path / "eager_out", SMALL, progress=False, echo=lambda m: None)
     eager = load_state(tmp_path / "eager" / "dit.safetensors")
@@ -320,6 +322,7 @@ def test_a_failed_compile_falls_back_to_the_eager_dit(tmp_path, monkeypatch):
         assert torch.equal(fallback["model"][k], v), k
 
 
+@pytest.mark.slow  # ~50 s each: real training steps
 @pytest.mark.parametrize("compile_dit", [False, True])
 def test_an_error_the_eager_step_hits_too_is_raised(tmp_path, monkeypatch, compile_dit):
     # compiled, the first failure is taken for the compiler's and retried eagerly, which fails again
@@ -373,6 +376,7 @@ def test_the_motion_fine_tune_draws_its_windows_at_the_strides_asked():
     assert mean_step((4,)) > 2.0 * mean_step((1,))
 
 
+@pytest.mark.slow  # ~50 s each: real training steps
 def test_a_work_folder_from_before_the_motion_strides_is_resumable(tmp_path):
     older = {k: v for k, v in asdict(SMALL).items() if k != "vae_motion_strides"}
     (tmp_path / "w").mkdir()
