@@ -65,13 +65,8 @@ def _attention_flops(node, shape) -> int:
     return 2 * b * heads * lq * lk * (dqk + dv)
 
 
-def graph_flops(model, symbols: Mapping[str, int] | None = None) -> dict[str, int]:
-    """FLOPs per counted op type (and "total") of one call, dynamic axes set by `symbols`.
-
-    `model` is a path or a loaded ModelProto (weights need not be loaded).
-    Raises ValueError naming a counted node whose shapes inference left open.
-    """
-    proto = _load(model)
+def _static_shapes(proto, symbols):
+    """name -> the tensor's static shape once `symbols` are bound; ValueError naming a tensor left open."""
     table = _shape_table(proto, dict(symbols or {}))
 
     def shape(name: str) -> list[int]:
@@ -79,6 +74,18 @@ def graph_flops(model, symbols: Mapping[str, int] | None = None) -> dict[str, in
         if dims is None:
             raise ValueError(f"no static shape for tensor {name!r}: give its symbols (e.g. batch=2)")
         return dims
+
+    return shape
+
+
+def graph_flops(model, symbols: Mapping[str, int] | None = None) -> dict[str, int]:
+    """FLOPs per counted op type (and "total") of one call, dynamic axes set by `symbols`.
+
+    `model` is a path or a loaded ModelProto (weights need not be loaded).
+    Raises ValueError naming a counted node whose shapes inference left open.
+    """
+    proto = _load(model)
+    shape = _static_shapes(proto, symbols)
 
     out: dict[str, int] = defaultdict(int)
     for node in proto.graph.node:
@@ -181,14 +188,8 @@ def graph_flops_split(model, symbols: Mapping[str, int] | None = None) -> dict[s
     standard `Attention` node cannot quantize: in these graphs it is 16-bit.
     """
     proto = _load(model)
-    table = _shape_table(proto, dict(symbols or {}))
+    shape = _static_shapes(proto, symbols)
     fp8 = _fp8_operands(proto)
-
-    def shape(name: str) -> list[int]:
-        dims = table.get(name)
-        if dims is None:
-            raise ValueError(f"no static shape for tensor {name!r}: give its symbols (e.g. batch=2)")
-        return dims
 
     out: dict[str, int] = defaultdict(int)
     for node in proto.graph.node:
