@@ -140,6 +140,26 @@ FP8_ONLY = (
 )
 
 
+def _export_source(args) -> dict:
+    """The model source, shape and ONNX flags tm-export onnx and build pass to every export call."""
+    return {
+        k: getattr(args, k)
+        for k in (
+            "preset",
+            "checkpoints",
+            "config",
+            "random_weights",
+            "height",
+            "width",
+            "num_frames",
+            "intervals",
+            "opset",
+            "t5_precision",
+            "graphs",
+        )
+    }
+
+
 def _fp8_options(args) -> dict | None:
     """The fp8 keyword arguments of calibration.export.fp8_build; None (and no fp8 flag given) otherwise."""
     from ..errors import UsageError
@@ -468,17 +488,7 @@ def _onnx(args) -> int:
 
         manifest = fp8_build(
             args.out,
-            preset=args.preset,
-            checkpoints=args.checkpoints,
-            config=args.config,
-            random_weights=args.random_weights,
-            height=args.height,
-            width=args.width,
-            num_frames=args.num_frames,
-            intervals=args.intervals,
-            opset=args.opset,
-            t5_precision=args.t5_precision,
-            graphs=args.graphs,
+            **_export_source(args),
             progress=not args.no_progress,
             **fp8,
         )
@@ -486,18 +496,8 @@ def _onnx(args) -> int:
         return 0
     manifest = export_build(
         args.out,
+        **_export_source(args),
         precision=args.precision,
-        preset=args.preset,
-        checkpoints=args.checkpoints,
-        config=args.config,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        intervals=args.intervals,
-        opset=args.opset,
-        random_weights=args.random_weights,
-        t5_precision=args.t5_precision,
-        graphs=args.graphs,
         progress=not args.no_progress,
         tile=args.tile,
     )
@@ -553,19 +553,9 @@ def _build(args) -> int:
         from ..toolchain import export_and_build
 
         result = export_and_build(
+            **_export_source(args),
             out=args.out,
             precision=args.precision,
-            preset=args.preset,
-            checkpoints=args.checkpoints,
-            config=args.config,
-            random_weights=args.random_weights,
-            height=args.height,
-            width=args.width,
-            num_frames=args.num_frames,
-            intervals=args.intervals,
-            opset=args.opset,
-            t5_precision=args.t5_precision,
-            graphs=args.graphs,
             options=EngineOptions(**engine),
             progress=not args.no_progress,
             tile=args.tile,
