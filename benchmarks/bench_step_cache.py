@@ -326,7 +326,7 @@ def plot(data: dict, path: Path) -> None:
 
 def wan13(args) -> dict:
     """wan-1.3b's DiT shape on seeded random weights at a tiny frame size: calls saved and PSNR only."""
-    from tempomaster.export.build import random_model_set
+    from tempomaster.export.source import random_model_set
     from tempomaster.models.checkpoints import ModelSet
     from tempomaster.models.presets import T5Config, get_preset
     from tempomaster.models.t5 import UMT5Encoder

@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
-    from tempomaster.export.build import export_onnx, random_model_set
+    from tempomaster.export.build import export_onnx
     from tempomaster.export.shapes import ExportShape
+    from tempomaster.export.source import random_model_set
     from tempomaster.models.presets import get_preset
 
     preset = get_preset(args.preset)

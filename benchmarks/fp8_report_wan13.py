@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     from tempomaster.calibration.collect import calibrate
     from tempomaster.calibration.prompts import builtin_prompts
     from tempomaster.calibration.report import format_report
-    from tempomaster.export.build import random_model_set
     from tempomaster.export.shapes import ExportShape
+    from tempomaster.export.source import random_model_set
     from tempomaster.models.checkpoints import ModelSet
     from tempomaster.models.presets import T5Config, get_preset
     from tempomaster.models.t5 import UMT5Encoder

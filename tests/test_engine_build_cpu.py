@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from tempomaster.build_format import manifest_text
+from tempomaster.calibration.export import FP8Options
 from tempomaster.engines.build import (
     ENGINE_REQUEST_KEY,
     check_engine_precision,
@@ -21,6 +22,7 @@ from tempomaster.engines.builder import EngineOptions, build_engines, parse_size
 from tempomaster.engines.manifest import load_manifest, verify_files
 from tempomaster.engines.trt_env import cuda_available, tensorrt_available
 from tempomaster.errors import ManifestError, MissingDependencyError, UsageError
+from tempomaster.export.source import ExportSource
 from tempomaster.toolchain import export_and_build
 
 pytestmark = pytest.mark.skipif(
@@ -50,14 +52,9 @@ def test_build_exports_the_onnx_then_stops_with_exit_3(tmp_path):
     lines = []
     with pytest.raises(MissingDependencyError) as info:
         export_and_build(
-            out=out,
+            out,
+            ExportSource(preset="tiny", height=32, width=48, num_frames=9, intervals=(4, 2, 1), graphs=["t5"]),
             precision="fp16",
-            preset="tiny",
-            height=32,
-            width=48,
-            num_frames=9,
-            intervals=(4, 2, 1),
-            graphs=["t5"],
             options=OPTIONS,
             progress=False,
             log=lines.append,
@@ -150,17 +147,12 @@ def test_fp8_build_calibrates_exports_then_stops_with_exit_3(tmp_path):
     out = tmp_path / "fp8"
     with pytest.raises(MissingDependencyError) as info:
         export_and_build(
-            out=out,
+            out,
+            ExportSource(preset="tiny", height=32, width=48, num_frames=5, intervals=(4, 2, 1), graphs=["dit"]),
             precision="fp8",
-            preset="tiny",
-            height=32,
-            width=48,
-            num_frames=5,
-            intervals=(4, 2, 1),
-            graphs=["dit"],
             progress=False,
             log=lambda _l: None,
-            fp8=dict(prompts=prompts, calib_steps=(1, 1, 1), report_prompts=0),
+            fp8=FP8Options(prompts=prompts, calib_steps=(1, 1, 1), report_prompts=0),
         )
     _check_exit_3(info.value, out)
     manifest = load_manifest(out)
@@ -193,7 +185,7 @@ def test_full_tiny_build_stops_at_the_engine_step(tmp_path):
     """All six graphs of the tiny preset (about 90 s on 2 cores), then exit 3 with the ONNX complete."""
     out = tmp_path / "tiny"
     with pytest.raises(MissingDependencyError) as info:
-        export_and_build(out=out, precision="bf16", preset="tiny", progress=False, log=lambda _l: None)
+        export_and_build(out, ExportSource(preset="tiny"), precision="bf16", progress=False, log=lambda _l: None)
     _check_exit_3(info.value, out)
     manifest = load_manifest(out)
     verify_files(manifest)

@@ -101,9 +101,10 @@ def test_the_command_prints_per_output_errors_and_exits_non_zero_on_failure(tmp_
 @pytest.mark.slow
 def test_the_fp8_twin_dit_against_the_fp32_dit(tmp_path, tiny_models):
     """Real tiny exports: the fp32 DiT, and the fp8 export's fp32-based twin (same Q/DQ, runs on onnxruntime's CPU)."""
-    from tempomaster.calibration.export import fp8_build
+    from tempomaster.calibration.export import FP8Options, fp8_build
     from tempomaster.export.build import export_onnx
     from tempomaster.export.shapes import ExportShape
+    from tempomaster.export.source import ExportSource
 
     fp32 = tmp_path / "fp32"
     export_onnx(
@@ -119,15 +120,8 @@ def test_the_fp8_twin_dit_against_the_fp32_dit(tmp_path, tiny_models):
     twin = tmp_path / "twin"
     fp8_build(
         twin,
-        preset="tiny",
-        height=32,
-        width=48,
-        num_frames=9,
-        intervals=(4, 2, 1),
-        graphs=["dit"],
-        calib_steps=(2, 1, 1),
-        report_prompts=0,
-        twin=True,
+        ExportSource(preset="tiny", height=32, width=48, num_frames=9, intervals=(4, 2, 1), graphs=["dit"]),
+        FP8Options(calib_steps=(2, 1, 1), report_prompts=0, twin=True),
         progress=False,
     )
     [result] = check_build(twin, graphs=["dit"], reference=fp32, log=lambda _l: None)

@@ -27,9 +27,9 @@ TESTS = Path(__file__).parent
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any model load fails the test: a refused --out must cost nothing."""
-    import tempomaster.export.build as export_build
+    import tempomaster.export.source as export_source
 
-    monkeypatch.setattr(export_build, "load_models_for_export", lambda **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(export_source, "load_models_for_export", lambda **k: pytest.fail("a model was loaded"))
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

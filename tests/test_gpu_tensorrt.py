@@ -299,8 +299,10 @@ def test_streaming_budget_is_set_and_read_back(engine_build, tmp_path):
 
 def test_the_fp8_layer_report_is_recorded(tmp_path):
     """An fp8 tiny build: the manifest says, per quantized DiT layer, whether the plan runs it in FP8."""
+    from tempomaster.calibration.export import FP8Options
     from tempomaster.cli import export_main
     from tempomaster.engines.builder import EngineOptions
+    from tempomaster.export.source import ExportSource
     from tempomaster.toolchain import export_and_build
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -308,18 +310,12 @@ def test_the_fp8_layer_report_is_recorded(tmp_path):
         pytest.skip("FP8 needs compute capability 8.9+")
     out = tmp_path / "fp8"
     export_and_build(
-        out=out,
+        out,
+        ExportSource(preset="tiny", height=32, width=48, num_frames=9, intervals=(4, 2, 1), graphs=["dit"]),
         precision="fp8",
-        preset="tiny",
-        random_weights=True,
-        height=32,
-        width=48,
-        num_frames=9,
-        intervals=(4, 2, 1),
-        graphs=["dit"],
         options=EngineOptions(),
         progress=False,
-        fp8={"calibrate_now": True, "report_prompts": 0},
+        fp8=FP8Options(calib_steps=1, report_prompts=0),
     )
     report = json.loads((out / "manifest.json").read_text())["engines"]["plans"]["dit"]["fp8_layers"]
     assert report["quantized"] > 0

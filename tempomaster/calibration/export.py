@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
+from ..export.source import ExportSource
 from .collect import (
     AMAX_FILE,
     CALIBRATION_DIR,
@@ -291,169 +293,123 @@ def export_fp8_onnx(
 # ----------------------------------------------------------------------------
 
 
-def _models_and_shape(
-    *,
-    preset,
-    checkpoints,
-    config,
-    random_weights,
-    height,
-    width,
-    num_frames,
-    intervals,
-    precision: str,
-    t5_precision: str,
-    graphs=None,
-):
-    from ..export.build import load_models_for_export
-    from ..export.shapes import ExportShape
+@dataclass(frozen=True)
+class FP8Options:
+    """The fp8 flags of `tm-export onnx|build --precision fp8` (see `export_fp8_onnx` for each field).
 
-    if random_weights:
+    calibration: an existing amax.json (None: calibrate now into BUILD/calibration/,
+    or with calibrate_now=False reuse the one there). prompts: a prompts file
+    (None: the built-in set `calib_set`). calib_steps: steps per stage (one int
+    for every stage). report_prompts: held-out prompts of the quality report (0: none).
+    """
+
+    calibration: Path | None = None
+    calibrate_now: bool = True
+    prompts: Path | None = None
+    calib_steps: int | tuple[int, ...] | None = None
+    calib_set: str | None = None
+    seed: int = 0
+    report_prompts: int = 4
+    base: str = "bf16"
+    weight_scale: str = "tensor"
+    skip_blocks: str | tuple[int, ...] | None = None
+    attention: bool = False
+    cross_attention: bool = False
+    twin: bool = False
+
+    def __post_init__(self):
+        steps = self.calib_steps
+        if steps is not None and not isinstance(steps, int):
+            steps = tuple(int(s) for s in steps)
+            object.__setattr__(self, "calib_steps", steps[0] if len(steps) == 1 else steps)
+        if self.base not in FP8_BASES:
+            raise UsageError(f"--fp8-base: {self.base!r} is not one of {', '.join(FP8_BASES)}")
+
+    def calibration_kwargs(self) -> dict:
+        """The keywords `calibrate` takes from these options."""
+        return dict(
+            prompts=self.prompts,
+            calib_steps=self.calib_steps,
+            calib_set=self.calib_set,
+            seed=self.seed,
+            report=self.report_prompts > 0,
+            report_prompts=self.report_prompts,
+        )
+
+    def export_kwargs(self) -> dict:
+        """The keywords `export_fp8_onnx` takes from these options."""
+        cal = self.calibration_kwargs()
+        return dict(
+            calibration=self.calibration,
+            calibrate_now=self.calibrate_now,
+            calib_prompts=cal.pop("prompts"),
+            **cal,
+            base=self.base,
+            weight_scale=self.weight_scale,
+            skip_blocks=self.skip_blocks,
+            attention=self.attention,
+            cross_attention=self.cross_attention,
+            twin=self.twin,
+        )
+
+
+def _calibration_source(source: ExportSource) -> ExportSource:
+    if source.random_weights:
         raise UsageError(
             "--random-weights: calibration needs a model that generates (and a tokenizer); "
             "give --checkpoints, or use the built-in tiny preset without --random-weights"
         )
-    models = load_models_for_export(
-        preset=preset,
-        checkpoints=checkpoints,
-        config=config,
-        precision=precision,
-        t5_precision=t5_precision,
-        graphs=graphs,
-    )
-    shape = ExportShape.from_preset(models.preset, height, width, num_frames, intervals)
-    try:
-        shape.validate()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return models, shape
+    return source
 
 
 def calibrate_build(
     out: str | os.PathLike,
+    source: ExportSource = ExportSource(),
+    options: FP8Options = FP8Options(),
     *,
-    preset: str | None = None,
-    checkpoints: Path | None = None,
-    config: Path | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    intervals: Sequence[int] | None = None,
-    prompts: Path | None = None,
-    calib_steps: Sequence[int] | None = None,
-    calib_set: str | None = None,
-    seed: int = 0,
-    report_prompts: int = 4,
     dtype: str = "fp32",
     progress: bool = True,
 ) -> Calibration:
-    """`tm-export calibrate`: amax over whole generations into BUILD/calibration/ (and the quality report)."""
+    """`tm-export calibrate`: amax over whole generations into BUILD/calibration/ (and the quality report).
+
+    Of `options` only the calibration fields count (prompts, calib_steps, calib_set, seed, report_prompts).
+    dtype: the precision the models compute in while amax is collected.
+    """
     from ..export.target import prepare_target
 
     prepare_target(Path(out).absolute())  # before any model loads
-    models, shape = _models_and_shape(
-        preset=preset,
-        checkpoints=checkpoints,
-        config=config,
-        random_weights=False,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        intervals=intervals,
-        precision=dtype,
-        t5_precision="fp32" if dtype == "fp32" else "bf16",
-    )
-    steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
-    return calibrate(
-        models,
-        shape,
-        out,
-        prompts=prompts,
-        calib_steps=steps,
-        calib_set=calib_set,
-        seed=seed,
-        report=report_prompts > 0,
-        report_prompts=report_prompts,
-        progress=progress,
-    )
+    models, shape = _calibration_source(source).load(dtype, "fp32" if dtype == "fp32" else "bf16")
+    return calibrate(models, shape, out, progress=progress, **options.calibration_kwargs())
 
 
 def fp8_build(
     out: str | os.PathLike,
+    source: ExportSource = ExportSource(),
+    options: FP8Options = FP8Options(),
     *,
-    preset: str | None = None,
-    checkpoints: Path | None = None,
-    config: Path | None = None,
-    random_weights: bool = False,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    intervals: Sequence[int] | None = None,
-    opset: int = 23,
-    t5_precision: str | None = None,
-    graphs: Sequence[str] | None = None,
-    calibration: Path | None = None,
-    calibrate_now: bool = True,
-    prompts: Path | None = None,
-    calib_steps: Sequence[int] | None = None,
-    calib_set: str | None = None,
-    seed: int = 0,
-    report_prompts: int = 4,
-    base: str = "bf16",
-    weight_scale: str = "tensor",
-    skip_blocks: str | None = None,
-    attention: bool = False,
-    cross_attention: bool = False,
-    twin: bool = False,
     progress: bool = True,
     extra: dict | None = None,
 ) -> dict:
     """`tm-export onnx|build --precision fp8`: load, calibrate (or reuse a calibration), export. Returns the manifest."""
-    from ..export.build import parse_graph_names
-    from ..export.t5 import T5_PRECISION_FOR
-
-    if base not in FP8_BASES:
-        raise UsageError(f"--fp8-base: {base!r} is not one of {', '.join(FP8_BASES)}")
-    graphs = parse_graph_names(graphs)
     from ..export.target import prepare_target
 
+    if source.tile:
+        raise UsageError(
+            "--tile with --precision fp8: the fp8 export has no tiled VAE graphs yet; use a bf16 build for --tile"
+        )
     prepare_target(Path(out).absolute())  # before any model loads
-    load_precision = "fp32" if twin else base
-    t5_precision = t5_precision or T5_PRECISION_FOR[load_precision]
-    models, shape = _models_and_shape(
-        preset=preset,
-        checkpoints=checkpoints,
-        config=config,
-        random_weights=random_weights,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        intervals=intervals,
-        precision=load_precision,
-        t5_precision=t5_precision,
-    )
-    steps = calib_steps[0] if calib_steps is not None and len(calib_steps) == 1 else calib_steps
+    precision = "fp32" if options.twin else options.base
+    t5_precision = source.t5_precision_for(precision)
+    # a calibration of random weights cannot exist: calibrate refuses them
+    models, shape = _calibration_source(source).load(precision, t5_precision)
     return export_fp8_onnx(
         models,
         shape,
         out,
-        calibration=calibration,
-        calibrate_now=calibrate_now,
-        calib_prompts=prompts,
-        calib_steps=steps,
-        calib_set=calib_set,
-        seed=seed,
-        report=report_prompts > 0,
-        report_prompts=report_prompts,
-        base=base,
-        weight_scale=weight_scale,
-        skip_blocks=skip_blocks,
-        attention=attention,
-        cross_attention=cross_attention,
-        twin=twin,
-        opset=opset,
+        **options.export_kwargs(),
+        opset=source.opset,
         t5_precision=t5_precision,
-        graphs=graphs,
+        graphs=source.graphs,
         progress=progress,
         copy=False,
         extra={"random_weights": False, **(extra or {})},

@@ -140,28 +140,29 @@ FP8_ONLY = (
 )
 
 
-def _export_source(args) -> dict:
-    """The model source, shape and ONNX flags tm-export onnx and build pass to every export call."""
-    return {
-        k: getattr(args, k)
-        for k in (
-            "preset",
-            "checkpoints",
-            "config",
-            "random_weights",
-            "height",
-            "width",
-            "num_frames",
-            "intervals",
-            "opset",
-            "t5_precision",
-            "graphs",
-        )
-    }
+def _export_source(args):
+    """The ExportSource of the model source, shape and ONNX flags this subcommand has."""
+    from dataclasses import fields
+
+    from ..export.source import ExportSource
+
+    return ExportSource(**{f.name: getattr(args, f.name) for f in fields(ExportSource) if hasattr(args, f.name)})
 
 
-def _fp8_options(args) -> dict | None:
-    """The fp8 keyword arguments of calibration.export.fp8_build; None (and no fp8 flag given) otherwise."""
+def _calibration_fields(args) -> dict:
+    """The calibration flags (tm-export calibrate, and onnx/build --precision fp8) as FP8Options fields."""
+    return dict(
+        prompts=args.calib_prompts,
+        calib_steps=args.calib_steps,
+        calib_set=args.calib_set,
+        seed=args.seed,
+        report_prompts=args.report_prompts,
+    )
+
+
+def _fp8_options(args):
+    """The FP8Options of --precision fp8; None (and no fp8 flag given) otherwise."""
+    from ..calibration.export import FP8Options
     from ..errors import UsageError
 
     if args.precision != "fp8":
@@ -177,18 +178,10 @@ def _fp8_options(args) -> dict | None:
         if given:
             raise UsageError(f"{', '.join(given)}: only with --precision fp8")
         return None
-    if args.tile:
-        raise UsageError(
-            "--tile with --precision fp8: the fp8 export has no tiled VAE graphs yet; use a bf16 build for --tile"
-        )
-    return dict(
+    return FP8Options(
         calibration=args.calibration,
         calibrate_now=not args.no_calibrate,
-        prompts=args.calib_prompts,
-        calib_steps=args.calib_steps,
-        calib_set=args.calib_set,
-        seed=args.seed,
-        report_prompts=args.report_prompts,
+        **_calibration_fields(args),
         base=args.fp8_base,
         weight_scale=args.fp8_weight_scale,
         skip_blocks=args.fp8_skip_blocks,
@@ -486,21 +479,10 @@ def _onnx(args) -> int:
     if fp8 is not None:
         from ..calibration.export import fp8_build
 
-        manifest = fp8_build(
-            args.out,
-            **_export_source(args),
-            progress=not args.no_progress,
-            **fp8,
-        )
+        manifest = fp8_build(args.out, _export_source(args), fp8, progress=not args.no_progress)
         print(describe_build(manifest, args.out))
         return 0
-    manifest = export_build(
-        args.out,
-        **_export_source(args),
-        precision=args.precision,
-        progress=not args.no_progress,
-        tile=args.tile,
-    )
+    manifest = export_build(args.out, _export_source(args), precision=args.precision, progress=not args.no_progress)
     print(describe_build(manifest, args.out))
     return 0
 
@@ -514,19 +496,6 @@ ENGINE_FLAGS = (
     "strip_weights",
     "verbose",
 )
-SOURCE_FLAGS = (
-    "preset",
-    "checkpoints",
-    "config",
-    "num_frames",
-    "height",
-    "width",
-    "intervals",
-    "random_weights",
-    "t5_precision",
-    "graphs",
-    "tile",
-)
 
 
 def _build(args) -> int:
@@ -538,7 +507,12 @@ def _build(args) -> int:
 
         engine["workspace"] = parse_size(engine["workspace"])
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in SOURCE_FLAGS if getattr(args, k) not in (None, False)]
+        from dataclasses import fields
+
+        from ..export.source import ExportSource
+
+        source_flags = [f.name for f in fields(ExportSource) if f.name != "opset"]  # --opset has a value always
+        given = [f"--{k.replace('_', '-')}" for k in source_flags if getattr(args, k) not in (None, False)]
         if args.out is not None or given:
             raise UsageError(
                 f"--resume reuses BUILD as exported: do not give {', '.join((['--out'] if args.out else []) + given)}"
@@ -553,13 +527,12 @@ def _build(args) -> int:
         from ..toolchain import export_and_build
 
         result = export_and_build(
-            **_export_source(args),
-            out=args.out,
+            args.out,
+            _export_source(args),
             precision=args.precision,
             options=EngineOptions(**engine),
-            progress=not args.no_progress,
-            tile=args.tile,
             fp8=_fp8_options(args),
+            progress=not args.no_progress,
         )
     print(result.summary())
     return 0
@@ -600,24 +573,11 @@ def _check(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from ..calibration.export import calibrate_build
+    from ..calibration.export import FP8Options, calibrate_build
 
+    options = FP8Options(**_calibration_fields(args))
     cal = calibrate_build(
-        args.out,
-        preset=args.preset,
-        checkpoints=args.checkpoints,
-        config=args.config,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        intervals=args.intervals,
-        prompts=args.calib_prompts,
-        calib_steps=args.calib_steps,
-        calib_set=args.calib_set,
-        seed=args.seed,
-        report_prompts=args.report_prompts,
-        dtype=args.calib_dtype,
-        progress=not args.no_progress,
+        args.out, _export_source(args), options, dtype=args.calib_dtype, progress=not args.no_progress
     )
     print(f"calibration written to {cal.path} ({len(cal.data['prompts'])} videos)")
     return 0
