@@ -42,7 +42,7 @@ def export_and_build(
     source.graphs: a subset of the build's graphs (default all; `tm-run` needs all).
     fp8: the fp8 options when precision is "fp8" (default FP8Options()).
     """
-    from .export.build import export_onnx
+    from .export.build import export_build
     from .export.target import prepare_target
 
     check_engine_precision(precision)
@@ -50,24 +50,11 @@ def export_and_build(
     prepare_target(Path(out).absolute())  # before any model loads: a refusal costs nothing
     if precision == "fp8":
         return _fp8_export_and_build(out, source, options, fp8 or FP8Options(), log=log, progress=progress)
-    t5_precision = source.t5_precision_for(precision)
     t0 = time.perf_counter()
-    models, shape = source.load(precision, t5_precision)
-    log(f"[I] exporting ONNX ({precision}, t5 {t5_precision}) to {out}")
-    manifest = export_onnx(
-        models,
-        precision,
-        shape,
-        out,
-        opset=source.opset,
-        t5_precision=t5_precision,
-        graphs=source.graphs,
-        copy=False,
-        progress=progress,
-        extra={"random_weights": bool(source.random_weights), ENGINE_REQUEST_KEY: options.as_dict()},
-        tile=source.tile,
+    log(f"[I] exporting ONNX ({precision}, t5 {source.t5_precision_for(precision)}) to {out}")
+    manifest = export_build(
+        out, source, precision=precision, progress=progress, extra={ENGINE_REQUEST_KEY: options.as_dict()}
     )
-    del models
     return _build_plans(out, precision, manifest, source, options, time.perf_counter() - t0, log)
 
 

@@ -293,6 +293,10 @@ def export_fp8_onnx(
 # ----------------------------------------------------------------------------
 
 
+# the FP8Options fields a calibration reads (`tm-export calibrate` has only these)
+CALIBRATION_FIELDS = ("prompts", "calib_steps", "calib_set", "seed", "report_prompts")
+
+
 @dataclass(frozen=True)
 class FP8Options:
     """The fp8 flags of `tm-export onnx|build --precision fp8` (see `export_fp8_onnx` for each field).
@@ -327,14 +331,7 @@ class FP8Options:
 
     def calibration_kwargs(self) -> dict:
         """The keywords `calibrate` takes from these options."""
-        return dict(
-            prompts=self.prompts,
-            calib_steps=self.calib_steps,
-            calib_set=self.calib_set,
-            seed=self.seed,
-            report=self.report_prompts > 0,
-            report_prompts=self.report_prompts,
-        )
+        return {**{k: getattr(self, k) for k in CALIBRATION_FIELDS}, "report": self.report_prompts > 0}
 
     def export_kwargs(self) -> dict:
         """The keywords `export_fp8_onnx` takes from these options."""

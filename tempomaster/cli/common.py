@@ -104,6 +104,29 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_backend(p: argparse.ArgumentParser, backend_default: str) -> None:
+    """--engines, --backend and the TensorRT runtime flags (tm-run generate, plan and serve)."""
+    p.add_argument(
+        "--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models"
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "tensorrt"],
+        default=None,
+        help=f"force a backend (default: {backend_default})",
+    )
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="tensorrt backend: replay each call shape as a CUDA graph"
+    )
+    p.add_argument(
+        "--weight-streaming-budget",
+        default=None,
+        metavar="SIZE",
+        help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB "
+        "(default: TensorRT's automatic budget)",
+    )
+
+
 def add_shape(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--num-frames", type=bounded_int(1, MAX_VIDEO_FRAMES), help=f"stage-0 frames {what} (rounded up to 4k+1)"

@@ -18,6 +18,16 @@ from .common import (
 PROG = "tm-export"
 
 
+def _add_export_target(
+    p: argparse.ArgumentParser, precision: str, precision_help: str, out_help: str, *, out_required: bool
+) -> None:
+    """The model source, --precision, the shape and --out (tm-export onnx and build)."""
+    add_model_source(p)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "fp8"], default=precision, help=precision_help)
+    add_shape(p, "the build serves (default: the preset's)")
+    p.add_argument("--out", type=Path, required=out_required, help=out_help)
+
+
 def _add_onnx_flags(p: argparse.ArgumentParser) -> None:
     """What the ONNX export takes beyond the model source, shape and --out (tm-export onnx and build)."""
     p.add_argument(
@@ -151,13 +161,9 @@ def _export_source(args):
 
 def _calibration_fields(args) -> dict:
     """The calibration flags (tm-export calibrate, and onnx/build --precision fp8) as FP8Options fields."""
-    return dict(
-        prompts=args.calib_prompts,
-        calib_steps=args.calib_steps,
-        calib_set=args.calib_set,
-        seed=args.seed,
-        report_prompts=args.report_prompts,
-    )
+    from ..calibration.export import CALIBRATION_FIELDS
+
+    return {k: getattr(args, "calib_prompts" if k == "prompts" else k) for k in CALIBRATION_FIELDS}
 
 
 def _fp8_options(args):
@@ -252,36 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype to load the models in")
 
     p = sub.add_parser("onnx", help="export the DiT, VAE encoder/decoder steps and umT5 to ONNX")
-    add_model_source(p)
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "fp16", "bf16", "fp8"],
-        default="fp32",
-        help="the graphs' dtype (TensorRT 11 networks are strongly typed); fp8: a calibrated Q/DQ DiT",
-    )
-    add_shape(p, "the build serves (default: the preset's)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="build directory: new, empty or an earlier tm-export build, replaced only when the export "
+    _add_export_target(
+        p,
+        "fp32",
+        "the graphs' dtype (TensorRT 11 networks are strongly typed); fp8: a calibrated Q/DQ DiT",
+        "build directory: new, empty or an earlier tm-export build, replaced only when the export "
         "completes (any other folder is refused)",
+        out_required=True,
     )
     _add_onnx_flags(p)
 
     p = sub.add_parser("build", help="export the ONNX, then build one TensorRT plan per graph (or --resume BUILD)")
-    add_model_source(p)
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "fp16", "bf16", "fp8"],
-        default="bf16",
-        help="the graphs' dtype; TensorRT 11 networks are strongly typed, so this decides the engines' precision",
-    )
-    add_shape(p, "the build serves (default: the preset's)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        help="build directory: new, empty or an earlier tm-export build (any other folder is refused); required unless --resume",
+    _add_export_target(
+        p,
+        "bf16",
+        "the graphs' dtype; TensorRT 11 networks are strongly typed, so this decides the engines' precision",
+        "build directory: new, empty or an earlier tm-export build (any other folder is refused); "
+        "required unless --resume",
+        out_required=False,
     )
     p.add_argument(
         "--resume",

@@ -10,6 +10,7 @@ from .common import (
     PRESETS,
     SEED_MAX,
     OneLineParser,
+    add_backend,
     add_model_source,
     add_shape,
     bounded_int,
@@ -90,24 +91,10 @@ def _add_request(p: argparse.ArgumentParser) -> None:
         help="run every VAE encode and decode on the release's overlapping tiles (30x52 latent, stride 15x26): "
         "less memory, the release's tiled output (default: the config's inference_configs.tile, else off)",
     )
-    p.add_argument(
-        "--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models"
-    )
-    p.add_argument(
-        "--backend",
-        choices=["torch", "onnxruntime", "tensorrt"],
-        default=None,
-        help="force a backend (default: torch without --engines; with it tensorrt when the build has plans "
-        "and this machine a GPU and TensorRT, else onnxruntime)",
-    )
-    p.add_argument(
-        "--cuda-graphs", action="store_true", help="tensorrt backend: replay each call shape as a CUDA graph"
-    )
-    p.add_argument(
-        "--weight-streaming-budget",
-        default=None,
-        metavar="SIZE",
-        help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB (default: TensorRT's automatic budget)",
+    add_backend(
+        p,
+        "torch without --engines; with it tensorrt when the build has plans and this machine a GPU and TensorRT, "
+        "else onnxruntime",
     )
     add_model_source(p)
     p.add_argument(

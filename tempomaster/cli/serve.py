@@ -5,30 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_source, bounded_int
+from .common import add_backend, add_model_source, bounded_int
 
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="an HTTP API and a web page: the models loaded once, a durable job queue")
     add_model_source(p)
-    p.add_argument(
-        "--engines", type=Path, help="a build directory from tm-export: run its graphs instead of the torch models"
-    )
-    p.add_argument(
-        "--backend",
-        choices=["torch", "onnxruntime", "tensorrt"],
-        default=None,
-        help="force a backend (default: as tm-run generate chooses)",
-    )
-    p.add_argument(
-        "--cuda-graphs", action="store_true", help="tensorrt backend: replay each call shape as a CUDA graph"
-    )
-    p.add_argument(
-        "--weight-streaming-budget",
-        default=None,
-        metavar="SIZE",
-        help="tensorrt backend, plans built with --weight-streaming: device memory for weights, e.g. 20GiB",
-    )
+    add_backend(p, "as tm-run generate chooses")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="model dtype (default: as tm-run generate)")
     p.add_argument(
         "--device", default=None, help="torch device: cpu, cuda, cuda:N (default: cuda when available, else cpu)"

@@ -309,8 +309,12 @@ def export_build(
     *,
     precision: str = "fp32",
     progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
-    """`tm-export onnx`: load the models, export every graph into the build `out`. Returns the manifest."""
+    """`tm-export onnx`: load the models, export every graph into the build `out`. Returns the manifest.
+
+    extra: more top-level manifest keys (`tm-export build` records its engine options there).
+    """
     prepare_target(Path(out).absolute())  # a refusal costs nothing: no model is loaded yet
     t5_precision = source.t5_precision_for(precision)
     models, shape = source.load(precision, t5_precision)
@@ -324,7 +328,7 @@ def export_build(
         graphs=source.graphs,
         copy=False,
         progress=progress,
-        extra={"random_weights": bool(source.random_weights)},
+        extra={"random_weights": bool(source.random_weights), **(extra or {})},
         tile=source.tile,
     )
 
