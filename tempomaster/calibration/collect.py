@@ -48,6 +48,7 @@ from ..build_format import (
 )
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
+from ..json_files import read_json_object
 from .fp8 import ATTENTION_INPUTS, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
 from .prompts import CALIB_SETS, DEFAULT_CALIB_SET, CalibrationPrompt, builtin_prompts, read_prompt_file
 from .trajectory import make_request
@@ -193,10 +194,7 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
         path = path / AMAX_FILE if (path / AMAX_FILE).is_file() else path / CALIBRATION_DIR / AMAX_FILE
     if not path.is_file():
         raise UsageError(f"{path}: no calibration; run tm-export calibrate --out BUILD first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path}: unreadable calibration ({type(err).__name__}: {err})") from None
+    data = read_json_object(path, UsageError, "calibration")
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} file")
     return Calibration(data, path)

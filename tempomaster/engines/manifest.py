@@ -42,7 +42,6 @@ carried one) is read with the same checks.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from ..build_format import (  # noqa: F401  (part of this module's API)
     manifest_sha256,
     sha256_file,
 )
+from ..json_files import read_json_object
 from .build_paths import OutsideBuild, resolve_inside
 
 # onnxruntime's type strings -> manifest dtype names
@@ -121,12 +121,7 @@ def load_manifest(build_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path}: {err}; refusing the build") from None
     if not path.is_file():
         raise ManifestError(f"{root}: no {MANIFEST_FILE}; not a tm-export build directory")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(f"{path}: unreadable: {err}") from err
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    data = read_json_object(path, ManifestError, "manifest")
     if data.get("format") != FORMAT:
         raise ManifestError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}")
     if data.get("format_version") != FORMAT_VERSION:

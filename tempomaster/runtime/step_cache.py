@@ -53,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..json_files import read_json_object
+
 __all__ = [
     "BRANCHES",
     "CURVES_FILE",
@@ -318,11 +320,8 @@ def save_curves(path: str | Path, curves: Sequence[MagnitudeCurve], calibration:
 def load_curves(path: str | Path) -> tuple[MagnitudeCurve, ...]:
     """The stages' curves from a `save_curves` file; ValueError naming the file and what is wrong."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the magnitude curves: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != CURVES_FORMAT:
+    data = read_json_object(path, ValueError, "magnitude curves")
+    if data.get("format") != CURVES_FORMAT:
         raise ValueError(f"{path}: not a magnitude-curves file (format {CURVES_FORMAT!r} expected)")
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
