@@ -104,6 +104,17 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     )
 
 
+def options_from_flags(cls, args: argparse.Namespace, **given):
+    """`cls` (an options dataclass) from the parsed flags named like its fields, `given` winning.
+
+    Only the flags this subcommand has count; a field without a flag keeps its default.
+    """
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in given and hasattr(args, f.name)]
+    return cls(**{name: getattr(args, name) for name in names}, **given)
+
+
 def add_backend(p: argparse.ArgumentParser, backend_default: str) -> None:
     """--engines, --backend and the TensorRT runtime flags (tm-run generate, plan and serve)."""
     p.add_argument(

@@ -16,6 +16,7 @@ from .common import (
     bounded_int,
     finite_number,
     number_list,
+    options_from_flags,
     run_command,
 )
 
@@ -334,23 +335,7 @@ def _plan(args) -> int:
 def _refine(args) -> int:
     from ..runtime.refine import RefineOptions, run_refine
 
-    run_refine(
-        RefineOptions(
-            state=args.state,
-            out=args.out,
-            save_stages=args.save_stages,
-            device=args.device,
-            threads=args.threads,
-            progress=not args.no_progress,
-            preset=args.preset,
-            checkpoints=args.checkpoints,
-            config=args.config,
-            engines=args.engines,
-            backend=args.backend,
-            dtype=args.dtype,
-            tile=args.tile,
-        )
-    )
+    run_refine(options_from_flags(RefineOptions, args, progress=not args.no_progress))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_backend, add_model_source, bounded_int
+from .common import add_backend, add_model_source, bounded_int, options_from_flags
 
 
 def add_serve_parser(sub) -> None:
@@ -58,23 +58,5 @@ def serve(args) -> int:
     from ..runtime.request import GenerateOptions
     from ..serve.server import ServeOptions, run_serve
 
-    base = GenerateOptions(
-        preset=args.preset,
-        checkpoints=args.checkpoints,
-        config=args.config,
-        engines=args.engines,
-        backend=args.backend,
-        cuda_graphs=args.cuda_graphs,
-        weight_streaming_budget=args.weight_streaming_budget,
-        dtype=args.dtype,
-        device=args.device,
-        devices=args.devices,
-        threads=args.threads,
-        tile=args.tile,
-        progress=False,
-    )
-    return run_serve(
-        ServeOptions(
-            base=base, host=args.host, port=args.port, data=args.data, max_queue=args.max_queue, token=args.token
-        )
-    )
+    base = options_from_flags(GenerateOptions, args, progress=False)
+    return run_serve(options_from_flags(ServeOptions, args, base=base))
