@@ -77,9 +77,9 @@ def test_cli_fp8_attention_flags():
         ]
     )
     opts = _fp8_options(args)
-    assert opts["attention"] is True and opts["cross_attention"] is True and opts["calib_set"] == "full"
+    assert opts.attention is True and opts.cross_attention is True and opts.calib_set == "full"
     defaults = _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b"]))
-    assert defaults["calib_set"] == "small" and defaults["attention"] is False and defaults["cross_attention"] is False
+    assert defaults.calib_set == "small" and defaults.attention is False and defaults.cross_attention is False
     for flags in (["--fp8-attention", "on"], ["--fp8-cross-attention", "on"], ["--calib-set", "full"]):
         with pytest.raises(UsageError, match=f"{flags[0]}: only with --precision fp8"):
             _fp8_options(parser.parse_args(["onnx", "--precision", "bf16", "--out", "b", *flags]))

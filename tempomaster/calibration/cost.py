@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..export.shapes import ExportShape
+
 GPU_NAME = "H100 dense BF16"
 GPU_PEAK_FLOPS = 989e12
 GPU_EFFICIENCY = 0.40
@@ -51,33 +53,28 @@ class CalibrationCost:
 
 
 def video_flops(
-    cfg,
-    *,
-    height: int,
-    width: int,
-    num_frames: int,
-    intervals: Sequence[int],
-    steps_per_stage: Sequence[int],
-    guidance_scale: float,
-    text_len: int,
+    cfg, shape: ExportShape, steps_per_stage: Sequence[int], guidance_scale: float, text_len: int
 ) -> tuple[int, float]:
-    """(DiT forwards of one sequence, DiT FLOPs) of one whole generation on one device."""
+    """(DiT forwards of one sequence, DiT FLOPs) of one whole generation of `shape` on one device.
+
+    cfg: the DiTConfig; text_len: context tokens (512 for umT5).
+    """
     from ..export.flops import dit_flops
     from ..parallel_plan import plan_schedule
 
     plan = plan_schedule(
         devices=1,
         num_heads=cfg.num_heads,
-        num_frames=num_frames,
-        frame_intervals=intervals,
+        num_frames=shape.num_frames,
+        frame_intervals=shape.intervals,
         steps_per_stage=steps_per_stage,
         guidance_scale=guidance_scale,
-        height=height,
-        width=width,
+        height=shape.height,
+        width=shape.width,
         patch_size=cfg.patch_size,
     )
     pt, ph, pw = cfg.patch_size
-    lh, lw = height // 8, width // 8
+    lh, lw = shape.latent_height, shape.latent_width
     flops = 0.0
     for stage in plan.stages:
         latent_frames = stage.tokens * pt // ((lh // ph) * (lw // pw))
@@ -87,33 +84,15 @@ def video_flops(
 
 
 def calibration_cost(
-    preset,
-    *,
-    videos: int,
-    steps_per_stage: Sequence[int] | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    intervals: Sequence[int] | None = None,
+    preset, *, videos: int, steps_per_stage: Sequence[int] | None = None, shape: ExportShape | None = None
 ) -> CalibrationCost:
     """The cost of calibrating `preset` (a Preset) on `videos` generations; shape and steps default to the preset's."""
     d = preset.defaults
-    height, width = height or d.height, width or d.width
-    num_frames = num_frames or d.num_frames
-    intervals = tuple(intervals or d.frame_intervals)
-    steps = tuple(steps_per_stage or d.steps_per_stage[: len(intervals)])
-    forwards, flops = video_flops(
-        preset.dit,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        intervals=intervals,
-        steps_per_stage=steps,
-        guidance_scale=d.guidance_scale,
-        text_len=preset.t5.text_len,
-    )
-    shape = f"{height}x{width}, {num_frames} frames"
-    return CalibrationCost(preset.name, shape, videos, steps, forwards, flops)
+    shape = shape or ExportShape.from_preset(preset)
+    steps = tuple(steps_per_stage or d.steps_per_stage[: len(shape.intervals)])
+    forwards, flops = video_flops(preset.dit, shape, steps, d.guidance_scale, preset.t5.text_len)
+    described = f"{shape.height}x{shape.width}, {shape.num_frames} frames"
+    return CalibrationCost(preset.name, described, videos, steps, forwards, flops)
 
 
 def scaled_steps(steps: Sequence[int], fraction: float) -> tuple[int, ...]:
@@ -129,15 +108,7 @@ def describe_projection(preset, dit_cfg, shape, steps: Sequence[int], videos: in
 
     from ..models.presets import get_preset
 
-    here = calibration_cost(
-        replace(preset, dit=dit_cfg),
-        videos=videos,
-        steps_per_stage=steps,
-        height=shape.height,
-        width=shape.width,
-        num_frames=shape.num_frames,
-        intervals=shape.intervals,
-    )
+    here = calibration_cost(replace(preset, dit=dit_cfg), videos=videos, steps_per_stage=steps, shape=shape)
     reference = get_preset(REFERENCE_PRESET)
     fraction = sum(steps) / sum(preset.defaults.steps_per_stage[: len(steps)])
     ref = calibration_cost(
