@@ -373,6 +373,8 @@ def chunk_condition_video(frames: torch.Tensor, stage: StagePlan, chunk: ChunkPl
 def trim_stage_frames(frames: torch.Tensor, stage: StagePlan) -> torch.Tensor:
     """Cut the concatenated decoded active chunks (time at dim -3) to ``stage.total_frames``.
 
+    frames [..., padded_frames, H, W] (e.g. pixels [3, T, H, W]) -> [..., total_frames, H, W].
+
     The reference keeps the last chunk's padding frames; we drop them.
     """
     if frames.shape[-3] != stage.padded_frames:

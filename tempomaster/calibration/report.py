@@ -35,6 +35,7 @@ PSNR_CAP_DB = 100.0
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| (Frobenius, in float64) of two tensors of the same shape."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 

@@ -92,7 +92,10 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
 
 
 def load_into(model_factory, state: Mapping[str, torch.Tensor], path, what: str, dtype: torch.dtype):
-    """Build a model on the meta device, check the state dict, assign it cast to dtype."""
+    """Build a model on the meta device, check the state dict, assign it cast to dtype.
+
+    Every tensor of `state` must have the shape of the model's parameter of the same key.
+    """
     with torch.device("meta"):
         model = model_factory()
     check_state_dict(model.state_dict(), state, path, what)
@@ -287,7 +290,10 @@ def load_dit(
     source: str = "wan_video_dit_config",
     state: Mapping[str, torch.Tensor] | None = None,
 ):
-    """Load the DiT alone; `declared` (a release dit config) must agree with the tensors."""
+    """Load the DiT alone; `declared` (a release dit config) must agree with the tensors.
+
+    `state`, when given, is the file's state dict already read (its tensor shapes set every dimension).
+    """
     from .dit import WanDiT
 
     state = read_state_dict(path) if state is None else state
@@ -354,6 +360,8 @@ def checkpoint_preset(
     Without one, the built-in preset whose DiT width the files have lends its
     name and generation defaults (sizes, steps) and nothing else; a width no
     preset has takes the release's defaults. Only the files are read (memory-mapped).
+    `dit_state` is the DiT file's state dict when already read; the width is the
+    shape of its `patch_embedding.weight` [dim, in_dim, pt, ph, pw].
     """
     dit_state = read_state_dict(paths.dit) if dit_state is None else dit_state
     dim = int(_need(dit_state, "patch_embedding.weight", paths.dit).shape[0])

@@ -53,6 +53,7 @@ class SequenceParallel:
         return balanced_shares(tokens, self.size)
 
     def shard(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's consecutive slice of ``t`` along ``dim``: [B, L, ...] -> [B, L_i, ...] for dim=1."""
         start, stop = self.bounds(t.shape[dim])[self.rank]
         return t.narrow(dim, start, stop - start)
 
@@ -146,6 +147,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> [..., dim], normalised in float32, returned in x's dtype."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
@@ -168,6 +170,7 @@ class ScaledDotProductAttention(nn.Module):
     """
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Lq, heads, head_dim], k, v [B, Lk, heads, head_dim] -> [B, Lq, heads, head_dim]."""
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
 
@@ -199,6 +202,10 @@ class SelfAttention(_Attention):
     def forward(
         self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, sp: SequenceParallel | None = None
     ) -> torch.Tensor:
+        """x [B, L, dim], rope_cos/rope_sin [B, L, head_dim/2] float32 -> [B, L, dim].
+
+        With ``sp``, L is this rank's token shard L_i and the attention still sees all L tokens.
+        """
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
         v = self._heads(self.v(x))
@@ -213,6 +220,7 @@ class SelfAttention(_Attention):
 
 class CrossAttention(_Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] attends to context [B, text_len, dim] (already embedded) -> [B, L, dim]."""
         q = self._heads(self.norm_q(self.q(x)))
         k = self._heads(self.norm_k(self.k(context)))
         return self._attend(q, k, self._heads(self.v(context)))
@@ -230,7 +238,8 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x, context, t_mod, rope_cos, rope_sin, sp: SequenceParallel | None = None):
-        # t_mod: [B, 6, dim] -> six [B, 1, dim] modulation vectors.
+        """x [B, L, dim], context [B, text_len, dim], t_mod [1 or B, 6, dim], rope [B, L, head_dim/2] -> [B, L, dim]."""
+        # t_mod -> six [1 or B, 1, dim] modulation vectors.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.modulation.to(t_mod.dtype) + t_mod
         ).chunk(6, dim=1)
@@ -252,6 +261,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], t [B, dim] (time embedding) -> [B, L, out_dim * pt*ph*pw]."""
         shift, scale = (self.modulation.to(t.dtype) + t[:, None, :]).chunk(2, dim=1)
         return self.head(_layer_norm(x, self.norm) * (1 + scale) + shift)
 
@@ -282,11 +292,14 @@ class WanDiT(nn.Module):
         return self.patch_embedding.weight.dtype
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, in_dim, f, h, w] -> [B, f*(h/2)*(w/2), dim], tokens ordered (frame, row, column).
+        """x [B, in_dim, f, h, w] -> [B, f*(h/2)*(w/2), dim], tokens ordered (frame, row, column)."""
         return self.patch_embedding(x).flatten(2).transpose(1, 2)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        # [B, L, out_dim*pt*ph*pw] (channels last inside a patch) -> [B, out_dim, f, h, w]
+        """x [B, L, out_dim*pt*ph*pw] (channels last inside a patch) -> [B, out_dim, f, h, w].
+
+        ``grid`` is the token grid (f/pt, h/ph, w/pw), L = its product.
+        """
         f, h, w = grid
         pt, ph, pw = self.cfg.patch_size
         c = self.cfg.out_dim

@@ -89,6 +89,8 @@ def check_t5_dtype(dtype: torch.dtype) -> torch.dtype:
 def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int, max_distance: int = MAX_DISTANCE) -> torch.Tensor:
     """Bidirectional T5 bucketing of relative positions (key - query).
 
+    rel_pos: integer tensor of any shape (e.g. [L, L]) -> int64 buckets in [0, num_buckets), same shape.
+
     Half the buckets are for keys after the query, half for keys before it.
     Within each half, distances below num_buckets // 4 get their own bucket and
     larger ones share log-spaced buckets up to max_distance.
@@ -122,7 +124,7 @@ class T5LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, L, dim]
+        """x [B, L, dim] -> [B, L, dim] in the weight's dtype."""
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * x.type_as(self.weight)
@@ -178,7 +180,7 @@ class T5FeedForward(nn.Module):
         self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, L, dim] -> [B, L, dim_ffn] -> [B, L, dim]
+        """x [B, L, dim] -> [B, L, dim_ffn] -> [B, L, dim]."""
         return self.fc2(self.fc1(x) * self.gate(x))
 
 
@@ -193,7 +195,7 @@ class T5RelativeEmbedding(nn.Module):
         self.embedding = nn.Embedding(num_buckets, num_heads)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
-        # buckets: [L, L] int64 -> bias [1, N, L, L]
+        """buckets [L, L] int64 -> bias [1, N, L, L] (N heads)."""
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -298,7 +300,8 @@ def wan_t5_to_transformers(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     """Rename a Wan2.1 umT5 encoder state dict to transformers' `UMT5EncoderModel`.
 
     Used by the tests as an independent oracle. Returns a new dict; tensors are
-    shared, not copied. `shared.weight` and `encoder.embed_tokens.weight` both
+    shared, not copied, and keep their shapes (both layouts store Linear weights
+    as [out, in]). `shared.weight` and `encoder.embed_tokens.weight` both
     get the token embedding (transformers ties them).
     """
     block_map = {

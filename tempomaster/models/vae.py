@@ -42,51 +42,11 @@ import torch.nn.functional as F
 from .presets import VAEConfig
 from .vae_tiling import TileSpec, tiled_decode, tiled_encode
 
-__all__ = [
-    "WanVAE",
-    "CausalCache",
-    "TileSpec",
-    "LATENTS_MEAN",
-    "LATENTS_STD",
-]
+__all__ = ["WanVAE", "CausalCache", "TileSpec", "LATENTS_MEAN", "LATENTS_STD"]
 
 # Per-channel latent statistics of the Wan2.1 VAE (Wan2.1 `WanVAE.mean/std`).
-LATENTS_MEAN = (
-    -0.7571,
-    -0.7089,
-    -0.9113,
-    0.1075,
-    -0.1745,
-    0.9653,
-    -0.1517,
-    1.5508,
-    0.4134,
-    -0.0715,
-    0.5517,
-    -0.3632,
-    -0.1922,
-    -0.9497,
-    0.2503,
-    -0.2921,
-)
-LATENTS_STD = (
-    2.8184,
-    1.4541,
-    2.3275,
-    2.6558,
-    1.2196,
-    1.7708,
-    2.6052,
-    2.0743,
-    3.2687,
-    2.1526,
-    2.8652,
-    1.5579,
-    1.6382,
-    1.1253,
-    2.8251,
-    1.9160,
-)
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)  # fmt: skip
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +81,7 @@ class _CacheIO:
         return self.inputs[len(self.outputs)]
 
     def put(self, t: torch.Tensor) -> None:
+        """Store the successor of the slot last taken: t [B, C, frames, H/d, W/d], the shape `take()` gave."""
         self.outputs.append(t)
 
     def done(self) -> list[torch.Tensor]:
@@ -209,6 +170,7 @@ class CausalConv3d(nn.Conv3d):
         return held[1]
 
     def step(self, x: torch.Tensor, io: _CacheIO | None) -> torch.Tensor:
+        """x [B, C_in, T, H, W] -> [B, C_out, T (T/2 at time stride 2), H, W]; the frames before come from `io`."""
         if self.cache_frames == 0:
             return super().forward(x)
         cache = io.take()
@@ -227,6 +189,7 @@ class RMS_norm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, T, H, W] (or [N, C, H, W] with `images`) -> the same shape, normalised over C."""
         # F.normalize(x, dim=1) written out: its vector norm over the channel dim is
         # 20x slower on a CPU (measured: 31 against 1.6 ms at [8, 8, 6, 64, 96]).
         xf = x.float()
@@ -247,6 +210,7 @@ class Upsample2x(nn.Module):
     resize_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W] -> [N, C, 2H, 2W]."""
         if self.resize_dtype is not None and x.dtype != self.resize_dtype:
             return F.interpolate(x.to(self.resize_dtype), scale_factor=2.0, mode="nearest").to(x.dtype)
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -284,6 +248,7 @@ class Resample(nn.Module):
         return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
 
     def step(self, x: torch.Tensor, io: _CacheIO) -> torch.Tensor:
+        """x [B, C, T, H, W] -> up [B, C/2, 2T, 2H, 2W] or down [B, C, T/2, H/2, W/2] (T kept by 2d and on the first chunk)."""
         if self.mode == "upsample3d":
             if io.first:
                 io.put(io.take())  # Wan skips time_conv on the first chunk; cache stays zero
@@ -317,6 +282,7 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else None
 
     def step(self, x: torch.Tensor, io: _CacheIO) -> torch.Tensor:
+        """x [B, C_in, T, H, W] -> [B, C_out, T, H, W]."""
         h = x if self.shortcut is None else self.shortcut.step(x, io)
         for layer in self.residual:
             x = layer.step(x, io) if isinstance(layer, CausalConv3d) else layer(x)
@@ -333,6 +299,7 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def step(self, x: torch.Tensor, io: _CacheIO | None = None) -> torch.Tensor:
+        """x [B, C, T, H, W] -> the same shape; attention over the H*W positions of each frame."""
         identity = x
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
@@ -386,6 +353,7 @@ class Encoder3d(nn.Module):
         )
 
     def step(self, x: torch.Tensor, io: _CacheIO) -> torch.Tensor:
+        """x [B, 3, T, H, W] pixels -> [B, z_dim, T/4 (1 on the first chunk: T = 1), H/8, W/8]."""
         x = self.conv1.step(x, io)
         x = _step_all(self.downsamples, x, io)
         x = _step_all(self.middle, x, io)
@@ -425,6 +393,7 @@ class Decoder3d(nn.Module):
         )
 
     def step(self, x: torch.Tensor, io: _CacheIO) -> torch.Tensor:
+        """x [B, z_dim, 1, h, w] (raw latents after conv2) -> pixels [B, 3, 1 on the first chunk else 4, 8h, 8w]."""
         x = self.conv1.step(x, io)
         x = _step_all(self.middle, x, io)
         x = _step_all(self.upsamples, x, io)
@@ -497,10 +466,12 @@ class WanVAE(nn.Module):
         return t.to(like.device, torch.float32).view(1, -1, 1, 1, 1)
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """mu [B, z, F, h, w] (raw latent mean) -> (mu - latents_mean) / latents_std per channel, same dtype."""
         z = (mu.float() - self._stat(self.latents_mean, mu)) / self._stat(self.latents_std, mu)
         return z.to(mu.dtype)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, z, F, h, w] (normalised latents) -> raw latents z * latents_std + latents_mean, same dtype."""
         mu = z.float() * self._stat(self.latents_std, z) + self._stat(self.latents_mean, z)
         return mu.to(z.dtype)
 
@@ -574,11 +545,13 @@ class WanVAE(nn.Module):
     # -- stateful wrappers ------------------------------------------------------
 
     def encode_chunk(self, frames: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """`encoder_step` on `cache` (updated in place): frames [B, 3, 1 or 4k, H, W] -> latents [B, z, 1 or k, H/8, W/8]."""
         mu, cache.tensors = self.encoder_step(frames, cache.tensors, cache.first)
         cache.first = False
         return mu
 
     def decode_chunk(self, latents: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """`decoder_step` on `cache` (updated in place): latents [B, z, 1, h, w] -> frames [B, 3, 1 or 4, 8h, 8w]."""
         x, cache.tensors = self.decoder_step(latents, cache.tensors, cache.first)
         cache.first = False
         return x

@@ -84,7 +84,7 @@ class APGState:
         self.running_average = None
 
     def update(self, delta: torch.Tensor) -> torch.Tensor:
-        """Fold ``delta`` into the buffer and return the new buffer ``m``.
+        """Fold ``delta`` ``[B, C, F, H, W]`` into the buffer and return the new buffer ``m`` (same shape).
 
         First call: ``m = delta``.  Later calls: ``m = delta + momentum * m``.
         A momentum of 0 means no buffer at all: ``delta`` is returned as is.
@@ -108,17 +108,23 @@ MomentumBuffer = APGState
 
 
 def denoised_from_velocity(z: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
-    """``D = z - t * v``: the clean-sample estimate implied by velocity ``v``."""
+    """``D = z - t * v``: the clean-sample estimate implied by velocity ``v``.
+
+    z, v: latents ``[B, C, F, H, W]``; t = timestep / 1000 = sigma, in [0, 1].
+    """
     return z - t * v
 
 
 def velocity_from_denoised(z: torch.Tensor, denoised: torch.Tensor, t: float) -> torch.Tensor:
-    """``v = (z - D) / (t + 1e-8)``, the inverse of ``denoised_from_velocity``."""
+    """``v = (z - D) / (t + 1e-8)``, the inverse of ``denoised_from_velocity``.
+
+    z, denoised: latents ``[B, C, F, H, W]``; t = timestep / 1000 = sigma, in [0, 1].
+    """
     return (z - denoised) / (t + VELOCITY_EPS)
 
 
 def cfg_denoised(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on denoised estimates: ``D_u + w * (D_c - D_u)``."""
+    """Classifier-free guidance on denoised estimates ``[B, C, F, H, W]``: ``D_u + w * (D_c - D_u)``."""
     return d_uncond + scale * (d_cond - d_uncond)
 
 
@@ -141,6 +147,7 @@ def rescale_per_frame(delta: torch.Tensor, threshold: float) -> torch.Tensor:
 def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``v0`` into parts parallel and orthogonal to ``v1``, per batch item.
 
+    v0, v1: ``[B, ...]`` of one shape (latents ``[B, C, F, H, W]`` here).
     Each batch item is treated as one flat vector over all its elements.  The
     arithmetic is float64 (the dot products run over millions of elements);
     both parts come back in ``v0.dtype``.
@@ -156,7 +163,7 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def apg_denoised(d_cond: torch.Tensor, d_uncond: torch.Tensor, scale: float, state: APGState) -> torch.Tensor:
-    """Adaptive projected guidance on denoised estimates; updates ``state``'s momentum."""
+    """Adaptive projected guidance on denoised estimates ``[B, C, F, H, W]``; updates ``state``'s momentum."""
     delta = state.update(d_cond - d_uncond)
     delta = rescale_per_frame(delta, state.norm_threshold)
     parallel, orthogonal = project(delta, d_cond)

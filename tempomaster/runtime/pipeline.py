@@ -256,6 +256,9 @@ def denoise_stage(
 ) -> tuple[torch.Tensor, int]:
     """Flow-matching loop of one stage over its active chunks; returns the clean latents and the DiT calls made.
 
+    y: ``[n, 4 + z_dim, f, h, w]`` mask + condition latents of the n active chunks (h = H/8 pixels);
+    context, negative_context: ``[1, text_len, text_dim]`` (`encode_prompts`). The latents come back
+    as ``[n, z_dim, f, h, w]`` float32 on the backend's device.
     `on_step_end` gets a `StepEvent` after every step (it may raise to stop the run).
     With `request.step_cache`, the steps its plan marks reuse the last DiT
     output (cond and uncond together: one decision per batched call) and

@@ -59,7 +59,7 @@ def shift_sigmas(u: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
 
 
 def sigmas_to_timesteps(sigmas: torch.Tensor) -> torch.Tensor:
-    """Model timesteps for ``sigmas``: ``1000 * sigma``, same dtype."""
+    """Model timesteps for ``sigmas`` (any shape, e.g. ``[N]``, in [0, 1]): ``1000 * sigma``, same shape and dtype."""
     return sigmas * NUM_TRAIN_TIMESTEPS
 
 
@@ -104,6 +104,8 @@ class StageSchedule:
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """One flow-match Euler step: ``x + v * (sigma_next - sigma)``.
+
+    x, v: latents and velocity of one shape (``[B, C, F, H, W]`` in the pipeline); sigmas in [0, 1].
 
     Dtype behaviour: the update is formed in float32 (or in float64 when ``x``
     is float64) whatever the dtypes of ``x`` and ``v``, then cast back to

@@ -104,13 +104,16 @@ def build_clip_tasks(
     worse on them (measured: stage 1's largest position error 4.6 px on
     ground-truth frames, 7.3 px on round-tripped ones; median of 10 clips).
 
-    Returns rows grouped by stage: ``x0``/``cond`` float16 latents, ``mask``,
-    ``rope``, ``stage``, ``object`` (see `TaskSet`), ``clip`` (the clip's index in ``clips``).
+    ``clips``: float32 ``[3, 68, H, W]`` in [-1, 1] each (`render_clip`).
+    Returns rows grouped by stage, 3 per clip: ``x0``/``cond`` float16 latents
+    ``[N, 16, f, H/8, W/8]``, ``mask``, ``rope``, ``stage``, ``object`` (see `TaskSet`),
+    ``clip`` (the clip's index in ``clips``).
     """
     height, width = clips[0].shape[-2:]
     plans = plan_clip_tasks(rngs, references)
 
     def encode(videos: list[torch.Tensor]) -> torch.Tensor:
+        """``[3, T, H, W]`` videos in [-1, 1] -> their normalised latents ``[len(videos), 16, f, H/8, W/8]``, in order."""
         # Stage 0 without a reference image conditions on an all-zero video (most clips): encoded once, alone.
         blank = [not v.any() for v in videos]
         rest = [v for v, b in zip(videos, blank) if not b]
@@ -174,12 +177,18 @@ def plan_clip_tasks(rngs: list[np.random.Generator], references: list[bool]) -> 
 
 
 def task_target(clip: torch.Tensor, stage, chunk) -> torch.Tensor:
-    """The pixel frames a task's chunk generates: ``clip`` at the stage's frame rate, the chunk's span."""
+    """The pixel frames a task's chunk generates: ``clip`` at the stage's frame rate, the chunk's span.
+
+    clip ``[3, 68, H, W]`` (24 fps, in [-1, 1]) -> ``[3, chunk.num_frames, H, W]``.
+    """
     return clip[:, :: stage.interval][:, chunk.start : chunk.start + chunk.num_frames]
 
 
 def task_object_cover(clips: list[torch.Tensor], plans: list[tuple]) -> torch.Tensor:
-    """`object_latent_cover` of every task's target chunk, rows grouped by stage as `build_clip_tasks`'s."""
+    """`object_latent_cover` of every task's target chunk, rows grouped by stage as `build_clip_tasks`'s.
+
+    clips ``[3, 68, H, W]`` each -> bool ``[len(INTERVALS) * len(clips), f, H/8, W/8]``.
+    """
     return torch.stack(
         [
             object_latent_cover(task_target(clip, stages[s], chunks[s]))

@@ -41,7 +41,10 @@ def vae_training_batch(
 
 
 def vae_encode_train(vae, video: torch.Tensor) -> torch.Tensor:
-    """The VAE's causal chunked encode, with gradients (encode() itself is inference-only)."""
+    """The VAE's causal chunked encode, with gradients (encode() itself is inference-only).
+
+    video ``[B, 3, 1 + 4k, H, W]`` in [-1, 1] -> normalised latents ``[B, z, 1 + k, H/8, W/8]``.
+    """
     cache = vae.new_encoder_cache(video.shape[0], video.shape[3], video.shape[4])
     out = [vae.encode_chunk(video[:, :, :1], cache)]
     for i in range(1, video.shape[2], vae.temporal_ratio):
@@ -50,6 +53,7 @@ def vae_encode_train(vae, video: torch.Tensor) -> torch.Tensor:
 
 
 def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
+    """The causal decode with gradients: normalised latents ``[B, z, F, h, w]`` -> ``[B, 3, 1 + 4(F-1), 8h, 8w]``, unclamped."""
     cache = vae.new_decoder_cache(z.shape[0], z.shape[3], z.shape[4])
     return torch.cat([vae.decode_chunk(z[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2)
 
@@ -57,6 +61,8 @@ def vae_decode_train(vae, z: torch.Tensor) -> torch.Tensor:
 def vae_loss(vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Weighted L1 + L2 reconstruction through slightly noisy latents, plus ``motion_weight`` times
     `motion_error` (the fine-tune's term).
+
+    video ``[B, 3, 1 + 4k, H, W]`` in [-1, 1]; the loss is a scalar.
 
     No penalty on the latents' statistics: one pulling them to unit variance
     during training collapses the encoder to a fixed pattern (measured: the
@@ -110,7 +116,7 @@ def soft_object_centroids(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def centroid_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-    """Mean L1 distance (px) between the soft object centroids of ``recon`` and ``video``.
+    """Mean L1 distance (px) between the soft object centroids of ``recon`` and ``video`` ``[B, 3, T, H, W]``.
 
     Counted only in frames where the whole object is in view: at least 30
     pixels and 80% of its largest mass in the clip (a crop can cut it).
@@ -137,6 +143,8 @@ def latent_statistics(vae, seed: int, clips: int = 48) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def fold_latent_statistics(vae, mean: torch.Tensor, std: torch.Tensor) -> None:
     """Rescale the VAE so its normalised latents get zero mean and unit std per channel; decode(encode(x)) is unchanged.
+
+    mean, std: ``[z]``, the normalised latents' per-channel statistics (`latent_statistics`).
 
     The latent normalisation (z = (mu - M) / S, Wan2.1's 16 constants) is
     fixed, so the correction z' = (z - m) / s goes into the weights: the
@@ -257,7 +265,10 @@ def train_vae_motion(models: ModelSet, cfg: ToyTrainConfig, work: Path, progress
 def decoder_loss(
     vae, video: torch.Tensor, gen: torch.Generator, motion_weight: float, centroid_weight: float
 ) -> tuple[torch.Tensor, dict]:
-    """The decoder fine-tune's loss: `vae_loss`'s terms on the frozen encoder's latents, plus the centroid term."""
+    """The decoder fine-tune's loss: `vae_loss`'s terms on the frozen encoder's latents, plus the centroid term.
+
+    video ``[B, 3, 1 + 4k, H, W]`` in [-1, 1]; the loss is a scalar.
+    """
     with torch.no_grad():
         z = vae_encode_train(vae, video)
     recon = vae_decode_train(vae, z + 0.05 * torch.randn(z.shape, generator=gen))

@@ -15,6 +15,7 @@ ALIGNMENT = 256
 
 
 def is_aligned(t: torch.Tensor, alignment: int = ALIGNMENT) -> bool:
+    """Whether `t`'s first element (any shape, any dtype) sits on an `alignment`-byte boundary."""
     return t.data_ptr() % alignment == 0
 
 
@@ -30,7 +31,7 @@ def aligned_empty(shape, dtype: torch.dtype, device, alignment: int = ALIGNMENT)
 
 
 def bindable(t: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
-    """`t` itself when contiguous and aligned, else an aligned contiguous copy of it."""
+    """`t` itself when contiguous and aligned, else an aligned contiguous copy of it (same shape and dtype)."""
     if t.is_contiguous() and is_aligned(t, alignment):
         return t
     out = aligned_empty(t.shape, t.dtype, t.device, alignment)

@@ -117,6 +117,7 @@ class GraphRunner:
         return symbols
 
     def check_input(self, name: str, tensor: torch.Tensor, symbols: dict[str, int] | None = None) -> None:
+        """Raise ManifestError unless `tensor`'s shape is the build's for `name` (batch = tensor.shape[0])."""
         want = self.shape(name, tensor.shape[0], symbols)
         if tuple(tensor.shape) != want:
             raise ManifestError(
@@ -125,7 +126,10 @@ class GraphRunner:
             )
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Run once with every input and output bound to the given tensors' memory."""
+        """Run once with every input and output bound to the given tensors' memory.
+
+        Each tensor is contiguous, in its graph's dtype and shape (`prepare`, `empty`), on the session's device.
+        """
         if self._device.type == "cuda":
             # onnxruntime reads the bound buffers on its own stream: torch's writes to them must be done first.
             torch.cuda.current_stream(self._device).synchronize()
@@ -143,7 +147,7 @@ class GraphRunner:
         self.session.run_with_iobinding(binding)
 
     def prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Cast to the graph's dtype on the session's device, contiguous (a no-op when it already is)."""
+        """Cast to the graph's dtype on the session's device, contiguous (a no-op when it already is); same shape."""
         return tensor.to(self._device, self.dtype(name)).contiguous()
 
     def empty(self, name: str, batch: int, symbols: dict[str, int] | None = None) -> torch.Tensor:

@@ -143,6 +143,7 @@ class PlanRunner:
         return {name: tuple(ctx.get_tensor_shape(name)) for name in self.outputs}
 
     def output_shapes(self, feeds: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """The shape of every output for the inputs `feeds` (name -> CUDA tensor), from the plan's shape inference."""
         return self._bind(self.context, {n: bindable(t) for n, t in feeds.items()})
 
     def _launch(self, ctx) -> None:
@@ -154,7 +155,10 @@ class PlanRunner:
         current.wait_stream(stream)  # torch reads the outputs after
 
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """One call with every input and output bound to the given (CUDA) tensors; misaligned ones go through copies."""
+        """One call with every input and output bound to the given (CUDA) tensors; misaligned ones go through copies.
+
+        Each output buffer must have the shape `output_shapes(feeds)` gives for its name.
+        """
         ctx = self.context
         shapes = self._bind(ctx, {n: bindable(t) for n, t in feeds.items()})
         bound = {}
