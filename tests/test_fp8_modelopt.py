@@ -207,7 +207,7 @@ class Graph:
         between = []
         node = self.producer[tensor]
         while node.op_type != "DequantizeLinear":
-            between.append((node.op_type, {a.name: a.i for a in node.attribute}))
+            between.append((node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}))
             assert len(node.input) == 1, f"{node.op_type} between a DequantizeLinear and the attention"
             node = self.producer[node.input[0]]
         dq = node
@@ -316,6 +316,8 @@ def test_ours_quantizes_q_k_v_into_the_attention_node(our_graph):
 
 def test_same_block_same_scales_one_deliberate_difference(modelopt_graph, our_graph):
     """Node by node: the q, k, v Q/DQ agree (placement, E4M3, scale); the softmax-output Q/DQ is ModelOpt's alone."""
+    import onnx
+
     mo, mo_amax = modelopt_graph
     ours, our_amax = our_graph
     g_mo, g_ours = Graph(mo), Graph(ours)
@@ -330,6 +332,8 @@ def test_same_block_same_scales_one_deliberate_difference(modelopt_graph, our_gr
         assert mo_amax[which] == pytest.approx(our_amax[which], rel=0.05), which
         assert theirs[which]["scale"] == pytest.approx(mine[which]["scale"], rel=0.05), which
         assert theirs[which]["scale_dtype"] == mine[which]["scale_dtype"]
+        # the DequantizeLinear feeds the compute: directly in ours, through one Cast to float in ModelOpt's
+        assert mine[which]["between"] == [] and theirs[which]["between"] == [("Cast", {"to": onnx.TensorProto.FLOAT})]
     # The deliberate difference. ModelOpt: softmax -> Q/DQ(1/448) -> MatMul, the decomposed
     # MatMul-Softmax-MatMul that TensorRT must recognise as one attention. Ours: no softmax-output
     # Q/DQ, because the one ONNX Attention node (TensorRT's IAttention, which stays fused at
