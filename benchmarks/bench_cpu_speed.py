@@ -418,7 +418,13 @@ def frames_agreement(a: dict, b: dict) -> dict:
 
 
 def ratios(summary: dict) -> None:
-    """Each variant's speed against the release and the previous revision's same backend (> 1: faster)."""
+    """Each variant's speed against the release and the previous revision's same backend (> 1: faster).
+
+    speedup_vs_X: X's median over this variant's median. paired_speedup_vs_X:
+    the median over rounds of X's seconds over this variant's in the same
+    round (`seconds_all` is in round order), which a load that comes and goes
+    between rounds disturbs less.
+    """
     for name, v in summary.items():
         backend = name.split(":", 1)[1]
         refs = {"release": summary.get("release:torch"), "previous": summary.get(f"previous:{backend}")}
@@ -426,6 +432,8 @@ def ratios(summary: dict) -> None:
         for ref_name, ref in refs.items():
             if ref is not None and ref is not v:
                 v[f"speedup_vs_{ref_name}"] = round(ref["seconds_median"] / v["seconds_median"], 2)
+                per_round = [a / b for a, b in zip(ref["seconds_all"], v["seconds_all"])]
+                v[f"paired_speedup_vs_{ref_name}"] = round(statistics.median(per_round), 2)
 
 
 def main(argv=None) -> int:
@@ -517,7 +525,7 @@ def main(argv=None) -> int:
     tmp.replace(out)
     for k, v in summary.items():
         speed = ", ".join(
-            f"{name[len('speedup_vs_') :]} {x:.2f}x" for name, x in v.items() if name.startswith("speedup_vs_")
+            f"{name.replace('speedup_vs_', 'vs ')} {x:.2f}x" for name, x in v.items() if "speedup_vs_" in name
         )
         print(
             f"{k:22s} {v['seconds_median']:7.2f} s  ({speed or 'reference'})  "
