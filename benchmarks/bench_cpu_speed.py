@@ -24,6 +24,9 @@ models are written once in the release's checkpoint layout into --build-dir
 and read by the release's own loader, in float32 on the CPU. Its frames are
 the reference the others are compared with (PSNR, max abs), and every
 variant's speed is given as a ratio to it (and to --previous's same backend).
+The release's imports beyond ours, and the chart's matplotlib: `pip install -e
+'.[bench-release]'`. With --release, the chart of every stored result that has
+the release (one panel per scale) is redrawn: results/cpu-speed-vs-release.png.
 
 A variant is a backend and a source tree: this checkout, or --previous (a
 git worktree of an earlier commit; its own `tempomaster` is imported, from

@@ -2,7 +2,9 @@
 
 It makes `tm-run generate` work on a fresh machine with nothing downloaded,
 and `write_tiny_checkpoints` writes it in the release's file layout so tests
-exercise the same loading path as real checkpoints.
+exercise the same loading path as real checkpoints (`write_release_checkpoints`
+does the same for any model set with the tiny tokenizer: the CPU benchmark's
+weights, for the release's own loader).
 """
 
 from __future__ import annotations
