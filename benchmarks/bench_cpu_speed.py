@@ -431,7 +431,8 @@ def ratios(summary: dict) -> None:
     for name, v in summary.items():
         backend = name.split(":", 1)[1]
         refs = {"release": summary.get("release:torch"), "previous": summary.get(f"previous:{backend}")}
-        refs["previous_torch"] = summary.get("previous:torch")
+        if backend != "torch":
+            refs["previous_torch"] = summary.get("previous:torch")
         for ref_name, ref in refs.items():
             if ref is not None and ref is not v:
                 v[f"speedup_vs_{ref_name}"] = round(ref["seconds_median"] / v["seconds_median"], 2)
