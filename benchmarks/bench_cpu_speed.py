@@ -399,7 +399,33 @@ def summarise(runs: list[dict]) -> dict:
         "load_seconds_median": round(statistics.median(r["load_seconds"] for r in runs), 2),
         "stages": stages,
         "first_vs_later_calls": first_and_later(runs),
+        "calls_by_shape": calls_by_shape(runs),
     }
+
+
+def calls_by_shape(runs: list[dict]) -> list[dict]:
+    """Per call kind and input shape: calls per run and the median seconds of one call (over every run's calls),
+    the first call of each run left out when it has later ones of its shape; where the time goes, e.g. DiT calls
+    by batch size."""
+    groups: dict[tuple, list[list[float]]] = {}
+    for run in runs:
+        per_run: dict[tuple, list[float]] = {}
+        for c in run["calls"]:
+            per_run.setdefault((c["method"], tuple(c["shape"])), []).append(c["seconds"])
+        for key, seconds in per_run.items():
+            groups.setdefault(key, []).append(seconds)
+    out = []
+    for (method, shape), per_run in groups.items():
+        pooled = [x for seconds in per_run for x in (seconds[1:] if len(seconds) > 1 else seconds)]
+        out.append(
+            {
+                "method": method,
+                "shape": list(shape),
+                "calls_per_run": len(per_run[0]),
+                "seconds_median": round(statistics.median(pooled), 3),
+            }
+        )
+    return out
 
 
 def frames_agreement(a: dict, b: dict) -> dict:
