@@ -2,7 +2,9 @@
 
 It makes `tm-run generate` work on a fresh machine with nothing downloaded,
 and `write_tiny_checkpoints` writes it in the release's file layout so tests
-exercise the same loading path as real checkpoints.
+exercise the same loading path as real checkpoints (`write_release_checkpoints`
+does the same for any model set with the tiny tokenizer: the CPU benchmark's
+weights, for the release's own loader).
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ def build_tiny_models(seed: int = TINY_SEED, dtype: torch.dtype = torch.float32)
 
 def tiny_release_config(root: Path) -> dict:
     """An inference_configs.json in the release's format pointing at a tiny set."""
-    cfg = get_preset("tiny").dit
-    d = get_preset("tiny").defaults
+    return release_config(root, get_preset("tiny"))
+
+
+def release_config(root: Path, preset) -> dict:
+    """An inference_configs.json in the release's format: the file set under `root`, `preset`'s DiT and defaults."""
+    cfg = preset.dit
+    d = preset.defaults
     return {
         "model_configs": {
             "wan_video_text_encoder_path": str(root / T5_FILE),
@@ -91,28 +98,39 @@ def tiny_release_config(root: Path) -> dict:
 
 
 def write_tiny_checkpoints(out_dir: str | os.PathLike, seed: int = TINY_SEED) -> Path:
-    """Write the tiny set in the release layout (bf16 files, like the release).
+    """Write the tiny set in the release layout (bf16 files, like the release)."""
+    out_dir = Path(out_dir).resolve()
+    return write_release_checkpoints(build_tiny_models(seed), out_dir, tiny_release_config(out_dir))
 
-    Everything goes to a temporary folder beside `out_dir` first and is renamed
-    into place, so a failure never leaves a half-written set.
+
+def write_release_checkpoints(models: ModelSet, out_dir: str | os.PathLike, config: dict) -> Path:
+    """Write `models` as the release's file set: the DiT and umT5 state dicts in
+    bf16 (as the release ships them), the VAE's in float32, the tiny tokenizer
+    (the only one a written set can carry) and `config` as inference_configs.json.
+
+    The DiT and umT5 weights must already be bf16 values (as `build_tiny_models`
+    makes them), so that the files hold exactly the models' numbers. Everything
+    goes to a temporary folder beside `out_dir` first and is renamed into
+    place, so a failure never leaves a half-written set.
     """
     from .tokenizer import build_tiny_tokenizer
 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UsageError(f"--out: {out_dir} exists and is not empty; choose a new directory")
+    dit, t5 = _bf16(models.dit.state_dict(), "DiT"), _bf16(models.t5.state_dict(), "umT5 encoder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    models = build_tiny_models(seed)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         (tmp / "encoders").mkdir()
-        torch.save(_bf16(models.dit.state_dict()), tmp / DIT_FILE)
-        torch.save(_bf16(models.t5.state_dict()), tmp / T5_FILE)
+        torch.save(dit, tmp / DIT_FILE)
+        del dit
+        torch.save(t5, tmp / T5_FILE)
         # The release's VAE file is float32.
         torch.save({k: v.float().contiguous() for k, v in models.vae.state_dict().items()}, tmp / VAE_FILE)
         build_tiny_tokenizer(tmp / TOKENIZER_DIR)
         with open(tmp / TINY_CONFIG_FILE, "w", encoding="utf-8") as fh:
-            json.dump(tiny_release_config(out_dir), fh, indent=2)
+            json.dump(config, fh, indent=2)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -124,5 +142,12 @@ def write_tiny_checkpoints(out_dir: str | os.PathLike, seed: int = TINY_SEED) ->
     return out_dir
 
 
-def _bf16(state: dict) -> dict:
-    return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
+def _bf16(state: dict, what: str) -> dict:
+    """The state dict in bf16; a value bf16 cannot hold exactly is an error (the file would differ from the model)."""
+    out = {}
+    for k, v in state.items():
+        b = v.detach().to(torch.bfloat16).contiguous()
+        if v.dtype != torch.bfloat16 and not torch.equal(b.to(v.dtype), v):
+            raise ValueError(f"{what} weight {k!r} is not a bf16 value; round the weights through bf16 before writing")
+        out[k] = b
+    return out
