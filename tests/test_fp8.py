@@ -777,6 +777,7 @@ def test_manifest_records_fp8(bf16_build, calibrated):
     from tempomaster.export.build import describe_fp8
 
     assert man["fp8"]["base"] == "bf16" and man["fp8"]["weight_scale"] == "tensor" and not man["fp8"]["twin"]
+    assert "Hadamard pair (H_q H_k^T = I)" in man["fp8"]["attention"]["qk_transform"]
     # the summary says whether FP8 attention is on and that on is the default
     assert "q/k/v of every self-attention (--fp8-attention on, the default)" in describe_fp8(man)
     off = {**man, "fp8": {**man["fp8"], "attention": {**man["fp8"]["attention"], "self": False}}}
