@@ -7,7 +7,8 @@ beside the velocity error and PSNR what `tempomaster.toy.quality` finds in
 each video: is the object there, does it move smoothly, does the video keep
 its blueprint. Variants: FP8 Linears (`all_stages`), FP8 Linears with
 stage-0 scales (`stage0_only`) and all FP8 (`all_fp8`: Linears and the
-self-attentions' q, k, v, what `--fp8-attention on` builds).
+self-attentions' q, k, v, q and k smoothed and rotated first, what
+`--fp8-attention on` builds).
 
 A prompt passes when its video meets the toy's own bounds (docs/toy.md,
 tests/test_toy_quality.py): the colour found in >= 90% of the frames, no
@@ -16,7 +17,12 @@ final frames >= 20 dB from their blueprint. The summary lists, per variant,
 the prompts that pass unquantized and fail with FP8.
 
     python -m benchmarks.fp8_report_toy [--calib-prompts 12] [--report-prompts 6]
+        [--variants all_stages,stage0_only,all_fp8] [--calibration DIR]
         [--out benchmarks/results/fp8_report_toy.json]
+
+--variants runs only those FP8 variants (the unquantized videos are always
+made). --calibration DIR keeps the calibration in DIR and, when DIR already
+holds one made on the same captions, reuses it instead of calibrating again.
 """
 
 from __future__ import annotations
@@ -67,12 +73,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calib-prompts", type=int, default=12)
     p.add_argument("--report-prompts", type=int, default=6)
+    p.add_argument("--variants", default=None, help="comma-separated FP8 variants to run (default: all)")
+    p.add_argument("--calibration", type=Path, default=None, help="keep (or reuse) the calibration in this folder")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fp8_report_toy.json"))
     args = p.parse_args(argv)
 
-    from tempomaster.calibration.collect import calibrate
+    from tempomaster.calibration.collect import calibrate, load_calibration
     from tempomaster.calibration.prompts import CalibrationPrompt
-    from tempomaster.calibration.report import format_report, quality_report
+    from tempomaster.calibration.report import VARIANTS, format_report, quality_report
+    from tempomaster.errors import UsageError
     from tempomaster.export.shapes import ExportShape
     from tempomaster.models.sources import load_model_set
     from tempomaster.toy.quality import measure_generation
@@ -80,16 +89,27 @@ def main(argv=None) -> int:
     models = load_model_set("toy", None, None, torch.float32)
     shape = ExportShape.from_preset(models.preset)
     calib, held = toy_prompt_split(args.calib_prompts, args.report_prompts)
+    variants = VARIANTS if args.variants is None else tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if not variants or set(variants) - set(VARIANTS):
+        p.error(f"--variants: choose among {', '.join(VARIANTS)}")
 
     def measure(prompt, result) -> dict:
         return measure_generation(result, prompt).as_dict()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+    def calibrated(folder: Path):
+        """The calibration in `folder` when made on these captions (and with the attention amax), else a new one."""
+        try:
+            cal = load_calibration(folder)
+            if [x["prompt"] for x in cal.data["prompts"]] == calib:
+                cal.attention_table()  # refuses one made before the q/k rotation
+                print(f"reusing the calibration in {folder}")
+                return cal, True
+        except UsageError:
+            pass
         cal = calibrate(
             models,
             shape,
-            tmp,
+            folder,
             prompts=[CalibrationPrompt(c) for c in calib],
             calib_set="full",
             seed=0,
@@ -98,7 +118,21 @@ def main(argv=None) -> int:
             progress=False,
             log=None,
         )
-        report = quality_report(models, shape, cal, prompts=len(held), held_out=held, measure=measure, progress=False)
+        return cal, False
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        cal, reused = calibrated(args.calibration or Path(tmp))
+        report = quality_report(
+            models,
+            shape,
+            cal,
+            prompts=len(held),
+            held_out=held,
+            measure=measure,
+            progress=False,
+            variants=variants,
+        )
         seconds = time.perf_counter() - start
     print(format_report(report))
     for prompt, figures in report["video_measures"].items():
@@ -128,6 +162,7 @@ def main(argv=None) -> int:
         "note": __doc__.split("\n\n")[1].replace("\n", " "),
         "calibration_prompts": calib,
         "calibration_videos": len(cal.data["prompts"]),
+        "calibration_reused": reused,
         "seconds_total": round(seconds, 1),
         "bounds": {
             "presence": PRESENCE_BOUND,

@@ -249,7 +249,8 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
     handles = [
         modules[n].register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].abs().max().item())) for n in seen
     ]
-    # what attention reads: v of block 1's self-attention, k of block 0's cross-attention
+    # what attention reads: v of block 1's self-attention, k of block 0's cross-attention,
+    # and q, k of block 0's self-attention as FP8 attention quantizes them (k less its token mean, rotated)
     attention_seen = {("blocks.1.self_attn", 2): [], ("blocks.0.cross_attn", 1): []}
     handles += [
         modules[f"{n}.attn"].register_forward_hook(
@@ -257,6 +258,15 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
         )
         for n, i in attention_seen
     ]
+    h_q, h_k = _hadamard_pair(tiny_models.dit.cfg.head_dim)
+    rotated_seen = {"q": [], "k": []}
+
+    def rotated_hook(m, a, o):
+        q, k = a[0].double(), a[1].double()
+        rotated_seen["q"].append(float((q @ h_q).abs().max()))
+        rotated_seen["k"].append(float(((k - k.mean(1, keepdim=True)) @ h_k).abs().max()))
+
+    handles.append(modules["blocks.0.self_attn.attn"].register_forward_hook(rotated_hook))
     backend = TorchBackend(tiny_models)
     original = backend.velocity
     backend.velocity = lambda *a: (calls.append(a[0].shape[0]), original(*a))[1]
@@ -276,6 +286,10 @@ def test_amax_against_own_hooks(tmp_path, tiny_models):
         rec = cal.data["attention"][n]
         assert rec[f"{'qkv'[i]}_amax_per_stage"] == pytest.approx(want, rel=0, abs=0)
         assert rec[f"{'qkv'[i]}_amax"] == max(want)
+    for which, values in rotated_seen.items():
+        want = [max(values[a:b]) for a, b in bounds]
+        got = cal.data["attention"]["blocks.0.self_attn"][f"{which}_rotated_amax_per_stage"]
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_quality_report(calibrated):
@@ -365,7 +379,8 @@ def test_bf16_graph_and_twin_quantize_the_same_layers(bf16_build, twin_build, ca
     inits = {i.name for i in model.graph.initializer}
     assert not [n for n in names if f"dit.{n}.weight" in inits]
     plain = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
-    assert len(plain) == len(names) + 2 + 3 + 1  # + text embedding (2), time embedding/projection (3 Gemm), head
+    # + text embedding (2), time embedding/projection (3 Gemm), head, and the q and k rotations of 2 self-attentions
+    assert len(plain) == len(names) + 2 + 3 + 1 + 2 * 2
 
 
 def test_fp8_weights_hold_one_byte(bf16_build, tiny_models):
@@ -379,9 +394,12 @@ def test_fp8_weights_hold_one_byte(bf16_build, tiny_models):
     assert fp8_bytes == quant_params + 1  # + the zero point
     total_params = sum(p.numel() for p in tiny_models.dit.parameters())
     # every other parameter in bf16 (2 bytes; equal norm weights may be stored once), plus 40 scalar scales
-    # of the Linears and 6 of the self-attentions at most
+    # of the Linears and 6 of the self-attentions at most, and the q and k rotations (head_dim^2 bf16 each;
+    # the same in every attention, so stored once or once per self-attention)
+    rotations = 2 * 2 * tiny_models.dit.cfg.head_dim**2
     rest = 2 * (total_params - quant_params)
-    assert quant_params + rest - 2 * 8 * 64 <= man["graphs"]["dit"]["weight_bytes"] <= quant_params + rest + 2 * 46 + 1
+    low = quant_params + rest - 2 * 8 * 64 + rotations
+    assert low <= man["graphs"]["dit"]["weight_bytes"] <= quant_params + rest + 2 * 46 + 1 + 2 * rotations
 
 
 def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, plain_dit):
@@ -408,8 +426,19 @@ def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, plain_dit):
             assert inits[q.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN
             scale = inits[f.input[1]]
             assert scale.data_type == onnx.TensorProto.BFLOAT16 and list(scale.dims) == []
-            module = f.input[1].removeprefix("dit.").rpartition(".attn.")[0]
-            amax = cal.data["attention"][module][f"{which}_amax"]
+            module = _attention_module(node)
+            # q and k: rotated by a constant Hadamard factor (k first less its token mean), quantized at that amax
+            amax = cal.data["attention"][module][f"{which}_rotated_amax" if which in "qk" else "v_amax"]
+            if which in "qk":
+                rotation = producer[q.input[0]]
+                assert rotation.op_type == "MatMul" and rotation.input[1] in inits
+                h = numpy_helper.to_array(inits[rotation.input[1]]).astype(np.float64)
+                want = _hadamard_pair(h.shape[0])["qk".index(which)].numpy()
+                assert np.array_equal(h, want), which
+                if which == "k":
+                    sub = producer[rotation.input[0]]
+                    assert sub.op_type == "Sub" and producer[sub.input[1]].op_type == "ReduceMean"
+                    assert producer[sub.input[1]].input[0] == sub.input[0]
             assert float(numpy_helper.to_array(scale).astype(np.float64)) == float(_bf16_scale(amax))
             quantized.setdefault(module, []).append(which)
     assert quantized == {f"blocks.{b}.self_attn": ["q", "k", "v"] for b in range(2)}
@@ -446,8 +475,42 @@ def test_calibration_without_attention_refused(calibrated, tiny_models, tmp_path
     assert not (tmp_path / "b").exists()
 
 
+def test_calibration_without_rotated_amax_refused(calibrated, tiny_models, tmp_path):
+    """An amax.json from before the q/k rotation: refused (one line, naming the attention) with FP8 attention."""
+    from tempomaster.calibration import export_fp8_onnx
+
+    _, cal = calibrated
+    old = json.loads(cal.path.read_text())
+    for rec in old["attention"].values():
+        for key in [k for k in rec if k.startswith(("q_rotated", "k_rotated"))]:
+            del rec[key]
+    path = tmp_path / "old" / "amax.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(old), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"old/amax.json: no amax of the rotated q and k for blocks.0.self_attn .*"):
+        export_fp8_onnx(
+            tiny_models,
+            SHAPE,
+            tmp_path / "b",
+            calibration=path,
+            graphs=["dit"],
+            attention=True,
+            progress=False,
+            log=None,
+        )
+    assert not (tmp_path / "b").exists()
+
+
 def _bf16_scale(amax):
     return torch.tensor(np.float32(amax) / np.float32(448)).to(torch.bfloat16).float()
+
+
+def _attention_module(node) -> str:
+    """ "blocks.N.self_attn" of an exported Attention node, read off the exporter's module namespace."""
+    import re
+
+    namespace = next(p.value for p in node.metadata_props if p.key == "namespace")
+    return re.findall(r"dit\.(blocks\.\d+\.(?:self|cross)_attn)\b", namespace)[-1]
 
 
 def _ort_with_codes(path, feeds):
@@ -455,7 +518,9 @@ def _ort_with_codes(path, feeds):
 
     Keys: the Linear ("blocks.0.ffn.0", named by the weight its MatMul reads;
     one Q/DQ may feed several) or the attention input ("blocks.0.self_attn:q",
-    named by its scale, as the Attention node reads no weight).
+    named by the Attention node's module and input position; not by its
+    scale, which the exporter may share between attentions whose bf16 scales
+    are equal).
     """
     import onnx
     import onnxruntime as ort
@@ -478,8 +543,8 @@ def _ort_with_codes(path, feeds):
                     names.append(w.removeprefix("dit.").removesuffix(".weight_t8"))
                 else:
                     assert user.op_type == "Attention", user.op_type
-                    module, _, which = dq.input[1].removeprefix("dit.").rpartition(".attn.")
-                    names.append(f"{module}:{which.removesuffix('_scale')}")
+                    which = "qkv"[list(user.input[:3]).index(dq.output[0])]
+                    names.append(f"{_attention_module(user)}:{which}")
         layers_of.append(names)
         model.graph.output.append(onnx.helper.make_tensor_value_info(q.output[0], onnx.TensorProto.FLOAT8E4M3FN, None))
     opts = ort.SessionOptions()
@@ -506,8 +571,11 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
     float32 noise upstream decides the rounding. The
     reference then takes onnxruntime's value there, so that one tie does not
     hide (or fake) agreement everywhere downstream; `flips` counts them.
-    `attention` ("blocks.N.self_attn" -> {"q", "k", "v"} amax) fake-quantizes
-    those attentions' inputs the same way, by a pre-hook on their attention module.
+    `attention` ("blocks.N.self_attn" -> {"q", "k", "v"} amax, q and k those of
+    the rotated tensors) fake-quantizes those attentions' inputs the same way,
+    by a pre-hook on their attention module that also smooths and rotates q
+    and k first (`_hadamard_pair`; the unquantized attention of the rotated
+    q, k is the original one).
     """
     import copy
 
@@ -553,18 +621,30 @@ def _hook_fake_quant_dit(dit, layers, skip=(), per_channel=None, ort_codes=None,
         if int(name.split(".")[1]) in skip:
             continue
         scales = {w: _bf16_scale(amax[w]) for w in "qkv"}
+        h_q, h_k = _hadamard_pair(dit.cfg.head_dim)
 
-        def attention_hook(mod, args, scales=scales, name=name):
-            return tuple(fake(t, scales[w], f"{name}:{w}", heads_first=True) for t, w in zip(args, "qkv"))
+        def attention_hook(mod, args, scales=scales, name=name, h_q=h_q.float(), h_k=h_k.float()):
+            q, k, v = args  # [B, L, heads, head_dim]
+            q, k = q @ h_q, (k - k.mean(1, keepdim=True)) @ h_k
+            return tuple(fake(t, scales[w], f"{name}:{w}", heads_first=True) for t, w in zip((q, k, v), "qkv"))
 
         modules[f"{name}.attn"].register_forward_pre_hook(attention_hook)
     return ref
 
 
+def _hadamard_pair(n):
+    """(H_q, H_k) float64 by Kronecker products: +-1 Hadamard scaled so that H_q @ H_k.T is the identity."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), h)
+    log2 = int(np.log2(n))
+    return torch.from_numpy(h / 2 ** ((log2 + 1) // 2)), torch.from_numpy(h / 2 ** (log2 // 2))
+
+
 def _attention_amax(cal, *kinds):
-    """The calibration's q/k/v amax for the attentions of `kinds`, read off amax.json's own keys."""
+    """The calibration's amax of what the attentions of `kinds` quantize (rotated q, k; v), read off amax.json."""
     return {
-        name: {w: rec[f"{w}_amax"] for w in "qkv"}
+        name: {"q": rec["q_rotated_amax"], "k": rec["k_rotated_amax"], "v": rec["v_amax"]}
         for name, rec in cal.data["attention"].items()
         if name.rsplit(".", 1)[1] in kinds
     }
@@ -694,7 +774,14 @@ def test_manifest_records_fp8(bf16_build, calibrated):
     out, man = bf16_build
     _, cal = calibrated
     assert man["precision"] == "fp8" and man["graphs"]["dit"]["precision"] == "fp8"
+    from tempomaster.export.build import describe_fp8
+
     assert man["fp8"]["base"] == "bf16" and man["fp8"]["weight_scale"] == "tensor" and not man["fp8"]["twin"]
+    assert "Hadamard pair (H_q H_k^T = I)" in man["fp8"]["attention"]["qk_transform"]
+    # the summary says whether FP8 attention is on and that on is the default
+    assert "q/k/v of every self-attention (--fp8-attention on, the default)" in describe_fp8(man)
+    off = {**man, "fp8": {**man["fp8"], "attention": {**man["fp8"]["attention"], "self": False}}}
+    assert "attention in bf16 (--fp8-attention off; the default is on)" in describe_fp8(off)
     assert man["fp8"]["scale_dtype"] == "bf16"
     assert man["fp8"]["high_precision_graphs"]["t5"] == "bf16"
     assert man["fp8"]["high_precision_graphs"]["vae_decoder"] == "bf16"
@@ -900,9 +987,10 @@ def test_flop_split_of_fp8_graph(bf16_build, plain_dit, tiny_models, capsys):
     assert split["attention_fp8"] == cfg.num_layers * 2 * tokens * tokens * cfg.dim
     model_split = dit_flops_split(cfg, 1, meta["latent_frames"][0], meta["latent_height"], meta["latent_width"], text)
     assert (model_split["fp8"], model_split["total"]) == (split["fp8"], split["total"])
-    # an unquantized graph: nothing FP8
+    # an unquantized graph: nothing FP8, and no q, k rotations ([tokens, dim] x [head_dim, head_dim] per head, 16-bit)
     plain = graph_flops_split(plain_dit[0] / "onnx" / "dit.onnx", {"batch": 1})
-    assert plain["fp8"] == 0 and plain["total"] == split["total"]
+    rotations = cfg.num_layers * 2 * (2 * tokens * cfg.dim * cfg.head_dim)
+    assert plain["fp8"] == 0 and plain["total"] == split["total"] - rotations
     assert main(["inspect", str(bf16_build[0])]) == 0
     out = capsys.readouterr().out
     share = split["fp8"] / split["total"]

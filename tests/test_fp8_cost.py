@@ -1,5 +1,8 @@
 """Calibration sets and their projected cost (calibration.cost), against figures derived by hand."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from tempomaster.errors import UsageError
@@ -79,7 +82,18 @@ def test_cli_fp8_attention_flags():
     opts = _fp8_options(args)
     assert opts.attention is True and opts.cross_attention is True and opts.calib_set == "full"
     defaults = _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b"]))
-    assert defaults.calib_set == "small" and defaults.attention is False and defaults.cross_attention is False
-    for flags in (["--fp8-attention", "on"], ["--fp8-cross-attention", "on"], ["--calib-set", "full"]):
+    # FP8 self-attention on by default: the toy report keeps every prompt with it (benchmarks/results)
+    assert defaults.calib_set == "small" and defaults.attention is True and defaults.cross_attention is False
+    off = _fp8_options(parser.parse_args(["build", "--precision", "fp8", "--out", "b", "--fp8-attention", "off"]))
+    assert off.attention is False
+    # the rule behind the default, read off the stored report
+    report = json.loads((Path(__file__).parents[1] / "benchmarks/results/fp8_report_toy.json").read_text())
+    assert report["pass_unquantized"] and report["kept"]["all_fp8"]["lost"] == []
+    for flags in (
+        ["--fp8-attention", "on"],
+        ["--fp8-attention", "off"],
+        ["--fp8-cross-attention", "on"],
+        ["--calib-set", "full"],
+    ):
         with pytest.raises(UsageError, match=f"{flags[0]}: only with --precision fp8"):
             _fp8_options(parser.parse_args(["onnx", "--precision", "bf16", "--out", "b", *flags]))

@@ -5,7 +5,8 @@ build's shape, one per calibration prompt, and records for every block
 Linear of the DiT the absolute maximum of its input over every DiT call of
 every stage and step (cond and uncond halves are one batch, so both count),
 and for every self- and cross-attention the absolute maxima of its q, k and
-v (after the norms and RoPE: what the attention itself reads).
+v (after the norms and RoPE: what the attention itself reads) and of q and
+k transformed as FP8 attention quantizes them (`qk_transform`).
 The maxima are kept per stage too, which is what the quality report needs to
 compare whole-trajectory scales with stage-0-only scales without a second
 run. Weights' amax is recorded per tensor (in amax.json) and per output
@@ -49,8 +50,9 @@ from ..build_format import (
 from ..errors import UsageError
 from ..interrupts import raise_if_interrupted
 from ..json_files import read_json_object
-from .fp8 import ATTENTION_INPUTS, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
+from .fp8 import ATTENTION_AMAX, ATTENTION_KINDS, BLOCK_LINEARS, attention_modules, quantizable_layers
 from .prompts import CALIB_SETS, DEFAULT_CALIB_SET, CalibrationPrompt, builtin_prompts, read_prompt_file
+from .qk_transform import hadamard_pair, transform_qk
 from .trajectory import make_request
 
 # the names a build folder knows its calibration by (build_format: export reads them too)
@@ -141,7 +143,10 @@ class Calibration:
         return isinstance(self.data.get("attention"), dict)
 
     def attention_table(self, stages: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
-        """ "blocks.N.<kind>" -> {"q", "k", "v"} amax over all stages (or the given ones): `fp8.quantize_dit`'s `attention`."""
+        """ "blocks.N.<kind>" -> {"q", "k", "v", "q_rotated", "k_rotated"} amax over all stages (or the given ones).
+
+        `fp8.quantize_dit`'s `attention`.
+        """
         if not self.has_attention:
             raise UsageError(
                 f'{self.path or "calibration"}: no "attention" section (made before FP8 attention); '
@@ -149,10 +154,15 @@ class Calibration:
             )
         out = {}
         for name, rec in self.data["attention"].items():
+            if any(f"{n}_amax" not in rec for n in ATTENTION_AMAX):
+                raise UsageError(
+                    f"{self.path or 'calibration'}: no amax of the rotated q and k for {name} (made before they were "
+                    "recorded); run tm-export calibrate again, or give --fp8-attention off"
+                )
             if stages is None:
-                out[name] = {n: float(rec[f"{n}_amax"]) for n in ATTENTION_INPUTS}
+                out[name] = {n: float(rec[f"{n}_amax"]) for n in ATTENTION_AMAX}
             else:
-                out[name] = {n: max(float(rec[f"{n}_amax_per_stage"][s]) for s in stages) for n in ATTENTION_INPUTS}
+                out[name] = {n: max(float(rec[f"{n}_amax_per_stage"][s]) for s in stages) for n in ATTENTION_AMAX}
         return out
 
     def per_channel(self) -> dict[str, torch.Tensor]:
@@ -216,7 +226,8 @@ class AmaxRecorder:
     """Forward pre-hooks on the DiT's block Linears and attentions: running input abs-max per tensor and stage.
 
     `amax` holds one row per Linear ("blocks.N.ffn.0"), `attention_amax` one
-    per attention input ("blocks.N.self_attn" -> "q" | "k" | "v"). A DiT
+    per attention input ("blocks.N.self_attn" -> "q" | "k" | "v", and
+    "q_rotated" | "k_rotated": q and k after `qk_transform.transform_qk`). A DiT
     call's abs-max is held until the generation's step callback
     (`on_step_end`) says which stage that call belonged to.
     """
@@ -226,8 +237,9 @@ class AmaxRecorder:
         self.attention_names = attention_modules(len(dit.blocks))
         modules = dict(dit.named_modules())
         self.amax = {n: [0.0] * num_stages for n in self.names}
-        self.attention_amax = {n: {i: [0.0] * num_stages for i in ATTENTION_INPUTS} for n in self.attention_names}
+        self.attention_amax = {n: {i: [0.0] * num_stages for i in ATTENTION_AMAX} for n in self.attention_names}
         self._pending: dict[tuple[str, str | None], float] = {}
+        self._hadamard = hadamard_pair(dit.cfg.head_dim)
         self._handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in self.names]
         self._handles += [
             modules[f"{n}.attn"].register_forward_pre_hook(self._attention_hook(n)) for n in self.attention_names
@@ -244,7 +256,10 @@ class AmaxRecorder:
 
     def _attention_hook(self, name: str):
         def hook(_module, args):
-            for tensor, which in zip(args[:3], ATTENTION_INPUTS):
+            q, k, v = args[:3]  # [B, L, heads, head_dim]
+            h_q, h_k = (h.to(q.device, q.dtype) for h in self._hadamard)
+            q_rot, k_rot = transform_qk(q, k, h_q, h_k, token_dim=1)
+            for tensor, which in zip((q, k, v, q_rot, k_rot), ATTENTION_AMAX):
                 self._hold((name, which), _abs_max(tensor, f"{name} ({which})"))
 
         return hook
@@ -260,7 +275,7 @@ class AmaxRecorder:
             raise ValueError("the saved maxima name other layers than this DiT's")
         self.amax = {n: [float(v) for v in layers[n]] for n in self.names}
         self.attention_amax = {
-            n: {i: [float(v) for v in attention[n][i]] for i in ATTENTION_INPUTS} for n in self.attention_names
+            n: {i: [float(v) for v in attention[n][i]] for i in ATTENTION_AMAX} for n in self.attention_names
         }
 
     def on_step_end(self, event) -> None:
@@ -419,6 +434,7 @@ def calibrate(
         prompt_source=prompt_source,
         layers=recorder.names,
         attention=recorder.attention_names,
+        attention_amax=list(ATTENTION_AMAX),
     )
     from .cost import describe_projection
 

@@ -9,9 +9,10 @@
    or DiT weights;
 2. the DiT's block Linears become `fp8.FP8Linear` layers, one at a time (the
    high-precision weight of a layer is dropped once its FP8 copy exists), and
-   with `attention=True` the q, k, v of every self-attention get FP8 Q/DQ
-   too (`fp8.FP8Attention`; off by default: on the trained toy it loses 2
-   of the 4 held-out prompts that pass unquantized, benchmarks/results/
+   with `attention=True` (the default, `fp8.SELF_ATTENTION_DEFAULT`) the
+   q, k, v of every self-attention get FP8 Q/DQ too (`fp8.FP8Attention`, q
+   and k smoothed and rotated first; on the trained toy it keeps every
+   held-out prompt that passes unquantized, benchmarks/results/
    fp8_report_toy.json), and with `cross_attention=True` those of every
    cross-attention (over 512 text tokens ~1% of the attention FLOPs at
    480x832); the rest of the DiT stays in the base dtype (bf16,
@@ -51,6 +52,7 @@ from .fp8 import (
     BASE_PRECISIONS,
     BLOCK_LINEARS,
     ONNX_TRANSLATIONS,
+    SELF_ATTENTION_DEFAULT,
     WEIGHT_SCALES,
     attention_modules,
     block_of,
@@ -119,7 +121,7 @@ def export_fp8_onnx(
     base: str = "bf16",
     weight_scale: str = "tensor",
     skip_blocks: str | Iterable[int] | None = None,
-    attention: bool = False,
+    attention: bool = SELF_ATTENTION_DEFAULT,
     cross_attention: bool = False,
     twin: bool = False,
     opset: int = 23,
@@ -221,6 +223,7 @@ def export_fp8_onnx(
             "cross": "cross_attn" in kinds,
             "quantized": [n for n in attention_modules(num_layers, kinds) if block_of(n) not in set(skip)],
             "inputs": "q, k, v: per-tensor amax/448 Q/DQ feeding the Attention node; softmax output in the base dtype",
+            "qk_transform": "k less its token mean, then q and k times a Hadamard pair (H_q H_k^T = I) before their Q/DQ",
         },
         "activation_scale": "per-tensor amax/448",
         "weight_dtype": "float8e4m3fn",
@@ -317,7 +320,7 @@ class FP8Options:
     base: str = "bf16"
     weight_scale: str = "tensor"
     skip_blocks: str | tuple[int, ...] | None = None
-    attention: bool = False
+    attention: bool = SELF_ATTENTION_DEFAULT
     cross_attention: bool = False
     twin: bool = False
 

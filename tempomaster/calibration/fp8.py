@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..dtypes import PRECISION_DTYPES
+from .qk_transform import hadamard_pair, transform_qk
 
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -51,6 +52,15 @@ WEIGHT_SCALES = ("tensor", "channel")
 # `models.dit.ScaledDotProductAttention` at blocks.N.<kind>.attn.
 ATTENTION_KINDS = ("self_attn", "cross_attn")
 ATTENTION_INPUTS = ("q", "k", "v")
+# What calibration records per attention: the amax of q, k, v and of the
+# transformed q and k (`qk_transform.transform_qk`) that FP8Attention
+# quantizes in their place by default.
+ATTENTION_AMAX = (*ATTENTION_INPUTS, "q_rotated", "k_rotated")
+# `--fp8-attention` (FP8 q, k, v into every self-attention) is on by default
+# because the quality report passes the rule for it: on the trained toy,
+# all-FP8 keeps every held-out prompt that passes unquantized
+# (benchmarks/results/fp8_report_toy.json, rerun by benchmarks.fp8_report_toy).
+SELF_ATTENTION_DEFAULT = True
 BASE_PRECISIONS = PRECISION_DTYPES  # the 16/32-bit dtype an fp8 build keeps outside its Q/DQ
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -258,7 +268,12 @@ class FP8Attention(nn.Module):
     Replaces `models.dit.ScaledDotProductAttention` (same [B, L, heads, dim]
     interface). The quantize/dequantize pair sits after the transpose to
     [B, heads, L, dim], so in the graph each DequantizeLinear feeds the ONNX
-    `Attention` node directly.
+    `Attention` node directly. With `qk_transform` (the default) q and k
+    are `qk_transform.transform_qk`'s before their Q/DQ: k less its token
+    mean (ReduceMean, Sub), then both rotated by a Hadamard pair (MatMul by
+    a constant) whose product is the identity, which leaves the attention as
+    it was and halves the FP8 error of q and k; `q_scale`, `k_scale` are
+    then the transformed tensors' amax / 448.
 
     Why Q/DQ around the `Attention` node and not ModelOpt's decomposed
     pattern: TensorRT documents two ways to a fused attention (docs "Fused
@@ -280,29 +295,50 @@ class FP8Attention(nn.Module):
     the softmax output stays in the base precision.
     """
 
-    def __init__(self, q_scale: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor):
+    def __init__(
+        self,
+        q_scale: torch.Tensor,
+        k_scale: torch.Tensor,
+        v_scale: torch.Tensor,
+        head_dim: int,
+        qk_transform: bool = True,
+    ):
         super().__init__()
+        self.qk_transform = qk_transform
         self.register_buffer("q_scale", q_scale)
         self.register_buffer("k_scale", k_scale)
         self.register_buffer("v_scale", v_scale)
+        if qk_transform:
+            h_q, h_k = hadamard_pair(head_dim, q_scale.dtype)
+            self.register_buffer("h_q", h_q)
+            self.register_buffer("h_k", h_k)
 
     @classmethod
     def from_amax(
-        cls, amax: Mapping[str, float], dtype: torch.dtype, scale_dtype: torch.dtype | None = None
+        cls,
+        amax: Mapping[str, float],
+        dtype: torch.dtype,
+        head_dim: int,
+        scale_dtype: torch.dtype | None = None,
+        qk_transform: bool = True,
     ) -> FP8Attention:
-        """amax: {"q": float, "k": float, "v": float}; scales rounded to `scale_dtype` (default `dtype`)."""
+        """amax: {"q", "k", "v"} ({"q_rotated", "k_rotated", "v"} for `qk_transform`); scales rounded to `scale_dtype`."""
         rounding = scale_dtype or dtype
-        scales = [scale_from_amax(float(amax[n]), rounding).to(dtype) for n in ATTENTION_INPUTS]
-        return cls(*scales)
+        keys = ("q_rotated", "k_rotated", "v") if qk_transform else ATTENTION_INPUTS
+        scales = [scale_from_amax(float(amax[n]), rounding).to(dtype) for n in keys]
+        return cls(*scales, head_dim=head_dim, qk_transform=qk_transform)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q = fp8_qdq(q.transpose(1, 2), self.q_scale)
-        k = fp8_qdq(k.transpose(1, 2), self.k_scale)
-        v = fp8_qdq(v.transpose(1, 2), self.v_scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.qk_transform:
+            q, k = transform_qk(q, k, self.h_q, self.h_k)
+        q = fp8_qdq(q, self.q_scale)
+        k = fp8_qdq(k, self.k_scale)
+        v = fp8_qdq(v, self.v_scale)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"q/k/v FP8 per-tensor, dtype={self.q_scale.dtype}"
+        return f"q/k/v FP8 per-tensor, qk_transform={self.qk_transform}, dtype={self.q_scale.dtype}"
 
 
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -332,12 +368,16 @@ def quantize_dit(
     scale_dtype: torch.dtype | None = None,
     attention: Mapping[str, Mapping[str, float]] | None = None,
     attention_kinds: Sequence[str] = (),
+    qk_transform: bool = True,
 ) -> nn.Module:
     """The DiT with every block Linear (outside `skip_blocks`) replaced by an FP8Linear.
 
     attention_kinds: the attentions ("self_attn", "cross_attn") whose q, k, v
     become FP8 too (`FP8Attention`), with amax from `attention`:
-    "blocks.N.<kind>" -> {"q", "k", "v"} (the calibration's attention_table).
+    "blocks.N.<kind>" -> {"q", "k", "v", "q_rotated", "k_rotated"} (the
+    calibration's attention_table). qk_transform: quantize the transformed q
+    and k (`qk_transform.transform_qk`, exact) at the "q_rotated" and
+    "k_rotated" amax, or q and k themselves at "q" and "k".
 
     layers: name -> {"input_amax": float, "weight_amax": float} (amax.json's
     "layers"). per_channel: name -> [out] weight amax, needed for
@@ -379,7 +419,9 @@ def quantize_dit(
         if attention is None or name not in attention:
             raise KeyError(f"the calibration has no q/k/v amax for {name}")
         module = model.get_submodule(name)
-        module.attn = FP8Attention.from_amax(attention[name], dtype, scale_dtype)
+        module.attn = FP8Attention.from_amax(
+            attention[name], dtype, model.cfg.head_dim, scale_dtype, qk_transform=qk_transform
+        )
     # Everything left (embeddings, modulation, norms, head, skipped blocks) in the high precision.
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:

@@ -5,8 +5,8 @@ same calibration run: `all_stages` (FP8 Linears, the amax over the whole
 next-frame-rate trajectory), `stage0_only` (FP8 Linears, the amax over stage
 0 alone, what a single-stage generic recipe would give) and, when the
 calibration recorded the attentions' inputs, `all_fp8` (FP8 Linears and FP8
-q, k, v into every self-attention, all-stage amax: what `--fp8-attention on`
-builds):
+q, k, v into every self-attention, q and k smoothed and rotated first
+(`qk_transform`), all-stage amax: what `--fp8-attention on` builds):
 
 - per stage and step, the relative error ||v_fp8 - v|| / ||v|| of the FP8
   velocity against the unquantized velocity on the same inputs (the
@@ -63,6 +63,7 @@ def quality_report(
     progress: bool = True,
     held_out: Sequence[str] | None = None,
     measure: Callable | None = None,
+    variants: Sequence[str] | None = None,
 ) -> dict:
     """Run the held-out generations and return the report (a JSON-ready dict).
 
@@ -73,6 +74,8 @@ def quality_report(
     measure: ``measure(prompt, result) -> dict`` of figures read off a
     generation (e.g. the toy's `quality.measure_video`); called on the
     unquantized and on each FP8 video, reported under ``video_measures``.
+    variants: the FP8 variants to run (default: every one of VARIANTS the
+    calibration allows).
     """
     from tqdm.auto import tqdm
 
@@ -88,12 +91,17 @@ def quality_report(
     held = [p for p in (HELD_OUT_PROMPTS if held_out is None else held_out) if p not in set(exclude)][:prompts]
     if not held:
         raise ValueError("no held-out prompts left for the quality report")
+    wanted = VARIANTS if variants is None else tuple(variants)
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown or not wanted:
+        raise ValueError(f"variants: {unknown or 'none'} given; choose among {', '.join(VARIANTS)}")
     tables = {"all_stages": calibration.layer_table(), "stage0_only": calibration.layer_table([0])}
     qdits = {
         k: quantize_dit(backend.dit, t, dtype, "tensor", skip_blocks, copy=True, scale_dtype=scale_dtype)
         for k, t in tables.items()
+        if k in wanted
     }
-    if calibration.has_attention:
+    if "all_fp8" in wanted and (variants is not None or calibration.has_attention):
         qdits["all_fp8"] = quantize_dit(
             backend.dit,
             tables["all_stages"],

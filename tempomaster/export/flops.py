@@ -246,7 +246,10 @@ def dit_flops_split(
 
     FP8: the block Linears (outside `skip_blocks` blocks) and the Q K^T product
     of the quantized attentions; 16-bit: embeddings, head, the softmax x V
-    product, unquantized attentions and skipped blocks.
+    product, unquantized attentions and skipped blocks, and the q and k
+    rotations each quantized attention adds ahead of its Q/DQ
+    (`calibration.qk_transform`: [tokens, head_dim] x [head_dim, head_dim]
+    per head), which the total counts on top of `dit_flops`.
     """
     pt, ph, pw = cfg.patch_size
     b, d, f, t = batch, cfg.dim, cfg.ffn_dim, text_len
@@ -259,7 +262,17 @@ def dit_flops_split(
     fp8 = layers * (
         (block_linear if fp8_linears else 0) + (self_qk if self_attention else 0) + (cross_qk if cross_attention else 0)
     )
-    return {"fp8": fp8, "high_precision": total["total"] - fp8, "total": total["total"], "tokens": tokens}
+    # q over the tokens, k over the tokens (self) or the text (cross): 2 x rows x dim x head_dim each
+    rotations = (
+        layers
+        * 2
+        * b
+        * d
+        * cfg.head_dim
+        * ((2 * tokens if self_attention else 0) + (tokens + t if cross_attention else 0))
+    )
+    whole = total["total"] + rotations
+    return {"fp8": fp8, "high_precision": whole - fp8, "total": whole, "tokens": tokens}
 
 
 def format_flops(flops: float) -> str:
