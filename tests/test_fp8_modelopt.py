@@ -130,13 +130,18 @@ def our_graph(blocks, tmp_path_factory):
     import onnx
 
     from tempomaster.calibration.fp8 import ONNX_TRANSLATIONS, FP8Attention
+    from tempomaster.calibration.qk_transform import hadamard_pair, transform_qk
     from tempomaster.export.onnx_utils import GraphSpec, export_graph
 
     ours, inputs = blocks
-    amax = {n: 0.0 for n in "qkv"}
+    amax = {n: 0.0 for n in ("q", "k", "v", "q_rotated", "k_rotated")}
+    head_dim = ours.q.out_features // ours.num_heads
 
     def record(_module, args):
-        for tensor, n in zip(args[:3], "qkv"):
+        q, k, v = args[:3]  # [B, L, heads, d]
+        # what FP8Attention quantizes by default: k less its token mean, q and k rotated (exact)
+        q_rot, k_rot = transform_qk(q.transpose(1, 2), k.transpose(1, 2), *hadamard_pair(head_dim))
+        for tensor, n in zip((q, k, v, q_rot, k_rot), amax):
             amax[n] = max(amax[n], float(tensor.abs().amax()))
 
     handle = ours.attn.register_forward_pre_hook(record)
@@ -154,7 +159,7 @@ def our_graph(blocks, tmp_path_factory):
             return self.attention(x, rope_cos, rope_sin)
 
     quantized = copy.deepcopy(ours).to(torch.bfloat16)
-    quantized.attn = FP8Attention.from_amax(amax, torch.bfloat16)
+    quantized.attn = FP8Attention.from_amax(amax, torch.bfloat16, head_dim)  # the shipped default: qk_transform
     x = inputs[0].to(torch.bfloat16)
     spec = GraphSpec(
         name="attention",
@@ -299,14 +304,17 @@ def test_ours_quantizes_q_k_v_into_the_attention_node(our_graph):
     (attention,) = g.of_type("Attention")
     assert [i for i in attention.input[3:] if i] == []  # no mask, no cache: nothing beyond q, k, v
     found = {which: g.qdq_into(attention.input[i]) for i, which in enumerate("qkv")}
+    calibrated = {"q": "q_rotated", "k": "k_rotated", "v": "v"}
     for which, f in found.items():
         assert f["between"] == [], which  # the DequantizeLinear feeds the Attention node directly
         assert f["scale_dtype"] == onnx.TensorProto.BFLOAT16, which
         # amax/448 of the calibrated tensor (float32 division, rounded once to bf16)
-        assert f["scale"] == float(torch.tensor(np.float32(amax[which]) / np.float32(E4M3_MAX)).to(torch.bfloat16))
-        # q, k, v themselves (after the [B, L, heads, d] -> [B, heads, L, d] transpose); the
-        # Attention node applies 1/sqrt(d) to the scores itself
-        assert f["quantized"] == "Transpose", which
+        want = np.float32(amax[calibrated[which]]) / np.float32(E4M3_MAX)
+        assert f["scale"] == float(torch.tensor(want).to(torch.bfloat16)), which
+    # v itself (after the [B, L, heads, d] -> [B, heads, L, d] transpose); q and k after their
+    # Hadamard MatMul (k less its token mean first). The Attention node applies 1/sqrt(d) itself.
+    assert found["v"]["quantized"] == "Transpose"
+    assert found["q"]["quantized"] == found["k"]["quantized"] == "MatMul"
     # the softmax lives inside the Attention node: no Softmax and no Q/DQ on its output
     assert not g.of_type("Softmax")
     assert [n.op_type for n in g.consumers[attention.output[0]]] != ["QuantizeLinear"]
@@ -330,7 +338,12 @@ def test_same_block_same_scales_one_deliberate_difference(modelopt_graph, our_gr
         # the same tensor's amax on both sides: ModelOpt's calibration runs the block with its FP8
         # Linears, ours the unquantized block, so they agree to FP8 rounding, not exactly
         assert mo_amax[which] == pytest.approx(our_amax[which], rel=0.05), which
-        assert theirs[which]["scale"] == pytest.approx(mine[which]["scale"], rel=0.05), which
+        # v's scale is that amax / 448 on both sides; q's and k's in ours are the rotated tensors'
+        # (the second deliberate difference, below)
+        ours_from = which if which == "v" else f"{which}_rotated"
+        assert mine[which]["scale"] == pytest.approx(_scale_of(our_amax[ours_from]), rel=2**-7), which
+        if which == "v":
+            assert theirs[which]["scale"] == pytest.approx(mine[which]["scale"], rel=0.05)
         assert theirs[which]["scale_dtype"] == mine[which]["scale_dtype"]
         # the DequantizeLinear feeds the compute: directly in ours, through one Cast to float in ModelOpt's
         assert mine[which]["between"] == [] and theirs[which]["between"] == [("Cast", {"to": onnx.TensorProto.FLOAT})]
@@ -338,6 +351,10 @@ def test_same_block_same_scales_one_deliberate_difference(modelopt_graph, our_gr
     # MatMul-Softmax-MatMul that TensorRT must recognise as one attention. Ours: no softmax-output
     # Q/DQ, because the one ONNX Attention node (TensorRT's IAttention, which stays fused at
     # 43,680 tokens where unfused scores would take ~150 GB) has no input for that scale.
+    # The second: ours quantizes k less its token mean and q, k times a Hadamard pair whose
+    # product is the identity (calibration.qk_transform: exact before rounding, half the FP8
+    # error on the toy), so its q, k scales come from the rotated tensors' amax.
+    assert mine["q"]["quantized"] == mine["k"]["quantized"] == "MatMul"
     softmax_q = g_mo.consumers[softmax.output[0]]
     assert [n.op_type for n in softmax_q] == ["QuantizeLinear"]
     assert g_mo.qdq_into(bmm2.input[0])["scale"] == pytest.approx(1 / E4M3_MAX, rel=2**-8)
