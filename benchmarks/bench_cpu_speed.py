@@ -122,7 +122,7 @@ def wan13_models():
 
     import torch
 
-    from tempomaster.export.build import random_model_set
+    from tempomaster.export.source import random_model_set
     from tempomaster.models.checkpoints import ModelSet
     from tempomaster.models.presets import T5Config, get_preset
     from tempomaster.models.t5 import UMT5Encoder
