@@ -120,7 +120,7 @@ def parse_skip_blocks(spec: str | Iterable[int] | None, num_layers: int) -> tupl
 
 
 def scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 rounded to `dtype` (the scale the graph stores); never zero or subnormal."""
+    """amax [] or [out] (per channel) / 448 rounded to `dtype` (the scale the graph stores); never zero or subnormal."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
     scale = amax / E4M3_MAX
     # An all-zero input or weight row would give scale 0 (division by zero in
@@ -130,7 +130,7 @@ def scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype) -> torch.Ten
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x -> dequant(quant(x)) as ONNX QuantizeLinear/DequantizeLinear (saturate=1) with FLOAT8E4M3FN.
+    """x (any shape), scale [] or broadcastable to x -> dequant(quant(x)) as ONNX QuantizeLinear/DequantizeLinear (saturate=1) with FLOAT8E4M3FN.
 
     The division and the product are done in float32 and the result rounded
     once to x's dtype, what a Q/DQ pair computes; torch's float8 cast is
@@ -165,6 +165,7 @@ def dequantize_weight(weight_t8: torch.Tensor, scale: torch.Tensor, dtype: torch
 
 @torch.library.custom_op("tempomaster::fp8_qdq", mutates_args=())
 def fp8_qdq(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (any shape), scale [] (per tensor) -> x through E4M3; one QuantizeLinear/DequantizeLinear pair in ONNX."""
     return fake_quant(x, scale)
 
 
@@ -175,6 +176,7 @@ def _fp8_qdq_fake(x, scale):
 
 @torch.library.custom_op("tempomaster::fp8_dq", mutates_args=())
 def fp8_dq(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight [in, out] float8_e4m3fn, scale [] or [out] -> weight * scale in scale's dtype; one DequantizeLinear."""
     return dequantize_weight(weight, scale, scale.dtype)
 
 
@@ -253,6 +255,7 @@ class FP8Linear(nn.Module):
         return cls(w8, w_scale, x_scale, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]: Q/DQ on x, the FP8 weight dequantized, then the GEMM TensorRT fuses."""
         w = fp8_dq(self.weight_t8, self.weight_scale)
         out = torch.matmul(fp8_qdq(x, self.input_scale), w)
         return out if self.bias is None else out + self.bias
@@ -329,6 +332,7 @@ class FP8Attention(nn.Module):
         return cls(*scales, head_dim=head_dim, qk_transform=qk_transform)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Lq, heads, head_dim], k, v [B, Lk, heads, head_dim] -> [B, Lq, heads, head_dim]."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.qk_transform:
             q, k = transform_qk(q, k, self.h_q, self.h_k)

@@ -31,7 +31,7 @@ import torch
 
 
 def smooth_keys(k: torch.Tensor, token_dim: int = -2) -> torch.Tensor:
-    """k minus its mean over the tokens (per sequence, head and channel)."""
+    """k [B, heads, L, head_dim] (tokens along `token_dim`) minus its mean over the tokens, per sequence, head and channel."""
     return k - k.mean(dim=token_dim, keepdim=True)
 
 
@@ -61,5 +61,5 @@ def hadamard_pair(head_dim: int, dtype: torch.dtype = torch.float32) -> tuple[to
 def transform_qk(
     q: torch.Tensor, k: torch.Tensor, h_q: torch.Tensor, h_k: torch.Tensor, token_dim: int = -2
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q H_q, (k - mean_tokens k) H_k): heads' channels last, tokens along `token_dim`."""
+    """(q H_q, (k - mean_tokens k) H_k) for q [B, heads, Lq, head_dim], k [B, heads, Lk, head_dim], same shapes out."""
     return torch.matmul(q, h_q), torch.matmul(smooth_keys(k, token_dim), h_k)
