@@ -451,43 +451,36 @@ def test_self_attention_reads_fp8_qkv(bf16_build, calibrated, plain_dit):
     assert ratio < 0.9
 
 
-def test_calibration_without_attention_refused(calibrated, tiny_models, tmp_path):
-    """An amax.json from before FP8 attention: refused (one line) unless --fp8-attention off."""
-    from tempomaster.calibration import export_fp8_onnx
-
-    _, cal = calibrated
-    old = dict(cal.data)
-    del old["attention"]
-    path = tmp_path / "old" / "amax.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(old), encoding="utf-8")
-    with pytest.raises(UsageError, match=r"old/amax.json: no \"attention\" section .* --fp8-attention off$"):
-        export_fp8_onnx(
-            tiny_models,
-            SHAPE,
-            tmp_path / "b",
-            calibration=path,
-            graphs=["dit"],
-            attention=True,
-            progress=False,
-            log=None,
-        )
-    assert not (tmp_path / "b").exists()
+def _drop_attention(amax: dict) -> None:
+    del amax["attention"]
 
 
-def test_calibration_without_rotated_amax_refused(calibrated, tiny_models, tmp_path):
-    """An amax.json from before the q/k rotation: refused (one line, naming the attention) with FP8 attention."""
+def _drop_rotated(amax: dict) -> None:
+    for rec in amax["attention"].values():
+        for key in [k for k in rec if k.startswith(("q_rotated", "k_rotated"))]:
+            del rec[key]
+
+
+@pytest.mark.parametrize(
+    "strip, message",
+    [
+        # from before FP8 attention: refused unless --fp8-attention off
+        (_drop_attention, r"old/amax.json: no \"attention\" section .* --fp8-attention off$"),
+        # from before the q/k rotation: refused, naming the attention
+        (_drop_rotated, r"old/amax.json: no amax of the rotated q and k for blocks.0.self_attn .*"),
+    ],
+)
+def test_calibration_without_attention_amax_refused(calibrated, tiny_models, tmp_path, strip, message):
+    """An amax.json older than the FP8 attention it is asked for: one line, nothing written."""
     from tempomaster.calibration import export_fp8_onnx
 
     _, cal = calibrated
     old = json.loads(cal.path.read_text())
-    for rec in old["attention"].values():
-        for key in [k for k in rec if k.startswith(("q_rotated", "k_rotated"))]:
-            del rec[key]
+    strip(old)
     path = tmp_path / "old" / "amax.json"
     path.parent.mkdir()
     path.write_text(json.dumps(old), encoding="utf-8")
-    with pytest.raises(UsageError, match=r"old/amax.json: no amax of the rotated q and k for blocks.0.self_attn .*"):
+    with pytest.raises(UsageError, match=message):
         export_fp8_onnx(
             tiny_models,
             SHAPE,
