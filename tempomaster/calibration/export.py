@@ -220,6 +220,7 @@ def export_fp8_onnx(
         "quantized_layers": len(quantized),
         "attention": {
             "self": "self_attn" in kinds,
+            "self_default": SELF_ATTENTION_DEFAULT,  # for the build's summary line
             "cross": "cross_attn" in kinds,
             "quantized": [n for n in attention_modules(num_layers, kinds) if block_of(n) not in set(skip)],
             "inputs": "q, k, v: per-tensor amax/448 Q/DQ feeding the Attention node; softmax output in the base dtype",

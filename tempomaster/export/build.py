@@ -335,15 +335,17 @@ def export_build(
 
 def describe_fp8(manifest: dict) -> str:
     """One line on what an fp8 build quantizes (the end of `tm-export onnx` and of `tm-export build`)."""
-    from ..calibration.fp8 import SELF_ATTENTION_DEFAULT
-
     fp8 = manifest["fp8"]
     att = fp8.get("attention", {})
     attention = " and ".join(k for k in ("self", "cross") if att.get(k))
     skip = f", blocks {','.join(map(str, fp8['skip_blocks']))} kept in {fp8['base']}" if fp8["skip_blocks"] else ""
     # which of --fp8-attention on|off this build took, and whether that is the default
-    state, default = ("on" if att.get("self") else "off"), ("on" if SELF_ATTENTION_DEFAULT else "off")
-    flag = f"--fp8-attention {state}" + (", the default" if state == default else f"; the default is {default}")
+    # (the default as the export recorded it: the export layer does not import calibration)
+    state, flag = ("on" if att.get("self") else "off"), ""
+    if "self_default" in att:
+        default = "on" if att["self_default"] else "off"
+        flag = ", the default" if state == default else f"; the default is {default}"
+    flag = f"--fp8-attention {state}{flag}"
     return (
         f"FP8: {fp8['quantized_layers']} block Linears ({fp8['weight_scale']} weight scales)"
         + (f", q/k/v of every {attention}-attention" if attention else ", attention in " + fp8["base"])
