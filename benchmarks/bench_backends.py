@@ -280,6 +280,22 @@ def bench_ops(backends: dict, inputs: dict, warmup: int, repeats: int) -> dict:
     return results
 
 
+def request_fields(prompt: str, shape, steps, shifts, defaults, seed: int) -> dict:
+    """The GenerationRequest fields of one timed generation at `shape` (the preset's guidance and APG)."""
+    return dict(
+        prompt=prompt,
+        height=shape.height,
+        width=shape.width,
+        num_frames=shape.num_frames,
+        frame_intervals=tuple(shape.intervals),
+        steps_per_stage=tuple(steps),
+        shift_per_stage=tuple(shifts),
+        guidance_scale=defaults.guidance_scale,
+        use_apg=defaults.use_apg,
+        seed=seed,
+    )
+
+
 def bench_generate(backends: dict, tokenizer, request_kwargs: dict, repeats: int) -> dict:
     """Whole generations, interleaved; also the share of the time spent outside backend calls."""
     runs = {name: [] for name in BACKENDS}
@@ -399,18 +415,7 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     )
     inputs = make_inputs(backends["torch"].info, tokenizer, shape, steps, shifts, args.seed)
     ops = bench_ops(backends, inputs, args.warmup, args.repeats)
-    request = dict(
-        prompt=PROMPT,
-        height=shape.height,
-        width=shape.width,
-        num_frames=shape.num_frames,
-        frame_intervals=tuple(shape.intervals),
-        steps_per_stage=tuple(steps),
-        shift_per_stage=tuple(shifts),
-        guidance_scale=d.guidance_scale,
-        use_apg=d.use_apg,
-        seed=args.seed,
-    )
+    request = request_fields(PROMPT, shape, steps, shifts, d, args.seed)
     ops["generate"] = bench_generate(backends, tokenizer, request, args.generate_repeats)
     print("  generate    done", file=sys.stderr)
 

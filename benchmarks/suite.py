@@ -512,18 +512,7 @@ def run(args, build_dir: Path, export_seconds: float | None, models) -> dict:
     prompt = bb.PROMPT
     if args.preset == "toy":
         from tempomaster.toy.showcase import QUICKSTART_PROMPT as prompt
-    request = dict(
-        prompt=prompt,
-        height=shape.height,
-        width=shape.width,
-        num_frames=shape.num_frames,
-        frame_intervals=tuple(shape.intervals),
-        steps_per_stage=tuple(steps),
-        shift_per_stage=tuple(shifts),
-        guidance_scale=d.guidance_scale,
-        use_apg=d.use_apg,
-        seed=args.seed,
-    )
+    request = bb.request_fields(prompt, shape, steps, shifts, d, args.seed)
     weights = part_weights(shape, steps, d.guidance_scale != 1.0)
     # a quarter of the op samples' length: enough to average over time slices, short beside a generation
     per_sample = {op: max(1, math.ceil(ops[op]["calls_per_sample"] / 4)) for op in weights}
