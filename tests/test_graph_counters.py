@@ -83,6 +83,14 @@ def test_tiny_dit_graph_structure(tiny_dit_graph, tiny_models):
     assert "Softmax" not in ops
     assert float64_uses(proto) == []
     assert "Cast" not in ops  # fp32: nothing to cast
+    # the 3D form of Attention (heads as attributes): no Transpose feeds or reads any Attention node
+    heads = tiny_models.dit.cfg.num_heads
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for node in (n for n in proto.graph.node if n.op_type == "Attention"):
+        attrs = {a.name: a.i for a in node.attribute}
+        assert attrs.get("q_num_heads") == attrs.get("kv_num_heads") == heads
+        assert all(producer[i].op_type != "Transpose" for i in node.input[:3] if i in producer)
+        assert all(node.output[0] not in n.input or n.op_type != "Transpose" for n in proto.graph.node)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

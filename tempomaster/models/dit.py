@@ -176,7 +176,8 @@ class ScaledDotProductAttention(nn.Module):
             # The ONNX Attention node in its 3D form ([B, L, heads * head_dim], head counts as
             # attributes): no Transpose nodes around it. onnxruntime's CPU kernel runs it 2x faster
             # than the 4D form between Transposes (cross-attention at [8, 12 | 512, 12 x 128]), and
-            # TensorRT's parser permutes 3D inputs to its own layout itself.
+            # TensorRT's ONNX parser permutes 3D inputs to its own layout itself (its Attention
+            # importer says so; never run here: no GPU).
             out = torch.onnx.ops.attention(
                 q.flatten(2), k.flatten(2), v.flatten(2), q_num_heads=heads, kv_num_heads=heads
             )[0]
