@@ -133,6 +133,32 @@ def conv_paths(weight, bias, stride, padding, names, threads):
     return {n: paths[n] for n in names}
 
 
+def conv3d_taps2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    """F.conv3d(x, weight, bias, stride, padding) with no time padding, as 2D convolutions.
+
+    Exact rewrite (only the summation order differs): output frame t sums the
+    kernel's kt input frames, so those frames, stacked as channels, go through
+    one 2D conv with the weight's time taps stacked the same way; every output
+    frame of every batch item is one item of that 2D conv's batch.
+    """
+    if padding[0] != 0:
+        raise ValueError(f"conv3d_taps2d pads in H and W only, got padding {tuple(padding)}")
+    b, c, t, h, w = x.shape
+    out_ch, _, kt, kh, kw = weight.shape
+    st = stride[0]
+    t_out = (t - kt) // st + 1
+    if kt == 1 and st == 1:
+        frames = x.transpose(1, 2).reshape(b * t_out, c, h, w)
+        weight2d = weight[:, :, 0]
+    else:
+        # [B, T_out, kt, C, H, W]: the kt input frames of each output frame
+        taps = torch.stack([x[:, :, j : j + st * (t_out - 1) + 1 : st] for j in range(kt)], dim=1)
+        frames = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * t_out, kt * c, h, w)
+        weight2d = weight.transpose(1, 2).reshape(out_ch, kt * c, kh, kw)
+    y = F.conv2d(frames, weight2d, bias, stride[1:], padding[1:])
+    return y.reshape(b, t_out, out_ch, *y.shape[-2:]).transpose(1, 2)
+
+
 def bench(args) -> dict:
     from tempomaster.models.vae import WanVAE
 
@@ -201,29 +227,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def conv3d_taps2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
-    """F.conv3d(x, weight, bias, stride, padding) with no time padding, as 2D convolutions.
-
-    Exact rewrite (only the summation order differs): output frame t sums the
-    kernel's kt input frames, so those frames, stacked as channels, go through
-    one 2D conv with the weight's time taps stacked the same way; every output
-    frame of every batch item is one item of that 2D conv's batch.
-    """
-    if padding[0] != 0:
-        raise ValueError(f"conv3d_taps2d pads in H and W only, got padding {tuple(padding)}")
-    b, c, t, h, w = x.shape
-    out_ch, _, kt, kh, kw = weight.shape
-    st = stride[0]
-    t_out = (t - kt) // st + 1
-    if kt == 1 and st == 1:
-        frames = x.transpose(1, 2).reshape(b * t_out, c, h, w)
-        weight2d = weight[:, :, 0]
-    else:
-        # [B, T_out, kt, C, H, W]: the kt input frames of each output frame
-        taps = torch.stack([x[:, :, j : j + st * (t_out - 1) + 1 : st] for j in range(kt)], dim=1)
-        frames = taps.permute(0, 3, 1, 2, 4, 5).reshape(b * t_out, kt * c, h, w)
-        weight2d = weight.transpose(1, 2).reshape(out_ch, kt * c, kh, kw)
-    y = F.conv2d(frames, weight2d, bias, stride[1:], padding[1:])
-    return y.reshape(b, t_out, out_ch, *y.shape[-2:]).transpose(1, 2)
