@@ -29,8 +29,8 @@ REFERENCE_PRESET = "tempomaster-14b"
 @dataclass(frozen=True)
 class CalibrationCost:
     preset: str
-    shape: str
-    videos: int
+    shape: str  # as the user reads it: "480x832, 109 frames"
+    videos: int  # calibration prompts, one generation each
     steps_per_stage: tuple[int, ...]
     forwards_per_video: int  # DiT forwards of one sequence (chunk x cond/uncond)
     flops_per_video: float

@@ -124,15 +124,14 @@ def export_fp8_onnx(
     attention: bool = SELF_ATTENTION_DEFAULT,
     cross_attention: bool = False,
     twin: bool = False,
-    opset: int = 23,
     t5_precision: str | None = None,
     graphs: Iterable[str] | None = None,
     preset_name: str | None = None,
     progress: bool = True,
     copy: bool = True,
-    audit: bool = True,
     extra: dict | None = None,
     log: Callable[[str], None] | None = print,
+    **export_options,
 ) -> dict:
     """Calibrate (unless given a calibration or `calibrate_now=False`) and export an fp8 build.
 
@@ -144,7 +143,8 @@ def export_fp8_onnx(
     negative = from the end). attention / cross_attention: FP8 q, k, v for
     the self- / cross-attentions (needs a calibration with an "attention"
     section). copy=False quantizes `models.dit` in place,
-    layer by layer (what a 14B export needs). Returns the manifest.
+    layer by layer (what a 14B export needs). `export_options` (opset,
+    audit) go to `export_onnx` as they are. Returns the manifest.
     """
     from ..export.build import export_onnx
     from ..export.dit import dit_spec
@@ -279,16 +279,15 @@ def export_fp8_onnx(
         base,
         shape,
         out_dir,
-        opset=opset,
         t5_precision=t5_precision,
         graphs=graphs,
         preset_name=preset_name,
         progress=progress,
         copy=copy,
-        audit=audit,
         extra=manifest_extra,
         graph_overrides={"dit": dit_fp8_specs},
         extra_files=files,
+        **export_options,
     )
 
 
@@ -408,9 +407,7 @@ def fp8_build(
         shape,
         out,
         **options.export_kwargs(),
-        opset=source.opset,
-        t5_precision=t5_precision,
-        graphs=source.graphs,
+        **source.graph_options(precision),
         progress=progress,
         copy=False,
         extra={"random_weights": False, **(extra or {})},

@@ -37,6 +37,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--data",
         type=Path,
+        metavar="DIR",
         default=Path("serve-data"),
         help="folder of the job database and the videos (default serve-data; kept across restarts)",
     )

@@ -134,8 +134,8 @@ class ExportSource:
     """
 
     preset: str | None = None
-    checkpoints: Path | None = None
-    config: Path | None = None
+    checkpoints: Path | None = None  # a folder in the release's layout
+    config: Path | None = None  # the release's inference_configs.json
     random_weights: bool = False
     height: int | None = None
     width: int | None = None
@@ -163,6 +163,10 @@ class ExportSource:
         from .t5 import T5_PRECISION_FOR
 
         return self.t5_precision or T5_PRECISION_FOR[precision]
+
+    def graph_options(self, precision: str) -> dict:
+        """The keywords `export_onnx` takes from the source: opset, umT5 precision, graph subset."""
+        return {"opset": self.opset, "t5_precision": self.t5_precision_for(precision), "graphs": self.graphs}
 
     def load(self, precision: str, t5_precision: str | None = None):
         """(ModelSet, ExportShape): the models in `precision` (umT5 in `t5_precision`), the shape checked.

@@ -15,15 +15,15 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class DiTConfig:
-    dim: int = 5120
-    ffn_dim: int = 13824
+    dim: int = 5120  # token width
+    ffn_dim: int = 13824  # hidden width of each block's GELU MLP
     num_heads: int = 40
     num_layers: int = 40
     in_dim: int = 36  # 16 noisy latent + 4 mask + 16 condition latent
     out_dim: int = 16
-    text_dim: int = 4096
-    freq_dim: int = 256
-    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096  # umT5's output width (the cross-attention context)
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # latent (t, h, w) per token
     eps: float = 1e-6
 
     @property
@@ -42,14 +42,14 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class T5Config:
-    vocab_size: int = 256384
+    vocab_size: int = 256384  # umT5's sentencepiece vocabulary
     dim: int = 4096
     dim_attn: int = 4096
-    dim_ffn: int = 10240
+    dim_ffn: int = 10240  # gated-GELU hidden width
     num_heads: int = 64
     num_layers: int = 24
-    num_buckets: int = 32
-    text_len: int = 512
+    num_buckets: int = 32  # relative-position buckets (one bias table per layer)
+    text_len: int = 512  # tokens per prompt, padded
     eps: float = 1e-6
 
 

@@ -159,14 +159,12 @@ def tile_mask(height: int, width: int, border: tuple[int, int], bounds: tuple[bo
 # Blending
 # ---------------------------------------------------------------------------
 
+TileFn = Callable[[torch.Tensor], torch.Tensor]  # one tile in, its encoding or decoding out
+Device = torch.device | str | None
+
 
 def blend_tiles(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    spec: TileSpec,
-    up: int = 1,
-    down: int = 1,
-    device: torch.device | str | None = None,
+    fn: TileFn, x: torch.Tensor, spec: TileSpec, up: int = 1, down: int = 1, device: Device = None
 ) -> torch.Tensor:
     """Run `fn` on every tile of x [..., H, W] and blend the results.
 
@@ -195,11 +193,7 @@ def blend_tiles(
 
 
 def tiled_decode(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    latents: torch.Tensor,
-    spec: TileSpec = RELEASE_TILE,
-    ratio: int = 8,
-    device: torch.device | str | None = None,
+    fn: TileFn, latents: torch.Tensor, spec: TileSpec = RELEASE_TILE, ratio: int = 8, device: Device = None
 ) -> torch.Tensor:
     """latents [B, z, F, h, w] -> frames [B, 3, T, ratio*h, ratio*w] in [-1, 1], on the host.
 
@@ -208,11 +202,7 @@ def tiled_decode(
 
 
 def tiled_encode(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    video: torch.Tensor,
-    spec: TileSpec = RELEASE_TILE,
-    ratio: int = 8,
-    device: torch.device | str | None = None,
+    fn: TileFn, video: torch.Tensor, spec: TileSpec = RELEASE_TILE, ratio: int = 8, device: Device = None
 ) -> torch.Tensor:
     """video [B, 3, T, H, W] -> latents [B, z, F, H/ratio, W/ratio], on the host.
 

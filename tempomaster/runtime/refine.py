@@ -101,6 +101,7 @@ class RefineOptions:
     device: str | None = None
     threads: int | None = None
     progress: bool = True
+    # None: the models the state records; given: compared with them (a difference is refused)
     preset: str | None = None
     checkpoints: Path | None = None
     config: Path | None = None
@@ -122,13 +123,12 @@ def generate_options_for(options: RefineOptions, model: dict, out: Path) -> Gene
         value = model.get(key)
         return Path(value) if isinstance(value, str) else None
 
-    source = model.get("source")
-    given = any(v is not None for v in (options.preset, options.checkpoints, options.config, options.engines))
-    if given:
-        preset, checkpoints, config, engines = options.preset, options.checkpoints, options.config, options.engines
-    else:
-        preset = model.get("preset") if source == "preset" else None
-        checkpoints, config, engines = recorded_path("checkpoints"), recorded_path("config"), recorded_path("engines")
+    model_flags = ("preset", "checkpoints", "config", "engines")
+    model_source = {k: getattr(options, k) for k in model_flags}
+    if all(v is None for v in model_source.values()):
+        from_preset = model.get("source") == "preset"
+        model_source = {k: recorded_path(k) for k in model_flags[1:]}
+        model_source["preset"] = model.get("preset") if from_preset else None
     return GenerateOptions(
         prompt="(refine)",
         out=out,
@@ -136,10 +136,7 @@ def generate_options_for(options: RefineOptions, model: dict, out: Path) -> Gene
         device=options.device,
         threads=options.threads,
         progress=options.progress,
-        preset=preset,
-        checkpoints=checkpoints,
-        config=config,
-        engines=engines,
+        **model_source,
         backend=options.backend or model.get("backend"),
         dtype=options.dtype or model.get("dtype"),
         tile=options.tile if options.tile is not None else bool(model.get("tile")),

@@ -32,7 +32,7 @@ class ToyTrainConfig:
     vae_batch: int = 6
     vae_frames: int = 9  # 1 + 4 + 4: first the cheap windows, where the causal caches reach their steady state
     # then the runtime's whole 17-frame chunks (docs/toy.md: why)
-    vae_long_from: int = 1000
+    vae_long_from: int = 1000  # the VAE step where the long windows take over
     vae_long_frames: int = 17
     vae_long_batch: int = 3
     vae_lr: float = 1e-3
@@ -49,12 +49,12 @@ class ToyTrainConfig:
     vae_decoder_lr: float = 5e-4
     vae_decoder_motion_weight: float = 2.0
     vae_decoder_centroid_weight: float = 0.05
-    clips: int = 1000
+    clips: int = 1000  # synthetic training clips, drawn once per seed
     dit_steps: int = 11000
     dit_batch: int = 16
     dit_lr: float = 5e-4
-    ema_decay: float = 0.999
-    text_dropout: float = 0.15
+    ema_decay: float = 0.999  # the shipped DiT is the EMA of its weights
+    text_dropout: float = 0.15  # share of examples trained unconditioned, for guidance
     reference_share: float = 0.3  # stage-0 examples that condition on a reference image at frame 0
     # clips whose stage-1/2 chunks condition on decoded known frames (docs/toy.md)
     round_trip_share: float = 1.0

@@ -61,11 +61,11 @@ class Backend(ABC):
     @abstractmethod
     def velocity(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        rope_cos: torch.Tensor,
+        x: torch.Tensor,  # [B, 16, f, h, w] noisy latents
+        y: torch.Tensor,  # [B, 20, f, h, w] mask + condition latents
+        timestep: torch.Tensor,  # [1] float, the same for the whole batch
+        context: torch.Tensor,  # [B, text_len, text_dim] text embeddings
+        rope_cos: torch.Tensor,  # [B, f*(h/2)*(w/2), head_dim/2] float32
         rope_sin: torch.Tensor,
     ) -> torch.Tensor:
         """One DiT call: [B, 16, f, h, w] velocity for the whole batch."""

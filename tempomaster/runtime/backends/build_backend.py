@@ -122,23 +122,18 @@ class BuildBackend(Backend):
             outs.append(self._stream(first, rest, "latents", "frames", decoder_steps(latents[s])))
         return torch.cat(outs)
 
+    def _tiled(self, tiler, run, x: torch.Tensor, graph: str, tensor: str) -> torch.Tensor:
+        """`run` over the release's tiles of x, blended on the host (tiler: tiled_encode | tiled_decode)."""
+        # Sums in the graph's input dtype, as the release sums in its run's dtype.
+        x = x.to("cpu", self.graphs[graph].dtype(tensor))
+        return tiler(run, x, self.tile, self.spatial_ratio, device=self.device).to(self.device).float()
+
     def vae_encode(self, video):
         if self.tile is not None:
-            # Sums in the graph's input dtype, as the release sums in its run's dtype.
-            video = video.to("cpu", self.graphs["vae_encoder_first"].dtype("frames"))
-            return (
-                tiled_encode(self._encode, video, self.tile, self.spatial_ratio, device=self.device)
-                .to(self.device)
-                .float()
-            )
+            return self._tiled(tiled_encode, self._encode, video, "vae_encoder_first", "frames")
         return self._encode(video).float()
 
     def vae_decode(self, latents):
         if self.tile is not None:
-            latents = latents.to("cpu", self.graphs["vae_decoder_first"].dtype("latents"))
-            return (
-                tiled_decode(self._decode, latents, self.tile, self.spatial_ratio, device=self.device)
-                .to(self.device)
-                .float()
-            )
+            return self._tiled(tiled_decode, self._decode, latents, "vae_decoder_first", "latents")
         return self._decode(latents).float().clamp(-1, 1)
