@@ -19,6 +19,8 @@ distinct call is then timed on fresh random inputs with every path:
                    over the kernel's input frames stacked as channels
                    (weight [O, C*kt, kh, kw]), run by oneDNN's 2D conv
     onnxruntime    the same Conv as a one-node ONNX graph in onnxruntime
+    onnxruntime_taps2d  taps2d exported to ONNX (slices, stack, transposes and a
+                   2D Conv, as it would sit in the channels-first VAE graph), in onnxruntime
 
 The paths are interleaved call by call (round-robin over `--repeats`
 rounds) so that a busy machine slows them alike; a path's time per call is
@@ -51,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--paths", default="native,channels_last,mkldnn,onednn_packed,taps2d,onnxruntime")
+    p.add_argument("--paths", default="native,channels_last,mkldnn,onednn_packed,taps2d,onnxruntime,onnxruntime_taps2d")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -102,6 +104,34 @@ def onnx_conv_session(weight: torch.Tensor, bias: torch.Tensor, stride, padding,
     return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
+class _Taps2d(torch.nn.Module):
+    def __init__(self, weight, bias, stride, padding):
+        super().__init__()
+        self.weight, self.bias, self.stride, self.padding = weight, bias, stride, padding
+
+    def forward(self, x):
+        return conv3d_taps2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+def onnx_taps2d_session(weight, bias, stride, padding, x: torch.Tensor, threads: int):
+    """The taps2d rewrite exported as it would sit in a channels-first graph (its slices,
+    stack and transposes included), run by onnxruntime."""
+    import io
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Taps2d(weight, bias, stride, padding), (x,), buf, dynamo=False, opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
 def packed_conv(weight, bias, stride, padding):
     """The torch backend's path: a CausalConv3d with oneDNN on, its weight packed on the first call."""
     from tempomaster.models.vae import CausalConv3d
@@ -114,7 +144,7 @@ def packed_conv(weight, bias, stride, padding):
     return lambda x: conv(x)
 
 
-def conv_paths(weight, bias, stride, padding, names, threads):
+def conv_paths(weight, bias, stride, padding, names, threads, x):
     """name -> callable(x) computing the same convolution (padding only in H and W, as CausalConv3d)."""
 
     pad = (0, padding[1], padding[2])
@@ -130,6 +160,8 @@ def conv_paths(weight, bias, stride, padding, names, threads):
     }
     if "onnxruntime" in names:
         paths["onnxruntime"] = onnx_conv_session(weight, bias, stride, pad, threads)
+    if "onnxruntime_taps2d" in names:
+        paths["onnxruntime_taps2d"] = onnx_taps2d_session(weight, bias, stride, pad, x, threads)
     return {n: paths[n] for n in names}
 
 
@@ -174,7 +206,7 @@ def bench(args) -> dict:
             weight = torch.randn(out_ch, shape[1], *kernel, generator=gen) * 0.05
             bias = torch.randn(out_ch, generator=gen) * 0.05
             x = torch.rand(shape, generator=gen) * 2 - 1
-            paths = conv_paths(weight, bias, stride, padding, names, args.threads)
+            paths = conv_paths(weight, bias, stride, padding, names, args.threads, x)
             want = paths["native"](x)
             deviation = {n: float((fn(x) - want).abs().max()) for n, fn in paths.items()}
             times = {n: [] for n in paths}

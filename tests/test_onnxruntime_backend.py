@@ -56,6 +56,34 @@ def test_batch_beyond_the_safe_batch_is_split(tiny_build, tiny_models):
     assert ((split - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_cpu_dit_calls_take_at_most_cpu_dit_batch_sequences(tiny_build, monkeypatch):
+    from tempomaster.runtime.backends import onnxruntime as ort_backend
+
+    backend = OnnxRuntimeBackend.from_build(tiny_build)
+    g = backend.graphs["dit"]
+    assert backend.device.type == "cpu" and g.max_batch > ort_backend.CPU_DIT_BATCH
+    gen = torch.Generator().manual_seed(11)
+    b, f, h, w = 6, 3, 4, 6
+    x, y = torch.randn(b, 16, f, h, w, generator=gen), torch.randn(b, 20, f, h, w, generator=gen)
+    ctx = torch.randn(b, 512, backend.info.text_dim, generator=gen)
+    from tempomaster.rope import batched_rope_table
+
+    cos, sin = batched_rope_table(
+        [[4 * i + j for j in range(f)] for i in range(b)], h // 2, w // 2, backend.info.head_dim
+    )
+    t = torch.tensor([420.0])
+    batches = []
+    run = g.run
+    monkeypatch.setattr(g, "run", lambda feeds, outs: (batches.append(feeds["x"].shape[0]), run(feeds, outs))[1])
+    split = backend.velocity(x, y, t, ctx, cos, sin)
+    assert batches == [4, 2]
+    batches.clear()
+    monkeypatch.setattr(ort_backend, "CPU_DIT_BATCH", 64)
+    whole = backend.velocity(x, y, t, ctx, cos, sin)
+    assert batches == [6]
+    assert torch.allclose(split, whole, atol=1e-6)  # rows are independent: the split changes no value
+
+
 def test_tampered_graph_is_refused(tiny_build, tmp_path):
     build = shutil.copytree(tiny_build, tmp_path / "b")
     with open(build / "onnx" / "t5.onnx", "ab") as fh:

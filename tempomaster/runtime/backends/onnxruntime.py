@@ -165,6 +165,14 @@ def _resolve_dim(d, values: dict[str, int], what: str) -> int:
     raise ManifestError(f"{what} cannot be resolved from the inputs")
 
 
+# Sequences per DiT call on the CPU execution provider. Its GEMMs cost more per row past a
+# few thousand rows (measured, 2-core CPU: [B, 512, 1536] x [1536, 1536] at 15.1 ms per
+# sequence for B = 1-2, 17.1 for B = 8; one wan-1.3b-shaped DiT call at 32x32, B = 8: 11.7 s
+# whole, 10.5 s as two calls of 4, the same values bit for bit). At real frame sizes one
+# sequence is tens of thousands of rows, so the split costs nothing there.
+CPU_DIT_BATCH = 4
+
+
 class OnnxRuntimeBackend(BuildBackend):
     name = "onnxruntime"
 
@@ -220,7 +228,8 @@ class OnnxRuntimeBackend(BuildBackend):
         symbols = g.bind_symbols(feeds)  # "frames" differs between stages in some builds
         t = g.prepare("timestep", timestep.reshape(-1)[:1])
         out = g.empty("velocity", x.shape[0], symbols)
-        for s in batch_slices(x.shape[0], g.max_batch):
+        per_call = min(g.max_batch, CPU_DIT_BATCH) if self.device.type == "cpu" else g.max_batch
+        for s in batch_slices(x.shape[0], per_call):
             # Slices along dim 0 of contiguous tensors stay contiguous: bound in place.
             g.run({**{k: v[s] for k, v in feeds.items()}, "timestep": t}, {"velocity": out[s]})
         return out
