@@ -23,6 +23,7 @@ SMALL = ToyTrainConfig(
     vae_steps=3,
     vae_batch=1,
     vae_frames=5,
+    latent_statistics_clips=4,
     vae_motion_steps=2,
     vae_motion_batch=1,
     vae_decoder_steps=2,

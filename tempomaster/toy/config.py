@@ -36,6 +36,8 @@ class ToyTrainConfig:
     vae_long_frames: int = 17
     vae_long_batch: int = 3
     vae_lr: float = 1e-3
+    # clips whose latents set the folded per-channel mean and std after a VAE phase
+    latent_statistics_clips: int = 48
     # fine-tune matching frame-to-frame differences too (0: off; docs/toy.md)
     vae_motion_steps: int = 1000
     vae_motion_batch: int = 3

@@ -202,7 +202,7 @@ def _train_vae_phase(
                 save_state({"model": vae.state_dict(), "opt": opt.state_dict(), "log": log, "step": step + 1}, path)
     vae.eval()
     if fold and not (state or {}).get("folded"):
-        mean, std = latent_statistics(vae, cfg.seed)
+        mean, std = latent_statistics(vae, cfg.seed, cfg.latent_statistics_clips)
         fold_latent_statistics(vae, mean, std)
         save_state(
             {
