@@ -284,10 +284,7 @@ def request_fields(prompt: str, shape, steps, shifts, defaults, seed: int) -> di
     """The GenerationRequest fields of one timed generation at `shape` (the preset's guidance and APG)."""
     return dict(
         prompt=prompt,
-        height=shape.height,
-        width=shape.width,
-        num_frames=shape.num_frames,
-        frame_intervals=tuple(shape.intervals),
+        **shape.request_fields(),
         steps_per_stage=tuple(steps),
         shift_per_stage=tuple(shifts),
         guidance_scale=defaults.guidance_scale,

@@ -40,6 +40,15 @@ class ExportShape:
         validate_num_frames(self.num_frames)
         validate_frame_intervals(self.intervals)
 
+    def request_fields(self) -> dict:
+        """The GenerationRequest fields this shape fixes: height, width, num_frames, frame_intervals."""
+        return {
+            "height": self.height,
+            "width": self.width,
+            "num_frames": self.num_frames,
+            "frame_intervals": tuple(self.intervals),
+        }
+
     @property
     def latent_height(self) -> int:
         return self.height // VAE_SPATIAL
