@@ -51,12 +51,12 @@ class ToyTrainConfig:
     vae_decoder_lr: float = 5e-4
     vae_decoder_motion_weight: float = 2.0
     vae_decoder_centroid_weight: float = 0.05
-    clips: int = 1000  # synthetic training clips, drawn once per seed
+    clips: int = 1000  # synthetic training clips, drawn from the seed
     dit_steps: int = 11000
     dit_batch: int = 16
     dit_lr: float = 5e-4
     ema_decay: float = 0.999  # the shipped DiT is the EMA of its weights
-    text_dropout: float = 0.15  # share of examples trained unconditioned, for guidance
+    text_dropout: float = 0.15  # share of examples trained on the empty or negative prompt (guidance's other half)
     reference_share: float = 0.3  # stage-0 examples that condition on a reference image at frame 0
     # clips whose stage-1/2 chunks condition on decoded known frames (docs/toy.md)
     round_trip_share: float = 1.0
